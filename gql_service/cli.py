@@ -1,0 +1,148 @@
+"""`gql-service`: dev, serve, worker, export-schema. Entry points only wire."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("gql_service")
+
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        for line in str(exc).splitlines():
+            print(f"gql-service: bad setting: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _redis_url(settings: Settings) -> str:
+    from .redis_conn import DEFAULT_URL
+
+    return settings.redis_url or DEFAULT_URL
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    _settings()  # fail here, with one clear line each, not inside uvicorn's workers
+    uvicorn.run(
+        "gql_service.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="info",
+        proxy_headers=True,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from .workers import run_workers
+
+    settings = _settings()
+    run_workers(settings, redis_url=_redis_url(settings), num_workers=args.workers, burst=args.burst)
+
+
+def cmd_export_schema(args: argparse.Namespace) -> None:
+    from .schema import schema
+
+    text = schema.as_str() + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    """Everything in one process tree; one Ctrl-C (or SIGTERM) stops all of it."""
+    from .embedded_redis import EmbeddedRedis
+    from .procs import child_preexec
+
+    settings = _settings()
+    env = dict(os.environ)
+    redis: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        redis = EmbeddedRedis().start()
+        env["REDIS_URL"] = redis.url
+        log.info("dev: embedded Redis at %s (nothing kept on disk)", redis.url)
+    log.info("dev: LLM provider %s", settings.provider)
+    me = [sys.executable, "-m", "gql_service"]
+    children = [
+        subprocess.Popen([*me, "worker", "--workers", str(args.workers)], env=env, preexec_fn=child_preexec),
+        subprocess.Popen([*me, "serve", "--host", args.host, "--port", str(args.port)], env=env, preexec_fn=child_preexec),
+    ]
+    log.info("dev: API on http://%s:%d/graphql  (Ctrl-C stops everything)", args.host, args.port)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while all(c.poll() is None for c in children):
+            try:
+                children[0].wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan anything
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if redis is not None:
+            redis.stop()
+        log.info("dev: stopped")
+    failed = [c.returncode for c in children if c.returncode not in (0, -signal.SIGINT, -signal.SIGTERM)]
+    if failed:
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gql-service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dev", help="embedded Redis (if REDIS_URL is unset) + workers + API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2, help="RQ worker processes")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("serve", help="the GraphQL API (uvicorn)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="RQ workers for RQ_QUEUE, with the scheduler")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (a pool when > 1)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("export-schema", help="print or write the GraphQL SDL")
+    p.add_argument("--output", default="schema.graphql", help="file to write, or - for stdout")
+    p.set_defaults(func=cmd_export_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)

@@ -1,0 +1,32 @@
+"""GraphQL errors a client can act on, each with `extensions.code`."""
+
+from __future__ import annotations
+
+from graphql import GraphQLError
+
+
+class ClientError(GraphQLError):
+    code = "INTERNAL_SERVER_ERROR"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, extensions={"code": self.code})
+
+
+class BadUserInput(ClientError):
+    code = "BAD_USER_INPUT"
+
+
+class NotFound(ClientError):
+    code = "NOT_FOUND"
+
+
+class Unauthenticated(ClientError):
+    code = "UNAUTHENTICATED"
+
+
+class RateLimited(ClientError):
+    code = "RATE_LIMITED"
+
+
+class ServiceUnavailable(ClientError):
+    code = "SERVICE_UNAVAILABLE"

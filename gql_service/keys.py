@@ -1,0 +1,25 @@
+"""Every Redis key and channel name the service uses, built in one place."""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "gqls"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    # Hashed so that a client's key (any length, any bytes) never shapes our key space.
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{PREFIX}:idem:{tenant}:{digest}"
+
+
+def job_id_from_events_channel(channel: str) -> str:
+    return channel[len(f"{PREFIX}:job:") : -len(":events")]

@@ -1,0 +1,45 @@
+"""The provider interface and the errors a provider may raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..models import JobErrorCode, TokenUsage
+
+
+@dataclass(frozen=True)
+class Repair:
+    """A second ask: what the model said last time and why it was rejected."""
+
+    previous_output: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    content: str
+    usage: TokenUsage
+    model: str
+
+
+@dataclass
+class LLMError(Exception):
+    """A failed LLM call, already classified for the job record."""
+
+    code: JobErrorCode
+    message: str
+    retryable: bool = False
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
+
+
+class Provider(Protocol):
+    @property
+    def model(self) -> str: ...
+
+    def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+        """Ask for the extraction as JSON text. Raises LLMError."""
+        ...

@@ -1,0 +1,22 @@
+"""Pick and build the provider the settings ask for."""
+
+from __future__ import annotations
+
+from ..settings import Settings
+from .base import Provider
+
+
+def make_provider(settings: Settings) -> Provider:
+    if settings.provider == "openai":
+        from .openai_provider import OpenAIProvider, make_client
+
+        assert settings.openai_api_key is not None  # enforced by Settings
+        client = make_client(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            timeout_s=settings.llm_timeout_s,
+        )
+        return OpenAIProvider(client, model=settings.openai_model)
+    from .offline import OfflineProvider
+
+    return OfflineProvider()

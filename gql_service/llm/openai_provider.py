@@ -1,0 +1,107 @@
+"""The `openai` provider: the official SDK against OpenAI or any compatible endpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import openai
+from openai import OpenAI
+
+# The SDK's own helper turns a Pydantic model into a strict JSON schema the way the API
+# expects it (additionalProperties false, every key required); it is what
+# `chat.completions.parse` uses, and we need the raw completion for the repair re-ask.
+from openai.lib._parsing._completions import type_to_response_format_param
+
+from ..models import Extraction, JobErrorCode, TokenUsage
+from . import prompt
+from .base import Completion, LLMError, Repair
+
+log = logging.getLogger(__name__)
+
+STRUCTURED_FORMAT: Any = type_to_response_format_param(Extraction)
+JSON_MODE_FORMAT: Any = {"type": "json_object"}
+
+
+def make_client(*, api_key: str, base_url: str | None, timeout_s: float) -> OpenAI:
+    # max_retries=0: RQ retries the whole job with backoff and records each attempt;
+    # SDK retries underneath would multiply the attempts and hide them.
+    return OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0)
+
+
+def _usage(response: Any) -> TokenUsage:
+    u = getattr(response, "usage", None)
+    if u is None:
+        return TokenUsage()
+    return TokenUsage(
+        prompt_tokens=u.prompt_tokens or 0,
+        completion_tokens=u.completion_tokens or 0,
+        total_tokens=u.total_tokens or 0,
+    )
+
+
+def _rejects_json_schema(exc: openai.BadRequestError) -> bool:
+    text = str(exc).lower()
+    return "response_format" in text or "json_schema" in text
+
+
+def classify(exc: openai.OpenAIError) -> LLMError:
+    """Map an SDK error to the job error a client sees. Order matters: subclasses first."""
+    if isinstance(exc, openai.APITimeoutError):
+        return LLMError(JobErrorCode.TIMEOUT, "the LLM did not answer in time", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return LLMError(JobErrorCode.PROVIDER_ERROR, "could not connect to the LLM endpoint", retryable=True)
+    if isinstance(exc, openai.RateLimitError):
+        return LLMError(JobErrorCode.RATE_LIMITED, "the LLM endpoint is rate limiting (429)", retryable=True)
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return LLMError(JobErrorCode.PROVIDER_AUTH, f"the LLM endpoint refused our credentials ({exc.status_code})")
+    if isinstance(exc, openai.APIStatusError):
+        retryable = exc.status_code >= 500 or exc.status_code in (408, 409)
+        return LLMError(JobErrorCode.PROVIDER_ERROR, f"the LLM endpoint answered {exc.status_code}", retryable=retryable)
+    return LLMError(JobErrorCode.PROVIDER_ERROR, f"LLM call failed: {type(exc).__name__}", retryable=True)
+
+
+class OpenAIProvider:
+    def __init__(self, client: OpenAI, *, model: str) -> None:
+        self._client = client
+        self._model = model
+        # Flipped off for the life of the process once the endpoint refuses json_schema.
+        self._structured = True
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+        messages = prompt.messages(text, repair)
+        try:
+            response = self._create(messages)
+        except openai.OpenAIError as exc:
+            raise classify(exc) from exc
+        usage = _usage(response)
+        if not response.choices:
+            raise LLMError(JobErrorCode.PROVIDER_ERROR, "the LLM answered with no choices", retryable=True, usage=usage)
+        choice = response.choices[0]
+        refusal = getattr(choice.message, "refusal", None)
+        if refusal:
+            raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal}", usage=usage)
+        if choice.finish_reason == "content_filter":
+            raise LLMError(JobErrorCode.REFUSED, "the answer was stopped by the content filter", usage=usage)
+        if choice.finish_reason == "length":
+            raise LLMError(JobErrorCode.TRUNCATED, "the answer was cut off at the token limit", usage=usage)
+        return Completion(content=choice.message.content or "", usage=usage, model=response.model or self._model)
+
+    def _create(self, messages: list[dict[str, str]]) -> Any:
+        if self._structured:
+            try:
+                return self._client.chat.completions.create(
+                    model=self._model, messages=messages, response_format=STRUCTURED_FORMAT, temperature=0  # type: ignore[arg-type]
+                )
+            except openai.BadRequestError as exc:
+                if not _rejects_json_schema(exc):
+                    raise
+                log.warning("endpoint refuses json_schema structured outputs; using JSON mode from now on")
+                self._structured = False
+        return self._client.chat.completions.create(
+            model=self._model, messages=messages, response_format=JSON_MODE_FORMAT, temperature=0  # type: ignore[arg-type]
+        )

@@ -1,0 +1,142 @@
+"""One extraction attempt, stage by stage, each stage a published transition.
+
+CALLING_LLM -> VALIDATING (-> REPAIRING -> VALIDATING) -> DONE, or FAILED with a JobError.
+Transient LLM errors leave the job RETRYING and re-raise so that RQ schedules the next
+attempt; everything else ends the job here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pydantic import ValidationError
+from redis import Redis
+
+from . import store
+from .llm import Completion, LLMError, Provider, Repair
+from .models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class RetryLater(Exception):
+    """Raised to hand a transiently failed attempt back to RQ's retry schedule."""
+
+
+class InvalidOutput(Exception):
+    pass
+
+
+def validate(content: str) -> Extraction:
+    """Parse and validate model output; the message says what to fix, in a few words."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise InvalidOutput(f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+    try:
+        return Extraction.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'object'}: {err['msg']}" for err in exc.errors()[:10]
+        )
+        raise InvalidOutput(problems) from None
+
+
+class Attempt:
+    """Runs one attempt of one job; every state change goes through `store.update_job`."""
+
+    def __init__(self, redis: Redis, provider: Provider, job_id: str, *, ttl_s: int) -> None:
+        self.redis = redis
+        self.provider = provider
+        self.job_id = job_id
+        self.ttl_s = ttl_s
+        self.usage = TokenUsage()
+
+    def _set(self, **changes: object) -> JobRecord | None:
+        def change(job: JobRecord) -> JobRecord:
+            return job.model_copy(update=changes)
+
+        record, changed = store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        return record if changed else None
+
+    def _add_usage(self, usage: TokenUsage) -> None:
+        self.usage = self.usage + usage
+
+    def _ask(self, text: str, repair: Repair | None = None) -> Completion:
+        try:
+            completion = self.provider.extract(text, repair=repair)
+        except LLMError as exc:
+            self._add_usage(exc.usage)
+            raise
+        self._add_usage(completion.usage)
+        return completion
+
+    def run(self, *, retries_left: int) -> JobRecord | None:
+        started = self._start()
+        if started is None:
+            log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
+            return None
+        self.usage = started.usage or TokenUsage()
+        text = store.get_text_sync(self.redis, self.job_id) or ""
+        try:
+            completion = self._ask(text)
+            self._set(stage=JobStage.VALIDATING, usage=self.usage)
+            try:
+                result = validate(completion.content)
+            except InvalidOutput as first:
+                log.info("job %s: invalid output (%s); asking for a repair", self.job_id, first)
+                self._set(stage=JobStage.REPAIRING)
+                completion = self._ask(text, Repair(completion.content, str(first)))
+                self._set(stage=JobStage.VALIDATING, usage=self.usage)
+                result = validate(completion.content)
+        except InvalidOutput as exc:
+            return self._fail(JobError(code=JobErrorCode.INVALID_OUTPUT, message=f"invalid output after repair: {exc}"))
+        except LLMError as exc:
+            error = JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
+            if exc.retryable and retries_left > 0:
+                self._set(status=JobStatus.RETRYING, stage=JobStage.QUEUED, error=error, usage=self.usage)
+                raise RetryLater(str(exc)) from exc
+            return self._fail(error)
+        return self._set(
+            status=JobStatus.FINISHED,
+            stage=JobStage.DONE,
+            result=result,
+            error=None,
+            usage=self.usage,
+            model=completion.model,
+            finished_at=utcnow(),
+        )
+
+    def _start(self) -> JobRecord | None:
+        def change(job: JobRecord) -> JobRecord:
+            return job.model_copy(
+                update={
+                    "status": JobStatus.STARTED,
+                    "stage": JobStage.CALLING_LLM,
+                    "attempts": job.attempts + 1,
+                    "started_at": job.started_at or utcnow(),
+                    "model": self.provider.model,
+                }
+            )
+
+        record, changed = store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        return record if changed else None
+
+    def _fail(self, error: JobError) -> JobRecord | None:
+        log.warning("job %s failed: %s: %s", self.job_id, error.code.value, error.message)
+        return self._set(
+            status=JobStatus.FAILED, stage=JobStage.FAILED, error=error, usage=self.usage, finished_at=utcnow()
+        )
+
+
+def fail_job(redis: Redis, job_id: str, error: JobError, *, ttl_s: int) -> JobRecord | None:
+    """End a job as FAILED from outside an attempt (crash handlers, enqueue failures)."""
+
+    def change(job: JobRecord) -> JobRecord:
+        return job.model_copy(
+            update={"status": JobStatus.FAILED, "stage": JobStage.FAILED, "error": error, "finished_at": utcnow()}
+        )
+
+    record, _ = store.update_job(redis, job_id, change, ttl_s=ttl_s)
+    return record

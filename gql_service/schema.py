@@ -1,0 +1,173 @@
+"""The GraphQL schema: types mirroring the job record, and the three root operations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from datetime import datetime
+
+import strawberry
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, ParserCache, QueryDepthLimiter, ValidationCache
+from strawberry.types import Info
+
+from . import models
+from .jobs import JobService
+
+JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
+JobStage = strawberry.enum(models.JobStage, description="What the worker is doing right now.")
+Sentiment = strawberry.enum(models.Sentiment)
+JobErrorCode = strawberry.enum(models.JobErrorCode)
+
+MAX_DEPTH = 10
+MAX_ALIASES = 30
+MAX_TOKENS = 2000
+
+
+@strawberry.type
+class Entity:
+    type: str
+    value: str
+    confidence: float
+
+
+@strawberry.type(description="The validated structure the LLM extracted from the text.")
+class Extraction:
+    summary: str = strawberry.field(description="At most 40 words.")
+    sentiment: Sentiment  # type: ignore[valid-type]
+    tags: list[str] = strawberry.field(description="1 to 5 short tags.")
+    entities: list[Entity] = strawberry.field(description="Confidence in [0, 1].")
+    language: str = strawberry.field(description="ISO 639-1 code.")
+    toxicity_score: float = strawberry.field(description="In [0, 1].")
+
+    @classmethod
+    def from_model(cls, m: models.Extraction) -> Extraction:
+        return cls(
+            summary=m.summary,
+            sentiment=m.sentiment,
+            tags=list(m.tags),
+            entities=[Entity(type=e.type, value=e.value, confidence=e.confidence) for e in m.entities],
+            language=m.language,
+            toxicity_score=m.toxicity_score,
+        )
+
+
+@strawberry.type
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@strawberry.type
+class JobError:
+    code: JobErrorCode  # type: ignore[valid-type]
+    message: str
+    retryable: bool
+
+
+@strawberry.type
+class Job:
+    id: strawberry.ID
+    status: JobStatus  # type: ignore[valid-type]
+    stage: JobStage  # type: ignore[valid-type]
+    version: int = strawberry.field(description="Increases by one on every change.")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    model: str | None
+    result: Extraction | None
+    error: JobError | None
+    usage: TokenUsage | None
+    request_id: str | None
+
+    @classmethod
+    def from_record(cls, r: models.JobRecord) -> Job:
+        return cls(
+            id=strawberry.ID(r.id),
+            status=r.status,
+            stage=r.stage,
+            version=r.version,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+            attempts=r.attempts,
+            model=r.model,
+            result=Extraction.from_model(r.result) if r.result else None,
+            error=JobError(code=r.error.code, message=r.error.message, retryable=r.error.retryable) if r.error else None,
+            usage=TokenUsage(**r.usage.model_dump()) if r.usage else None,
+            request_id=r.request_id,
+        )
+
+
+@strawberry.input
+class SubmitTextInput:
+    text: str
+    idempotency_key: str | None = None
+
+
+@strawberry.type
+class SubmitTextPayload:
+    job: Job
+    deduplicated: bool
+
+
+@dataclass
+class Context:
+    jobs: JobService
+    tenant: str = "public"
+    request_id: str | None = None
+
+
+def _ctx(info: Info) -> Context:
+    ctx = info.context
+    assert isinstance(ctx, Context)
+    return ctx
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="A job by id; null when it does not exist (or has expired).")
+    async def job(self, info: Info, id: strawberry.ID) -> Job | None:
+        ctx = _ctx(info)
+        record = await ctx.jobs.get(str(id), tenant=ctx.tenant)
+        return Job.from_record(record) if record else None
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Queue text for extraction; returns at once with the new (or deduplicated) job.")
+    async def submit_text(self, info: Info, input: SubmitTextInput) -> SubmitTextPayload:
+        ctx = _ctx(info)
+        record, deduplicated = await ctx.jobs.submit(
+            input.text, idempotency_key=input.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id
+        )
+        return SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="The job now, then every change, completing after DONE/FAILED/CANCELED. "
+        "Unknown ids end with a NOT_FOUND error."
+    )
+    async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Job, None]:
+        ctx = _ctx(info)
+        async for record in ctx.jobs.updates(str(id), tenant=ctx.tenant):
+            yield Job.from_record(record)
+
+
+schema = strawberry.Schema(
+    query=Query,
+    mutation=Mutation,
+    subscription=Subscription,
+    extensions=[
+        QueryDepthLimiter(max_depth=MAX_DEPTH),
+        MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        MaxTokensLimiter(max_token_count=MAX_TOKENS),
+        ParserCache(maxsize=256),
+        ValidationCache(maxsize=256),
+    ],
+)

@@ -1,0 +1,60 @@
+"""Settings, read once from the environment and `.env`, validated at start-up."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """Raised with one human-readable line per bad setting."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    redis_url: str | None = None
+    rq_queue: str = Field("llm", min_length=1)
+    llm_provider: Literal["openai", "offline"] | None = None
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_model: str = Field("gpt-4o-mini", min_length=1)
+    llm_timeout_s: float = Field(60.0, gt=0)
+    llm_max_attempts: int = Field(3, ge=1, le=20)
+    # Seconds before the first retry of a transient LLM failure; doubles each time.
+    retry_backoff_s: float = Field(2.0, ge=0)
+    job_timeout_s: int = Field(180, gt=0)
+    result_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    # How long RQ keeps its own job entries; the job record (RESULT_TTL_S) is what clients read.
+    rq_result_ttl_s: int = Field(3600, ge=0)
+    max_text_chars: int = Field(20_000, gt=0, le=1_000_000)
+    idempotency_ttl_s: int = Field(24 * 3600, gt=0)
+
+    @model_validator(mode="after")
+    def _pick_provider(self) -> Settings:
+        # Decision 5: real LLM when a key is configured, the offline one otherwise.
+        if self.llm_provider is None:
+            provider = "openai" if self.openai_api_key else "offline"
+            object.__setattr__(self, "llm_provider", provider)
+        if self.llm_provider == "openai" and not self.openai_api_key:
+            raise ValueError("LLM_PROVIDER=openai needs OPENAI_API_KEY")
+        return self
+
+    @property
+    def provider(self) -> Literal["openai", "offline"]:
+        assert self.llm_provider is not None
+        return self.llm_provider
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings or raise SettingsError with one line per bad value."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper() or "SETTINGS"
+            lines.append(f"{name}: {err['msg']}")
+        raise SettingsError("\n".join(lines)) from None

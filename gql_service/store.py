@@ -1,0 +1,121 @@
+"""Job records in Redis: create, read, and versioned, published transitions.
+
+A record is a hash `{v: version, d: JSON state, t: submitted text}`; the text lives
+beside the state so that events stay small. Every change is one Lua call that
+compares the version, writes the new state, refreshes the TTL and PUBLISHes the full
+state, so readers and subscribers can never see a change that was not published, nor
+a publish that did not happen (DESIGN decision 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.client import Pipeline
+
+from . import keys
+from .models import JobRecord, utcnow
+
+# Compare-and-set on the version: a concurrent writer makes us re-read and re-apply.
+_CAS_LUA = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return -1 end
+if v ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return 1
+"""
+
+Change = Callable[[JobRecord], JobRecord | None]
+"""Returns the changed record, or None to leave the job as it is."""
+
+
+def encode(record: JobRecord) -> str:
+    return record.model_dump_json()
+
+
+def decode(raw: bytes | str) -> JobRecord:
+    return JobRecord.model_validate_json(raw)
+
+
+def create_job(pipe: Pipeline, record: JobRecord, *, text: str, ttl_s: int) -> None:
+    """Queue the commands that store a new record (version 1) and announce it."""
+    data = encode(record)
+    key = keys.job(record.id)
+    pipe.hset(key, mapping={"v": record.version, "d": data, "t": text})
+    pipe.expire(key, ttl_s)
+    pipe.publish(keys.job_events(record.id), data)
+
+
+async def get_job(redis: AsyncRedis, job_id: str) -> JobRecord | None:
+    raw = await redis.hget(keys.job(job_id), "d")
+    return decode(raw) if raw is not None else None
+
+
+def get_job_sync(redis: Redis, job_id: str) -> JobRecord | None:
+    raw = redis.hget(keys.job(job_id), "d")
+    return decode(raw) if raw is not None else None  # type: ignore[arg-type]
+
+
+def get_text_sync(redis: Redis, job_id: str) -> str | None:
+    raw = redis.hget(keys.job(job_id), "t")
+    return raw.decode() if isinstance(raw, bytes) else raw  # type: ignore[return-value]
+
+
+def _next(current: JobRecord, change: Change) -> JobRecord | None:
+    # A terminal job never changes again: this is the one place that refuses it.
+    if current.terminal:
+        return None
+    changed = change(current.model_copy(deep=True))
+    if changed is None:
+        return None
+    return changed.model_copy(update={"version": current.version + 1, "updated_at": utcnow()})
+
+
+def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int) -> tuple[list[str], list[Any]]:
+    return (
+        [keys.job(new.id), keys.job_events(new.id)],
+        [current.version, new.version, encode(new), ttl_s],
+    )
+
+
+def update_job(redis: Redis, job_id: str, change: Change, *, ttl_s: int) -> tuple[JobRecord | None, bool]:
+    """Apply `change` atomically. Returns (state after, whether it changed)."""
+    script = redis.register_script(_CAS_LUA)
+    while True:
+        current = get_job_sync(redis, job_id)
+        if current is None:
+            return None, False
+        new = _next(current, change)
+        if new is None:
+            return current, False
+        keys_, args = _cas_args(current, new, ttl_s)
+        outcome = script(keys=keys_, args=args)
+        if outcome == 1:
+            return new, True
+        if outcome == -1:
+            return None, False
+
+
+async def update_job_async(
+    redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int
+) -> tuple[JobRecord | None, bool]:
+    """The same as update_job, for the API's event loop."""
+    script = redis.register_script(_CAS_LUA)
+    while True:
+        current = await get_job(redis, job_id)
+        if current is None:
+            return None, False
+        new = _next(current, change)
+        if new is None:
+            return current, False
+        keys_, args = _cas_args(current, new, ttl_s)
+        outcome = await script(keys=keys_, args=args)
+        if outcome == 1:
+            return new, True
+        if outcome == -1:
+            return None, False
