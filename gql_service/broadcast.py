@@ -92,16 +92,21 @@ class Broadcast:
         self._connected = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="broadcast-listener")
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._pubsub is not None and self._pubsub.connection is not None:
+            # Closing the socket ends the listener's blocking read with an error it
+            # handles by returning; a bare cancel can be swallowed inside redis-py's read.
+            await self._pubsub.connection.disconnect(nowait=True)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=5.0)
         if self._pubsub is not None:
             with contextlib.suppress(*_REDIS_DOWN):
                 await self._pubsub.aclose()
@@ -132,8 +137,11 @@ class Broadcast:
             subs.discard(sub)
             if not subs and self._subscribers.get(channel) is subs:
                 del self._subscribers[channel]
-                with contextlib.suppress(*_REDIS_DOWN, BroadcastUnavailable):
-                    await self._send("UNSUBSCRIBE", channel)
+                # While disconnected there is nothing to undo: a reconnect subscribes
+                # only the channels still in the dict.
+                if self.connected:
+                    with contextlib.suppress(*_REDIS_DOWN, BroadcastUnavailable):
+                        await self._send("UNSUBSCRIBE", channel)
 
     async def _send(self, *command: str) -> None:
         try:
@@ -174,10 +182,10 @@ class Broadcast:
     async def _run(self) -> None:
         backoff = 0.05
         reconnect = False
-        while True:
+        while not self._stopping:
             try:
                 await self._connect()
-                while True:
+                while not self._stopping:
                     message = await self._pubsub.get_message(timeout=None)  # type: ignore[union-attr]
                     if message is not None:
                         reconnect = self._dispatch(message, reconnect)
@@ -185,6 +193,8 @@ class Broadcast:
             except asyncio.CancelledError:
                 raise
             except _REDIS_DOWN as exc:
+                if self._stopping:
+                    return
                 if self._connected.is_set():
                     log.warning("pub/sub connection lost (%s); reconnecting", exc)
                 self._connected.clear()

@@ -1,0 +1,84 @@
+"""Shared fixtures: a real Redis server, the OpenAI-compatible stub, service processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from gql_service.broadcast import Broadcast
+from gql_service.embedded_redis import EmbeddedRedis
+from gql_service.jobs import JobService
+from gql_service.schema import Context
+from gql_service.settings import Settings
+
+from .openai_stub import OpenAIStub
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """A clean database for every test."""
+    client = Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def async_redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    client = AsyncRedis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def openai_stub() -> Iterator[OpenAIStub]:
+    stub = OpenAIStub().start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def stub(openai_stub: OpenAIStub) -> OpenAIStub:
+    openai_stub.reset()
+    return openai_stub
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(
+        llm_provider="offline", max_text_chars=1000, retry_backoff_s=0, _env_file=None  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture
+async def broadcast(async_redis: AsyncRedis) -> AsyncIterator[Broadcast]:
+    hub = Broadcast(async_redis)
+    await hub.start()
+    yield hub
+    await hub.stop()
+
+
+@pytest.fixture
+async def jobs(async_redis: AsyncRedis, sync_redis: Redis, broadcast: Broadcast, settings: Settings) -> JobService:
+    return JobService(redis=async_redis, sync_redis=sync_redis, broadcast=broadcast, settings=settings)
+
+
+@pytest.fixture
+def context(jobs: JobService) -> Context:
+    return Context(jobs=jobs, request_id="test-request")

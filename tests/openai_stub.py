@@ -1,0 +1,194 @@
+"""A small OpenAI-compatible server for tests and benchmarks, on loopback.
+
+It speaks enough of `POST /v1/chat/completions` for the real `openai` SDK, answers with a
+valid extraction by default, and can be scripted to misbehave: HTTP errors, invalid
+JSON, a refusal, truncation, an answer that breaks the schema, hanging, refusing the
+json_schema response format. Requests are recorded for assertions.
+
+    stub = OpenAIStub().start()          # in a background thread
+    stub.script(Fault.status(429), Fault.ok())
+    ...; stub.requests[-1]["response_format"]
+    stub.stop()
+
+`python -m tests.openai_stub --port 8100 --latency-ms 500` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+VALID_EXTRACTION: dict[str, Any] = {
+    "summary": "A patient praises a kind doctor and a short wait at the clinic.",
+    "sentiment": "positive",
+    "tags": ["clinic", "healthcare"],
+    "entities": [{"type": "PERSON", "value": "Dr. Rao", "confidence": 0.94}],
+    "language": "en",
+    "toxicity_score": 0.01,
+}
+USAGE = {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150}
+
+
+@dataclass
+class Fault:
+    kind: str
+    status: int = 200
+    content: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def ok(cls, content: dict[str, Any] | None = None) -> Fault:
+        return cls("ok", content=json.dumps(content or VALID_EXTRACTION))
+
+    @classmethod
+    def raw(cls, content: str) -> Fault:
+        """Answer 200 with this exact message content (invalid JSON, wrong schema...)."""
+        return cls("ok", content=content)
+
+    @classmethod
+    def http(cls, status: int) -> Fault:
+        return cls("status", status=status)
+
+    @classmethod
+    def refusal(cls) -> Fault:
+        return cls("refusal")
+
+    @classmethod
+    def truncated(cls) -> Fault:
+        return cls("length")
+
+    @classmethod
+    def hang(cls, seconds: float = 60.0) -> Fault:
+        return cls("hang", seconds=seconds)
+
+    @classmethod
+    def reject_json_schema(cls) -> Fault:
+        return cls("reject_json_schema")
+
+
+def _completion(content: str | None, *, finish_reason: str = "stop", refusal: str | None = None, model: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": refusal},
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": USAGE,
+    }
+
+
+class OpenAIStub:
+    def __init__(self, *, port: int = 0, latency_s: float = 0.0, api_key: str | None = None) -> None:
+        self.port = port
+        self.latency_s = latency_s
+        self.api_key = api_key
+        self.requests: list[dict[str, Any]] = []
+        self._script: deque[Fault] = deque()
+        self._lock = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *faults: Fault) -> None:
+        """Answers for the next requests, in order; after them, valid answers again."""
+        with self._lock:
+            self._script = deque(faults)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self.requests.clear()
+            self.latency_s = 0.0
+
+    def _next(self) -> Fault:
+        with self._lock:
+            return self._script.popleft() if self._script else Fault.ok()
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        with self._lock:
+            self.requests.append(body)
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse({"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}, 401)
+        fault = self._next()
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        model = body.get("model", "stub-model")
+        if fault.kind == "ok":
+            return JSONResponse(_completion(fault.content, model=model))
+        if fault.kind == "status":
+            return JSONResponse({"error": {"message": f"stub error {fault.status}", "type": "server_error"}}, fault.status)
+        if fault.kind == "refusal":
+            return JSONResponse(_completion(None, refusal="I can't help with that.", model=model))
+        if fault.kind == "length":
+            return JSONResponse(_completion('{"summary": "cut of', finish_reason="length", model=model))
+        if fault.kind == "hang":
+            await asyncio.sleep(fault.seconds)
+            return JSONResponse(_completion(json.dumps(VALID_EXTRACTION), model=model))
+        if fault.kind == "reject_json_schema":
+            if (body.get("response_format") or {}).get("type") == "json_schema":
+                return JSONResponse(
+                    {"error": {"message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+                               "type": "invalid_request_error", "param": "response_format"}},
+                    400,
+                )
+            return JSONResponse(_completion(json.dumps(VALID_EXTRACTION), model=model))
+        raise AssertionError(f"unknown fault {fault.kind}")
+
+    def start(self) -> OpenAIStub:
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+            timeout_graceful_shutdown=1,  # don't wait out a scripted hang
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="openai-stub", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("openai stub did not start")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    stub = OpenAIStub(port=args.port, latency_s=args.latency_ms / 1000)
+    uvicorn.run(stub.app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

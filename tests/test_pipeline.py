@@ -1,0 +1,125 @@
+"""One attempt of a job, stage by stage, against real Redis and the stub LLM."""
+
+from __future__ import annotations
+
+import pytest
+from redis import Redis
+
+from gql_service import keys, store
+from gql_service.llm.offline import OfflineProvider
+from gql_service.llm.openai_provider import OpenAIProvider, make_client
+from gql_service.models import JobErrorCode, JobRecord, JobStage, JobStatus
+from gql_service.pipeline import Attempt, RetryLater, validate, InvalidOutput
+
+from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
+
+TTL = 3600
+
+
+@pytest.fixture
+def job(sync_redis: Redis) -> JobRecord:
+    record = JobRecord(id="job-1")
+    with sync_redis.pipeline() as pipe:
+        store.create_job(pipe, record, text="I loved the clinic. Dr. Rao was kind.", ttl_s=TTL)
+        pipe.execute()
+    return record
+
+
+class Events:
+    """Every state published for the job, read from Redis pub/sub."""
+
+    def __init__(self, redis: Redis, job_id: str) -> None:
+        self.pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(keys.job_events(job_id))
+        self.pubsub.get_message(timeout=1)
+
+    def until_terminal(self) -> list[JobRecord]:
+        out: list[JobRecord] = []
+        while not (out and out[-1].terminal):
+            message = self.pubsub.get_message(timeout=5)
+            assert message is not None, f"no terminal event; saw {[e.stage for e in out]}"
+            out.append(store.decode(message["data"]))
+        self.pubsub.close()
+        return out
+
+
+def openai(stub: OpenAIStub) -> OpenAIProvider:
+    return OpenAIProvider(make_client(api_key="k", base_url=stub.base_url, timeout_s=5), model="stub-model")
+
+
+def test_happy_path_stages_and_result(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+    events = Events(sync_redis, job.id)
+    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
+    assert final is not None and final.status is JobStatus.FINISHED and final.stage is JobStage.DONE
+    assert final.result is not None and final.result.model_dump(mode="json") == VALID_EXTRACTION
+    assert final.usage is not None and final.usage.total_tokens == 150
+    assert final.attempts == 1 and final.started_at and final.finished_at
+    seen = events.until_terminal()
+    assert [e.stage for e in seen] == [JobStage.CALLING_LLM, JobStage.VALIDATING, JobStage.DONE]
+    assert [e.version for e in seen] == [2, 3, 4]
+
+
+def test_invalid_output_is_repaired_once_and_usage_is_summed(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+    stub.script(Fault.raw("this is not json"), Fault.ok())
+    events = Events(sync_redis, job.id)
+    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    assert final is not None and final.status is JobStatus.FINISHED
+    assert final.usage is not None and final.usage.total_tokens == 300
+    assert [e.stage for e in events.until_terminal()] == [
+        JobStage.CALLING_LLM, JobStage.VALIDATING, JobStage.REPAIRING, JobStage.VALIDATING, JobStage.DONE,
+    ]
+    assert "not valid JSON" in stub.requests[-1]["messages"][-1]["content"]
+
+
+def test_output_breaking_the_schema_twice_fails_invalid_output(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+    bad = dict(VALID_EXTRACTION, toxicity_score=7, tags=[])
+    stub.script(Fault.ok(bad), Fault.ok(bad))
+    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
+    assert final is not None and final.status is JobStatus.FAILED and final.stage is JobStage.FAILED
+    assert final.error is not None and final.error.code is JobErrorCode.INVALID_OUTPUT
+    assert "toxicity_score" in final.error.message and "tags" in final.error.message
+    assert final.usage is not None and final.usage.total_tokens == 300
+
+
+def test_transient_error_with_retries_left_is_retrying(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+    stub.script(Fault.http(429))
+    with pytest.raises(RetryLater):
+        Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=1)
+    record = store.get_job_sync(sync_redis, job.id)
+    assert record is not None and record.status is JobStatus.RETRYING and record.stage is JobStage.QUEUED
+    assert record.error is not None and record.error.code is JobErrorCode.RATE_LIMITED and record.error.retryable
+    # The next attempt counts up and clears the error on success.
+    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    assert final is not None and final.status is JobStatus.FINISHED and final.attempts == 2 and final.error is None
+
+
+def test_transient_error_on_the_last_attempt_fails_retryable(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+    stub.script(Fault.http(500))
+    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    assert final is not None and final.status is JobStatus.FAILED
+    assert final.error is not None and final.error.code is JobErrorCode.PROVIDER_ERROR and final.error.retryable
+
+
+@pytest.mark.parametrize(("fault", "code"), [(Fault.refusal(), JobErrorCode.REFUSED), (Fault.truncated(), JobErrorCode.TRUNCATED)])
+def test_refusal_and_truncation_fail_without_repair(sync_redis: Redis, job: JobRecord, stub: OpenAIStub, fault: Fault, code: JobErrorCode) -> None:
+    stub.script(fault)
+    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
+    assert final is not None and final.error is not None and final.error.code is code
+    assert len(stub.requests) == 1
+
+
+def test_a_finished_job_is_not_run_again(sync_redis: Redis, job: JobRecord) -> None:
+    Attempt(sync_redis, OfflineProvider(), job.id, ttl_s=TTL).run(retries_left=0)
+    assert Attempt(sync_redis, OfflineProvider(), job.id, ttl_s=TTL).run(retries_left=0) is None
+    record = store.get_job_sync(sync_redis, job.id)
+    assert record is not None and record.attempts == 1
+
+
+def test_validate_explains_what_is_wrong() -> None:
+    with pytest.raises(InvalidOutput, match="not valid JSON"):
+        validate("{")
+    with pytest.raises(InvalidOutput, match="summary.*at most 40"):
+        validate(__import__("json").dumps(dict(VALID_EXTRACTION, summary="word " * 41)))
+    with pytest.raises(InvalidOutput, match="entities.0.confidence"):
+        validate(__import__("json").dumps(dict(VALID_EXTRACTION, entities=[{"type": "X", "value": "y", "confidence": 1.5}])))
+    assert validate(__import__("json").dumps(dict(VALID_EXTRACTION, language="EN"))).language == "en"
