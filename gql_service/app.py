@@ -25,6 +25,7 @@ from .jobs import JobService
 from .redis_conn import DEFAULT_URL, async_client, sync_client
 from .schema import Context, schema
 from .settings import Settings, load_settings
+from .ws import LegacyWSHandler, TransportWSHandler
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ def request_id_of(request: Request | WebSocket) -> str:
 
 
 class GraphQLView(GraphQL[Context, None]):
+    graphql_transport_ws_handler_class = TransportWSHandler
+    graphql_ws_handler_class = LegacyWSHandler
+
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         rid = request_id_of(request)
         if isinstance(response, Response):

@@ -15,6 +15,7 @@ from gql_service.schema import Context
 from gql_service.settings import Settings
 
 from .openai_stub import OpenAIStub
+from .service import Service
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +83,17 @@ async def jobs(async_redis: AsyncRedis, sync_redis: Redis, broadcast: Broadcast,
 @pytest.fixture
 def context(jobs: JobService) -> Context:
     return Context(jobs=jobs, request_id="test-request")
+
+
+@pytest.fixture(scope="module")
+def e2e_redis(redis_server: EmbeddedRedis) -> str:
+    """For a module's live service: flushed once, not per test (workers keep state there)."""
+    Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def service(e2e_redis: str) -> Iterator[Service]:
+    """`gql-service serve` and a pool of two workers, offline provider."""
+    with Service(e2e_redis, workers=2) as svc:
+        yield svc

@@ -1,0 +1,108 @@
+"""Real service processes for end-to-end tests: `gql-service serve` and `gql-service worker`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from gql_service.embedded_redis import free_port
+
+
+def wait_until(predicate, *, timeout_s: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Wait for a state we can only observe from outside (a port opening, a count dropping)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.log = Path(tempfile.mkstemp(prefix=f"gqls-{name}-", suffix=".log")[1])
+        self._log_file = self.log.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "gql_service", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log_file.close()
+        return self.popen.returncode
+
+
+class Service:
+    """An API process and a worker pool against one Redis, with the given settings."""
+
+    def __init__(self, redis_url: str, *, workers: int = 2, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_"))},
+            "REDIS_URL": redis_url,
+            "LLM_PROVIDER": "offline",
+            "RETRY_BACKOFF_S": "0",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.workers = workers
+        self.procs: list[Proc] = []
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/graphql"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/graphql"
+
+    def start_worker(self, workers: int | None = None) -> Proc:
+        proc = Proc("worker", ["worker", "--workers", str(workers or self.workers or 1)], self.env)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> Service:
+        if self.workers:
+            self.start_worker()
+        api = Proc("api", ["serve", "--port", str(self.port)], self.env)
+        self.procs.append(api)
+
+        def healthy() -> bool:
+            if api.popen.poll() is not None:
+                raise RuntimeError(f"API exited:\n{api.output()}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, what="the API to answer /healthz")
+        return self
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.output()}" for p in self.procs)
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
