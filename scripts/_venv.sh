@@ -17,8 +17,13 @@ fi
 stamp="$venv/.installed-$(cat "$root/pyproject.toml" | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')-${extras:-base}"
 if [ ! -f "$stamp" ]; then
   echo "installing gql-service${extras:+[$extras]} into $venv" >&2
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$root${extras:+[$extras]}"
+  log="$venv/install.log"
+  if ! { "$venv/bin/python" -m pip install --upgrade pip &&
+         "$venv/bin/python" -m pip install -e "$root${extras:+[$extras]}"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "installation failed (log: $log)" >&2
+    exit 1
+  fi
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi
