@@ -87,7 +87,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # Explicit handlers: a shell that backgrounds us may have left SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         while all(c.poll() is None for c in children):
             try:
