@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from starlette.applications import Starlette
 from starlette.requests import Request

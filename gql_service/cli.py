@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -13,7 +14,6 @@ from pathlib import Path
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gql_service")
-
 
 
 def _settings() -> Settings:
@@ -80,7 +80,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     me = [sys.executable, "-m", "gql_service"]
     children = [
         subprocess.Popen([*me, "worker", "--workers", str(args.workers)], env=env, preexec_fn=child_preexec),
-        subprocess.Popen([*me, "serve", "--host", args.host, "--port", str(args.port)], env=env, preexec_fn=child_preexec),
+        subprocess.Popen(
+            [*me, "serve", "--host", args.host, "--port", str(args.port)], env=env, preexec_fn=child_preexec
+        ),
     ]
     log.info("dev: API on http://%s:%d/graphql  (Ctrl-C stops everything)", args.host, args.port)
 
@@ -92,10 +94,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
         signal.signal(sig, stop)
     try:
         while all(c.poll() is None for c in children):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 children[0].wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
     except KeyboardInterrupt:
         pass
     finally:

@@ -58,9 +58,7 @@ class JobService:
         if not text.strip():
             raise BadUserInput("text must not be empty")
         if len(text) > self.settings.max_text_chars:
-            raise BadUserInput(
-                f"text is {len(text)} characters long; the limit is {self.settings.max_text_chars}"
-            )
+            raise BadUserInput(f"text is {len(text)} characters long; the limit is {self.settings.max_text_chars}")
 
     async def submit(
         self, text: str, *, idempotency_key: str | None, tenant: str, request_id: str | None
@@ -84,7 +82,9 @@ class JobService:
                         pipe.watch(idem)
                         existing = pipe.get(idem)
                         if existing is not None:
-                            found = store.get_job_sync(self.sync_redis, existing.decode())
+                            found = store.get_job_sync(
+                                self.sync_redis, existing.decode() if isinstance(existing, bytes) else existing
+                            )
                             if found is not None:
                                 return found, True
                     pipe.multi()

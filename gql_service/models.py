@@ -67,7 +67,9 @@ Score = Annotated[float, Field(ge=0.0, le=1.0)]
 class Entity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(min_length=1, max_length=40, description="Entity kind, e.g. PERSON, ORG, LOCATION, DATE, MONEY, EMAIL")
+    type: str = Field(
+        min_length=1, max_length=40, description="Entity kind, e.g. PERSON, ORG, LOCATION, DATE, MONEY, EMAIL"
+    )
     value: str = Field(min_length=1, max_length=200, description="The entity as written in the text")
     confidence: Score = Field(description="Confidence in [0, 1]")
 

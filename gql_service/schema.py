@@ -96,7 +96,9 @@ class Job:
             attempts=r.attempts,
             model=r.model,
             result=Extraction.from_model(r.result) if r.result else None,
-            error=JobError(code=r.error.code, message=r.error.message, retryable=r.error.retryable) if r.error else None,
+            error=JobError(code=r.error.code, message=r.error.message, retryable=r.error.retryable)
+            if r.error
+            else None,
             usage=TokenUsage(**r.usage.model_dump()) if r.usage else None,
             request_id=r.request_id,
         )

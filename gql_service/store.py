@@ -58,12 +58,12 @@ async def get_job(redis: AsyncRedis, job_id: str) -> JobRecord | None:
 
 def get_job_sync(redis: Redis, job_id: str) -> JobRecord | None:
     raw = redis.hget(keys.job(job_id), "d")
-    return decode(raw) if raw is not None else None  # type: ignore[arg-type]
+    return decode(raw) if raw is not None else None
 
 
 def get_text_sync(redis: Redis, job_id: str) -> str | None:
     raw = redis.hget(keys.job(job_id), "t")
-    return raw.decode() if isinstance(raw, bytes) else raw  # type: ignore[return-value]
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _next(current: JobRecord, change: Change) -> JobRecord | None:

@@ -61,11 +61,18 @@ def run_extraction(job_id: str) -> str | None:
     except RetryLater:
         raise
     except JobTimeoutException:
-        fail_job(redis, job_id, JobError(code=JobErrorCode.TIMEOUT, message="the job ran past JOB_TIMEOUT_S"), ttl_s=ttl_s)
+        fail_job(
+            redis, job_id, JobError(code=JobErrorCode.TIMEOUT, message="the job ran past JOB_TIMEOUT_S"), ttl_s=ttl_s
+        )
         return None
     except Exception as exc:
         # A bug or an outage mid-job: the record must not stay STARTED.
         log.exception("job %s crashed", job_id)
-        fail_job(redis, job_id, JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}"), ttl_s=ttl_s)
+        fail_job(
+            redis,
+            job_id,
+            JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}"),
+            ttl_s=ttl_s,
+        )
         return None
     return record.status.value if record else None

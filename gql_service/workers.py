@@ -22,8 +22,13 @@ def run_workers(settings: Settings, *, redis_url: str, num_workers: int = 1, bur
         warm_up()  # load models/lexicons once; every work horse inherits them by fork
     tasks.init(tasks.WorkerContext(settings=settings, provider=provider))
     connection = sync_client(redis_url)
-    log.info("worker: queue %r, provider %s (%s), %d process(es)", settings.rq_queue,
-             settings.provider, provider.model, num_workers)
+    log.info(
+        "worker: queue %r, provider %s (%s), %d process(es)",
+        settings.rq_queue,
+        settings.provider,
+        provider.model,
+        num_workers,
+    )
     if num_workers == 1:
         Worker([settings.rq_queue], connection=connection).work(with_scheduler=True, burst=burst)
     else:

@@ -42,6 +42,7 @@ class LegacyWSHandler(BaseGraphQLWSHandler[Any, Any]):
         problem = _legacy_problem(message)
         if problem is not None:
             op_id = message.get("id") if isinstance(message, dict) and isinstance(message.get("id"), str) else None
-            await self.send_message({"type": "error", "id": op_id, "payload": {"message": problem}})  # type: ignore[typeddict-item]
+            reply: Any = {"type": "error", "id": op_id, "payload": {"message": problem}}
+            await self.send_message(reply)
             return
         await super().handle_message(message)

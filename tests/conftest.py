@@ -63,7 +63,10 @@ def stub(openai_stub: OpenAIStub) -> OpenAIStub:
 @pytest.fixture
 def settings() -> Settings:
     return Settings(
-        llm_provider="offline", max_text_chars=1000, retry_backoff_s=0, _env_file=None  # type: ignore[call-arg]
+        llm_provider="offline",
+        max_text_chars=1000,
+        retry_backoff_s=0,
+        _env_file=None,  # type: ignore[call-arg]
     )
 
 

@@ -79,7 +79,9 @@ class Fault:
         return cls("reject_json_schema")
 
 
-def _completion(content: str | None, *, finish_reason: str = "stop", refusal: str | None = None, model: str) -> dict[str, Any]:
+def _completion(
+    content: str | None, *, finish_reason: str = "stop", refusal: str | None = None, model: str
+) -> dict[str, Any]:
     return {
         "id": "chatcmpl-stub",
         "object": "chat.completion",
@@ -140,7 +142,9 @@ class OpenAIStub:
         if fault.kind == "ok":
             return JSONResponse(_completion(fault.content, model=model))
         if fault.kind == "status":
-            return JSONResponse({"error": {"message": f"stub error {fault.status}", "type": "server_error"}}, fault.status)
+            return JSONResponse(
+                {"error": {"message": f"stub error {fault.status}", "type": "server_error"}}, fault.status
+            )
         if fault.kind == "refusal":
             return JSONResponse(_completion(None, refusal="I can't help with that.", model=model))
         if fault.kind == "length":
@@ -151,8 +155,13 @@ class OpenAIStub:
         if fault.kind == "reject_json_schema":
             if (body.get("response_format") or {}).get("type") == "json_schema":
                 return JSONResponse(
-                    {"error": {"message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
-                               "type": "invalid_request_error", "param": "response_format"}},
+                    {
+                        "error": {
+                            "message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported.",
+                            "type": "invalid_request_error",
+                            "param": "response_format",
+                        }
+                    },
                     400,
                 )
             return JSONResponse(_completion(json.dumps(VALID_EXTRACTION), model=model))
@@ -160,7 +169,11 @@ class OpenAIStub:
 
     def start(self) -> OpenAIStub:
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
             timeout_graceful_shutdown=1,  # don't wait out a scripted hang
         )
         self._server = uvicorn.Server(config)

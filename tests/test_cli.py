@@ -13,10 +13,15 @@ import httpx
 import psutil
 from gql import Client, GraphQLRequest, gql
 from gql.transport.websockets import WebsocketsTransport
+from redis import Redis
+from rq import Queue
 
+from gql_service import keys, store
 from gql_service.embedded_redis import free_port
 
 from .service import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -55,6 +60,7 @@ def test_dev_runs_everything_and_one_sigint_stops_it_all(tmp_path: Path) -> None
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
+
         def up() -> bool:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
@@ -75,7 +81,9 @@ def test_dev_runs_everything_and_one_sigint_stops_it_all(tmp_path: Path) -> None
         async def follow() -> list[dict[str, str]]:
             transport = WebsocketsTransport(url=f"ws://127.0.0.1:{port}/graphql", subprotocols=["graphql-transport-ws"])
             async with asyncio.timeout(30), Client(transport=transport) as session:
-                request = GraphQLRequest(gql("subscription($id: ID!) { jobUpdates(id: $id) { stage } }"), variable_values={"id": job_id})
+                request = GraphQLRequest(
+                    gql("subscription($id: ID!) { jobUpdates(id: $id) { stage } }"), variable_values={"id": job_id}
+                )
                 return [d["jobUpdates"] async for d in session.subscribe(request)]
 
         assert asyncio.run(follow())[-1] == {"stage": "DONE"}
@@ -87,3 +95,28 @@ def test_dev_runs_everything_and_one_sigint_stops_it_all(tmp_path: Path) -> None
         if dev.poll() is None:
             dev.kill()
             dev.wait()
+
+
+def test_python_worker_py_runs_a_queued_job(redis_url: str, sync_redis: Redis) -> None:
+    from gql_service.models import JobRecord
+    from gql_service.settings import Settings
+    from gql_service.tasks import TASK
+
+    record = JobRecord(id="burst-job")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    with sync_redis.pipeline() as pipe:
+        pipe.multi()
+        store.create_job(pipe, record, text="A calm, neutral note about Oslo.", ttl_s=settings.result_ttl_s)
+        Queue(settings.rq_queue, connection=sync_redis).enqueue_call(
+            TASK, args=(record.id,), job_id=record.id, pipeline=pipe
+        )
+        pipe.execute()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_"))} | {"REDIS_URL": redis_url}
+    result = subprocess.run(
+        [sys.executable, "worker.py", "--burst"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    done = store.get_job_sync(sync_redis, record.id)
+    assert done is not None and done.stage.value == "DONE" and done.result is not None
+    # Kept for RESULT_TTL_S (7 days by default), far beyond RQ's own 500 s.
+    assert sync_redis.ttl(keys.job(record.id)) > 7 * 24 * 3600 - 60

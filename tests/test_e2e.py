@@ -38,7 +38,9 @@ def submit(svc: Service, text: str = TEXT) -> str:
     return str(body["data"]["submitText"]["job"]["id"])
 
 
-async def follow(svc: Service, job_id: str, protocol: str, first_seen: asyncio.Event | None = None) -> list[dict[str, Any]]:
+async def follow(
+    svc: Service, job_id: str, protocol: str, first_seen: asyncio.Event | None = None
+) -> list[dict[str, Any]]:
     transport = WebsocketsTransport(url=svc.ws_url, subprotocols=[protocol])
     events = []
     async with asyncio.timeout(30), Client(transport=transport) as session:
@@ -60,7 +62,9 @@ def assert_full_run(events: list[dict[str, Any]]) -> None:
     assert events[-1]["usage"]["totalTokens"] > 0
 
 
-@pytest.mark.parametrize("protocol", [WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL, WebsocketsTransport.APOLLO_SUBPROTOCOL])
+@pytest.mark.parametrize(
+    "protocol", [WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL, WebsocketsTransport.APOLLO_SUBPROTOCOL]
+)
 async def test_submit_then_follow_to_done(service: Service, protocol: str) -> None:
     job_id = submit(service)
     events = await follow(service, job_id, protocol)
@@ -71,7 +75,9 @@ async def test_subscriber_that_arrives_first_sees_queued_through_done(e2e_redis:
     # No worker yet: the job waits QUEUED while we subscribe, then a worker starts.
     with Service(e2e_redis, workers=0, env={"RQ_QUEUE": "llm-late-worker"}) as svc:
         job_id = submit(svc)
-        task = asyncio.create_task(follow(svc, job_id, WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL, first_seen := asyncio.Event()))
+        task = asyncio.create_task(
+            follow(svc, job_id, WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL, first_seen := asyncio.Event())
+        )
         await asyncio.wait_for(first_seen.wait(), 10)
         svc.start_worker(1)
         events = await task
@@ -116,7 +122,7 @@ def test_http_query_and_request_id(service: Service) -> None:
     assert job["requestId"] == "req-123" and job["status"] == "QUEUED" and job["version"] == 1
     got = post(service, "query($id: ID!) { job(id: $id) { id requestId } }", id=job["id"]).json()
     assert got == {"data": {"job": {"id": job["id"], "requestId": "req-123"}}}
-    assert post(service, "query { job(id: \"missing\") { id } }").json() == {"data": {"job": None}}
+    assert post(service, 'query { job(id: "missing") { id } }').json() == {"data": {"job": None}}
 
 
 def test_bad_input_over_http(service: Service) -> None:
@@ -153,13 +159,21 @@ async def test_closing_the_socket_unsubscribes(e2e_redis: str) -> None:
             await ws.send('{"id": "1", "type": "subscribe", "payload": %s}' % query)
             assert '"next"' in await ws.recv()
             assert dict(redis.pubsub_numsub(channel))[channel.encode()] == 1
-        wait_until(lambda: dict(redis.pubsub_numsub(channel))[channel.encode()] == 0, what="the channel to be unsubscribed")
+        wait_until(
+            lambda: dict(redis.pubsub_numsub(channel))[channel.encode()] == 0, what="the channel to be unsubscribed"
+        )
         redis.close()
 
 
 def test_openai_provider_end_to_end(e2e_redis: str, openai_stub: OpenAIStub) -> None:
     openai_stub.reset()
-    env = {"RQ_QUEUE": "llm-openai", "LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": openai_stub.base_url, "OPENAI_MODEL": "stub-e2e"}
+    env = {
+        "RQ_QUEUE": "llm-openai",
+        "LLM_PROVIDER": "openai",
+        "OPENAI_API_KEY": "sk-e2e",
+        "OPENAI_BASE_URL": openai_stub.base_url,
+        "OPENAI_MODEL": "stub-e2e",
+    }
     with Service(e2e_redis, workers=1, env=env) as svc:
         job_id = submit(svc)
         events = asyncio.run(follow(svc, job_id, WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL))
@@ -170,3 +184,16 @@ def test_openai_provider_end_to_end(e2e_redis: str, openai_stub: OpenAIStub) -> 
     assert final["result"] == expected
     assert final["usage"] == {"promptTokens": 100, "completionTokens": 50, "totalTokens": 150}
     assert any(TEXT in m["content"] for m in openai_stub.requests[-1]["messages"])
+
+
+def test_readyz_fails_while_redis_is_unreachable_but_healthz_answers() -> None:
+    from gql_service.embedded_redis import free_port
+
+    with Service(f"redis://127.0.0.1:{free_port()}/0", workers=0) as svc:
+        base = f"http://127.0.0.1:{svc.port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+        body = post(svc, SUBMIT, text=TEXT).json()
+        assert body["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+        assert "Traceback" not in str(body)

@@ -9,7 +9,7 @@ from gql_service import keys, store
 from gql_service.llm.offline import OfflineProvider
 from gql_service.llm.openai_provider import OpenAIProvider, make_client
 from gql_service.models import JobErrorCode, JobRecord, JobStage, JobStatus
-from gql_service.pipeline import Attempt, RetryLater, validate, InvalidOutput
+from gql_service.pipeline import Attempt, InvalidOutput, RetryLater, validate
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
 
@@ -59,19 +59,27 @@ def test_happy_path_stages_and_result(sync_redis: Redis, job: JobRecord, stub: O
     assert [e.version for e in seen] == [2, 3, 4]
 
 
-def test_invalid_output_is_repaired_once_and_usage_is_summed(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+def test_invalid_output_is_repaired_once_and_usage_is_summed(
+    sync_redis: Redis, job: JobRecord, stub: OpenAIStub
+) -> None:
     stub.script(Fault.raw("this is not json"), Fault.ok())
     events = Events(sync_redis, job.id)
     final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
     assert final is not None and final.status is JobStatus.FINISHED
     assert final.usage is not None and final.usage.total_tokens == 300
     assert [e.stage for e in events.until_terminal()] == [
-        JobStage.CALLING_LLM, JobStage.VALIDATING, JobStage.REPAIRING, JobStage.VALIDATING, JobStage.DONE,
+        JobStage.CALLING_LLM,
+        JobStage.VALIDATING,
+        JobStage.REPAIRING,
+        JobStage.VALIDATING,
+        JobStage.DONE,
     ]
     assert "not valid JSON" in stub.requests[-1]["messages"][-1]["content"]
 
 
-def test_output_breaking_the_schema_twice_fails_invalid_output(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+def test_output_breaking_the_schema_twice_fails_invalid_output(
+    sync_redis: Redis, job: JobRecord, stub: OpenAIStub
+) -> None:
     bad = dict(VALID_EXTRACTION, toxicity_score=7, tags=[])
     stub.script(Fault.ok(bad), Fault.ok(bad))
     final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
@@ -93,15 +101,21 @@ def test_transient_error_with_retries_left_is_retrying(sync_redis: Redis, job: J
     assert final is not None and final.status is JobStatus.FINISHED and final.attempts == 2 and final.error is None
 
 
-def test_transient_error_on_the_last_attempt_fails_retryable(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+def test_transient_error_on_the_last_attempt_fails_retryable(
+    sync_redis: Redis, job: JobRecord, stub: OpenAIStub
+) -> None:
     stub.script(Fault.http(500))
     final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
     assert final is not None and final.status is JobStatus.FAILED
     assert final.error is not None and final.error.code is JobErrorCode.PROVIDER_ERROR and final.error.retryable
 
 
-@pytest.mark.parametrize(("fault", "code"), [(Fault.refusal(), JobErrorCode.REFUSED), (Fault.truncated(), JobErrorCode.TRUNCATED)])
-def test_refusal_and_truncation_fail_without_repair(sync_redis: Redis, job: JobRecord, stub: OpenAIStub, fault: Fault, code: JobErrorCode) -> None:
+@pytest.mark.parametrize(
+    ("fault", "code"), [(Fault.refusal(), JobErrorCode.REFUSED), (Fault.truncated(), JobErrorCode.TRUNCATED)]
+)
+def test_refusal_and_truncation_fail_without_repair(
+    sync_redis: Redis, job: JobRecord, stub: OpenAIStub, fault: Fault, code: JobErrorCode
+) -> None:
     stub.script(fault)
     final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
     assert final is not None and final.error is not None and final.error.code is code
@@ -121,5 +135,7 @@ def test_validate_explains_what_is_wrong() -> None:
     with pytest.raises(InvalidOutput, match="summary.*at most 40"):
         validate(__import__("json").dumps(dict(VALID_EXTRACTION, summary="word " * 41)))
     with pytest.raises(InvalidOutput, match="entities.0.confidence"):
-        validate(__import__("json").dumps(dict(VALID_EXTRACTION, entities=[{"type": "X", "value": "y", "confidence": 1.5}])))
+        validate(
+            __import__("json").dumps(dict(VALID_EXTRACTION, entities=[{"type": "X", "value": "y", "confidence": 1.5}]))
+        )
     assert validate(__import__("json").dumps(dict(VALID_EXTRACTION, language="EN"))).language == "en"

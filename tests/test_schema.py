@@ -11,7 +11,7 @@ import pytest
 from redis import Redis
 
 from gql_service import store
-from gql_service.models import JobRecord, JobStage, JobStatus
+from gql_service.models import JobStage, JobStatus
 from gql_service.schema import Context, schema
 
 SUBMIT = """
@@ -22,7 +22,9 @@ mutation Submit($text: String!, $key: String) {
   }
 }"""
 JOB = "query Job($id: ID!) { job(id: $id) { id status stage version } }"
-UPDATES = "subscription Updates($id: ID!) { jobUpdates(id: $id) { id status stage version result { summary sentiment } } }"
+UPDATES = (
+    "subscription Updates($id: ID!) { jobUpdates(id: $id) { id status stage version result { summary sentiment } } }"
+)
 
 
 async def run(context: Context, query: str, **variables: Any) -> Any:
@@ -33,7 +35,9 @@ def codes(result: Any) -> list[str | None]:
     return [e.extensions.get("code") if e.extensions else None for e in result.errors or []]
 
 
-async def submit(context: Context, text: str = "I loved the clinic. Dr. Rao was kind.", key: str | None = None) -> dict[str, Any]:
+async def submit(
+    context: Context, text: str = "I loved the clinic. Dr. Rao was kind.", key: str | None = None
+) -> dict[str, Any]:
     result = await run(context, SUBMIT, text=text, key=key)
     assert result.errors is None, result.errors
     return result.data["submitText"]
@@ -76,7 +80,9 @@ async def test_concurrent_duplicates_create_exactly_one_job(context: Context, sy
     ("text", "message"),
     [("", "must not be empty"), ("   \n\t ", "must not be empty"), ("x" * 1001, "limit is 1000")],
 )
-async def test_bad_text_is_bad_user_input_and_creates_nothing(context: Context, sync_redis: Redis, text: str, message: str) -> None:
+async def test_bad_text_is_bad_user_input_and_creates_nothing(
+    context: Context, sync_redis: Redis, text: str, message: str
+) -> None:
     result = await run(context, SUBMIT, text=text)
     assert codes(result) == ["BAD_USER_INPUT"]
     assert message in result.errors[0].message
@@ -92,17 +98,21 @@ async def test_oversized_idempotency_key_is_rejected(context: Context) -> None:
     assert codes(result) == ["BAD_USER_INPUT"]
 
 
-@pytest.mark.parametrize(("variables", "fragment"), [({"text": 123}, "String cannot represent"), ({}, "to be provided")])
-async def test_wrong_variable_types_are_rejected_before_execution(context: Context, sync_redis: Redis, variables: dict[str, Any], fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("variables", "fragment"), [({"text": 123}, "String cannot represent"), ({}, "to be provided")]
+)
+async def test_wrong_variable_types_are_rejected_before_execution(
+    context: Context, sync_redis: Redis, variables: dict[str, Any], fragment: str
+) -> None:
     result = await schema.execute(SUBMIT, variable_values=variables, context_value=context)
     assert result.data is None and fragment in result.errors[0].message
     assert sync_redis.dbsize() == 0
 
 
 async def test_hostile_queries_are_refused(context: Context) -> None:
-    deep = "query { job(id: \"x\") { result { entities { type } } } }"
+    deep = 'query { job(id: "x") { result { entities { type } } } }'
     assert (await run(context, deep)).errors is None
-    aliases = "query { " + " ".join(f"a{i}: job(id: \"x\") {{ id }}" for i in range(31)) + " }"
+    aliases = "query { " + " ".join(f'a{i}: job(id: "x") {{ id }}' for i in range(31)) + " }"
     result = await run(context, aliases)
     assert result.errors and "aliases" in result.errors[0].message.lower()
     many_tokens = "query { " + " ".join(f"a{i}: __typename" for i in range(1200)) + " }"
@@ -110,7 +120,9 @@ async def test_hostile_queries_are_refused(context: Context) -> None:
     assert result.errors and "token" in result.errors[0].message.lower()
 
 
-def drive(redis_url: str, job_id: str, stages: list[tuple[JobStatus, JobStage]], started: threading.Event | None = None) -> threading.Thread:
+def drive(
+    redis_url: str, job_id: str, stages: list[tuple[JobStatus, JobStage]], started: threading.Event | None = None
+) -> threading.Thread:
     """Stand-in worker: the same store transitions a real worker makes, from another thread."""
 
     def work() -> None:
@@ -118,7 +130,8 @@ def drive(redis_url: str, job_id: str, stages: list[tuple[JobStatus, JobStage]],
         if started is not None:
             started.wait(5)
         for status, stage in stages:
-            store.update_job(client, job_id, lambda j: j.model_copy(update={"status": status, "stage": stage}), ttl_s=60)
+            change = {"status": status, "stage": stage}
+            store.update_job(client, job_id, lambda j, change=change: j.model_copy(update=change), ttl_s=60)
         client.close()
 
     thread = threading.Thread(target=work)
@@ -182,7 +195,9 @@ async def test_racing_subscribers_never_miss_the_terminal_state(context: Context
         assert versions == sorted(set(versions)) and events[-1]["stage"] == "DONE" and versions[-1] == 6
 
 
-async def test_nothing_is_published_to_subscribers_after_the_terminal_event(context: Context, sync_redis: Redis, redis_url: str) -> None:
+async def test_nothing_is_published_to_subscribers_after_the_terminal_event(
+    context: Context, sync_redis: Redis, redis_url: str
+) -> None:
     job_id = (await submit(context))["job"]["id"]
     drive(redis_url, job_id, [(JobStatus.CANCELED, JobStage.CANCELED), *RUN]).join()
     record = store.get_job_sync(sync_redis, job_id)
@@ -217,4 +232,6 @@ async def test_subscription_leaves_no_channel_behind(context: Context, async_red
     assert context.jobs.broadcast.subscriber_count == 0
     async with context.jobs.broadcast.subscribe("barrier"):
         pass  # Redis has processed the UNSUBSCRIBE once this returns
-    assert dict(await async_redis.pubsub_numsub(f"gqls:job:{job_id}:events")) == {f"gqls:job:{job_id}:events".encode(): 0}
+    assert dict(await async_redis.pubsub_numsub(f"gqls:job:{job_id}:events")) == {
+        f"gqls:job:{job_id}:events".encode(): 0
+    }

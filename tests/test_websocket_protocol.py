@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed
-
 from redis import Redis
+from websockets.exceptions import ConnectionClosed
 
 from gql_service import store
 from gql_service.models import JobRecord
@@ -56,7 +55,11 @@ async def test_unknown_message_type_closes_4400(service: Service) -> None:
 
 async def test_subscribe_before_connection_init_closes_4401(service: Service) -> None:
     async with connect(service) as ws:
-        await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": "subscription { jobUpdates(id: \"x\") { id } }"}}))
+        await ws.send(
+            json.dumps(
+                {"id": "1", "type": "subscribe", "payload": {"query": 'subscription { jobUpdates(id: "x") { id } }'}}
+            )
+        )
         code, reason = await closed_with(ws)
     assert code == 4401 and reason == "Unauthorized"
 
@@ -81,7 +84,7 @@ def parked_job(redis_url: str) -> str:
 
 
 async def test_duplicate_subscription_id_closes_4409(service: Service, e2e_redis: str) -> None:
-    query = "subscription { jobUpdates(id: \"%s\") { version } }" % parked_job(e2e_redis)
+    query = 'subscription { jobUpdates(id: "%s") { version } }' % parked_job(e2e_redis)
     message = {"id": "same", "type": "subscribe", "payload": {"query": query}}
     async with connect(service) as ws:
         await init(ws)
@@ -128,7 +131,11 @@ async def legacy_init(ws: Any) -> None:
 async def test_legacy_unknown_job_ends_with_not_found(service: Service) -> None:
     async with connect(service, LEGACY_WS) as ws:
         await legacy_init(ws)
-        await ws.send(json.dumps({"type": "start", "id": "1", "payload": {"query": "subscription { jobUpdates(id: \"x\") { id } }"}}))
+        await ws.send(
+            json.dumps(
+                {"type": "start", "id": "1", "payload": {"query": 'subscription { jobUpdates(id: "x") { id } }'}}
+            )
+        )
         reply = json.loads(await ws.recv())
         assert reply["id"] == "1"
         errors = reply["payload"] if isinstance(reply["payload"], list) else reply["payload"]["errors"]
@@ -148,5 +155,9 @@ async def test_legacy_malformed_messages_get_error_replies_and_the_connection_li
             reply = json.loads(await ws.recv())
             assert reply["type"] == "error" and reply["payload"]["message"] == expected, bad
         await ws.send("not json at all")  # ignored, as by the reference server's clients never sent
-        await ws.send(json.dumps({"type": "start", "id": "3", "payload": {"query": "subscription { jobUpdates(id: \"x\") { id } }"}}))
+        await ws.send(
+            json.dumps(
+                {"type": "start", "id": "3", "payload": {"query": 'subscription { jobUpdates(id: "x") { id } }'}}
+            )
+        )
         assert json.loads(await ws.recv())["id"] == "3"

@@ -57,7 +57,9 @@ def classify(exc: openai.OpenAIError) -> LLMError:
         return LLMError(JobErrorCode.PROVIDER_AUTH, f"the LLM endpoint refused our credentials ({exc.status_code})")
     if isinstance(exc, openai.APIStatusError):
         retryable = exc.status_code >= 500 or exc.status_code in (408, 409)
-        return LLMError(JobErrorCode.PROVIDER_ERROR, f"the LLM endpoint answered {exc.status_code}", retryable=retryable)
+        return LLMError(
+            JobErrorCode.PROVIDER_ERROR, f"the LLM endpoint answered {exc.status_code}", retryable=retryable
+        )
     return LLMError(JobErrorCode.PROVIDER_ERROR, f"LLM call failed: {type(exc).__name__}", retryable=True)
 
 
@@ -91,11 +93,14 @@ class OpenAIProvider:
             raise LLMError(JobErrorCode.TRUNCATED, "the answer was cut off at the token limit", usage=usage)
         return Completion(content=choice.message.content or "", usage=usage, model=response.model or self._model)
 
-    def _create(self, messages: list[dict[str, str]]) -> Any:
+    def _create(self, messages: Any) -> Any:  # Any: the SDK wants its TypedDict message params
         if self._structured:
             try:
                 return self._client.chat.completions.create(
-                    model=self._model, messages=messages, response_format=STRUCTURED_FORMAT, temperature=0  # type: ignore[arg-type]
+                    model=self._model,
+                    messages=messages,
+                    response_format=STRUCTURED_FORMAT,
+                    temperature=0,
                 )
             except openai.BadRequestError as exc:
                 if not _rejects_json_schema(exc):
@@ -103,5 +108,8 @@ class OpenAIProvider:
                 log.warning("endpoint refuses json_schema structured outputs; using JSON mode from now on")
                 self._structured = False
         return self._client.chat.completions.create(
-            model=self._model, messages=messages, response_format=JSON_MODE_FORMAT, temperature=0  # type: ignore[arg-type]
+            model=self._model,
+            messages=messages,
+            response_format=JSON_MODE_FORMAT,
+            temperature=0,
         )
