@@ -9,18 +9,23 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
-from redis.asyncio import Redis as AsyncRedis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.types.unset import UnsetType
 
+from .auth import ApiKeys, RequireApiKey
 from .broadcast import Broadcast
 from .jobs import JobService
+from .limits import LimitBodySize
 from .redis_conn import DEFAULT_URL, async_client, sync_client
 from .schema import Context, schema
 from .settings import Settings, load_settings
@@ -40,11 +45,34 @@ class GraphQLView(GraphQL[Context, None]):
     graphql_transport_ws_handler_class = TransportWSHandler
     graphql_ws_handler_class = LegacyWSHandler
 
+    def __init__(self, *, keys: ApiKeys, settings: Settings) -> None:
+        super().__init__(
+            schema,
+            graphql_ide="graphiql",
+            max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+            connection_init_wait_timeout=timedelta(seconds=settings.ws_init_timeout_s),
+        )
+        self.keys = keys
+
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         rid = request_id_of(request)
         if isinstance(response, Response):
             response.headers["x-request-id"] = rid
-        return Context(jobs=request.app.state.jobs, request_id=rid)
+            # RequireApiKey has checked the key already; without keys everyone is "public".
+            tenant = request.scope.get("state", {}).get("tenant") or self.keys.tenant(None)
+        else:
+            # Decided at connection_init (on_ws_connect); an upgrade header may already carry it.
+            tenant = self.keys.tenant(request.headers.get("authorization")) if self.keys.enabled else "public"
+        return Context(jobs=request.app.state.jobs, tenant=tenant, request_id=rid)
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        if self.keys.enabled and context.tenant is None:
+            tenant = self.keys.tenant_from_params(context.connection_params)
+            if tenant is None:
+                # graphql-transport-ws closes with 4403 Forbidden; legacy graphql-ws sends connection_error.
+                raise ConnectionRejectionError({"message": "a valid API key is required"})
+            context.tenant = tenant
+        return await super().on_ws_connect(context)
 
 
 async def healthz(request: Request) -> Response:
@@ -52,19 +80,22 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    redis: AsyncRedis = request.app.state.redis
     try:
-        await redis.ping()
+        await request.app.state.redis.ping()
     except Exception as exc:  # any failure to answer means "not ready"
         return JSONResponse({"status": "unavailable", "redis": type(exc).__name__}, status_code=503)
     return JSONResponse({"status": "ready", "pubsub": request.app.state.broadcast.connected})
 
 
 def create_app(settings: Settings, *, redis_url: str) -> Starlette:
+    keys = ApiKeys(settings.api_keys)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = async_client(redis_url)
-        sync_redis = sync_client(redis_url)
+        if not keys.enabled:
+            log.warning("API_KEYS is not set: the API is open to anyone who can reach it (single tenant)")
+        redis = async_client(redis_url, timeout_s=settings.redis_timeout_s)
+        sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s)
         broadcast = Broadcast(redis)
         await broadcast.start()
         app.state.redis = redis
@@ -77,14 +108,18 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
             await redis.aclose()
             sync_redis.close()
 
-    view = GraphQLView(schema, graphql_ide="graphiql")
+    view = GraphQLView(keys=keys, settings=settings)
     routes: list[Any] = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/graphql", view),
         WebSocketRoute("/graphql", view),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = [
+        Middleware(LimitBodySize, max_bytes=settings.max_body_bytes),
+        Middleware(RequireApiKey, keys=keys),
+    ]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 
 def app_from_env() -> Starlette:

@@ -34,7 +34,7 @@ def _redis_url(settings: Settings) -> str:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    _settings()  # fail here, with one clear line each, not inside uvicorn's workers
+    settings = _settings()  # fail here, with one clear line each, not inside uvicorn's workers
     uvicorn.run(
         "gql_service.app:app_from_env",
         factory=True,
@@ -43,6 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         workers=args.workers,
         log_level="info",
         proxy_headers=True,
+        ws_max_size=settings.max_body_bytes,
+        # Subscriptions can stay open for as long as a job runs: don't wait on them forever.
+        timeout_graceful_shutdown=10,
     )
 
 

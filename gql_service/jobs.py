@@ -13,14 +13,18 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
-from rq import Queue, Retry
+from rq import Callback, Queue, Retry
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job as RQJob
+from rq.job import JobStatus as RQJobStatus
 
 from . import keys, store
 from .broadcast import RESYNC, Broadcast, BroadcastUnavailable
 from .errors import BadUserInput, NotFound, ServiceUnavailable
-from .models import JobRecord
+from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, utcnow
 from .settings import Settings
-from .tasks import TASK
+from .tasks import ON_FAILURE, TASK
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,7 @@ class JobService:
                         result_ttl=self.settings.rq_result_ttl_s,
                         failure_ttl=self.settings.rq_result_ttl_s,
                         retry=self._retry,
+                        on_failure=Callback(ON_FAILURE),
                         pipeline=pipe,
                     )
                     pipe.execute()
@@ -113,6 +118,40 @@ class JobService:
         if record is None or record.tenant != tenant:
             return None
         return record
+
+    async def cancel(self, job_id: str, *, tenant: str) -> JobRecord:
+        if await self.get(job_id, tenant=tenant) is None:
+            raise NotFound(f"job {job_id} not found")
+
+        def to_canceled(job: JobRecord) -> JobRecord:
+            error = JobError(code=JobErrorCode.CANCELED, message="canceled by the client")
+            update = {"status": JobStatus.CANCELED, "stage": JobStage.CANCELED, "error": error, "finished_at": utcnow()}
+            return job.model_copy(update=update)
+
+        with redis_errors():
+            record, changed = await store.update_job_async(
+                self.redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s
+            )
+        if record is None:
+            raise NotFound(f"job {job_id} not found")
+        if not changed and record.status is not JobStatus.CANCELED:
+            raise BadUserInput(f"job {job_id} is already {record.status.value}; only unfinished jobs can be canceled")
+        if changed:
+            # The record is CANCELED first, so nothing the worker writes later can undo it;
+            # stopping the RQ job only saves the work.
+            with redis_errors():
+                await anyio.to_thread.run_sync(self._stop_rq_job, job_id)
+        return record
+
+    def _stop_rq_job(self, job_id: str) -> None:
+        try:
+            rq_job = RQJob.fetch(job_id, connection=self.sync_redis)
+            if rq_job.get_status() == RQJobStatus.STARTED:
+                send_stop_job_command(self.sync_redis, job_id)
+            else:
+                rq_job.cancel()
+        except (NoSuchJobError, InvalidJobOperation):
+            pass  # already gone, finished or canceled: nothing left to stop
 
     async def updates(self, job_id: str, *, tenant: str) -> AsyncIterator[JobRecord]:
         """Snapshot first, then every newer version, ending after a terminal state."""

@@ -9,9 +9,14 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CONNECT_TIMEOUT_S = 2.0
 
 
-def async_client(url: str) -> AsyncRedis:
-    return AsyncRedis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
+def async_client(url: str, *, timeout_s: float | None = None) -> AsyncRedis:
+    # Pub/sub reads block without this timeout (redis-py passes its own "no timeout").
+    return AsyncRedis.from_url(
+        url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=timeout_s, health_check_interval=30
+    )
 
 
-def sync_client(url: str) -> Redis:
-    return Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
+def sync_client(url: str, *, timeout_s: float | None = None) -> Redis:
+    return Redis.from_url(
+        url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=timeout_s, health_check_interval=30
+    )

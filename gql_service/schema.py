@@ -11,6 +11,7 @@ from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, ParserCac
 from strawberry.types import Info
 
 from . import models
+from .errors import Unauthenticated
 from .jobs import JobService
 
 JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
@@ -119,14 +120,24 @@ class SubmitTextPayload:
 @dataclass
 class Context:
     jobs: JobService
-    tenant: str = "public"
+    tenant: str | None = "public"
     request_id: str | None = None
+    connection_params: object = None  # a websocket's connection_init payload
 
 
-def _ctx(info: Info) -> Context:
+@dataclass(frozen=True)
+class Caller:
+    jobs: JobService
+    tenant: str
+    request_id: str | None
+
+
+def _ctx(info: Info) -> Caller:
     ctx = info.context
     assert isinstance(ctx, Context)
-    return ctx
+    if ctx.tenant is None:
+        raise Unauthenticated("a valid API key is required")
+    return Caller(jobs=ctx.jobs, tenant=ctx.tenant, request_id=ctx.request_id)
 
 
 @strawberry.type
@@ -147,6 +158,14 @@ class Mutation:
             input.text, idempotency_key=input.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id
         )
         return SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
+
+    @strawberry.mutation(
+        description="Cancel a queued or running job; it becomes CANCELED and never turns DONE later. "
+        "Cancelling a finished or failed job is a BAD_USER_INPUT error; cancelling a canceled one returns it."
+    )
+    async def cancel_job(self, info: Info, id: strawberry.ID) -> Job:
+        ctx = _ctx(info)
+        return Job.from_record(await ctx.jobs.cancel(str(id), tenant=ctx.tenant))
 
 
 @strawberry.type

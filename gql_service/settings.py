@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     rq_result_ttl_s: int = Field(3600, ge=0)
     max_text_chars: int = Field(20_000, gt=0, le=1_000_000)
     idempotency_ttl_s: int = Field(24 * 3600, gt=0)
+    # A job whose worker died is noticed this long after its last heartbeat, then retried.
+    worker_lost_after_s: int = Field(60, ge=3)
+    # API keys as JSON, key -> tenant. Unset: the service is open (one tenant, "public").
+    api_keys: dict[str, str] | None = Field(None, repr=False)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_subscriptions_per_connection: int = Field(100, ge=1)
+    ws_init_timeout_s: float = Field(10.0, gt=0)
+    # Socket timeout of the API's Redis commands: an unresponsive Redis fails fast.
+    redis_timeout_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _pick_provider(self) -> Settings:
@@ -41,6 +50,16 @@ class Settings(BaseSettings):
         if self.llm_provider == "openai" and not self.openai_api_key:
             raise ValueError("LLM_PROVIDER=openai needs OPENAI_API_KEY")
         return self
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("API_KEYS must map at least one key to a tenant")
+            if any(len(k) < 8 or not t.strip() for k, t in value.items()):
+                raise ValueError("every API key needs 8+ characters and a non-empty tenant")
+        return value
 
     @property
     def provider(self) -> Literal["openai", "offline"]:
@@ -56,5 +75,5 @@ def load_settings(**overrides: object) -> Settings:
         lines = []
         for err in exc.errors():
             name = "_".join(str(p) for p in err["loc"]).upper() or "SETTINGS"
-            lines.append(f"{name}: {err['msg']}")
+            lines.append(f"{name}: {err['msg']}")  # never err["input"]: it may be a secret
         raise SettingsError("\n".join(lines)) from None

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
+from redis import Redis
 from rq import get_current_job
+from rq.exceptions import AbandonedJobError
+from rq.job import Job as RQJob
 from rq.timeouts import JobTimeoutException
 
+from . import store
 from .llm import Provider
-from .models import JobError, JobErrorCode
+from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from .pipeline import Attempt, RetryLater, fail_job
 from .settings import Settings, load_settings
 
@@ -22,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TASK = "gql_service.tasks.run_extraction"
 """Enqueued by name, so the API never imports the LLM stack."""
+ON_FAILURE = "gql_service.tasks.on_failure"
 
 
 @dataclass(frozen=True)
@@ -76,3 +83,34 @@ def run_extraction(job_id: str) -> str | None:
         )
         return None
     return record.status.value if record else None
+
+
+def worker_lost(redis: Redis, rq_job: RQJob) -> JobRecord | None:
+    """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
+    ttl_s = _get_context().settings.result_ttl_s
+    retries_left = rq_job.retries_left or 0
+    log.warning("job %s: its worker was lost; %d retries left", rq_job.id, retries_left)
+    if retries_left > 0:
+        error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died", retryable=True)
+
+        def to_retrying(job: JobRecord) -> JobRecord:
+            return job.model_copy(update={"status": JobStatus.RETRYING, "stage": JobStage.QUEUED, "error": error})
+
+        record, _ = store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
+        return record
+    error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
+    return fail_job(redis, rq_job.id, error, ttl_s=ttl_s)
+
+
+def on_failure(
+    rq_job: RQJob,
+    connection: Redis,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+    *_: Any,
+) -> None:
+    """RQ's failure callback. Only an abandoned job (its whole worker died) needs us here:
+    every other failure was already written to the record by the task itself."""
+    if exc_type is AbandonedJobError or isinstance(exc, AbandonedJobError):
+        worker_lost(connection, rq_job)
