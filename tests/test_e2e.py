@@ -7,48 +7,13 @@ from typing import Any
 
 import httpx
 import pytest
-from gql import Client, GraphQLRequest, gql
+from gql import Client, GraphQLRequest
 from gql.transport.websockets import WebsocketsTransport
 from redis import Redis
 
+from .clients import SUBMIT, TEXT, UPDATES, follow, post, submit
 from .openai_stub import VALID_EXTRACTION, OpenAIStub
 from .service import Service, wait_until
-
-SUBMIT = "mutation($text: String!) { submitText(input: {text: $text}) { job { id status version requestId } } }"
-UPDATES = gql(
-    """subscription($id: ID!) {
-      jobUpdates(id: $id) {
-        id status stage version attempts model
-        result { summary sentiment tags entities { type value confidence } language toxicityScore }
-        error { code message retryable }
-        usage { promptTokens completionTokens totalTokens }
-      }
-    }"""
-)
-TEXT = "I loved the clinic. Dr. Rao was kind. Waiting time was 10 minutes at Springfield General Hospital in Boston."
-
-
-def post(svc: Service, query: str, headers: dict[str, str] | None = None, **variables: Any) -> httpx.Response:
-    return httpx.post(svc.http_url, json={"query": query, "variables": variables}, headers=headers or {}, timeout=10)
-
-
-def submit(svc: Service, text: str = TEXT) -> str:
-    body = post(svc, SUBMIT, text=text).json()
-    assert "errors" not in body, body
-    return str(body["data"]["submitText"]["job"]["id"])
-
-
-async def follow(
-    svc: Service, job_id: str, protocol: str, first_seen: asyncio.Event | None = None
-) -> list[dict[str, Any]]:
-    transport = WebsocketsTransport(url=svc.ws_url, subprotocols=[protocol])
-    events = []
-    async with asyncio.timeout(30), Client(transport=transport) as session:
-        async for data in session.subscribe(GraphQLRequest(UPDATES, variable_values={"id": job_id})):
-            events.append(data["jobUpdates"])
-            if first_seen is not None:
-                first_seen.set()
-    return events
 
 
 def assert_full_run(events: list[dict[str, Any]]) -> None:

@@ -1,0 +1,59 @@
+"""GraphQL clients for the end-to-end tests: httpx for HTTP, gql for subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from gql import Client, GraphQLRequest, gql
+from gql.transport.websockets import WebsocketsTransport
+
+from .service import Service
+
+TRANSPORT_WS = WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL
+LEGACY_WS = WebsocketsTransport.APOLLO_SUBPROTOCOL
+
+SUBMIT = "mutation($text: String!) { submitText(input: {text: $text}) { job { id status version requestId } } }"
+UPDATES = gql(
+    """subscription($id: ID!) {
+      jobUpdates(id: $id) {
+        id status stage version attempts model
+        result { summary sentiment tags entities { type value confidence } language toxicityScore }
+        error { code message retryable }
+        usage { promptTokens completionTokens totalTokens }
+      }
+    }"""
+)
+TEXT = "I loved the clinic. Dr. Rao was kind. Waiting time was 10 minutes at Springfield General Hospital in Boston."
+
+
+def post(svc: Service, query: str, headers: dict[str, str] | None = None, **variables: Any) -> httpx.Response:
+    return httpx.post(svc.http_url, json={"query": query, "variables": variables}, headers=headers or {}, timeout=10)
+
+
+def submit(svc: Service, text: str = TEXT, headers: dict[str, str] | None = None) -> str:
+    body = post(svc, SUBMIT, headers=headers, text=text).json()
+    assert "errors" not in body, body
+    return str(body["data"]["submitText"]["job"]["id"])
+
+
+async def follow(
+    svc: Service,
+    job_id: str,
+    protocol: str = TRANSPORT_WS,
+    first_seen: asyncio.Event | None = None,
+    *,
+    until_stage: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Every jobUpdates event until completion; with `until_stage`, `first_seen` is set
+    when that stage arrives instead of on the first event."""
+    transport = WebsocketsTransport(url=svc.ws_url, subprotocols=[protocol], init_payload=params or {})
+    events = []
+    async with asyncio.timeout(30), Client(transport=transport) as session:
+        async for data in session.subscribe(GraphQLRequest(UPDATES, variable_values={"id": job_id})):
+            events.append(data["jobUpdates"])
+            if first_seen is not None and (until_stage is None or events[-1]["stage"] == until_stage):
+                first_seen.set()
+    return events
