@@ -6,7 +6,7 @@ order. Retries run at once (RETRY_BACKOFF_S=0); LLM_TIMEOUT_S is 1 s.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,8 +32,11 @@ def llm_service(e2e_redis: str, openai_stub: OpenAIStub) -> Iterator[Service]:
         yield svc
 
 
+RunJob = Callable[..., Awaitable[list[dict[str, Any]]]]
+
+
 @pytest.fixture
-def run_job(llm_service: Service, stub: OpenAIStub):  # type: ignore[no-untyped-def]
+def run_job(llm_service: Service, stub: OpenAIStub) -> RunJob:
     async def run(*faults: Fault, text: str = "I loved the clinic.") -> list[dict[str, Any]]:
         stub.script(*faults)
         return await follow(llm_service, submit(llm_service, text))
@@ -62,7 +65,7 @@ async def test_transient_errors_are_retried_then_fail_retryable(
     assert all(e["error"]["code"] == code for e in retrying)
 
 
-async def test_a_transient_error_then_success_is_done(run_job) -> None:  # type: ignore[no-untyped-def]
+async def test_a_transient_error_then_success_is_done(run_job: RunJob) -> None:
     events = await run_job(Fault.http(429))
     final = events[-1]
     assert final["status"] == "FINISHED" and final["attempts"] == 2 and final["error"] is None
@@ -70,14 +73,14 @@ async def test_a_transient_error_then_success_is_done(run_job) -> None:  # type:
     assert final["usage"]["totalTokens"] == 150  # the 429 cost nothing
 
 
-async def test_a_hanging_endpoint_is_cut_at_llm_timeout(run_job) -> None:  # type: ignore[no-untyped-def]
+async def test_a_hanging_endpoint_is_cut_at_llm_timeout(run_job: RunJob) -> None:
     events = await run_job(Fault.hang(30), Fault.hang(30), Fault.hang(30))
     final = events[-1]
     assert final["error"]["code"] == "TIMEOUT" and final["error"]["retryable"] is True and final["attempts"] == 3
 
 
 @pytest.mark.parametrize("status", [401, 403])
-async def test_auth_errors_fail_at_once(run_job, stub: OpenAIStub, status: int) -> None:  # type: ignore[no-untyped-def]
+async def test_auth_errors_fail_at_once(run_job: RunJob, stub: OpenAIStub, status: int) -> None:
     events = await run_job(Fault.http(status))
     final = events[-1]
     assert final["error"]["code"] == "PROVIDER_AUTH" and final["error"]["retryable"] is False
@@ -85,7 +88,7 @@ async def test_auth_errors_fail_at_once(run_job, stub: OpenAIStub, status: int) 
     assert "RETRYING" not in [e["status"] for e in events]
 
 
-async def test_invalid_json_gets_one_repair_then_invalid_output(run_job, stub: OpenAIStub) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_json_gets_one_repair_then_invalid_output(run_job: RunJob, stub: OpenAIStub) -> None:
     events = await run_job(Fault.raw("{oops"), Fault.raw("still not json"))
     final = events[-1]
     assert final["error"]["code"] == "INVALID_OUTPUT" and "not valid JSON" in final["error"]["message"]
@@ -93,19 +96,19 @@ async def test_invalid_json_gets_one_repair_then_invalid_output(run_job, stub: O
     assert len(stub.requests) == 2 and final["usage"]["totalTokens"] == 300
 
 
-async def test_schema_breaking_output_is_repaired(run_job) -> None:  # type: ignore[no-untyped-def]
+async def test_schema_breaking_output_is_repaired(run_job: RunJob) -> None:
     bad = dict(VALID_EXTRACTION, sentiment="ecstatic", tags=["a"] * 9)
     events = await run_job(Fault.ok(bad))
     assert events[-1]["status"] == "FINISHED" and ("STARTED", "REPAIRING") in statuses(events)
 
 
 @pytest.mark.parametrize(("fault", "code"), [(Fault.refusal(), "REFUSED"), (Fault.truncated(), "TRUNCATED")])
-async def test_refusal_and_truncation_have_their_own_codes(run_job, fault: Fault, code: str) -> None:  # type: ignore[no-untyped-def]
+async def test_refusal_and_truncation_have_their_own_codes(run_job: RunJob, fault: Fault, code: str) -> None:
     events = await run_job(fault)
     assert events[-1]["error"]["code"] == code and events[-1]["attempts"] == 1
 
 
-async def test_prompt_injection_cannot_break_the_output_contract(run_job, stub: OpenAIStub) -> None:  # type: ignore[no-untyped-def]
+async def test_prompt_injection_cannot_break_the_output_contract(run_job: RunJob, stub: OpenAIStub) -> None:
     poem = "The sea, the sea, it calls to me."
     events = await run_job(Fault.raw(poem), Fault.raw(poem), text=INJECTION)
     # A model that obeys the injected text never produces a DONE job with garbage in it.
