@@ -81,10 +81,14 @@ class Subscription:
 
 
 class Broadcast:
-    def __init__(self, redis: AsyncRedis, *, queue_size: int = 8, subscribe_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, redis: AsyncRedis, *, queue_size: int = 8, subscribe_timeout_s: float = 5.0, connect_wait_s: float = 1.0
+    ) -> None:
         self._redis = redis
         self._queue_size = queue_size
         self._subscribe_timeout_s = subscribe_timeout_s
+        # While Redis is down a new subscriber fails after this, instead of hanging.
+        self._connect_wait_s = connect_wait_s
         self._subscribers: dict[str, set[Subscription]] = {}
         self._barriers: dict[str, asyncio.Future[None]] = {}
         self._tokens = itertools.count()
@@ -145,7 +149,7 @@ class Broadcast:
 
     async def _send(self, *command: str) -> None:
         try:
-            await asyncio.wait_for(self._connected.wait(), self._subscribe_timeout_s)
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_s)
         except TimeoutError:
             raise BroadcastUnavailable("Redis pub/sub is not connected") from None
         assert self._pubsub is not None

@@ -31,10 +31,13 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, *, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *, port: int | None = None, data_dir: str | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.port = port or free_port()
-        self._extra_args = extra_args
-        self._dir = tempfile.mkdtemp(prefix="gqls-redis-")
+        self._extra_args = extra_args  # later options win: ("--appendonly", "yes") turns AOF on
+        self._own_dir = data_dir is None
+        self._dir = data_dir or tempfile.mkdtemp(prefix="gqls-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +85,8 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -162,3 +162,12 @@ def test_readyz_fails_while_redis_is_unreachable_but_healthz_answers() -> None:
         body = post(svc, SUBMIT, text=TEXT).json()
         assert body["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
         assert "Traceback" not in str(body)
+
+
+async def test_concurrent_duplicate_submissions_create_one_job(service: Service) -> None:
+    query = 'mutation { submitText(input: {text: "Once only.", idempotencyKey: "pay-77"}) { job { id } deduplicated } }'
+    async with httpx.AsyncClient() as client:
+        replies = await asyncio.gather(*(client.post(service.http_url, json={"query": query}) for _ in range(20)))
+    payloads = [r.json()["data"]["submitText"] for r in replies]
+    assert len({p["job"]["id"] for p in payloads}) == 1
+    assert sorted(p["deduplicated"] for p in payloads) == [False] + [True] * 19

@@ -1,0 +1,67 @@
+"""cancelJob: queued and running jobs become CANCELED for good; finished ones can't be."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis import Redis
+from rq.job import Job as RQJob
+
+from gql_service import store
+
+from .clients import follow, post, submit
+from .openai_stub import Fault, OpenAIStub
+from .service import Service, wait_until
+from .test_faults_workers import crash_env, follow_until_calling
+
+CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { id status stage version error { code } } }"
+
+
+def cancel(svc: Service, job_id: str) -> dict[str, Any]:
+    return dict(post(svc, CANCEL, id=job_id).json())
+
+
+async def test_queued_job_is_canceled_at_once_and_never_runs(e2e_redis: str) -> None:
+    with Service(e2e_redis, workers=0, env={"RQ_QUEUE": "llm-cancel-queued"}) as svc:
+        job_id = submit(svc)
+        body = cancel(svc, job_id)
+        assert body["data"]["cancelJob"] == {
+            "id": job_id, "status": "CANCELED", "stage": "CANCELED", "version": 2, "error": {"code": "CANCELED"},
+        }  # fmt: skip
+        assert [e["status"] for e in await follow(svc, job_id)] == ["CANCELED"]
+        redis = Redis.from_url(e2e_redis)
+        assert redis.lrange("rq:queue:llm-cancel-queued", 0, -1) == []  # taken off the queue
+        # Cancelling again is harmless: the same CANCELED job, still version 2.
+        assert cancel(svc, job_id)["data"]["cancelJob"]["version"] == 2
+        record = store.get_job_sync(redis, job_id)
+        assert record is not None and record.status.value == "CANCELED" and record.attempts == 0
+
+
+async def test_running_job_is_stopped_and_stays_canceled(e2e_redis: str, stub: OpenAIStub) -> None:
+    stub.script(Fault.hang(60))
+    with Service(e2e_redis, workers=1, env=crash_env(stub, "llm-cancel-running")) as svc:
+        job_id = submit(svc)
+        task, _ = await follow_until_calling(svc, job_id, stub)
+        body = cancel(svc, job_id)
+        assert body["data"]["cancelJob"]["status"] == "CANCELED"
+        events = await asyncio.wait_for(task, 10)
+        assert events[-1]["status"] == "CANCELED" and "FINISHED" not in [e["status"] for e in events]
+        redis = Redis.from_url(e2e_redis)
+        # The worker kills the work horse; RQ records the job as stopped.
+        wait_until(lambda: RQJob.fetch(job_id, connection=redis).get_status().value == "stopped", what="RQ stop")
+        record = store.get_job_sync(redis, job_id)
+        assert record is not None and record.status.value == "CANCELED" and record.version == events[-1]["version"]
+
+
+async def test_cancelling_a_finished_job_is_bad_user_input(service: Service) -> None:
+    job_id = submit(service)
+    assert (await follow(service, job_id))[-1]["status"] == "FINISHED"
+    body = cancel(service, job_id)
+    assert body["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+    assert "FINISHED" in body["errors"][0]["message"]
+
+
+def test_cancelling_an_unknown_job_is_not_found(service: Service) -> None:
+    body = cancel(service, "no-such-job")
+    assert body["errors"][0]["extensions"]["code"] == "NOT_FOUND"

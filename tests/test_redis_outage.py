@@ -1,0 +1,85 @@
+"""Redis goes away and comes back: fast errors meanwhile, no restart needed after.
+
+The Redis here runs with AOF (appendfsync always), as production should: the job records
+survive the restart. Without it a restart loses every job record, queue and idempotency key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+
+from gql_service.embedded_redis import EmbeddedRedis, free_port
+
+from .clients import SUBMIT, TEXT, follow, post, submit
+from .service import Service, wait_until
+
+AOF = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+def ready(svc: Service) -> int:
+    return httpx.get(f"http://127.0.0.1:{svc.port}/readyz", timeout=5).status_code
+
+
+async def test_outage_fails_fast_then_everything_resumes(tmp_path: Path) -> None:
+    port = free_port()
+    redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+    svc = Service(redis.url, workers=1, env={"RQ_QUEUE": "llm-outage"})
+    try:
+        svc.start()
+        before = submit(svc)
+        assert (await follow(svc, before))[-1]["status"] == "FINISHED"
+        # A subscription to a job that is still QUEUED when Redis goes down.
+        svc.procs[0].stop()  # no worker for now, so the next job waits
+        job_id = submit(svc)
+        got_first = asyncio.Event()
+        open_subscription = asyncio.create_task(follow(svc, job_id, first_seen=got_first))
+        await asyncio.wait_for(got_first.wait(), 10)
+
+        redis.stop()
+        started = time.monotonic()
+        body = post(svc, SUBMIT, text=TEXT).json()
+        took = time.monotonic() - started
+        assert body["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+        assert "Traceback" not in str(body) and took < 3
+        assert post(svc, "query($id: ID!) { job(id: $id) { id } }", id=job_id).json()["errors"][0]["extensions"][
+            "code"
+        ] == ("SERVICE_UNAVAILABLE")
+        assert ready(svc) == 503
+        started = time.monotonic()
+        late = asyncio.create_task(follow(svc, job_id))
+        failed = await asyncio.gather(late, return_exceptions=True)
+        assert "SERVICE_UNAVAILABLE" in str(failed[0]) and time.monotonic() - started < 5
+
+        redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+        wait_until(lambda: ready(svc) == 200, what="readiness after the restart")
+        svc.start_worker(1)
+        events = await asyncio.wait_for(open_subscription, 30)  # the same subscription, still open
+        assert events[0]["version"] == 1 and events[-1]["status"] == "FINISHED"
+        assert (await follow(svc, before))[-1]["status"] == "FINISHED"  # kept by AOF
+        after = submit(svc)
+        assert (await follow(svc, after))[-1]["status"] == "FINISHED"
+    finally:
+        svc.stop()
+        redis.stop()
+
+
+async def test_a_running_worker_survives_an_outage(tmp_path: Path) -> None:
+    port = free_port()
+    redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+    svc = Service(redis.url, workers=1, env={"RQ_QUEUE": "llm-outage-worker"})
+    try:
+        svc.start()
+        redis.stop()
+        assert ready(svc) == 503
+        redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+        wait_until(lambda: ready(svc) == 200, what="readiness after the restart")
+        assert svc.procs[0].popen.poll() is None, svc.logs()
+        events = await asyncio.wait_for(follow(svc, submit(svc)), 60)
+        assert events[-1]["status"] == "FINISHED"
+    finally:
+        svc.stop()
+        redis.stop()
