@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -34,6 +35,8 @@ from .ws import LegacyWSHandler, TransportWSHandler
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 128
+# Visible in CLIENT LIST, so operators (and the benchmarks) can count the API's connections.
+API_CLIENT_NAME = "gql-service-api"
 
 
 def request_id_of(request: Request | WebSocket) -> str:
@@ -53,6 +56,14 @@ class GraphQLView(GraphQL[Context, None]):
             connection_init_wait_timeout=timedelta(seconds=settings.ws_init_timeout_s),
         )
         self.keys = keys
+
+    def encode_json(self, data: object) -> str:
+        # str, not bytes: Strawberry sends bytes as binary websocket frames, which the
+        # GraphQL websocket protocols don't allow.
+        return orjson.dumps(data).decode()
+
+    def decode_json(self, data: str | bytes) -> object:
+        return orjson.loads(data)
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         rid = request_id_of(request)
@@ -94,8 +105,8 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not keys.enabled:
             log.warning("API_KEYS is not set: the API is open to anyone who can reach it (single tenant)")
-        redis = async_client(redis_url, timeout_s=settings.redis_timeout_s)
-        sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s)
+        redis = async_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME)
+        sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME)
         broadcast = Broadcast(redis)
         await broadcast.start()
         app.state.redis = redis

@@ -14,6 +14,7 @@ from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 
 from . import keys
@@ -42,13 +43,15 @@ def decode(raw: bytes | str) -> JobRecord:
     return JobRecord.model_validate_json(raw)
 
 
-def create_job(pipe: Pipeline, record: JobRecord, *, text: str, ttl_s: int) -> None:
-    """Queue the commands that store a new record (version 1) and announce it."""
-    data = encode(record)
+def create_job(pipe: Pipeline | AsyncPipeline, record: JobRecord, *, text: str, ttl_s: int) -> None:
+    """Queue the commands that store a new record (version 1).
+
+    Not published: nobody can be subscribed to an id that did not exist until now, and a
+    subscriber reads this version as its snapshot.
+    """
     key = keys.job(record.id)
-    pipe.hset(key, mapping={"v": record.version, "d": data, "t": text})
+    pipe.hset(key, mapping={"v": record.version, "d": encode(record), "t": text})
     pipe.expire(key, ttl_s)
-    pipe.publish(keys.job_events(record.id), data)
 
 
 async def get_job(redis: AsyncRedis, job_id: str) -> JobRecord | None:

@@ -1,0 +1,1 @@
+"""Benchmarks for gql-service: `./scripts/bench` (or `python -m bench`) writes BENCHMARKS.md."""
