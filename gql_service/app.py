@@ -105,9 +105,15 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not keys.enabled:
             log.warning("API_KEYS is not set: the API is open to anyone who can reach it (single tenant)")
-        redis = async_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME)
-        sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME)
-        broadcast = Broadcast(redis)
+        redis = async_client(
+            redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME,
+            max_connections=settings.redis_max_connections,
+        )  # fmt: skip
+        # Pub/sub holds its connection for good: a pool of its own keeps it out of the way.
+        pubsub_redis = async_client(redis_url, name=API_CLIENT_NAME, max_connections=1)
+        # RQ's cancel API is synchronous; it is used rarely and gives its connection back.
+        sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME, max_connections=1)
+        broadcast = Broadcast(pubsub_redis)
         await broadcast.start()
         app.state.redis = redis
         app.state.broadcast = broadcast
@@ -117,6 +123,7 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
         finally:
             await broadcast.stop()
             await redis.aclose()
+            await pubsub_redis.aclose()
             sync_redis.close()
 
     view = GraphQLView(keys=keys, settings=settings)

@@ -73,8 +73,11 @@ class JobService:
         record = JobRecord(id=uuid.uuid4().hex, tenant=tenant, request_id=request_id)
         with redis_errors():
             if self.queue.redis_server_version is None:
-                # RQ reads the server version once, synchronously; do it off the loop.
-                await anyio.to_thread.run_sync(self.queue.get_redis_server_version)
+                # RQ would read the server version synchronously on first enqueue; give it
+                # the answer from our own connection instead.
+                info = await self.redis.info("server")
+                version = str(info["redis_version"]).split(".")
+                self.queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
             return await self._submit(record, text, idempotency_key)
 
     async def _submit(self, record: JobRecord, text: str, idempotency_key: str | None) -> tuple[JobRecord, bool]:
@@ -94,9 +97,10 @@ class JobService:
                         await pipe.watch(idem)
                         existing = await pipe.get(idem)
                         if existing is not None:
-                            found = await store.get_job(
-                                self.redis, existing.decode() if isinstance(existing, bytes) else existing
-                            )
+                            # On the watching connection itself: with a small pool, borrowing a
+                            # second connection here could wait for one that never frees up.
+                            job_id = existing.decode() if isinstance(existing, bytes) else existing
+                            found = await store.get_job(pipe, job_id)
                             if found is not None:
                                 await pipe.reset()
                                 return found, True
@@ -161,6 +165,8 @@ class JobService:
                 rq_job.cancel()
         except (NoSuchJobError, InvalidJobOperation):
             pass  # already gone, finished or canceled: nothing left to stop
+        finally:
+            self.sync_redis.connection_pool.disconnect()  # rare: don't hold a connection for it
 
     async def updates(self, job_id: str, *, tenant: str) -> AsyncIterator[JobRecord]:
         """Snapshot first, then every newer version, ending after a terminal state."""

@@ -18,18 +18,19 @@ from redis.retry import Retry
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CONNECT_TIMEOUT_S = 2.0
 RETRIES = 2
-MAX_CONNECTIONS = 32
 
 
 def _backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=0.2, base=0.02)
 
 
-def async_client(url: str, *, timeout_s: float | None = None, name: str | None = None) -> AsyncRedis:
+def async_client(
+    url: str, *, timeout_s: float | None = None, name: str | None = None, max_connections: int = 32
+) -> AsyncRedis:
     # Pub/sub reads block regardless of socket_timeout (redis-py passes its own "no timeout").
     pool = AsyncBlockingConnectionPool.from_url(
         url,
-        max_connections=MAX_CONNECTIONS,
+        max_connections=max_connections,
         timeout=timeout_s,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=timeout_s,
@@ -40,10 +41,12 @@ def async_client(url: str, *, timeout_s: float | None = None, name: str | None =
     return AsyncRedis.from_pool(pool)
 
 
-def sync_client(url: str, *, timeout_s: float | None = None, name: str | None = None) -> Redis:
+def sync_client(
+    url: str, *, timeout_s: float | None = None, name: str | None = None, max_connections: int = 32
+) -> Redis:
     pool = BlockingConnectionPool.from_url(
         url,
-        max_connections=MAX_CONNECTIONS,
+        max_connections=max_connections,
         timeout=timeout_s,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=timeout_s,

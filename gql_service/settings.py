@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, gt=0)
     # A job whose worker died is noticed this long after its last heartbeat, then retried.
     worker_lost_after_s: int = Field(60, ge=3)
+    # fork: a work horse process per job (RQ's Worker); simple: jobs run in the worker itself.
+    worker_class: Literal["fork", "simple"] = "fork"
     # API keys as JSON, key -> tenant. Unset: the service is open (one tenant, "public").
     api_keys: dict[str, str] | None = Field(None, repr=False)
     max_body_bytes: int = Field(1_048_576, ge=1024)
@@ -40,6 +42,9 @@ class Settings(BaseSettings):
     ws_init_timeout_s: float = Field(10.0, gt=0)
     # Socket timeout of the API's Redis commands: an unresponsive Redis fails fast.
     redis_timeout_s: float = Field(5.0, gt=0)
+    # Command connections per API process (pub/sub has one more of its own). Requests share
+    # them; a burst waits for a free one rather than opening more.
+    redis_max_connections: int = Field(2, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _pick_provider(self) -> Settings:

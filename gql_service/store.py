@@ -54,7 +54,7 @@ def create_job(pipe: Pipeline | AsyncPipeline, record: JobRecord, *, text: str, 
     pipe.expire(key, ttl_s)
 
 
-async def get_job(redis: AsyncRedis, job_id: str) -> JobRecord | None:
+async def get_job(redis: AsyncRedis | AsyncPipeline, job_id: str) -> JobRecord | None:
     raw = await redis.hget(keys.job(job_id), "d")
     return decode(raw) if raw is not None else None
 

@@ -171,3 +171,10 @@ async def test_concurrent_duplicate_submissions_create_one_job(service: Service)
     payloads = [r.json()["data"]["submitText"] for r in replies]
     assert len({p["job"]["id"] for p in payloads}) == 1
     assert sorted(p["deduplicated"] for p in payloads) == [False] + [True] * 19
+
+
+async def test_simple_worker_class_runs_jobs_too(e2e_redis: str) -> None:
+    with Service(e2e_redis, workers=2, env={"RQ_QUEUE": "llm-simple", "WORKER_CLASS": "simple"}) as svc:
+        events = await follow(svc, submit(svc))
+        assert "simple process" in svc.procs[0].output()
+    assert_full_run(events)

@@ -101,3 +101,8 @@ def test_unreachable_endpoint_is_a_retryable_provider_error() -> None:
     with pytest.raises(LLMError) as info:
         p.extract("text")
     assert info.value.code is JobErrorCode.PROVIDER_ERROR and info.value.retryable
+
+
+def test_warm_up_needs_no_network_and_sends_nothing(stub: OpenAIStub) -> None:
+    provider(stub).warm_up()
+    assert stub.requests == []

@@ -1,0 +1,208 @@
+"""BENCHMARKS.md and its plots, from the scenarios' figures."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from .harness import Machine
+
+TARGETS = {
+    "submit_ratio": 1.5,
+    "redis_connections": 3,
+    "kib_per_sub": 60,
+    "one_p99_ms": 20,
+    "overhead_p50_ms": 10,
+    "efficiency_8": 0.9,
+}
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def plots(results: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fan = results.get("fanout") or []
+    if fan:
+        n = [r["subscribers"] for r in fan]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        left.plot(n, [r["one_p50_ms"] for r in fan], "o-", label="one job changes, p50")
+        left.plot(n, [r["one_p99_ms"] for r in fan], "o-", label="one job changes, p99")
+        left.plot(n, [r["all_p99_ms"] for r in fan], "s--", label="all jobs change at once, p99")
+        left.set_xlabel("concurrent subscriptions")
+        left.set_ylabel("publish to client (ms)")
+        left.set_yscale("log")
+        left.legend()
+        left.grid(alpha=0.3)
+        right.plot(n, [r["rss_mib"] for r in fan], "o-", color="tab:green", label="API RSS (MiB)")
+        right.set_xlabel("concurrent subscriptions")
+        right.set_ylabel("API process RSS (MiB)")
+        twin = right.twinx()
+        twin.plot(n, [r["kib_per_sub"] for r in fan], "s--", color="tab:red", label="KiB per subscription")
+        twin.set_ylabel("KiB per idle subscription")
+        right.grid(alpha=0.3)
+        fig.suptitle("Subscription fan-out on one API process")
+        fig.tight_layout()
+        fig.savefig(out_dir / "bench-fanout.png", dpi=110)
+        plt.close(fig)
+        names.append("bench-fanout.png")
+    pipe = results.get("pipeline")
+    if pipe:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for worker_class in ("fork", "simple"):
+            rows = [r for r in pipe["scaling"] if r["worker_class"] == worker_class]
+            if rows:
+                ax.plot(
+                    [r["workers"] for r in rows],
+                    [r["jobs_per_s"] for r in rows],
+                    "o-",
+                    label=f"measured, {worker_class}",
+                )
+        ideal = sorted({(r["workers"], r["ideal"]) for r in pipe["scaling"]})
+        ax.plot([w for w, _ in ideal], [i for _, i in ideal], "k--", label="ideal (workers / LLM latency)")
+        ax.set_xlabel("worker processes")
+        ax.set_ylabel("jobs/s")
+        ax.set_title(f"Throughput with a {pipe['slow_llm_ms']:.0f} ms LLM")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "bench-workers.png", dpi=110)
+        plt.close(fig)
+        names.append("bench-workers.png")
+    return names
+
+
+def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> None:
+    machine = Machine()
+    images = plots(results, out.parent)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `" + command + "`" + (" (smoke sizes: not for comparison)" if smoke else "") + ".",
+        f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {machine.describe()}.",
+        "Every process (Redis, the APIs, the workers, the load generator, the OpenAI-compatible stub) shares",
+        "this machine, so absolute figures move from run to run; compare the ratios measured side by side.",
+        "",
+    ]
+    sub = results.get("submit")
+    if sub:
+        g, r, j = sub["graphql"], sub["rest"], sub["job"]
+        lines += [
+            "## 1. submitText throughput (one API process, no workers)",
+            "",
+            "Closed loop, " + f"{results['sizes']['concurrency']} keep-alive connections, the same load generator"
+            " (`bench/loadgen.py`, its own process) against both, alternating rounds.",
+            "",
+            "| service | requests/s | p50 ms | p99 ms | errors |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| gql-service `submitText` | {g['rps']:.0f} | {g['p50_ms']:.1f} | {g['p99_ms']:.1f} | {g['errors']:.0f} |",
+            f"| REST baseline (`bench/rest_baseline.py`) | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']:.0f} |",
+            f"| gql-service `job` query | {j['rps']:.0f} | {j['p50_ms']:.1f} | {j['p99_ms']:.1f} | {j['errors']:.0f} |",
+            "",
+            f"**Ratio submitText / baseline: {sub['ratio']:.2f}x** (per round: "
+            + ", ".join(f"{x:.2f}" for x in sub["ratios"])
+            + f"). Target >= {TARGETS['submit_ratio']}x: {_mark(sub['ratio'] >= TARGETS['submit_ratio'])}.",
+            "",
+        ]
+    fan = results.get("fanout")
+    if fan:
+        lines += [
+            "## 2. Subscription fan-out (one API process, graphql-transport-ws, one subscription per socket)",
+            "",
+            "| subscriptions | open (s) | KiB per idle subscription | API RSS (MiB) | API Redis connections "
+            "| one job changes p50 / p99 (ms) | all change at once p50 / p99 (ms) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in fan:
+            lines.append(
+                f"| {row['subscribers']:,} | {row['open_s']:.1f} | {row['kib_per_sub']:.1f} | {row['rss_mib']:.0f} "
+                f"| {row['redis_connections']} | {row['one_p50_ms']:.2f} / {row['one_p99_ms']:.2f} "
+                f"| {row['all_p50_ms']:.0f} / {row['all_p99_ms']:.0f} |"
+            )
+        top = fan[-1]
+        lines += [
+            "",
+            "Latency is from just before the worker-side write (Lua CAS + PUBLISH) to the client's receipt, on one clock.",
+            f"Targets at {top['subscribers']:,}: <= {TARGETS['redis_connections']} Redis connections: "
+            f"{_mark(max(r['redis_connections'] for r in fan) <= TARGETS['redis_connections'])}; "
+            f"<= {TARGETS['kib_per_sub']} KiB per idle subscription: {_mark(top['kib_per_sub'] <= TARGETS['kib_per_sub'])}; "
+            f"one-job p99 <= {TARGETS['one_p99_ms']} ms: {_mark(top['one_p99_ms'] <= TARGETS['one_p99_ms'])}.",
+            "",
+        ]
+        if "bench-fanout.png" in images:
+            lines += ["![fan-out](bench-fanout.png)", ""]
+    pipe = results.get("pipeline")
+    if pipe:
+        lines += [
+            "## 3. Worker pipeline (openai provider against the stub)",
+            "",
+            "`fork` is RQ's forking `Worker` (the default: a work horse process per job); `simple` is RQ's",
+            "`SimpleWorker` (`WORKER_CLASS=simple`: jobs run in the worker process). One worker process, LLM at 0 ms;",
+            "overhead is the time between consecutive completions minus the SDK's round trip to the stub.",
+            "",
+            "| worker class | jobs | jobs/s | LLM round trip ms | overhead p50 ms | overhead p99 ms | target p50 <= 10 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for row in pipe["one_worker"]:
+            lines.append(
+                f"| {row['worker_class']} | {row['jobs']} | {row['jobs_per_s']:.1f} | {row['llm_rtt_ms']:.1f} "
+                f"| {row['overhead_p50_ms']:.1f} | {row['overhead_p99_ms']:.1f} "
+                f"| {_mark(row['overhead_p50_ms'] <= TARGETS['overhead_p50_ms'])} |"
+            )
+        lines += [
+            "",
+            f"LLM at {pipe['slow_llm_ms']:.0f} ms:",
+            "",
+            "| worker class | workers | jobs | jobs/s | ideal (workers / LLM latency) | of ideal |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in pipe["scaling"]:
+            lines.append(
+                f"| {row['worker_class']} | {row['workers']} | {row['jobs']} | {row['jobs_per_s']:.2f} "
+                f"| {row['ideal']:.2f} | {row['efficiency']:.0%} |"
+            )
+        for row in pipe["scaling"]:
+            if row["workers"] == 8:
+                lines += ["", f"Target, 8 `{row['worker_class']}` workers >= 90 % of ideal: "
+                          f"{_mark(row['efficiency'] >= TARGETS['efficiency_8'])}."]  # fmt: skip
+        if "bench-workers.png" in images:
+            lines += ["", "![workers](bench-workers.png)"]
+        lines.append("")
+    e2e = results.get("e2e")
+    if e2e:
+        lines += [
+            "## 4. End to end",
+            "",
+            f"Submit by HTTP, then `jobUpdates` on an open socket until DONE; {e2e['jobs']} jobs, 4 clients, "
+            f"4 workers, stub LLM at {e2e['llm_ms']:.0f} ms.",
+            "",
+            "| | p50 ms | p99 ms |",
+            "| --- | ---: | ---: |",
+            f"| submit -> DONE received | {e2e['p50_ms']:.0f} | {e2e['p99_ms']:.0f} |",
+            f"| minus the LLM's own latency | {e2e['p50_minus_llm_ms']:.0f} | {e2e['p99_minus_llm_ms']:.0f} |",
+            "",
+        ]
+    so = results.get("scale_out")
+    if so:
+        lines += [
+            "## 5. Scale-out (two API processes, a worker pool, one Redis)",
+            "",
+            f"A job submitted through API A and followed on API B: {' -> '.join(so['cross_stages'])}.",
+            "",
+            "| APIs | submitText requests/s |",
+            "| ---: | ---: |",
+            f"| 1 | {so['one_api_rps']:.0f} |",
+            f"| 2 | {so['two_api_rps']:.0f} ({so['ratio']:.2f}x) |",
+            "",
+        ]
+    notes = results.get("notes")
+    if notes:
+        lines += ["## What bounds the figures", "", notes.strip(), ""]
+    out.write_text("\n".join(lines))

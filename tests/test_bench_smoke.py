@@ -1,0 +1,28 @@
+"""Every benchmark scenario at tiny size, so the suite can't rot (the full run is ./scripts/bench)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text()
+    for heading in ("## 1. submitText", "## 2. Subscription fan-out", "## 3. Worker pipeline", "## 4. End to end",
+                    "## 5. Scale-out"):  # fmt: skip
+        assert heading in report
+    figures = json.loads(out.with_suffix(".json").read_text())
+    assert figures["submit"]["graphql"]["rps"] > 0 and figures["submit"]["rest"]["rps"] > 0
+    assert all(row["redis_connections"] <= 3 for row in figures["fanout"])
+    assert figures["scale_out"]["cross_stages"][-1] == "DONE"
+    assert (tmp_path / "bench-fanout.png").stat().st_size > 0 and (tmp_path / "bench-workers.png").stat().st_size > 0
