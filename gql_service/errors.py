@@ -8,8 +8,8 @@ from graphql import GraphQLError
 class ClientError(GraphQLError):
     code = "INTERNAL_SERVER_ERROR"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, extensions={"code": self.code})
+    def __init__(self, message: str, **extensions: object) -> None:
+        super().__init__(message, extensions={"code": self.code, **extensions})
 
 
 class BadUserInput(ClientError):

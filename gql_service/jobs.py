@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from dataclasses import dataclass
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -10,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import anyio.to_thread
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
@@ -29,6 +32,14 @@ from .tasks import ON_FAILURE, TASK
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+MAX_LIST_SCAN = 1000
+
+
+@dataclass(frozen=True)
+class NewJob:
+    record: JobRecord
+    text: str
+    idem: str | None  # the idempotency key's Redis key
 
 
 @contextlib.contextmanager
@@ -64,13 +75,29 @@ class JobService:
         if len(text) > self.settings.max_text_chars:
             raise BadUserInput(f"text is {len(text)} characters long; the limit is {self.settings.max_text_chars}")
 
-    async def submit(
-        self, text: str, *, idempotency_key: str | None, tenant: str, request_id: str | None
-    ) -> tuple[JobRecord, bool]:
+    def new_job(self, text: str, *, idempotency_key: str | None, tenant: str, request_id: str | None) -> NewJob:
+        """Check one submission and give it its record; raises BadUserInput."""
         self.validate_text(text)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise BadUserInput(f"idempotencyKey must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         record = JobRecord(id=uuid.uuid4().hex, tenant=tenant, request_id=request_id)
+        idem = keys.idempotency(tenant, idempotency_key) if idempotency_key else None
+        return NewJob(record=record, text=text, idem=idem)
+
+    async def submit(
+        self, text: str, *, idempotency_key: str | None, tenant: str, request_id: str | None
+    ) -> tuple[JobRecord, bool]:
+        job = self.new_job(text, idempotency_key=idempotency_key, tenant=tenant, request_id=request_id)
+        return (await self.submit_many([job]))[0]
+
+    async def submit_many(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
+        """Every job (QUEUED, v1) + its RQ job + its idempotency key in one MULTI/EXEC.
+
+        RQ writes its job into whatever pipeline it is given without reading anything, and an
+        asyncio pipeline in MULTI mode buffers commands synchronously, so RQ's enqueue runs
+        on the event loop with no thread and no extra round trip (measured: +25 % submitText
+        throughput over RQ's synchronous enqueue in a thread).
+        """
         with redis_errors():
             if self.queue.redis_server_version is None:
                 # RQ would read the server version synchronously on first enqueue; give it
@@ -78,51 +105,80 @@ class JobService:
                 info = await self.redis.info("server")
                 version = str(info["redis_version"]).split(".")
                 self.queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
-            return await self._submit(record, text, idempotency_key)
+            return await self._submit_many(jobs)
 
-    async def _submit(self, record: JobRecord, text: str, idempotency_key: str | None) -> tuple[JobRecord, bool]:
-        """Record (QUEUED, v1) + RQ job + idempotency key in one MULTI/EXEC: all or nothing.
-
-        RQ writes its job into whatever pipeline it is given without reading anything, and an
-        asyncio pipeline in MULTI mode buffers commands synchronously, so RQ's enqueue runs
-        on the event loop with no thread and no extra round trip (measured: +25 % submitText
-        throughput over RQ's synchronous enqueue in a thread).
-        """
-        idem = keys.idempotency(record.tenant, idempotency_key) if idempotency_key else None
+    async def _submit_many(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
+        idem_keys = sorted({j.idem for j in jobs if j.idem})
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    if idem:
+                    existing: dict[str, JobRecord] = {}
+                    if idem_keys:
                         # Optimistic lock: of concurrent duplicates, exactly one EXEC succeeds.
-                        await pipe.watch(idem)
-                        existing = await pipe.get(idem)
-                        if existing is not None:
-                            # On the watching connection itself: with a small pool, borrowing a
-                            # second connection here could wait for one that never frees up.
-                            job_id = existing.decode() if isinstance(existing, bytes) else existing
-                            found = await store.get_job(pipe, job_id)
-                            if found is not None:
-                                await pipe.reset()
-                                return found, True
+                        # Reads go through the watching connection itself: with a small pool,
+                        # borrowing a second one here could wait for one that never frees up.
+                        await pipe.watch(*idem_keys)
+                        for key, value in zip(idem_keys, await pipe.mget(idem_keys), strict=True):
+                            if value is not None:
+                                found = await store.get_job(pipe, value.decode() if isinstance(value, bytes) else value)
+                                if found is not None:
+                                    existing[key] = found
                     pipe.multi()
-                    store.create_job(pipe, record, text=text, ttl_s=self.settings.result_ttl_s)
-                    if idem:
-                        pipe.set(idem, record.id, ex=self.settings.idempotency_ttl_s)
-                    self.queue.enqueue_call(
-                        TASK,
-                        args=(record.id,),
-                        job_id=record.id,
-                        timeout=self.settings.job_timeout_s,
-                        result_ttl=self.settings.rq_result_ttl_s,
-                        failure_ttl=self.settings.rq_result_ttl_s,
-                        retry=self._retry,
-                        on_failure=Callback(ON_FAILURE),
-                        pipeline=pipe,  # type: ignore[arg-type]
-                    )
-                    await pipe.execute()
-                    return record, False
+                    results: list[tuple[JobRecord, bool]] = []
+                    for job in jobs:
+                        if job.idem and job.idem in existing:
+                            results.append((existing[job.idem], True))
+                            continue
+                        self._queue_job(pipe, job)
+                        if job.idem:
+                            existing[job.idem] = job.record  # a repeat within the batch
+                        results.append((job.record, False))
+                    if any(not dedup for _, dedup in results):
+                        await pipe.execute()
+                    else:
+                        await pipe.reset()
+                    return results
                 except WatchError:
                     continue
+
+    def _queue_job(self, pipe: AsyncPipeline, job: NewJob) -> None:
+        ttl_s = self.settings.result_ttl_s
+        store.create_job(pipe, job.record, text=job.text, ttl_s=ttl_s)
+        store.index_job(pipe, job.record, ttl_s=ttl_s)
+        if job.idem:
+            pipe.set(job.idem, job.record.id, ex=self.settings.idempotency_ttl_s)
+        self.queue.enqueue_call(
+            TASK,
+            args=(job.record.id,),
+            job_id=job.record.id,
+            timeout=self.settings.job_timeout_s,
+            result_ttl=self.settings.rq_result_ttl_s,
+            failure_ttl=self.settings.rq_result_ttl_s,
+            retry=self._retry,
+            on_failure=Callback(ON_FAILURE),
+            pipeline=pipe,  # type: ignore[arg-type]
+        )
+
+    async def list_jobs(
+        self, *, tenant: str, first: int, after: tuple[float, str] | None, status: JobStatus | None
+    ) -> tuple[list[tuple[JobRecord, float]], bool]:
+        """A page of the tenant's jobs, newest first: [(record, created ms)], has_next_page."""
+        page: list[tuple[JobRecord, float]] = []
+        cursor = after
+        scanned = 0
+        with redis_errors():
+            # A status filter may need several batches; bounded so one request stays cheap.
+            while len(page) <= first and scanned < MAX_LIST_SCAN:
+                batch = await store.list_job_ids(self.redis, tenant, before=cursor, count=max(first + 1, 50))
+                if not batch:
+                    break
+                scanned += len(batch)
+                records = await store.get_jobs(self.redis, [job_id for job_id, _ in batch])
+                for (job_id, score), record in zip(batch, records, strict=True):
+                    cursor = (score, job_id)
+                    if record is not None and (status is None or record.status is status):
+                        page.append((record, score))
+        return page[:first], len(page) > first
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
         with redis_errors():
@@ -167,6 +223,34 @@ class JobService:
             pass  # already gone, finished or canceled: nothing left to stop
         finally:
             self.sync_redis.connection_pool.disconnect()  # rare: don't hold a connection for it
+
+    async def updates_many(self, job_ids: list[str], *, tenant: str) -> AsyncIterator[JobRecord]:
+        """The updates of several jobs over one stream, ending when every one has ended."""
+        inbox: asyncio.Queue[JobRecord | BaseException | None] = asyncio.Queue()
+
+        async def pump(job_id: str) -> None:
+            try:
+                async for record in self.updates(job_id, tenant=tenant):
+                    await inbox.put(record)
+                await inbox.put(None)
+            except Exception as exc:
+                await inbox.put(exc)
+
+        pumps = [asyncio.create_task(pump(job_id)) for job_id in job_ids]
+        try:
+            running = len(pumps)
+            while running:
+                item = await inbox.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def updates(self, job_id: str, *, tenant: str) -> AsyncIterator[JobRecord]:
         """Snapshot first, then every newer version, ending after a terminal state."""

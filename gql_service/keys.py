@@ -21,5 +21,10 @@ def idempotency(tenant: str, key: str) -> str:
     return f"{PREFIX}:idem:{tenant}:{digest}"
 
 
+def tenant_jobs(tenant: str) -> str:
+    """Sorted set of a tenant's job ids by creation time (ms), for listing newest first."""
+    return f"{PREFIX}:tenant:{tenant}:jobs"
+
+
 def job_id_from_events_channel(channel: str) -> str:
     return channel[len(f"{PREFIX}:job:") : -len(":events")]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import strawberry
 from strawberry.extensions import (
@@ -18,8 +20,8 @@ from strawberry.extensions import (
 from strawberry.types import Info
 
 from . import models
-from .errors import Unauthenticated
-from .jobs import JobService
+from .errors import BadUserInput, Unauthenticated
+from .jobs import JobService, NewJob
 
 JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
 JobStage = strawberry.enum(models.JobStage, description="What the worker is doing right now.")
@@ -112,6 +114,36 @@ class Job:
         )
 
 
+@strawberry.type
+class JobEdge:
+    cursor: str
+    node: Job
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type(description="A page of jobs, newest first (Relay connection).")
+class JobConnection:
+    edges: list[JobEdge]
+    page_info: PageInfo
+
+
+def encode_cursor(created_ms: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_ms!r}|{job_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return float(created), job_id
+    except (ValueError, UnicodeError):
+        raise BadUserInput("after is not a cursor this API gave out") from None
+
+
 @strawberry.input
 class SubmitTextInput:
     text: str
@@ -139,6 +171,10 @@ class Caller:
     request_id: str | None
 
 
+async def _raise(error: Exception) -> None:
+    raise error
+
+
 def _ctx(info: Info) -> Caller:
     ctx = info.context
     assert isinstance(ctx, Context)
@@ -155,6 +191,25 @@ class Query:
         record = await ctx.jobs.get(str(id), tenant=ctx.tenant)
         return Job.from_record(record) if record else None
 
+    @strawberry.field(description="Your jobs, newest first, in pages of `first` (1-100) after the cursor `after`.")
+    async def jobs(
+        self, info: Info, first: int = 20, after: str | None = None, status: JobStatus | None = None  # type: ignore[valid-type]
+    ) -> JobConnection:
+        ctx = _ctx(info)
+        if not 1 <= first <= MAX_PAGE:
+            raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
+        page, has_next = await ctx.jobs.list_jobs(
+            tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None, status=status
+        )
+        edges = [JobEdge(cursor=encode_cursor(ms, r.id), node=Job.from_record(r)) for r, ms in page]
+        return JobConnection(
+            edges=edges, page_info=PageInfo(has_next_page=has_next, end_cursor=edges[-1].cursor if edges else None)
+        )
+
+
+MAX_PAGE = 100
+MAX_BATCH = 100
+
 
 @strawberry.type
 class Mutation:
@@ -165,6 +220,32 @@ class Mutation:
             input.text, idempotency_key=input.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id
         )
         return SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
+
+    @strawberry.mutation(
+        description=f"Queue up to {MAX_BATCH} texts in one round trip. A bad item is null in the answer, "
+        "with a BAD_USER_INPUT error at its index; the good items are still submitted."
+    )
+    async def submit_texts(self, info: Info, inputs: list[SubmitTextInput]) -> list[SubmitTextPayload | None]:
+        ctx = _ctx(info)
+        if len(inputs) > MAX_BATCH:
+            raise BadUserInput(f"at most {MAX_BATCH} inputs per call, got {len(inputs)}")
+        accepted: list[tuple[int, NewJob]] = []
+        errors: dict[int, BadUserInput] = {}
+        for index, item in enumerate(inputs):
+            try:
+                job = ctx.jobs.new_job(
+                    item.text, idempotency_key=item.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id
+                )
+                accepted.append((index, job))
+            except BadUserInput as exc:
+                errors[index] = BadUserInput(f"inputs[{index}]: {exc.message}", index=index)
+        submitted = await ctx.jobs.submit_many([job for _, job in accepted]) if accepted else []
+        answers: list[Any] = [None] * len(inputs)
+        for (index, _), (record, deduplicated) in zip(accepted, submitted, strict=True):
+            answers[index] = SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
+        for index, error in errors.items():
+            answers[index] = _raise(error)  # graphql-core places the error at [submitTexts, index]
+        return answers
 
     @strawberry.mutation(
         description="Cancel a queued or running job; it becomes CANCELED and never turns DONE later. "
@@ -184,6 +265,18 @@ class Subscription:
     async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Job, None]:
         ctx = _ctx(info)
         async for record in ctx.jobs.updates(str(id), tenant=ctx.tenant):
+            yield Job.from_record(record)
+
+    @strawberry.subscription(
+        description="The updates of up to 100 jobs over one subscription: each job's current state, then "
+        "every change, completing when all have ended."
+    )
+    async def jobs_updates(self, info: Info, ids: list[strawberry.ID]) -> AsyncGenerator[Job, None]:
+        ctx = _ctx(info)
+        unique = list(dict.fromkeys(str(i) for i in ids))
+        if not 1 <= len(unique) <= MAX_BATCH:
+            raise BadUserInput(f"ids must hold 1 to {MAX_BATCH} job ids")
+        async for record in ctx.jobs.updates_many(unique, tenant=ctx.tenant):
             yield Job.from_record(record)
 
 

@@ -54,6 +54,42 @@ def create_job(pipe: Pipeline | AsyncPipeline, record: JobRecord, *, text: str, 
     pipe.expire(key, ttl_s)
 
 
+def index_job(pipe: Pipeline | AsyncPipeline, record: JobRecord, *, ttl_s: int) -> None:
+    """Queue the commands that list the job under its tenant, dropping entries past their TTL."""
+    key = keys.tenant_jobs(record.tenant)
+    created_ms = record.created_at.timestamp() * 1000
+    pipe.zadd(key, {record.id: created_ms})
+    pipe.zremrangebyscore(key, "-inf", f"({created_ms - ttl_s * 1000}")
+    pipe.expire(key, ttl_s)
+
+
+async def list_job_ids(
+    redis: AsyncRedis, tenant: str, *, before: tuple[float, str] | None, count: int
+) -> list[tuple[str, float]]:
+    """Up to `count` (id, created ms) pairs, newest first, strictly after the cursor `before`."""
+    key = keys.tenant_jobs(tenant)
+    top: float | str = before[0] if before else "+inf"
+    # Ties (same millisecond) sort by id; fetch a few extra so they can be skipped exactly.
+    rows: Any = await redis.zrevrangebyscore(key, top, "-inf", start=0, num=count + 16, withscores=True)
+    out = []
+    for member, score in rows:
+        job_id = member.decode() if isinstance(member, bytes) else str(member)
+        if before and score == before[0] and job_id >= before[1]:
+            continue
+        out.append((job_id, float(score)))
+        if len(out) == count:
+            break
+    return out
+
+
+async def get_jobs(redis: AsyncRedis, job_ids: list[str]) -> list[JobRecord | None]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "d")
+        raws = await pipe.execute()
+    return [decode(raw) if raw is not None else None for raw in raws]
+
+
 async def get_job(redis: AsyncRedis | AsyncPipeline, job_id: str) -> JobRecord | None:
     raw = await redis.hget(keys.job(job_id), "d")
     return decode(raw) if raw is not None else None
