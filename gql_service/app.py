@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
+from . import logs, metrics
 from .auth import ApiKeys, RequireApiKey
 from .broadcast import Broadcast
 from .jobs import JobService
@@ -68,6 +70,7 @@ class GraphQLView(GraphQL[Context, None]):
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         rid = request_id_of(request)
+        logs.request_id.set(rid)  # every log line of this request carries it
         if isinstance(response, Response):
             response.headers["x-request-id"] = rid
             # RequireApiKey has checked the key already; without keys everyone is "public".
@@ -89,6 +92,14 @@ class GraphQLView(GraphQL[Context, None]):
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    jobs: JobService = request.app.state.jobs
+    body = await metrics.render(
+        request.app.state.redis, queue_key=jobs.queue.key, subscribers=request.app.state.broadcast.subscriber_count
+    )
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def readyz(request: Request) -> Response:
@@ -137,6 +148,7 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
     routes: list[Any] = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
         Route("/graphql", view),
         WebSocketRoute("/graphql", view),
     ]
@@ -150,4 +162,5 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
 def app_from_env() -> Starlette:
     """uvicorn's factory: settings and REDIS_URL from the environment (`gql-service serve`)."""
     settings = load_settings()
+    logs.configure(settings.log_format, settings.log_level)  # again: `--workers N` starts fresh processes
     return create_app(settings, redis_url=settings.redis_url or DEFAULT_URL)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import logs
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gql_service")
@@ -18,11 +19,13 @@ log = logging.getLogger("gql_service")
 
 def _settings() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as exc:
         for line in str(exc).splitlines():
             print(f"gql-service: bad setting: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+    logs.configure(settings.log_format, settings.log_level)
+    return settings
 
 
 def _redis_url(settings: Settings) -> str:
@@ -41,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_level="info",
+        log_level=settings.log_level.lower(),
+        log_config=None,  # keep ours (logs.configure), so LOG_FORMAT=json covers uvicorn too
         access_log=args.access_log,
         proxy_headers=True,
         ws_max_size=settings.max_body_bytes,
@@ -153,6 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     args = build_parser().parse_args(argv)
     args.func(args)

@@ -151,6 +151,8 @@ class JobService:
             TASK,
             args=(job.record.id,),
             job_id=job.record.id,
+            # RQ logs this when a worker takes the job: let the request id be in that line too.
+            description=f"extract {job.record.id} (request {job.record.request_id})",
             timeout=self.settings.job_timeout_s,
             result_ttl=self.settings.rq_result_ttl_s,
             failure_ttl=self.settings.rq_result_ttl_s,
@@ -206,6 +208,8 @@ class JobService:
         if not changed and record.status is not JobStatus.CANCELED:
             raise BadUserInput(f"job {job_id} is already {record.status.value}; only unfinished jobs can be canceled")
         if changed:
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                await self.redis.hincrby(keys.metrics("jobs"), "CANCELED|CANCELED", 1)
             # The record is CANCELED first, so nothing the worker writes later can undo it;
             # stopping the RQ job only saves the work.
             with redis_errors():

@@ -26,5 +26,10 @@ def tenant_jobs(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:jobs"
 
 
+def metrics(name: str) -> str:
+    """Cluster-wide job metrics, written by workers (gql_service.metrics)."""
+    return f"{PREFIX}:metrics:{name}"
+
+
 def job_id_from_events_channel(channel: str) -> str:
     return channel[len(f"{PREFIX}:job:") : -len(":events")]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from pydantic import ValidationError
 from redis import Redis
 
-from . import store
+from . import logs, metrics, store
 from .llm import Completion, LLMError, Provider, Repair
 from .models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
 
@@ -51,32 +52,79 @@ class Attempt:
         self.provider = provider
         self.job_id = job_id
         self.ttl_s = ttl_s
-        self.usage = TokenUsage()
+        self.usage = TokenUsage()  # over every attempt, as the record shows it
+        # For the metrics: this attempt's tokens, LLM calls, and time in each stage.
+        self.spent = TokenUsage()
+        self.llm_seconds: list[float] = []
+        self.stage_seconds: list[tuple[str, float]] = []
+        self._stage: tuple[JobStage, float] | None = None
+        self.last: JobRecord | None = None
+
+    def _entered(self, record: JobRecord) -> None:
+        now = time.monotonic()
+        if self._stage is not None and self._stage[0] is not record.stage:
+            self.stage_seconds.append((self._stage[0].value, now - self._stage[1]))
+        if self._stage is None or self._stage[0] is not record.stage:
+            self._stage = (record.stage, now)
+        self.last = record
 
     def _set(self, **changes: object) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(update=changes)
 
         record, changed = store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        if changed and record is not None:
+            log.info("job %s: %s / %s (v%d)", self.job_id, record.status.value, record.stage.value, record.version)
+            self._entered(record)
         return record if changed else None
 
     def _add_usage(self, usage: TokenUsage) -> None:
         self.usage = self.usage + usage
+        self.spent = self.spent + usage
 
     def _ask(self, text: str, repair: Repair | None = None) -> Completion:
+        started = time.monotonic()
         try:
             completion = self.provider.extract(text, repair=repair)
         except LLMError as exc:
             self._add_usage(exc.usage)
             raise
+        finally:
+            self.llm_seconds.append(time.monotonic() - started)
         self._add_usage(completion.usage)
         return completion
 
     def run(self, *, retries_left: int) -> JobRecord | None:
+        try:
+            return self._run(retries_left=retries_left)
+        finally:
+            self._record_metrics()
+
+    def _record_metrics(self) -> None:
+        if self.last is None:
+            return  # nothing ran
+        final = None
+        if self.last.terminal:
+            final = (self.last.status.value, self.last.error.code.value if self.last.error else "")
+        try:
+            metrics.record_attempt(
+                self.redis,
+                final=final,
+                stage_seconds=self.stage_seconds,
+                llm_seconds=self.llm_seconds,
+                prompt_tokens=self.spent.prompt_tokens,
+                completion_tokens=self.spent.completion_tokens,
+            )
+        except Exception:  # metrics must never fail a job
+            log.exception("job %s: could not record metrics", self.job_id)
+
+    def _run(self, *, retries_left: int) -> JobRecord | None:
         started = self._start()
         if started is None:
             log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
             return None
+        logs.request_id.set(started.request_id)  # worker log lines about this job carry it
+        log.info("job %s: attempt %d with %s", self.job_id, started.attempts, self.provider.model)
         self.usage = started.usage or TokenUsage()
         text = store.get_text_sync(self.redis, self.job_id) or ""
         try:
@@ -121,6 +169,8 @@ class Attempt:
             )
 
         record, changed = store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        if changed and record is not None:
+            self._entered(record)
         return record if changed else None
 
     def _fail(self, error: JobError) -> JobRecord | None:

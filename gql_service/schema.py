@@ -22,6 +22,7 @@ from strawberry.types import Info
 from . import models
 from .errors import BadUserInput, Unauthenticated
 from .jobs import JobService, NewJob
+from .metrics import OperationMetrics
 
 JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
 JobStage = strawberry.enum(models.JobStage, description="What the worker is doing right now.")
@@ -193,7 +194,11 @@ class Query:
 
     @strawberry.field(description="Your jobs, newest first, in pages of `first` (1-100) after the cursor `after`.")
     async def jobs(
-        self, info: Info, first: int = 20, after: str | None = None, status: JobStatus | None = None  # type: ignore[valid-type]
+        self,
+        info: Info,
+        first: int = 20,
+        after: str | None = None,
+        status: JobStatus | None = None,  # type: ignore[valid-type]
     ) -> JobConnection:
         ctx = _ctx(info)
         if not 1 <= first <= MAX_PAGE:
@@ -299,5 +304,6 @@ schema = strawberry.Schema(
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         lambda: ParserCache(maxsize=256),
         lambda: ValidationCache(maxsize=256),
+        OperationMetrics,
     ],
 )

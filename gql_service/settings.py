@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Command connections per API process (pub/sub has one more of its own). Requests share
     # them; a burst waits for a free one rather than opening more.
     redis_max_connections: int = Field(2, ge=1, le=1000)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
     def _pick_provider(self) -> Settings:

@@ -18,7 +18,7 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
 from rq.timeouts import JobTimeoutException
 
-from . import store
+from . import metrics, store
 from .llm import Provider
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from .pipeline import Attempt, RetryLater, fail_job
@@ -99,7 +99,11 @@ def worker_lost(redis: Redis, rq_job: RQJob) -> JobRecord | None:
         record, _ = store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
         return record
     error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
-    return fail_job(redis, rq_job.id, error, ttl_s=ttl_s)
+    record = fail_job(redis, rq_job.id, error, ttl_s=ttl_s)
+    metrics.record_attempt(
+        redis, final=("FAILED", "WORKER_LOST"), stage_seconds=(), llm_seconds=(), prompt_tokens=0, completion_tokens=0
+    )
+    return record
 
 
 def on_failure(

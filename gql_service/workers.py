@@ -6,12 +6,12 @@ import gc
 import logging
 from typing import Any, ClassVar
 
-from rq import SimpleWorker, Worker
+from rq import Queue, SimpleWorker, Worker
 from rq.job import Job as RQJob
 from rq.worker import BaseWorker
 from rq.worker_pool import WorkerPool
 
-from . import tasks
+from . import logs, store, tasks
 from .llm.factory import make_provider
 from .redis_conn import sync_client
 from .settings import Settings
@@ -40,6 +40,16 @@ class _Tuning:
 
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:
         return self.lost_after_s
+
+    def execute_job(self, job: RQJob, queue: Queue) -> None:
+        # RQ's own lines about the job (and the work horse, which inherits this) carry the
+        # request id of the submission that created it.
+        record = store.get_job_sync(self.connection, job.id)  # type: ignore[attr-defined]
+        token = logs.request_id.set(record.request_id if record else None)
+        try:
+            super().execute_job(job, queue)  # type: ignore[misc]
+        finally:
+            logs.request_id.reset(token)
 
 
 class ServiceWorker(_Tuning, Worker):

@@ -1,0 +1,144 @@
+"""Prometheus metrics.
+
+API-side figures (GraphQL operations and errors, subscriptions, queue depth) come from the
+process serving `/metrics`. Job figures (final status and error code, stage durations, LLM
+latency, tokens) are written by the workers into Redis, one pipeline per attempt, and read
+at scrape time: every API replica reports the same cluster-wide job totals, so aggregate
+them with `max`, not `sum`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from graphql import OperationDefinitionNode
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from strawberry.extensions import SchemaExtension
+
+from . import keys
+
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REGISTRY = CollectorRegistry()
+OPERATIONS = Counter(
+    "gqls_graphql_operations", "GraphQL operations by type and root field", ["type", "field"], registry=REGISTRY
+)
+ERRORS = Counter(
+    "gqls_graphql_errors", "GraphQL errors by type, root field and code", ["type", "field", "code"], registry=REGISTRY
+)
+
+
+class OperationMetrics(SchemaExtension):
+    """Counts operations and their errors, labelled by root field (bounded by the schema,
+    unlike client-chosen operation names)."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        ctx = self.execution_context
+        kind, field = "invalid", "invalid"
+        document = ctx.graphql_document
+        if document is not None:
+            for definition in document.definitions:
+                if isinstance(definition, OperationDefinitionNode):
+                    kind = definition.operation.value
+                    selections = definition.selection_set.selections
+                    field = getattr(getattr(selections[0], "name", None), "value", "fragment") if selections else "-"
+                    break
+        OPERATIONS.labels(kind, field).inc()
+        errors = (ctx.result.errors if ctx.result else None) or ctx.pre_execution_errors or []
+        for error in errors:
+            code = (error.extensions or {}).get("code", "GRAPHQL_ERROR")
+            ERRORS.labels(kind, field, str(code)).inc()
+
+
+# -- written by workers -------------------------------------------------------------------
+def _observe(pipe: Any, key: str, seconds: float) -> None:
+    index = bisect.bisect_left(BUCKETS, seconds)
+    pipe.hincrby(key, str(BUCKETS[index]) if index < len(BUCKETS) else "+Inf", 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
+    pipe.hincrby(key, "count", 1)
+
+
+def record_attempt(
+    redis: Redis,
+    *,
+    final: tuple[str, str] | None,
+    stage_seconds: Iterable[tuple[str, float]],
+    llm_seconds: Iterable[float],
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> None:
+    """One round trip at the end of an attempt; `final` is (status, error code) when it ended."""
+    with redis.pipeline(transaction=False) as pipe:
+        if final is not None:
+            pipe.hincrby(keys.metrics("jobs"), f"{final[0]}|{final[1]}", 1)
+        for stage, seconds in stage_seconds:
+            _observe(pipe, keys.metrics(f"stage_seconds:{stage}"), seconds)
+        for seconds in llm_seconds:
+            _observe(pipe, keys.metrics("llm_call_seconds"), seconds)
+        pipe.hincrby(keys.metrics("tokens"), "prompt", prompt_tokens)
+        pipe.hincrby(keys.metrics("tokens"), "completion", completion_tokens)
+        pipe.execute()
+
+
+# -- read by the API at scrape time ---------------------------------------------------------
+def _histogram(name: str, doc: str, rows: list[tuple[dict[str, str], dict[bytes, bytes]]]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=sorted({k for labels, _ in rows for k in labels}))
+    for labels, raw in rows:
+        counts = {k.decode(): float(v) for k, v in raw.items()}
+        cumulative, buckets = 0.0, []
+        for bound in (*BUCKETS, "+Inf"):
+            cumulative += counts.get(str(bound), 0.0)
+            buckets.append((str(bound), cumulative))
+        family.add_metric(list(labels.values()), buckets, counts.get("sum", 0.0))
+    return family
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int) -> bytes:
+    stages = ("CALLING_LLM", "VALIDATING", "REPAIRING")
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.metrics("jobs"))
+        pipe.hgetall(keys.metrics("tokens"))
+        pipe.hgetall(keys.metrics("llm_call_seconds"))
+        for stage in stages:
+            pipe.hgetall(keys.metrics(f"stage_seconds:{stage}"))
+        pipe.llen(queue_key)
+        jobs, tokens, llm, *stage_rows, depth = await pipe.execute()
+    finished = CounterMetricFamily(
+        "gqls_jobs_finished", "Jobs by final status and error code", labels=["status", "code"]
+    )
+    for field, count in jobs.items():
+        status, _, code = field.decode().partition("|")
+        finished.add_metric([status, code or "none"], float(count))
+    token_family = CounterMetricFamily("gqls_llm_tokens", "LLM tokens used, over every attempt", labels=["kind"])
+    for kind, count in tokens.items():
+        token_family.add_metric([kind.decode()], float(count))
+    families: list[Metric] = [
+        finished,
+        token_family,
+        _histogram("gqls_llm_call_seconds", "Latency of one LLM call", [({}, llm)]),
+        _histogram(
+            "gqls_stage_seconds",
+            "Time jobs spend in each stage",
+            [({"stage": s}, raw) for s, raw in zip(stages, stage_rows, strict=True)],
+        ),  # fmt: skip
+        GaugeMetricFamily("gqls_active_subscriptions", "Open jobUpdates subscriptions", value=subscribers),
+        GaugeMetricFamily("gqls_queue_depth", "Jobs waiting in the RQ queue", value=float(depth)),
+    ]
+    snapshot = CollectorRegistry()
+    snapshot.register(_Snapshot(families))
+    return generate_latest(REGISTRY) + generate_latest(snapshot)
