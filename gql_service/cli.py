@@ -75,6 +75,39 @@ def cmd_export_schema(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}")
 
 
+def _texts(args: argparse.Namespace) -> list[str]:
+    texts: list[str] = []
+    for text in args.texts:
+        texts.append(sys.stdin.read() if text == "-" else text)
+    if args.file:
+        texts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise SystemExit("gql-service submit: give a text, - for stdin, or --file")
+    return texts
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from . import client
+
+    try:
+        code = client.submit(args.url, _texts(args), wait=args.wait, as_json=args.json, api_key=args.api_key)
+    except client.ClientError as exc:
+        print(f"gql-service: {exc}", file=sys.stderr)
+        code = client.EXIT_USAGE
+    raise SystemExit(code)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from . import client
+
+    try:
+        code = client.status(args.url, args.id, as_json=args.json, api_key=args.api_key)
+    except client.ClientError as exc:
+        print(f"gql-service: {exc}", file=sys.stderr)
+        code = client.EXIT_USAGE
+    raise SystemExit(code)
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     """Everything in one process tree; one Ctrl-C (or SIGTERM) stops all of it."""
     from .embedded_redis import EmbeddedRedis
@@ -149,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (a pool when > 1)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
+
+    for name, help_ in (("submit", "submit texts to a running service"), ("status", "show a job")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--url", default=os.environ.get("GQLS_URL", "http://127.0.0.1:8000/graphql"))
+        p.add_argument("--api-key", default=os.environ.get("GQLS_API_KEY"), help="or GQLS_API_KEY")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "submit":
+            p.add_argument("texts", nargs="*", help="texts to submit; - reads one from stdin")
+            p.add_argument("--file", help="a file with one text a line (a batch)")
+            p.add_argument("--wait", action="store_true", help="follow the jobs live until they end")
+            p.set_defaults(func=cmd_submit)
+        else:
+            p.add_argument("id")
+            p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export-schema", help="print or write the GraphQL SDL")
     p.add_argument("--output", default="schema.graphql", help="file to write, or - for stdout")

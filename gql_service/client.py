@@ -1,0 +1,125 @@
+"""`gql-service submit` and `gql-service status`: a small client of a running service.
+
+Exit codes a script can rely on: 0 every job FINISHED, 1 a job FAILED, 3 a job was
+CANCELED, 4 still running (status without --wait), 2 bad usage or the service said no.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import httpx
+import websockets
+
+JOB_FIELDS = """id status stage version attempts requestId
+  result { summary sentiment tags entities { type value confidence } language toxicityScore }
+  error { code message retryable } usage { totalTokens }"""
+SUBMIT = (
+    "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { deduplicated job { %s } } }" % JOB_FIELDS
+)
+STATUS = "query($id: ID!) { job(id: $id) { %s } }" % JOB_FIELDS
+FOLLOW = "subscription($ids: [ID!]!) { jobsUpdates(ids: $ids) { %s } }" % JOB_FIELDS
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELED, EXIT_RUNNING = 0, 1, 2, 3, 4
+
+
+class ClientError(Exception):
+    pass
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _post(url: str, query: str, variables: dict[str, Any], api_key: str | None) -> dict[str, Any]:
+    try:
+        response = httpx.post(url, json={"query": query, "variables": variables}, headers=_headers(api_key), timeout=30)
+    except httpx.HTTPError as exc:
+        raise ClientError(f"cannot reach {url}: {exc}") from None
+    body = response.json()
+    if body.get("errors") and not body.get("data"):
+        raise ClientError("; ".join(e["message"] for e in body["errors"]))
+    return dict(body)
+
+
+def exit_code(jobs: Iterable[dict[str, Any]]) -> int:
+    statuses = {job["status"] for job in jobs}
+    if "FAILED" in statuses:
+        return EXIT_FAILED
+    if "CANCELED" in statuses:
+        return EXIT_CANCELED
+    if statuses - {"FINISHED"}:
+        return EXIT_RUNNING
+    return EXIT_OK
+
+
+def describe(job: dict[str, Any]) -> str:
+    lines = [f"job {job['id']}: {job['status']} ({job['stage']}), attempts {job['attempts']}"]
+    if job.get("result"):
+        r = job["result"]
+        lines += [
+            f"  summary:   {r['summary']}",
+            f"  sentiment: {r['sentiment']}   language: {r['language']}   toxicity: {r['toxicityScore']:.2f}",
+            f"  tags:      {', '.join(r['tags'])}",
+        ]
+        lines += [f"  entity:    {e['type']:<9} {e['value']}  ({e['confidence']:.2f})" for e in r["entities"]]
+    if job.get("error"):
+        e = job["error"]
+        lines.append(f"  error:     {e['code']}: {e['message']}" + (" (retryable)" if e["retryable"] else ""))
+    return "\n".join(lines)
+
+
+async def follow(url: str, ids: list[str], api_key: str | None, *, progress: bool) -> dict[str, dict[str, Any]]:
+    """Follow every job over one graphql-transport-ws subscription until all have ended."""
+    latest: dict[str, dict[str, Any]] = {}
+    ws_url = url.replace("https://", "wss://").replace("http://", "ws://")
+    async with websockets.connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        payload = _headers(api_key)
+        await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
+        if json.loads(await ws.recv()).get("type") != "connection_ack":
+            raise ClientError("the service refused the websocket connection")
+        await ws.send(
+            json.dumps({"id": "1", "type": "subscribe", "payload": {"query": FOLLOW, "variables": {"ids": ids}}})
+        )
+        async for raw in ws:
+            message = json.loads(raw)
+            if message["type"] == "next":
+                if message["payload"].get("errors"):
+                    raise ClientError("; ".join(e["message"] for e in message["payload"]["errors"]))
+                job = message["payload"]["data"]["jobsUpdates"]
+                if progress and latest.get(job["id"], {}).get("stage") != job["stage"]:
+                    print(f"{job['id']}  {job['status']:<9} {job['stage']}", file=sys.stderr, flush=True)
+                latest[job["id"]] = job
+            elif message["type"] == "error":
+                raise ClientError("; ".join(e["message"] for e in message["payload"]))
+            elif message["type"] == "complete":
+                break
+    return latest
+
+
+def submit(url: str, texts: list[str], *, wait: bool, as_json: bool, api_key: str | None) -> int:
+    body = _post(url, SUBMIT, {"inputs": [{"text": t} for t in texts]}, api_key)
+    for error in body.get("errors") or []:
+        print(f"gql-service: {error['message']}", file=sys.stderr)
+    jobs = [p["job"] for p in body["data"]["submitTexts"] if p]
+    if not jobs:
+        return EXIT_USAGE
+    if wait:
+        final = asyncio.run(follow(url, [j["id"] for j in jobs], api_key, progress=not as_json))
+        jobs = [final.get(j["id"], j) for j in jobs]
+    print(json.dumps(jobs, indent=2) if as_json else "\n".join(describe(j) if wait else j["id"] for j in jobs))
+    code = exit_code(jobs) if wait else EXIT_OK
+    return EXIT_USAGE if body.get("errors") and code == EXIT_OK else code
+
+
+def status(url: str, job_id: str, *, as_json: bool, api_key: str | None) -> int:
+    job = _post(url, STATUS, {"id": job_id}, api_key)["data"]["job"]
+    if job is None:
+        print(f"gql-service: job {job_id} not found", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(job, indent=2) if as_json else describe(job))
+    return exit_code([job])

@@ -1,0 +1,67 @@
+"""`gql-service submit` / `status` against a live service, with exit codes a script can trust."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .clients import submit
+from .service import Service
+
+
+def cli(svc: Service, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GQLS_URL": svc.http_url}
+    return subprocess.run(
+        [sys.executable, "-m", "gql_service", *args], input=stdin, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_submit_wait_shows_stages_then_the_result(service: Service) -> None:
+    done = cli(service, "submit", "--wait", "I loved the clinic. Dr. Rao was kind.")
+    assert done.returncode == 0, done.stderr
+    assert "CALLING_LLM" in done.stderr and "DONE" in done.stderr  # live progress
+    assert "sentiment: POSITIVE" in done.stdout and "Dr. Rao" in done.stdout
+
+
+def test_submit_json_batch_from_a_file_and_stdin(service: Service, tmp_path: Path) -> None:
+    lines = tmp_path / "texts.txt"
+    lines.write_text("Great service from Acme Corp.\n\nTerrible wait at the airport.\n")
+    done = cli(service, "submit", "--wait", "--json", "--file", str(lines), "-", stdin="Hello from stdin.")
+    assert done.returncode == 0, done.stderr
+    jobs = json.loads(done.stdout)
+    assert [j["status"] for j in jobs] == ["FINISHED"] * 3
+    assert jobs[0]["result"]["summary"] == "Hello from stdin."
+
+
+def test_submit_without_wait_prints_ids(service: Service) -> None:
+    done = cli(service, "submit", "one", "two")
+    assert done.returncode == 0 and len(done.stdout.split()) == 2
+
+
+def test_bad_input_and_unknown_ids_exit_2(service: Service) -> None:
+    assert cli(service, "submit", "   ").returncode == 2
+    missing = cli(service, "status", "no-such-job")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+async def test_status_exit_codes_follow_the_job(e2e_redis: str) -> None:
+    with Service(e2e_redis, workers=0, env={"RQ_QUEUE": "llm-cli-status"}) as svc:
+        job_id = submit(svc)
+        assert cli(svc, "status", job_id).returncode == 4  # still queued
+        cancel = "mutation($id: ID!) { cancelJob(id: $id) { id } }"
+        import httpx
+
+        httpx.post(svc.http_url, json={"query": cancel, "variables": {"id": job_id}})
+        canceled = cli(svc, "status", "--json", job_id)
+        assert canceled.returncode == 3 and json.loads(canceled.stdout)["status"] == "CANCELED"
+
+
+def test_unreachable_service_is_a_clear_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gql_service", "status", "--url", "http://127.0.0.1:9/graphql", "x"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and "cannot reach" in done.stderr and "Traceback" not in done.stderr
