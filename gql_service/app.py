@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
@@ -90,6 +91,14 @@ class GraphQLView(GraphQL[Context, None]):
         return await super().on_ws_connect(context)
 
 
+CONSOLE = Path(__file__).with_name("static") / "console.html"
+
+
+async def console(request: Request) -> Response:
+    # One self-contained page: no CDN, no build step.
+    return FileResponse(CONSOLE, media_type="text/html")
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -146,6 +155,7 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
 
     view = GraphQLView(keys=keys, settings=settings)
     routes: list[Any] = [
+        Route("/", console),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),

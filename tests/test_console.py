@@ -1,0 +1,51 @@
+"""The live console at `/`, in a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+
+from .browser import Browser
+from .service import Service
+
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console.png"
+
+
+def test_console_is_one_self_contained_page(service: Service) -> None:
+    page = httpx.get(f"http://127.0.0.1:{service.port}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "graphql-transport-ws" in page.text
+    assert "<script src=" not in page.text and "cdn" not in page.text.lower()  # no CDN, no build
+
+
+async def test_submit_watch_the_stages_and_see_the_result(service: Service, tmp_path: Path) -> None:
+    async with Browser() as browser:
+        await browser.goto(f"http://127.0.0.1:{service.port}/")
+        await browser.evaluate("document.getElementById('submit').click()")
+        await browser.until("document.querySelector('[data-testid=status]')?.textContent.includes('FINISHED')")
+        stages = await browser.evaluate(
+            "[...document.querySelectorAll('[data-testid=stages] li')].map(li => li.textContent)"
+        )
+        assert stages[-1] == "DONE" and "CALLING_LLM" in stages
+        result = await browser.evaluate("document.querySelector('[data-testid=result]').innerText")
+        assert "POSITIVE" in result and "Dr. Rao" in result and "Springfield General Hospital" in result
+        bars = await browser.evaluate("document.querySelectorAll('.entity .bar span').length")
+        assert bars >= 3  # one confidence bar per entity
+        await browser.until("document.querySelectorAll('#recent tr').length > 0")
+        png = await browser.screenshot()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    (tmp_path / "console.png").write_bytes(png)
+    if os.environ.get("UPDATE_SCREENSHOTS"):
+        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        DOCS_SCREENSHOT.write_bytes(png)
+
+
+async def test_a_failed_job_shows_its_error(service: Service) -> None:
+    async with Browser() as browser:
+        await browser.goto(f"http://127.0.0.1:{service.port}/")
+        await browser.evaluate("document.getElementById('text').value = '   '")
+        await browser.evaluate("document.getElementById('submit').click()")
+        message = await browser.until("document.querySelector('#status .error')?.textContent")
+    assert "must not be empty" in message
