@@ -1,0 +1,48 @@
+from .async_base_client import AsyncBaseClient
+from .base_model import BaseModel, Upload
+from .client import Client
+from .enums import JobErrorCode, JobStage, JobStatus, Sentiment
+from .exceptions import (
+    GraphQLClientError,
+    GraphQLClientGraphQLError,
+    GraphQLClientGraphQLMultiError,
+    GraphQLClientHttpError,
+    GraphQLClientInvalidResponseError,
+)
+from .get_job import GetJob, GetJobJob
+from .input_types import SubmitTextInput
+from .job_updates import (
+    JobUpdates,
+    JobUpdatesJobUpdates,
+    JobUpdatesJobUpdatesError,
+    JobUpdatesJobUpdatesResult,
+    JobUpdatesJobUpdatesResultEntities,
+)
+from .submit_text import SubmitText, SubmitTextSubmitText, SubmitTextSubmitTextJob
+
+__all__ = [
+    "AsyncBaseClient",
+    "BaseModel",
+    "Client",
+    "GetJob",
+    "GetJobJob",
+    "GraphQLClientError",
+    "GraphQLClientGraphQLError",
+    "GraphQLClientGraphQLMultiError",
+    "GraphQLClientHttpError",
+    "GraphQLClientInvalidResponseError",
+    "JobErrorCode",
+    "JobStage",
+    "JobStatus",
+    "JobUpdates",
+    "JobUpdatesJobUpdates",
+    "JobUpdatesJobUpdatesError",
+    "JobUpdatesJobUpdatesResult",
+    "JobUpdatesJobUpdatesResultEntities",
+    "Sentiment",
+    "SubmitText",
+    "SubmitTextInput",
+    "SubmitTextSubmitText",
+    "SubmitTextSubmitTextJob",
+    "Upload",
+]
