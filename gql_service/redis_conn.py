@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import BlockingConnectionPool, Redis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
@@ -20,6 +22,17 @@ CONNECT_TIMEOUT_S = 2.0
 RETRIES = 2
 
 
+def _pool_options(timeout_s: float | None, name: str | None, max_connections: int) -> dict[str, Any]:
+    return {
+        "max_connections": max_connections,
+        "timeout": timeout_s,  # how long a request waits for a free connection
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": timeout_s,
+        "health_check_interval": 30,
+        "client_name": name,
+    }
+
+
 def _backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=0.2, base=0.02)
 
@@ -28,30 +41,14 @@ def async_client(
     url: str, *, timeout_s: float | None = None, name: str | None = None, max_connections: int = 32
 ) -> AsyncRedis:
     # Pub/sub reads block regardless of socket_timeout (redis-py passes its own "no timeout").
-    pool = AsyncBlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=timeout_s,
-        health_check_interval=30,
-        retry=AsyncRetry(_backoff(), RETRIES),
-        client_name=name,
-    )
+    options = _pool_options(timeout_s, name, max_connections)
+    pool = AsyncBlockingConnectionPool.from_url(url, retry=AsyncRetry(_backoff(), RETRIES), **options)
     return AsyncRedis.from_pool(pool)
 
 
 def sync_client(
     url: str, *, timeout_s: float | None = None, name: str | None = None, max_connections: int = 32
 ) -> Redis:
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=timeout_s,
-        health_check_interval=30,
-        retry=Retry(_backoff(), RETRIES),
-        client_name=name,
-    )
+    options = _pool_options(timeout_s, name, max_connections)
+    pool = BlockingConnectionPool.from_url(url, retry=Retry(_backoff(), RETRIES), **options)
     return Redis(connection_pool=pool)
