@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from .browser import Browser
+from .openai_stub import Fault, OpenAIStub
 from .service import Service
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console.png"
@@ -49,3 +50,18 @@ async def test_a_failed_job_shows_its_error(service: Service) -> None:
         await browser.evaluate("document.getElementById('submit').click()")
         message = await browser.until("document.querySelector('#status .error')?.textContent")
     assert "must not be empty" in message
+
+
+async def test_a_job_that_fails_shows_its_error_code_and_message(e2e_redis: str, stub: OpenAIStub) -> None:
+    stub.script(Fault.http(401))
+    env = {"RQ_QUEUE": "llm-console-fail", "LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-x",
+           "OPENAI_BASE_URL": stub.base_url}  # fmt: skip
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        async with Browser() as browser:
+            await browser.goto(f"http://127.0.0.1:{svc.port}/")
+            await browser.evaluate("document.getElementById('submit').click()")
+            error = await browser.until("document.querySelector('[data-testid=error]')?.textContent")
+            stages = await browser.evaluate(
+                "[...document.querySelectorAll('[data-testid=stages] li')].map(li => li.textContent)"
+            )
+    assert error.startswith("PROVIDER_AUTH:") and stages[-1] == "FAILED"
