@@ -24,9 +24,5 @@ class Unauthenticated(ClientError):
     code = "UNAUTHENTICATED"
 
 
-class RateLimited(ClientError):
-    code = "RATE_LIMITED"
-
-
 class ServiceUnavailable(ClientError):
     code = "SERVICE_UNAVAILABLE"

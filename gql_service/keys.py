@@ -29,7 +29,3 @@ def tenant_jobs(tenant: str) -> str:
 def metrics(name: str) -> str:
     """Cluster-wide job metrics, written by workers (gql_service.metrics)."""
     return f"{PREFIX}:metrics:{name}"
-
-
-def job_id_from_events_channel(channel: str) -> str:
-    return channel[len(f"{PREFIX}:job:") : -len(":events")]
