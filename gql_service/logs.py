@@ -32,7 +32,9 @@ def configure(log_format: str = "text", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # RQ and uvicorn add handlers of their own to loggers that have none; give them ours.
-    for name in ("rq.worker", "rq.scheduler", "rq.worker_pool", "uvicorn", "uvicorn.error", "uvicorn.access"):
+    # (Not uvicorn.access: uvicorn silences it unless --access-log, and a handler here
+    # would switch per-request logging back on.)
+    for name in ("rq.worker", "rq.scheduler", "rq.worker_pool", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False
