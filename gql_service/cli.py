@@ -86,9 +86,15 @@ def _texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+def _quiet_client_logs() -> None:
+    # A command-line client prints its own progress; httpx's per-request INFO lines are noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from . import client
 
+    _quiet_client_logs()
     try:
         code = client.submit(args.url, _texts(args), wait=args.wait, as_json=args.json, api_key=args.api_key)
     except client.ClientError as exc:
@@ -100,6 +106,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from . import client
 
+    _quiet_client_logs()
     try:
         code = client.status(args.url, args.id, as_json=args.json, api_key=args.api_key)
     except client.ClientError as exc:

@@ -23,6 +23,7 @@ def test_submit_wait_shows_stages_then_the_result(service: Service) -> None:
     done = cli(service, "submit", "--wait", "I loved the clinic. Dr. Rao was kind.")
     assert done.returncode == 0, done.stderr
     assert "CALLING_LLM" in done.stderr and "DONE" in done.stderr  # live progress
+    assert "HTTP Request" not in done.stderr  # and nothing else
     assert "sentiment: POSITIVE" in done.stdout and "Dr. Rao" in done.stdout
 
 
