@@ -44,10 +44,13 @@ async def follow_until_calling(
     return task, time.monotonic()
 
 
-def horse_of(worker: Proc) -> psutil.Process:
-    # The work horse is the worker's newest child (the scheduler was forked at start-up).
+def horse_of(worker: Proc, stub: OpenAIStub) -> psutil.Process:
+    # The work horse is the worker's child that is in the middle of a call to the LLM stub
+    # (the worker also forks an RQ scheduler, and may do so at any time).
     children = psutil.Process(worker.popen.pid).children()
-    return max(children, key=lambda p: p.create_time())
+    horses = [p for p in children if any(c.raddr and c.raddr.port == stub.port for c in p.net_connections("tcp"))]
+    assert len(horses) == 1, f"expected one work horse talking to the stub, found {horses}"
+    return horses[0]
 
 
 def kill_tree(worker: Proc) -> None:
@@ -92,7 +95,7 @@ async def test_killed_work_horse_under_a_live_worker_is_retried(e2e_redis: str, 
     with Service(e2e_redis, workers=1, env=crash_env(stub, "llm-horse")) as svc:
         job_id = submit(svc)
         task, _ = await follow_until_calling(svc, job_id, stub)
-        horse_of(svc.procs[0]).send_signal(signal.SIGKILL)
+        horse_of(svc.procs[0], stub).send_signal(signal.SIGKILL)
         events = await asyncio.wait_for(task, 30)
     final = events[-1]
     assert (final["status"], final["attempts"]) == ("FINISHED", 2)
