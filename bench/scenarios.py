@@ -19,7 +19,7 @@ from gql_service import store
 from gql_service.embedded_redis import free_port
 from gql_service.models import JobRecord, JobStage, JobStatus
 from tests.openai_stub import OpenAIStub
-from tests.service import Proc, Service, wait_until
+from tests.service import Proc, Service, answers, wait_until
 
 from .harness import api_pid, api_redis_connections, loadgen, median, park_jobs, pct, progress, rss_mib
 
@@ -80,7 +80,7 @@ def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {"graphql": [], "rest": [], "job": []}
     try:
         with Service(redis_url, workers=0, env=offline_env("bench-gql")) as svc:
-            wait_until(lambda: _up(rest_url.replace("/llm/submit", "/docs")), what="the REST baseline")
+            wait_until(lambda: answers(rest_url.replace("/llm/submit", "/docs")), what="the REST baseline")
             # One unmeasured round each: the first seconds of either server are slower.
             for url, body in ((svc.http_url, SUBMIT_BODY), (rest_url, REST_BODY)):
                 loadgen(url, body, concurrency=sizes.concurrency, duration=sizes.submit_seconds / 2)
@@ -112,13 +112,6 @@ def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     gql, rst = summary(results["graphql"]), summary(results["rest"])
     ratios = [g["rps"] / r["rps"] for g, r in zip(results["graphql"], results["rest"], strict=True)]
     return {"graphql": gql, "rest": rst, "job": summary(results["job"]), "ratio": median(ratios), "ratios": ratios}
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code < 500
-    except httpx.HTTPError:
-        return False
 
 
 # -- 2. subscription fan-out ----------------------------------------------------------------
@@ -390,7 +383,7 @@ def scale_out(redis_url: str, sizes: Sizes) -> dict[str, Any]:
         b = Proc("api-b", ["serve", "--port", str(b_port)], a.env)
         a.procs.append(b)
         b_url = f"http://127.0.0.1:{b_port}/graphql"
-        wait_until(lambda: _up(b_url.replace("/graphql", "/healthz")), what="the second API")
+        wait_until(lambda: answers(b_url.replace("/graphql", "/healthz")), what="the second API")
 
         async def cross() -> list[str]:
             job_id = httpx.post(a.http_url, json=SUBMIT_BODY).json()["data"]["submitText"]["job"]["id"]

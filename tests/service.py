@@ -24,6 +24,14 @@ def wait_until(predicate, *, timeout_s: float = 15.0, what: str = "condition") -
         time.sleep(0.05)
 
 
+def answers(url: str) -> bool:
+    """Whether an HTTP server is up and answers 200 at `url` (for wait_until)."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class Proc:
     def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
         self.name = name
@@ -86,10 +94,7 @@ class Service:
         def healthy() -> bool:
             if api.popen.poll() is not None:
                 raise RuntimeError(f"API exited:\n{api.output()}")
-            try:
-                return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return answers(f"http://127.0.0.1:{self.port}/healthz")
 
         wait_until(healthy, what="the API to answer /healthz")
         return self

@@ -19,7 +19,7 @@ from rq import Queue
 from gql_service import keys, store
 from gql_service.embedded_redis import free_port
 
-from .service import wait_until
+from .service import answers, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,14 +60,7 @@ def test_dev_runs_everything_and_one_sigint_stops_it_all(tmp_path: Path) -> None
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout_s=30, what="gql-service dev to be ready")
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz"), timeout_s=30, what="gql-service dev to be ready")
         tree = psutil.Process(dev.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
         assert "redis-server" in names and "serve" in names and "worker" in names

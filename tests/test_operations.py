@@ -12,7 +12,7 @@ import httpx
 from gql_service.embedded_redis import free_port
 
 from .clients import follow, submit
-from .service import Service, wait_until
+from .service import Service, answers, wait_until
 
 
 def test_rq_dashboard_lists_the_service_queue(e2e_redis: str) -> None:
@@ -25,14 +25,7 @@ def test_rq_dashboard_lists_the_service_queue(e2e_redis: str) -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-
-            def up() -> bool:
-                try:
-                    return httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(up, what="rq-dashboard")
+            wait_until(lambda: answers(f"http://127.0.0.1:{port}/"), what="rq-dashboard")
             queues = httpx.get(f"http://127.0.0.1:{port}/0/data/queues.json").json()["queues"]
         finally:
             dashboard.terminate()

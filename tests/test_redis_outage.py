@@ -20,13 +20,18 @@ from .service import Service, wait_until
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
 
 
+def aof_redis(port: int, data_dir: Path) -> EmbeddedRedis:
+    """The same Redis (port, data directory, AOF) each time it is started."""
+    return EmbeddedRedis(port=port, data_dir=str(data_dir), extra_args=AOF).start()
+
+
 def ready(svc: Service) -> int:
     return httpx.get(f"http://127.0.0.1:{svc.port}/readyz", timeout=5).status_code
 
 
 async def test_outage_fails_fast_then_everything_resumes(tmp_path: Path) -> None:
     port = free_port()
-    redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+    redis = aof_redis(port, tmp_path)
     svc = Service(redis.url, workers=1, env={"RQ_QUEUE": "llm-outage"})
     try:
         svc.start()
@@ -54,7 +59,7 @@ async def test_outage_fails_fast_then_everything_resumes(tmp_path: Path) -> None
         failed = await asyncio.gather(late, return_exceptions=True)
         assert "SERVICE_UNAVAILABLE" in str(failed[0]) and time.monotonic() - started < 5
 
-        redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+        redis = aof_redis(port, tmp_path)
         wait_until(lambda: ready(svc) == 200, what="readiness after the restart")
         svc.start_worker(1)
         events = await asyncio.wait_for(open_subscription, 30)  # the same subscription, still open
@@ -69,13 +74,13 @@ async def test_outage_fails_fast_then_everything_resumes(tmp_path: Path) -> None
 
 async def test_a_running_worker_survives_an_outage(tmp_path: Path) -> None:
     port = free_port()
-    redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+    redis = aof_redis(port, tmp_path)
     svc = Service(redis.url, workers=1, env={"RQ_QUEUE": "llm-outage-worker"})
     try:
         svc.start()
         redis.stop()
         assert ready(svc) == 503
-        redis = EmbeddedRedis(port=port, data_dir=str(tmp_path), extra_args=AOF).start()
+        redis = aof_redis(port, tmp_path)
         wait_until(lambda: ready(svc) == 200, what="readiness after the restart")
         assert svc.procs[0].popen.poll() is None, svc.logs()
         events = await asyncio.wait_for(follow(svc, submit(svc)), 60)
