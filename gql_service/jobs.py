@@ -27,7 +27,6 @@ from .broadcast import RESYNC, Broadcast, BroadcastUnavailable
 from .errors import BadUserInput, NotFound, ServiceUnavailable
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, utcnow
 from .settings import Settings
-from .tasks import ON_FAILURE, TASK
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ class JobService:
         if job.idem:
             pipe.set(job.idem, job.record.id, ex=self.settings.idempotency_ttl_s)
         self.queue.enqueue_call(
-            TASK,
+            keys.TASK,
             args=(job.record.id,),
             job_id=job.record.id,
             # RQ logs this when a worker takes the job: let the request id be in that line too.
@@ -157,7 +156,7 @@ class JobService:
             result_ttl=self.settings.rq_result_ttl_s,
             failure_ttl=self.settings.rq_result_ttl_s,
             retry=self._retry,
-            on_failure=Callback(ON_FAILURE),
+            on_failure=Callback(keys.ON_FAILURE),
             pipeline=pipe,  # type: ignore[arg-type]
         )
 

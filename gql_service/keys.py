@@ -6,6 +6,11 @@ import hashlib
 
 PREFIX = "gqls"
 
+# The RQ task and its failure callback, by dotted name: the API enqueues by name and so
+# never imports the worker side (tasks, pipeline, providers).
+TASK = "gql_service.tasks.run_extraction"
+ON_FAILURE = "gql_service.tasks.on_failure"
+
 
 def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"

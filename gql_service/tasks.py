@@ -26,10 +26,6 @@ from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-TASK = "gql_service.tasks.run_extraction"
-"""Enqueued by name, so the API never imports the LLM stack."""
-ON_FAILURE = "gql_service.tasks.on_failure"
-
 
 @dataclass(frozen=True)
 class WorkerContext:

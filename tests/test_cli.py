@@ -91,9 +91,9 @@ def test_dev_runs_everything_and_one_sigint_stops_it_all(tmp_path: Path) -> None
 
 
 def test_python_worker_py_runs_a_queued_job(redis_url: str, sync_redis: Redis) -> None:
+    from gql_service.keys import TASK
     from gql_service.models import JobRecord
     from gql_service.settings import Settings
-    from gql_service.tasks import TASK
 
     record = JobRecord(id="burst-job")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
