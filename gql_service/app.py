@@ -5,6 +5,7 @@ Only wiring lives here: the clients are opened in the lifespan and handed to Job
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -48,17 +49,26 @@ async def healthz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     jobs: JobService = request.app.state.jobs
     body = await metrics.render(
-        request.app.state.redis, queue_key=jobs.queue.key, subscribers=request.app.state.broadcast.subscriber_count
+        request.app.state.redis,
+        queue_key=jobs.queue.key,
+        subscribers=request.app.state.broadcast.subscriber_count,
+        timeout_s=jobs.settings.redis_timeout_s,
     )
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def readyz(request: Request) -> Response:
+    jobs: JobService = request.app.state.jobs
+    broadcast: Broadcast = request.app.state.broadcast
     try:
-        await request.app.state.redis.ping()
-    except Exception as exc:  # any failure to answer means "not ready"
+        async with asyncio.timeout(jobs.settings.redis_timeout_s):
+            await request.app.state.redis.ping()
+    except Exception as exc:  # any failure to answer in time means "not ready"
         return JSONResponse({"status": "unavailable", "redis": type(exc).__name__}, status_code=503)
-    return JSONResponse({"status": "ready", "pubsub": request.app.state.broadcast.connected})
+    if not broadcast.connected:
+        # Commands work but subscriptions would not: not ready either.
+        return JSONResponse({"status": "unavailable", "redis": "ok", "pubsub": False}, status_code=503)
+    return JSONResponse({"status": "ready", "pubsub": True})
 
 
 def create_app(settings: Settings, *, redis_url: str) -> Starlette:
@@ -73,10 +83,12 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
             max_connections=settings.redis_max_connections,
         )  # fmt: skip
         # Pub/sub holds its connection for good: a pool of its own keeps it out of the way.
-        pubsub_redis = async_client(redis_url, name=API_CLIENT_NAME, max_connections=1)
+        pubsub_redis = async_client(redis_url, name=API_CLIENT_NAME, max_connections=1, retries=0)
         # RQ's cancel API is synchronous; it is used rarely and gives its connection back.
         sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME, max_connections=1)
-        broadcast = Broadcast(pubsub_redis)
+        broadcast = Broadcast(
+            pubsub_redis, timeout_s=settings.redis_timeout_s, health_check_s=settings.pubsub_health_check_s
+        )
         await broadcast.start()
         # Start-up objects live as long as the process: freeze them out of the collector's
         # scans, and collect the young generation less often on this allocation-heavy path

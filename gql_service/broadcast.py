@@ -1,16 +1,24 @@
 """One Redis pub/sub connection per API process, fanned out to in-process subscribers.
 
 Modelled on encode/broadcaster: a single listener task, a dict of channel -> set of
-subscriber queues, `async with` for each subscription, reference-counted SUBSCRIBE /
+subscriber mailboxes, `async with` for each subscription, reference-counted SUBSCRIBE /
 UNSUBSCRIBE. Differences that matter here (DESIGN decisions 3-4):
 
 * `subscribe()` returns only once Redis has *processed* the SUBSCRIBE (a PING sent after
   it on the same connection has come back), so a snapshot read afterwards cannot miss
   an event published in between.
-* Queues are bounded and latest-wins: events carry full state, so dropping an older one
-  loses nothing but an intermediate version; the terminal event is always the newest.
-* When the connection drops, the listener reconnects with backoff, re-subscribes every
-  channel and hands each subscriber a RESYNC marker: re-read the snapshot, no gap.
+* Mailboxes are bounded and latest-wins per channel: events carry full state, so dropping
+  an older one loses nothing but an intermediate version; the terminal event is always
+  the newest. One mailbox may watch many channels (`jobsUpdates`).
+* Every (re)connection is ours: redis-py's own retries are off on this connection and a
+  reconnect it makes by itself (it re-subscribes silently when a read finds the socket
+  closed) is caught by a connect callback and turned into a full reconnect. After any
+  reconnect every subscriber gets a RESYNC marker: re-read the snapshot, no gap.
+* A half-open connection is detected: when nothing has arrived for `health_check_s`, a
+  PING goes out; no reply within another `health_check_s` counts as a drop.
+* The listener never ends while the service runs: any error, whatever its kind, is
+  logged and followed by a reconnect; `connected` is false until the link works again,
+  and readiness reports it.
 """
 
 from __future__ import annotations
@@ -19,14 +27,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +47,9 @@ class _Resync:
 
 
 RESYNC: Final = _Resync()
-"""Marker delivered after a reconnect: the subscriber must re-read the snapshot."""
+"""Marker delivered after a reconnect: the subscriber must re-read its snapshots."""
 
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+KEEPALIVE_CHANNEL = "gqls:broadcast:keepalive"
 
 
 class BroadcastUnavailable(Exception):
@@ -47,56 +57,71 @@ class BroadcastUnavailable(Exception):
 
 
 class Subscription:
-    """One subscriber's bounded, latest-wins mailbox."""
+    """One subscriber's mailbox over one or more channels: bounded, latest-wins per channel."""
 
-    def __init__(self, channel: str, maxsize: int) -> None:
-        self.channel = channel
-        self._items: deque[bytes | _Resync] = deque()
-        self._maxsize = maxsize
+    def __init__(self, channels: Iterable[str], per_channel: int) -> None:
+        self.channels = tuple(dict.fromkeys(channels))
+        self._items: deque[tuple[str, bytes] | _Resync] = deque()
+        self._counts: dict[str, int] = {}
+        self._per_channel = per_channel
         self._ready = asyncio.Event()
 
-    def push(self, item: bytes | _Resync) -> None:
-        if item is RESYNC:
-            self._items.clear()  # a fresh snapshot supersedes everything queued
-        elif len(self._items) >= self._maxsize:
-            # Drop the oldest event, but never a pending RESYNC at the head.
-            if self._items[0] is RESYNC and len(self._items) > 1:
-                del self._items[1]
-            else:
-                self._items.popleft()
-        self._items.append(item)
+    def push(self, channel: str, data: bytes) -> None:
+        if self._counts.get(channel, 0) >= self._per_channel:
+            # Drop this channel's oldest event; other channels' events (their terminal
+            # states among them) are never pushed out by a busy neighbour.
+            for i, item in enumerate(self._items):
+                if not isinstance(item, _Resync) and item[0] == channel:
+                    del self._items[i]
+                    break
+        else:
+            self._counts[channel] = self._counts.get(channel, 0) + 1
+        self._items.append((channel, data))
         self._ready.set()
 
-    async def get(self) -> bytes | _Resync:
+    def resync(self) -> None:
+        # A fresh snapshot supersedes everything queued.
+        self._items.clear()
+        self._counts.clear()
+        self._items.append(RESYNC)
+        self._ready.set()
+
+    async def get(self) -> tuple[str, bytes] | _Resync:
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
-        return self._items.popleft()
-
-    def __aiter__(self) -> AsyncIterator[bytes | _Resync]:
-        return self
-
-    async def __anext__(self) -> bytes | _Resync:
-        return await self.get()
+        item = self._items.popleft()
+        if not isinstance(item, _Resync):
+            self._counts[item[0]] -= 1
+        return item
 
 
 class Broadcast:
     def __init__(
-        self, redis: AsyncRedis, *, queue_size: int = 8, subscribe_timeout_s: float = 5.0, connect_wait_s: float = 1.0
+        self,
+        redis: AsyncRedis,
+        *,
+        queue_size: int = 8,
+        timeout_s: float = 2.0,
+        health_check_s: float = 5.0,
     ) -> None:
+        # `redis` must not retry by itself (redis_conn.async_client(retries=0)): a retry
+        # would reconnect behind our back.
         self._redis = redis
         self._queue_size = queue_size
-        self._subscribe_timeout_s = subscribe_timeout_s
-        # While Redis is down a new subscriber fails after this, instead of hanging.
-        self._connect_wait_s = connect_wait_s
+        # Subscribing (waiting for the link, the SUBSCRIBE and its barrier) fails after this.
+        self._timeout_s = timeout_s
+        self._health_check_s = health_check_s
         self._subscribers: dict[str, set[Subscription]] = {}
         self._barriers: dict[str, asyncio.Future[None]] = {}
         self._tokens = itertools.count()
         self._pubsub: PubSub | None = None
         self._connected = asyncio.Event()
+        self._reconnected_behind_our_back = False
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.reconnects = 0  # how many times the link came back (tests and logs)
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -104,20 +129,15 @@ class Broadcast:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._pubsub is not None and self._pubsub.connection is not None:
-            # Closing the socket ends the listener's blocking read with an error it
-            # handles by returning; a bare cancel can be swallowed inside redis-py's read.
-            await self._pubsub.connection.disconnect(nowait=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=5.0)
-        if self._pubsub is not None:
-            with contextlib.suppress(*_REDIS_DOWN):
-                await self._pubsub.aclose()
+        await self._close()
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        """Whether subscriptions work right now: the listener runs and its link is up."""
+        return self._connected.is_set() and self._task is not None and not self._task.done()
 
     @property
     def subscriber_count(self) -> int:
@@ -125,38 +145,63 @@ class Broadcast:
 
     # -- subscribing -----------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[Subscription]:
-        sub = Subscription(channel, self._queue_size)
-        subs = self._subscribers.setdefault(channel, set())
-        first = not subs
-        subs.add(sub)
+    async def subscribe(self, *channels: str) -> AsyncIterator[Subscription]:
+        """Watch `channels` until the block ends; raises BroadcastUnavailable if Redis can't be reached."""
+        sub = Subscription(channels, self._queue_size)
+        new = []
+        for channel in sub.channels:
+            subs = self._subscribers.setdefault(channel, set())
+            if not subs:
+                new.append(channel)
+            subs.add(sub)
         try:
-            if first:
-                await self._send("SUBSCRIBE", channel)
-            # Even when the channel was already subscribed, its SUBSCRIBE may still be in
-            # flight for the first subscriber: every subscriber waits for the barrier.
-            await self._barrier()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the inner wait completes, leaving a
+            # subscription running after its client sent `complete`.
+            async with asyncio.timeout(self._timeout_s):
+                if new:
+                    await self._send("SUBSCRIBE", *new)
+                # Even when a channel was already subscribed, its SUBSCRIBE may still be in
+                # flight for an earlier subscriber: every subscriber waits for the barrier.
+                await self._barrier()
+        except TimeoutError:
+            self._forget(sub)
+            raise BroadcastUnavailable("Redis pub/sub did not answer in time") from None
+        except BaseException:
+            self._forget(sub)
+            raise
+        try:
             yield sub
         finally:
+            gone = self._forget(sub)
+            # While disconnected there is nothing to undo: a reconnect subscribes only the
+            # channels still in the dict.
+            if gone and self._connected.is_set():
+                with contextlib.suppress(RedisError, OSError, BroadcastUnavailable, TimeoutError):
+                    async with asyncio.timeout(self._timeout_s):
+                        await self._send("UNSUBSCRIBE", *gone)
+
+    def _forget(self, sub: Subscription) -> list[str]:
+        """Remove a subscriber; returns the channels nobody watches any more."""
+        gone = []
+        for channel in sub.channels:
+            subs = self._subscribers.get(channel)
+            if subs is None:
+                continue
             subs.discard(sub)
-            if not subs and self._subscribers.get(channel) is subs:
+            if not subs:
                 del self._subscribers[channel]
-                # While disconnected there is nothing to undo: a reconnect subscribes
-                # only the channels still in the dict.
-                if self.connected:
-                    with contextlib.suppress(*_REDIS_DOWN, BroadcastUnavailable):
-                        await self._send("UNSUBSCRIBE", channel)
+                gone.append(channel)
+        return gone
 
     async def _send(self, *command: str) -> None:
-        try:
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_s)
-        except TimeoutError:
-            raise BroadcastUnavailable("Redis pub/sub is not connected") from None
-        assert self._pubsub is not None
+        await self._connected.wait()
+        pubsub = self._pubsub
+        assert pubsub is not None
         async with self._write_lock:
             try:
-                await self._pubsub.execute_command(*command)
-            except _REDIS_DOWN as exc:
+                await pubsub.execute_command(*command)
+            except (RedisError, OSError) as exc:
                 raise BroadcastUnavailable(str(exc)) from exc
 
     async def _barrier(self) -> None:
@@ -166,64 +211,112 @@ class Broadcast:
         self._barriers[token] = fut
         try:
             await self._send("PING", token)
-            await asyncio.wait_for(asyncio.shield(fut), self._subscribe_timeout_s)
-        except TimeoutError:
-            raise BroadcastUnavailable("Redis pub/sub did not answer in time") from None
+            await fut
         finally:
             self._barriers.pop(token, None)
 
     # -- the listener ------------------------------------------------------------
-    async def _connect(self) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(*_REDIS_DOWN):
-                await self._pubsub.aclose()
-        self._pubsub = self._redis.pubsub()
-        # Subscribing needs at least one channel; this one also keeps the connection
-        # in subscribed mode while no job is watched.
-        await self._pubsub.subscribe("gqls:broadcast:keepalive", *self._subscribers)
-        await self._pubsub.ping("connected")
+    def _on_reconnect(self, connection: Connection) -> None:
+        # redis-py reconnected this pub/sub by itself (a read found the socket closed): it
+        # re-subscribed, but events published in the gap are lost. Make it a real drop.
+        self._reconnected_behind_our_back = True
+
+    async def _close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is None:
+            return
+        if pubsub.connection is not None:
+            pubsub.connection.deregister_connect_callback(self._on_reconnect)
+        with contextlib.suppress(RedisError, OSError):
+            async with asyncio.timeout(self._timeout_s):
+                await pubsub.aclose()
+
+    async def _connect(self) -> PubSub:
+        await self._close()
+        self._reconnected_behind_our_back = False
+        pubsub = self._redis.pubsub()
+        self._pubsub = pubsub
+        async with asyncio.timeout(self._timeout_s):
+            # Subscribing needs at least one channel; this one also keeps the connection
+            # in subscribed mode while no job is watched.
+            await pubsub.subscribe(KEEPALIVE_CHANNEL, *list(self._subscribers))
+            assert pubsub.connection is not None
+            pubsub.connection.register_connect_callback(self._on_reconnect)
+            # Answered only after every SUBSCRIBE above. While Redis is still loading its
+            # data set it answers -LOADING instead, which ends this attempt.
+            await pubsub.ping("connected")
+        return pubsub
 
     async def _run(self) -> None:
         backoff = 0.05
-        reconnect = False
+        ever_connected = False
         while not self._stopping:
             try:
-                await self._connect()
-                while not self._stopping:
-                    message = await self._pubsub.get_message(timeout=None)  # type: ignore[union-attr]
-                    if message is not None:
-                        reconnect = self._dispatch(message, reconnect)
-                        backoff = 0.05
+                pubsub = await self._connect()
+                await self._listen(pubsub, resync=ever_connected)
             except asyncio.CancelledError:
                 raise
-            except _REDIS_DOWN as exc:
+            except Exception as exc:  # whatever ended the link, the listener carries on
                 if self._stopping:
                     return
                 if self._connected.is_set():
-                    log.warning("pub/sub connection lost (%s); reconnecting", exc)
+                    log.warning("pub/sub connection lost (%s: %s); reconnecting", type(exc).__name__, exc)
+                elif not isinstance(exc, (RedisError, OSError, TimeoutError)):
+                    log.exception("pub/sub listener failed; reconnecting")
+                ever_connected = ever_connected or self._connected.is_set()
                 self._connected.clear()
-                reconnect = True
+                self._fail_barriers()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            else:
+                backoff = 0.05
 
-    def _dispatch(self, message: dict[str, Any], reconnect: bool) -> bool:
+    async def _listen(self, pubsub: PubSub, *, resync: bool) -> None:
+        last_seen = time.monotonic()
+        pinged = False
+        while not self._stopping:
+            message = await pubsub.get_message(timeout=self._health_check_s)
+            if self._reconnected_behind_our_back:
+                raise RedisConnectionError("redis-py reconnected the pub/sub connection by itself")
+            now = time.monotonic()
+            if message is not None:
+                last_seen, pinged = now, False
+                if self._dispatch(message, resync=resync):
+                    resync = False
+                continue
+            if now - last_seen < self._health_check_s:
+                continue
+            if pinged:
+                raise RedisConnectionError(f"no reply from Redis pub/sub in {now - last_seen:.1f} s")
+            async with self._write_lock, asyncio.timeout(self._timeout_s):
+                await pubsub.execute_command("PING", "health")
+            pinged = True
+
+    def _fail_barriers(self) -> None:
+        for fut in self._barriers.values():
+            if not fut.done():
+                fut.set_exception(BroadcastUnavailable("Redis pub/sub connection lost"))
+
+    def _dispatch(self, message: dict[str, Any], *, resync: bool) -> bool:
+        """Handle one message; True once the link is (re)established."""
         kind = message["type"]
         if kind == "message":
             channel = message["channel"].decode()
             for sub in self._subscribers.get(channel, ()):
-                sub.push(message["data"])
+                sub.push(channel, message["data"])
         elif kind == "pong":
             token = message["data"].decode()
             if token == "connected":
                 # Every SUBSCRIBE sent by _connect is now processed.
                 self._connected.set()
-                if reconnect:
-                    log.info("pub/sub reconnected; %d subscribers resync", self.subscriber_count)
-                    for subs in self._subscribers.values():
-                        for sub in subs:
-                            sub.push(RESYNC)
-                return False
+                if resync:
+                    self.reconnects += 1
+                    subs = {sub for group in self._subscribers.values() for sub in group}
+                    log.info("pub/sub reconnected; %d subscribers resync", len(subs))
+                    for sub in subs:
+                        sub.resync()
+                return True
             fut = self._barriers.get(token)
             if fut is not None and not fut.done():
                 fut.set_result(None)
-        return reconnect
+        return False

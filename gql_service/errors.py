@@ -26,3 +26,7 @@ class Unauthenticated(ClientError):
 
 class ServiceUnavailable(ClientError):
     code = "SERVICE_UNAVAILABLE"
+
+
+class RateLimited(ClientError):
+    code = "RATE_LIMITED"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -23,14 +25,16 @@ from rq.job import Job as RQJob
 from rq.job import JobStatus as RQJobStatus
 
 from . import keys, store
-from .broadcast import RESYNC, Broadcast, BroadcastUnavailable
-from .errors import BadUserInput, NotFound, ServiceUnavailable
+from .broadcast import Broadcast, BroadcastUnavailable, Subscription
+from .errors import BadUserInput, NotFound, RateLimited, ServiceUnavailable
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, utcnow
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+# Records one `jobs` page may look at when a status filter skips most of them; past it
+# the page ends early and says there is more (hasNextPage with the scan's cursor).
 MAX_LIST_SCAN = 1000
 
 
@@ -41,14 +45,60 @@ class NewJob:
     idem: str | None  # the idempotency key's Redis key
 
 
-@contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
-    """Redis being down is the client's SERVICE_UNAVAILABLE, never a stack trace."""
+@contextlib.asynccontextmanager
+async def redis_call(timeout_s: float) -> AsyncIterator[None]:
+    """One bounded piece of Redis work: an outage, a hung server (SIGSTOP) or a pool with no
+    free connection is the client's SERVICE_UNAVAILABLE within `timeout_s`, never a hang
+    and never a stack trace."""
     try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, BroadcastUnavailable) as exc:
-        log.warning("redis unavailable: %s", exc)
+        async with asyncio.timeout(timeout_s):
+            yield
+    except (RedisConnectionError, RedisTimeoutError, BroadcastUnavailable, TimeoutError) as exc:
+        log.warning("redis unavailable: %s", exc or type(exc).__name__)
         raise ServiceUnavailable("the job store is unavailable; try again shortly") from None
+
+
+class TenantSlots:
+    """Per-tenant bounds inside one API process: live watched jobs, and snapshot reads at once.
+
+    The read bound keeps one client's burst of snapshot reads (a reconnect resyncing
+    thousands of subscriptions, hundreds of jobsUpdates at once) from holding every
+    connection of the small command pool while others wait.
+    """
+
+    def __init__(self, *, max_watched: int, max_reads: int) -> None:
+        self.max_watched = max_watched
+        self.max_reads = max_reads
+        self.watched: Counter[str] = Counter()
+        self._reads: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.contextmanager
+    def watching(self, tenant: str, count: int) -> Iterator[None]:
+        if self.watched[tenant] + count > self.max_watched:
+            raise RateLimited(
+                f"at most {self.max_watched} jobs can be watched at once; {self.watched[tenant]} are already"
+            )
+        self.watched[tenant] += count
+        try:
+            yield
+        finally:
+            self.watched[tenant] -= count
+            if not self.watched[tenant]:
+                del self.watched[tenant]
+
+    @contextlib.asynccontextmanager
+    async def reading(self, tenant: str) -> AsyncIterator[None]:
+        sem, users = self._reads.get(tenant) or (asyncio.Semaphore(self.max_reads), 0)
+        self._reads[tenant] = (sem, users + 1)
+        try:
+            async with sem:
+                yield
+        finally:
+            sem, users = self._reads[tenant]
+            if users == 1:
+                del self._reads[tenant]
+            else:
+                self._reads[tenant] = (sem, users - 1)
 
 
 def retry_policy(settings: Settings) -> Retry | None:
@@ -67,6 +117,14 @@ class JobService:
         self.settings = settings
         self.queue = Queue(settings.rq_queue, connection=sync_redis)
         self._retry = retry_policy(settings)
+        self.slots = TenantSlots(
+            max_watched=settings.max_watched_jobs_per_tenant,
+            # Leave a connection of the command pool to the other tenants.
+            max_reads=max(1, settings.redis_max_connections - 1),
+        )
+
+    def _redis_call(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return redis_call(self.settings.redis_timeout_s)
 
     def validate_text(self, text: str) -> None:
         if not text.strip():
@@ -97,7 +155,7 @@ class JobService:
         on the event loop with no thread and no extra round trip (measured: +25 % submitText
         throughput over RQ's synchronous enqueue in a thread).
         """
-        with redis_errors():
+        async with self._redis_call():
             if self.queue.redis_server_version is None:
                 # RQ would read the server version synchronously on first enqueue; give it
                 # the answer from our own connection instead.
@@ -162,32 +220,44 @@ class JobService:
 
     async def list_jobs(
         self, *, tenant: str, first: int, after: tuple[float, str] | None, status: JobStatus | None
-    ) -> tuple[list[tuple[JobRecord, float]], bool]:
-        """A page of the tenant's jobs, newest first: [(record, created ms)], has_next_page."""
+    ) -> tuple[list[tuple[JobRecord, float]], tuple[float, str] | None]:
+        """A page of the tenant's jobs, newest first: [(record, created ms)], and where the
+        next page starts (None at the end).
+
+        A status filter never hides a match: when the scan bound is reached before the page
+        is full, the page ends early and the cursor points past what was scanned.
+        """
+        if after is not None and not math.isfinite(after[0]):
+            raise BadUserInput("after is not a cursor this API gave out")
         page: list[tuple[JobRecord, float]] = []
         cursor = after
         scanned = 0
-        with redis_errors():
-            # A status filter may need several batches; bounded so one request stays cheap.
-            while len(page) <= first and scanned < MAX_LIST_SCAN:
+        async with self._redis_call():
+            while True:
                 batch = await store.list_job_ids(self.redis, tenant, before=cursor, count=max(first + 1, 50))
                 if not batch:
-                    break
-                scanned += len(batch)
+                    return page, None
                 records = await store.get_jobs(self.redis, [job_id for job_id, _ in batch])
                 for (job_id, score), record in zip(batch, records, strict=True):
-                    cursor = (score, job_id)
                     if record is not None and (status is None or record.status is status):
+                        if len(page) == first:
+                            return page, cursor  # one more match exists: the page ends at the last one
                         page.append((record, score))
-        return page[:first], len(page) > first
+                    cursor = (score, job_id)
+                    scanned += 1
+                    if scanned >= MAX_LIST_SCAN and len(page) < first:
+                        return page, cursor
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
-        with redis_errors():
+        async with self._redis_call():
             record = await store.get_job(self.redis, job_id)
-        # Another tenant's job is indistinguishable from a missing one.
-        if record is None or record.tenant != tenant:
-            return None
-        return record
+        return _owned(record, tenant)
+
+    async def get_many(self, job_ids: list[str], *, tenant: str) -> list[JobRecord | None]:
+        """Snapshots of several jobs in one round trip, within the tenant's read bound."""
+        async with self.slots.reading(tenant), self._redis_call():
+            records = await store.get_jobs(self.redis, job_ids)
+        return [_owned(r, tenant) for r in records]
 
     async def cancel(self, job_id: str, *, tenant: str) -> JobRecord:
         if await self.get(job_id, tenant=tenant) is None:
@@ -198,7 +268,7 @@ class JobService:
             update = {"status": JobStatus.CANCELED, "stage": JobStage.CANCELED, "error": error, "finished_at": utcnow()}
             return job.model_copy(update=update)
 
-        with redis_errors():
+        async with self._redis_call():
             record, changed = await store.update_job_async(
                 self.redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s
             )
@@ -207,12 +277,14 @@ class JobService:
         if not changed and record.status is not JobStatus.CANCELED:
             raise BadUserInput(f"job {job_id} is already {record.status.value}; only unfinished jobs can be canceled")
         if changed:
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-                await self.redis.hincrby(keys.metrics("jobs"), "CANCELED|CANCELED", 1)
+            with contextlib.suppress(ServiceUnavailable):  # a metric is not worth failing the cancel
+                async with self._redis_call():
+                    await self.redis.hincrby(keys.metrics("jobs"), "CANCELED|CANCELED", 1)
             # The record is CANCELED first, so nothing the worker writes later can undo it;
-            # stopping the RQ job only saves the work.
-            with redis_errors():
-                await anyio.to_thread.run_sync(self._stop_rq_job, job_id)
+            # stopping the RQ job only saves the work. RQ's API is synchronous: a thread,
+            # abandoned (and ended by its socket timeout) if Redis hangs.
+            async with self._redis_call():
+                await anyio.to_thread.run_sync(self._stop_rq_job, job_id, abandon_on_cancel=True)
         return record
 
     def _stop_rq_job(self, job_id: str) -> None:
@@ -224,56 +296,51 @@ class JobService:
                 rq_job.cancel()
         except (NoSuchJobError, InvalidJobOperation):
             pass  # already gone, finished or canceled: nothing left to stop
-        finally:
-            self.sync_redis.connection_pool.disconnect()  # rare: don't hold a connection for it
 
-    async def updates_many(self, job_ids: list[str], *, tenant: str) -> AsyncIterator[JobRecord]:
-        """The updates of several jobs over one stream, ending when every one has ended."""
-        inbox: asyncio.Queue[JobRecord | BaseException | None] = asyncio.Queue()
+    async def updates(self, job_ids: list[str], *, tenant: str) -> AsyncIterator[JobRecord]:
+        """Each job's snapshot, then every newer version, ending when every job has ended.
 
-        async def pump(job_id: str) -> None:
-            try:
-                async for record in self.updates(job_id, tenant=tenant):
-                    await inbox.put(record)
-                await inbox.put(None)
-            except Exception as exc:
-                await inbox.put(exc)
+        Subscribed (and confirmed) before the snapshots are read: nothing can fall between.
+        An unknown id (or another tenant's) ends the stream with NOT_FOUND.
+        """
+        with self.slots.watching(tenant, len(job_ids)):
+            async with contextlib.AsyncExitStack() as stack:
+                async with self._redis_call():
+                    subscribing = self.broadcast.subscribe(*(keys.job_events(i) for i in job_ids))
+                    events = await stack.enter_async_context(subscribing)
+                async for record in self._follow(events, job_ids, tenant=tenant):
+                    yield record
 
-        pumps = [asyncio.create_task(pump(job_id)) for job_id in job_ids]
-        try:
-            running = len(pumps)
-            while running:
-                item = await inbox.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-
-    async def updates(self, job_id: str, *, tenant: str) -> AsyncIterator[JobRecord]:
-        """Snapshot first, then every newer version, ending after a terminal state."""
-        with redis_errors():
-            async with self.broadcast.subscribe(keys.job_events(job_id)) as events:
-                # Subscribed (and confirmed) before the snapshot: nothing can fall between.
-                record = await self.get(job_id, tenant=tenant)
-                if record is None:
-                    raise NotFound(f"job {job_id} not found")
-                yield record
-                last = record.version
-                while not record.terminal:
-                    item = await events.get()
-                    if item is RESYNC:
-                        fresh = await self.get(job_id, tenant=tenant)
-                        if fresh is None:
-                            raise NotFound(f"job {job_id} not found")
-                        record = fresh
-                    else:
-                        record = store.decode(item)  # type: ignore[arg-type]
-                    if record.version > last:
-                        last = record.version
+    async def _follow(self, events: Subscription, job_ids: list[str], *, tenant: str) -> AsyncIterator[JobRecord]:
+        last: dict[str, int] = {}  # job id -> newest version sent, for the jobs still running
+        pending: list[JobRecord | None] | None = await self.get_many(job_ids, tenant=tenant)
+        while True:
+            if pending is not None:  # fresh snapshots: the first ones, or after a RESYNC
+                for job_id, record in zip(job_ids, pending, strict=True):
+                    if record is None:
+                        raise NotFound(f"job {job_id} not found")
+                    if record.version > last.get(job_id, 0):
                         yield record
+                    last[job_id] = record.version
+                    if record.terminal:
+                        del last[job_id]
+                job_ids = list(last)
+                pending = None
+            if not job_ids:
+                return
+            item = await events.get()
+            if isinstance(item, tuple):
+                record = store.decode(item[1])
+                if record.id in last and record.version > last[record.id]:
+                    yield record
+                    last[record.id] = record.version
+                    if record.terminal:
+                        del last[record.id]
+                        job_ids = list(last)
+            else:  # RESYNC: the link dropped, events may be lost; read the jobs afresh
+                pending = await self.get_many(job_ids, tenant=tenant)
+
+
+def _owned(record: JobRecord | None, tenant: str) -> JobRecord | None:
+    # Another tenant's job is indistinguishable from a missing one.
+    return record if record is not None and record.tenant == tenant else None

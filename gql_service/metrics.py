@@ -9,6 +9,7 @@ them with `max`, not `sum`.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 from strawberry.extensions import SchemaExtension
 
 from . import keys
@@ -108,16 +110,25 @@ class _Snapshot(Collector):
         return self.families
 
 
-async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int) -> bytes:
+async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout_s: float) -> bytes:
+    """The API's own figures always; the cluster-wide job figures when Redis answers in time
+    (a scrape during an outage still shows the process, with gqls_redis_up 0)."""
     stages = ("CALLING_LLM", "VALIDATING", "REPAIRING")
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(keys.metrics("jobs"))
-        pipe.hgetall(keys.metrics("tokens"))
-        pipe.hgetall(keys.metrics("llm_call_seconds"))
-        for stage in stages:
-            pipe.hgetall(keys.metrics(f"stage_seconds:{stage}"))
-        pipe.llen(queue_key)
-        jobs, tokens, llm, *stage_rows, depth = await pipe.execute()
+    try:
+        async with asyncio.timeout(timeout_s), redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.metrics("jobs"))
+            pipe.hgetall(keys.metrics("tokens"))
+            pipe.hgetall(keys.metrics("llm_call_seconds"))
+            for stage in stages:
+                pipe.hgetall(keys.metrics(f"stage_seconds:{stage}"))
+            pipe.llen(queue_key)
+            jobs, tokens, llm, *stage_rows, depth = await pipe.execute()
+    except (RedisError, OSError, TimeoutError):
+        down: list[Metric] = [
+            GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0),
+            GaugeMetricFamily("gqls_active_subscriptions", "Open jobUpdates subscriptions", value=subscribers),
+        ]
+        return generate_latest(REGISTRY) + _expose(down)
     finished = CounterMetricFamily(
         "gqls_jobs_finished", "Jobs by final status and error code", labels=["status", "code"]
     )
@@ -138,7 +149,12 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int) -> byte
         ),  # fmt: skip
         GaugeMetricFamily("gqls_active_subscriptions", "Open jobUpdates subscriptions", value=subscribers),
         GaugeMetricFamily("gqls_queue_depth", "Jobs waiting in the RQ queue", value=float(depth)),
+        GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
+    return generate_latest(REGISTRY) + _expose(families)
+
+
+def _expose(families: list[Metric]) -> bytes:
     snapshot = CollectorRegistry()
     snapshot.register(_Snapshot(families))
-    return generate_latest(REGISTRY) + generate_latest(snapshot)
+    return generate_latest(snapshot)

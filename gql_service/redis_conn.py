@@ -26,8 +26,9 @@ def _pool_options(timeout_s: float | None, name: str | None, max_connections: in
     return {
         "max_connections": max_connections,
         "timeout": timeout_s,  # how long a request waits for a free connection
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_connect_timeout": min(CONNECT_TIMEOUT_S, timeout_s or CONNECT_TIMEOUT_S),
         "socket_timeout": timeout_s,
+        "socket_keepalive": True,  # the kernel notices a peer that vanished without a FIN
         "health_check_interval": 30,
         "client_name": name,
     }
@@ -38,11 +39,16 @@ def _backoff() -> ExponentialBackoff:
 
 
 def async_client(
-    url: str, *, timeout_s: float | None = None, name: str | None = None, max_connections: int = 32
+    url: str,
+    *,
+    timeout_s: float | None = None,
+    name: str | None = None,
+    max_connections: int = 32,
+    retries: int = RETRIES,
 ) -> AsyncRedis:
-    # Pub/sub reads block regardless of socket_timeout (redis-py passes its own "no timeout").
+    """`retries=0` for pub/sub: its owner must see every drop to resync (gql_service.broadcast)."""
     options = _pool_options(timeout_s, name, max_connections)
-    pool = AsyncBlockingConnectionPool.from_url(url, retry=AsyncRetry(_backoff(), RETRIES), **options)
+    pool = AsyncBlockingConnectionPool.from_url(url, retry=AsyncRetry(_backoff(), retries), **options)
     return AsyncRedis.from_pool(pool)
 
 

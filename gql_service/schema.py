@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
@@ -140,9 +141,12 @@ def encode_cursor(created_ms: float, job_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         created, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return float(created), job_id
+        position = float(created), job_id
     except (ValueError, UnicodeError):
-        raise BadUserInput("after is not a cursor this API gave out") from None
+        position = math.nan, ""
+    if not math.isfinite(position[0]) or not position[1]:
+        raise BadUserInput("after is not a cursor this API gave out")
+    return position
 
 
 @strawberry.input
@@ -203,12 +207,15 @@ class Query:
         ctx = _ctx(info)
         if not 1 <= first <= MAX_PAGE:
             raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
-        page, has_next = await ctx.jobs.list_jobs(
+        page, next_start = await ctx.jobs.list_jobs(
             tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None, status=status
         )
         edges = [JobEdge(cursor=encode_cursor(ms, r.id), node=Job.from_record(r)) for r, ms in page]
+        # With a status filter a page can end early, even empty, with more to come: its
+        # endCursor then points past the jobs it looked at, not at its last edge.
+        end_cursor = encode_cursor(*next_start) if next_start else (edges[-1].cursor if edges else None)
         return JobConnection(
-            edges=edges, page_info=PageInfo(has_next_page=has_next, end_cursor=edges[-1].cursor if edges else None)
+            edges=edges, page_info=PageInfo(has_next_page=next_start is not None, end_cursor=end_cursor)
         )
 
 
@@ -269,7 +276,7 @@ class Subscription:
     )
     async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Job, None]:
         ctx = _ctx(info)
-        async for record in ctx.jobs.updates(str(id), tenant=ctx.tenant):
+        async for record in ctx.jobs.updates([str(id)], tenant=ctx.tenant):
             yield Job.from_record(record)
 
     @strawberry.subscription(
@@ -281,7 +288,7 @@ class Subscription:
         unique = list(dict.fromkeys(str(i) for i in ids))
         if not 1 <= len(unique) <= MAX_BATCH:
             raise BadUserInput(f"ids must hold 1 to {MAX_BATCH} job ids")
-        async for record in ctx.jobs.updates_many(unique, tenant=ctx.tenant):
+        async for record in ctx.jobs.updates(unique, tenant=ctx.tenant):
             yield Job.from_record(record)
 
 

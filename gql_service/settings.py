@@ -40,8 +40,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_subscriptions_per_connection: int = Field(100, ge=1)
     ws_init_timeout_s: float = Field(10.0, gt=0)
-    # Socket timeout of the API's Redis commands: an unresponsive Redis fails fast.
-    redis_timeout_s: float = Field(5.0, gt=0)
+    # The most one API operation waits on Redis (a connection from the pool included):
+    # an unreachable or hung Redis is SERVICE_UNAVAILABLE after this, never a hang.
+    redis_timeout_s: float = Field(2.0, gt=0)
+    # Jobs one tenant may watch at once over subscriptions, per API process (jobUpdates
+    # counts 1, jobsUpdates its number of ids).
+    max_watched_jobs_per_tenant: int = Field(1000, ge=1)
+    # The pub/sub link is pinged after this long without traffic; no answer within as long
+    # again counts as a drop (a half-open TCP connection, a hung Redis).
+    pubsub_health_check_s: float = Field(5.0, gt=0)
     # Command connections per API process (pub/sub has one more of its own). Requests share
     # them; a burst waits for a free one rather than opening more.
     redis_max_connections: int = Field(2, ge=1, le=1000)

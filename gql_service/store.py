@@ -10,6 +10,7 @@ a publish that did not happen (DESIGN decision 2).
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +23,16 @@ from . import keys
 from .models import JobRecord, utcnow
 
 # Compare-and-set on the version: a concurrent writer makes us re-read and re-apply.
+# Each transition carries a unique id (ARGV[5], kept in field `x`): when a connection drops
+# after Redis ran the script but before its reply arrived, redis-py sends the same call
+# again, and that repeat must report success, not re-apply the change (attempts counted
+# twice).
 _CAS_LUA = """
-local v = redis.call('HGET', KEYS[1], 'v')
+local v, x = unpack(redis.call('HMGET', KEYS[1], 'v', 'x'))
 if not v then return -1 end
+if v == ARGV[2] and x == ARGV[5] then return 1 end
 if v ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 1
@@ -127,7 +133,7 @@ def _next(current: JobRecord, change: Change) -> JobRecord | None:
 def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int) -> tuple[list[str], list[Any]]:
     return (
         [keys.job(new.id), keys.job_events(new.id)],
-        [current.version, new.version, encode(new), ttl_s],
+        [current.version, new.version, encode(new), ttl_s, uuid.uuid4().hex],
     )
 
 

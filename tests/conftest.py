@@ -11,6 +11,7 @@ from redis.asyncio import Redis as AsyncRedis
 from gql_service.broadcast import Broadcast
 from gql_service.embedded_redis import EmbeddedRedis
 from gql_service.jobs import JobService
+from gql_service.redis_conn import async_client
 from gql_service.schema import Context
 from gql_service.settings import Settings
 
@@ -71,11 +72,14 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-async def broadcast(async_redis: AsyncRedis) -> AsyncIterator[Broadcast]:
-    hub = Broadcast(async_redis)
+async def broadcast(redis_url: str) -> AsyncIterator[Broadcast]:
+    # As the API builds it: a pool of its own and no retries underneath.
+    client = async_client(redis_url, max_connections=1, retries=0)
+    hub = Broadcast(client, health_check_s=1.0)
     await hub.start()
     yield hub
     await hub.stop()
+    await client.aclose()
 
 
 @pytest.fixture

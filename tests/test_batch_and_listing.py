@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from redis import Redis
 
-from gql_service.models import JobStage, JobStatus
+from gql_service import store
+from gql_service.models import JobRecord, JobStage, JobStatus
 from gql_service.schema import Context, schema
 
 from .test_schema import RUN, codes, drive, run
@@ -122,3 +125,32 @@ async def test_jobs_updates_with_an_unknown_id_is_not_found(context: Context) ->
             if result.errors:
                 errors += result.errors
     assert [e.extensions["code"] for e in errors] == ["NOT_FOUND"]
+
+
+async def test_a_status_filter_never_hides_older_matches(context: Context, sync_redis: Redis) -> None:
+    """One FAILED job older than 1,000 FINISHED ones: paging with the filter reaches it."""
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    with sync_redis.pipeline(transaction=False) as pipe:
+        for n in range(1001):
+            status = JobStatus.FAILED if n == 0 else JobStatus.FINISHED
+            record = JobRecord(id=f"job{n:04d}", status=status, created_at=base + timedelta(seconds=n))
+            store.create_job(pipe, record, text="t", ttl_s=3600)
+            store.index_job(pipe, record, ttl_s=3600)
+        pipe.execute()
+    found, after, pages = [], None, 0
+    while True:
+        pages += 1
+        page = (await run(context, LIST, first=5, after=after, status="FAILED")).data["jobs"]
+        found += [e["node"]["id"] for e in page["edges"]]
+        if not page["pageInfo"]["hasNextPage"]:
+            break
+        after = page["pageInfo"]["endCursor"]
+    assert found == ["job0000"]
+    assert pages <= 2  # a page looks at up to 1,000 jobs, then says where to go on
+
+
+async def test_a_cursor_that_is_not_a_number_is_bad_user_input(context: Context) -> None:
+    for position in ("nan|x", "inf|x", "-inf|x", "1.5|", "abc"):
+        cursor = base64.urlsafe_b64encode(position.encode()).decode()
+        result = await run(context, LIST, first=5, after=cursor)
+        assert codes(result) == ["BAD_USER_INPUT"], position

@@ -80,3 +80,21 @@ def test_concurrent_writers_lose_no_update(redis_url: str) -> None:
     assert final.attempts == 200
     assert final.version == 201
     setup.close()
+
+
+def test_a_transition_sent_twice_is_applied_once(sync_redis: Redis) -> None:
+    """What redis-py does when the reply to EVALSHA is lost with the connection: send the
+    same call again. The repeat must succeed without applying the change a second time."""
+    create(sync_redis)
+    current = store.get_job_sync(sync_redis, "j1")
+    assert current is not None
+    new = current.model_copy(update={"version": 2, "attempts": current.attempts + 1})
+    script = sync_redis.register_script(store._CAS_LUA)
+    keys_, args = store._cas_args(current, new, TTL)
+    assert script(keys=keys_, args=args) == 1
+    assert script(keys=keys_, args=args) == 1  # the retry: reported applied...
+    after = store.get_job_sync(sync_redis, "j1")
+    assert after is not None and (after.version, after.attempts) == (2, 1)  # ...and applied once
+    # A different transition from the same stale version is still refused.
+    other_keys, other_args = store._cas_args(current, new, TTL)
+    assert script(keys=other_keys, args=other_args) == 0
