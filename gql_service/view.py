@@ -1,30 +1,127 @@
-"""Strawberry's ASGI GraphQL view, configured for this service: JSON codec, context, auth at connection_init."""
+"""Strawberry's ASGI GraphQL view, configured for this service: JSON codec, context, auth at
+connection_init, and the GraphQL over HTTP spec's media types, status codes and request errors."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
+from collections import OrderedDict
 from datetime import timedelta
 
 import orjson
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from graphql import GraphQLError, GraphQLSyntaxError, OperationDefinitionNode, parse
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.types import ExecutionResult
+from strawberry.types.execution import PreExecutionError
 from strawberry.types.unset import UnsetType
 
 from . import logs
 from .auth import ApiKeys
-from .schema import Context, schema
+from .schema import MAX_TOKENS, Context, schema
 from .settings import Settings
 from .ws import LegacyWSHandler, TransportWSHandler
 
 MAX_REQUEST_ID_CHARS = 128
+JSON = "application/json"
+GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
+# A request object or a batch; anything else ("hello", null, 42) is not a GraphQL request.
+_OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
 
 
 def request_id_of(request: Request | WebSocket) -> str:
     given = request.headers.get("x-request-id", "")
     return given[:MAX_REQUEST_ID_CHARS] if given.strip() else uuid.uuid4().hex
+
+
+def preferred_media_type(accept: str) -> str:
+    """application/graphql-response+json when the client names it and ranks it no lower than
+    application/json; otherwise (no Accept, */*, application/json) application/json, as before."""
+    response_json_q = json_q = 0.0
+    for media_range in accept.split(","):
+        media_type, *params = media_range.split(";")
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media_type = media_type.strip().lower()
+        if media_type == GRAPHQL_RESPONSE_JSON:
+            response_json_q = max(response_json_q, q)
+        elif media_type in (JSON, "application/*", "*/*"):
+            json_q = max(json_q, q)
+    return GRAPHQL_RESPONSE_JSON if response_json_q > 0 and response_json_q >= json_q else JSON
+
+
+class RequestError(HTTPException):
+    """A request that never reaches execution, answered with a GraphQL-shaped JSON error."""
+
+    def __init__(
+        self, status_code: int, reason: str, *, code: str = "BAD_REQUEST", headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code, reason)
+        self.code = code
+        self.headers = headers or {}
+
+
+class OperationCounts:
+    """How many operations a document holds, remembered for recent documents: clients send
+    the same few documents again and again, so this costs a parse only the first time.
+    Keyed by digest, so the cache stays small whatever the documents' size."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.maxsize = maxsize
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
+
+    def __call__(self, query: str) -> int:
+        key = hashlib.blake2b(query.encode(errors="surrogatepass"), digest_size=16).digest()
+        count = self._counts.get(key)
+        if count is None:
+            try:
+                document = parse(query, no_location=True, max_tokens=MAX_TOKENS)
+            except GraphQLError:
+                count = 0  # execution reports the syntax error as it does for any document
+            else:
+                count = sum(isinstance(node, OperationDefinitionNode) for node in document.definitions)
+            self._counts[key] = count
+            if len(self._counts) > self.maxsize:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(key)
+        return count
+
+
+def error_code(error: GraphQLError, result: ExecutionResult) -> str:
+    """A code for an error that has none, by where it arose."""
+    if isinstance(result, PreExecutionError):
+        if isinstance(error, GraphQLSyntaxError):
+            return "GRAPHQL_PARSE_FAILED"
+        if error.original_error is not None and not isinstance(error.original_error, GraphQLError):
+            return "INTERNAL_SERVER_ERROR"
+        return "GRAPHQL_VALIDATION_FAILED"
+    # Variables are coerced before any resolver runs: their errors have no path.
+    return "INTERNAL_SERVER_ERROR" if error.path is not None else "BAD_USER_INPUT"
+
+
+def is_request_error(response_data: GraphQLHTTPResponse) -> bool:
+    """Nothing was executed: the spec's request error (a field error carries a path)."""
+    errors = response_data.get("errors") or []
+    return (
+        response_data.get("data") is None
+        and bool(errors)
+        and all(isinstance(e, dict) and "path" not in e for e in errors)
+    )
 
 
 class GraphQLView(GraphQL[Context, None]):
@@ -39,6 +136,28 @@ class GraphQLView(GraphQL[Context, None]):
             connection_init_wait_timeout=timedelta(seconds=settings.ws_init_timeout_s),
         )
         self.keys = keys
+        self.operation_counts = OperationCounts()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self.run(request)
+        except HTTPException as exc:
+            # Strawberry answers these in text/plain; a GraphQL client reads JSON errors.
+            response = self.request_error_response(request, exc)
+        await response(scope, receive, send)
+
+    def request_error_response(self, request: Request, exc: HTTPException) -> Response:
+        code, headers = (exc.code, exc.headers) if isinstance(exc, RequestError) else ("BAD_REQUEST", {})
+        if exc.status_code == 405 and not headers:
+            headers = {"allow": "GET, POST"}
+        # A request error has no `data` entry: nothing was executed.
+        body = {"errors": [{"message": exc.reason, "extensions": {"code": code}}]}
+        media_type = preferred_media_type(request.headers.get("accept", ""))
+        return Response(self.encode_json(body), exc.status_code, headers, media_type=content_type_of(media_type))
 
     def encode_json(self, data: object) -> str:
         # str, not bytes: Strawberry sends bytes as binary websocket frames, which the
@@ -47,6 +166,82 @@ class GraphQLView(GraphQL[Context, None]):
 
     def decode_json(self, data: str | bytes) -> object:
         return orjson.loads(data)
+
+    async def get_sub_response(self, request: Request | WebSocket) -> Response:
+        sub_response = await super().get_sub_response(request)
+        # Remembered here for create_response, which only sees the sub-response.
+        sub_response.media_type = preferred_media_type(request.headers.get("accept", ""))
+        return sub_response
+
+    async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData | list[GraphQLRequestData]:
+        # Strawberry takes any JSON value for a request object and fails on it with a 500.
+        is_json_post = request.method == "POST" and JSON in (request.content_type or "")
+        if is_json_post and not _OBJECT_OR_ARRAY.match(await request.get_body()):
+            raise RequestError(400, "the request body must be a JSON object: {query, variables, operationName}")
+        return await super().parse_http_body(request)
+
+    async def execute_single(  # noqa: PLR0917 (Strawberry's signature)
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        # Strawberry would run the first of several operations; the spec asks for an error.
+        query, name = request_data.query, request_data.operation_name
+        if name is None and isinstance(query, str) and self.operation_counts(query) > 1:
+            raise RequestError(
+                400,
+                "the document holds several operations: name the one to run in operationName",
+                code="OPERATION_RESOLUTION_FAILURE",
+            )
+        try:
+            return await super().execute_single(
+                request, request_adapter, sub_response, context, root_value, request_data
+            )
+        except HTTPException as exc:
+            if isinstance(exc.__cause__, CannotGetOperationTypeError):
+                raise RequestError(400, exc.reason, code="OPERATION_RESOLUTION_FAILURE") from exc
+            if isinstance(exc.__cause__, InvalidOperationTypeError):
+                # The spec: a mutation over GET is 405, and nothing runs.
+                raise RequestError(405, exc.reason, headers={"allow": "POST"}) from exc
+            raise
+
+    async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+        response_data = await super().process_result(request, result)
+        if result.errors and response_data.get("errors"):
+            # Every error carries a code a client can act on, not only the ones we raise.
+            formatted: list[object] = []
+            for error, shown in zip(result.errors, response_data["errors"] or [], strict=True):
+                if isinstance(shown, dict) and "code" not in (shown.get("extensions") or {}):
+                    shown = {
+                        **shown,
+                        "extensions": {**(shown.get("extensions") or {}), "code": error_code(error, result)},
+                    }
+                formatted.append(shown)
+            response_data["errors"] = formatted
+        return response_data
+
+    def create_response(
+        self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
+    ) -> Response:
+        if sub_response.media_type != GRAPHQL_RESPONSE_JSON:
+            return super().create_response(response_data, sub_response)
+        status = None
+        if isinstance(response_data, dict) and is_request_error(response_data):
+            # The spec for this media type: no `data` when nothing ran, and a 4xx (5xx if ours).
+            codes = {
+                e.get("extensions", {}).get("code") for e in response_data.get("errors") or [] if isinstance(e, dict)
+            }
+            status = 500 if "INTERNAL_SERVER_ERROR" in codes else 400
+            response_data = GraphQLHTTPResponse(errors=response_data.get("errors"))
+        response = super().create_response(response_data, sub_response)
+        response.headers["content-type"] = content_type_of(GRAPHQL_RESPONSE_JSON)
+        if status is not None and not sub_response.status_code:
+            response.status_code = status
+        return response
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         rid = request_id_of(request)
@@ -68,3 +263,8 @@ class GraphQLView(GraphQL[Context, None]):
                 raise ConnectionRejectionError({"message": "a valid API key is required"})
             context.tenant = tenant
         return await super().on_ws_connect(context)
+
+
+def content_type_of(media_type: str) -> str:
+    # application/json stays exactly as before (no charset); the new type names its charset.
+    return f"{media_type}; charset=utf-8" if media_type == GRAPHQL_RESPONSE_JSON else media_type
