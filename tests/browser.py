@@ -1,5 +1,6 @@
 """Headless Chromium driven over the Chrome DevTools Protocol (the `websockets` client we
-already have): enough to load a page, click, read the DOM and take a screenshot."""
+already have): enough to load a page, click (in the DOM or with the real mouse), read the
+DOM, see what the page asked the network for, and take a screenshot."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class Browser:
         )  # fmt: skip
         self._ids = itertools.count(1)
         self.ws: Any = None
+        # Every event Chromium sent (after `send("Network.enable")`, its requests too).
+        self.events: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> Browser:
         def page_target() -> bool:
@@ -75,7 +78,9 @@ class Browser:
         await self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
         while True:
             message = json.loads(await self.ws.recv())
-            if message.get("id") == call_id:
+            if "method" in message:
+                self.events.append(message)
+            elif message.get("id") == call_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return dict(message.get("result", {}))
@@ -98,6 +103,37 @@ class Browser:
                 raise TimeoutError(f"page never satisfied: {expression}")
             await asyncio.sleep(0.05)
         return value
+
+    async def click(self, selector: str, text: str | None = None) -> None:
+        """A real mouse click in the middle of the element (the first matching `selector`,
+        with exactly `text` when given): menus that open on pointer events open. Like a
+        user, it waits until nothing covers the element (a tooltip over a menu item)."""
+        find = (
+            f"[...document.querySelectorAll({json.dumps(selector)})]"
+            f".find(e => {json.dumps(text)} === null || e.textContent.trim() === {json.dumps(text)})"
+        )
+        center = (
+            f"(() => {{ const e = {find}, r = e?.getBoundingClientRect();"
+            " return r && r.width ? {x: r.x + r.width / 2, y: r.y + r.height / 2} : null; })()"
+        )
+        box = await self.until(center)
+        await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=box["x"], y=box["y"])
+        box = await self.until(
+            f"(() => {{ const e = {find}, c = {center}; if (!c) return null;"
+            " const top = document.elementFromPoint(c.x, c.y); return top && e.contains(top) ? c : null; })()"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left", clickCount=1)
+
+    def requested_urls(self) -> list[str]:
+        """Every URL the page asked for, websockets included (needs Network.enable)."""
+        kinds = {"Network.requestWillBeSent": "request", "Network.webSocketCreated": None}
+        urls = []
+        for event in self.events:
+            if event["method"] in kinds:
+                params = event["params"]
+                urls.append(params["request"]["url"] if kinds[event["method"]] else params["url"])
+        return urls
 
     async def screenshot(self) -> bytes:
         return base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"])
