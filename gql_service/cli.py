@@ -1,20 +1,39 @@
-"""`gql-service`: dev, serve, worker, export-schema. Entry points only wire."""
+"""The `gql-service` command: run the service, talk to a running one, export the schema."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import errno
 import logging
+import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from . import logs
 from .settings import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:
+    from .embedded_redis import EmbeddedRedis
+
 log = logging.getLogger("gql_service")
+
+EXIT_USAGE = 2  # bad input or settings, as in the client's exit codes (gql_service.client)
+# How long `dev` lets its children stop cleanly before it kills whatever is left of them.
+DEV_STOP_GRACE_S = 4.0
+DEFAULT_URL = "http://127.0.0.1:8000/graphql"
+
+
+def _fail(message: str) -> SystemExit:
+    print(f"gql-service: {message}", file=sys.stderr)
+    return SystemExit(EXIT_USAGE)
 
 
 def _settings() -> Settings:
@@ -23,15 +42,50 @@ def _settings() -> Settings:
     except SettingsError as exc:
         for line in str(exc).splitlines():
             print(f"gql-service: bad setting: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USAGE) from None
     logs.configure(settings.log_format, settings.log_level)
     return settings
 
 
 def _redis_url(settings: Settings) -> str:
-    from .redis_conn import DEFAULT_URL
+    from .redis_conn import DEFAULT_URL as DEFAULT_REDIS_URL
 
-    return settings.redis_url or DEFAULT_URL
+    return settings.redis_url or DEFAULT_REDIS_URL
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _require_redis(url: str, timeout_s: float) -> None:
+    """One clear line instead of RQ's traceback when Redis is not there."""
+    from redis import Redis, RedisError
+
+    client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        client.ping()
+    except (RedisError, OSError, ValueError) as exc:
+        raise _fail(f"cannot reach Redis at {_redacted(url)} ({exc}); check REDIS_URL") from None
+    finally:
+        client.close()
+
+
+def _require_free_port(host: str, port: int, what: str) -> None:
+    """Fail before starting anything, rather than after Redis and workers are up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn and redis-server bind: a port in TIME_WAIT is free for them too.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _fail(f"{host}:{port} is already in use (another gql-service?); choose another {what}") from None
+            raise _fail(f"cannot listen on {host}:{port} ({exc.strerror}); check {what}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -61,18 +115,32 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from .workers import run_workers
 
     settings = _settings()
-    run_workers(settings, redis_url=_redis_url(settings), num_workers=args.workers, burst=args.burst)
+    redis_url = _redis_url(settings)
+    _require_redis(redis_url, settings.redis_timeout_s)
+    # Until RQ installs its own handlers (after the warm-up and, for a pool, after forking
+    # its workers), SIGTERM is an interruption like Ctrl-C, so the `finally` below runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run_workers(settings, redis_url=redis_url, num_workers=args.workers, burst=args.burst)
+    finally:
+        # A pool interrupted while it forks its workers would otherwise wait for them at exit
+        # (multiprocessing joins its children), and they, never told to stop, run forever.
+        for child in multiprocessing.active_children():
+            child.terminate()
+            child.join(5)
+            if child.is_alive():
+                child.kill()
 
 
 def cmd_export_schema(args: argparse.Namespace) -> None:
     from .schema import schema
 
     text = schema.as_str() + "\n"
-    if args.output == "-":
+    if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
         Path(args.output).write_text(text)
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output}", file=sys.stderr)
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
@@ -80,9 +148,14 @@ def _texts(args: argparse.Namespace) -> list[str]:
     for text in args.texts:
         texts.append(sys.stdin.read() if text == "-" else text)
     if args.file:
-        texts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+        try:
+            lines = Path(args.file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise _fail(f"cannot read --file {args.file}: {reason}") from None
+        texts += [line for line in lines if line.strip()]
     if not texts:
-        raise SystemExit("gql-service submit: give a text, - for stdin, or --file")
+        raise _fail("nothing to submit: give a text, - to read one from stdin, or --file")
     return texts
 
 
@@ -91,12 +164,18 @@ def _quiet_client_logs() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def _client_target(args: argparse.Namespace) -> tuple[str, str | None]:
+    return args.url or os.environ.get("GQLS_URL") or DEFAULT_URL, args.api_key or os.environ.get("GQLS_API_KEY")
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from . import client
 
     _quiet_client_logs()
+    texts = _texts(args)
+    url, api_key = _client_target(args)
     try:
-        code = client.submit(args.url, _texts(args), wait=args.wait, as_json=args.json, api_key=args.api_key)
+        code = client.submit(url, texts, wait=args.wait, as_json=args.json, api_key=api_key)
     except client.ClientError as exc:
         print(f"gql-service: {exc}", file=sys.stderr)
         code = client.EXIT_USAGE
@@ -107,105 +186,218 @@ def cmd_status(args: argparse.Namespace) -> None:
     from . import client
 
     _quiet_client_logs()
+    url, api_key = _client_target(args)
     try:
-        code = client.status(args.url, args.id, as_json=args.json, api_key=args.api_key)
+        code = client.status(url, args.id, as_json=args.json, api_key=api_key)
     except client.ClientError as exc:
         print(f"gql-service: {exc}", file=sys.stderr)
         code = client.EXIT_USAGE
     raise SystemExit(code)
 
 
+class _Stop(Exception):
+    """Raised by dev's signal handler into whatever dev is doing at that moment."""
+
+
+def _local(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _http_base(host: str, port: int) -> str:
+    host = _local(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _workers_listening(redis_url: str, queue: str, pool_pid: int) -> int:
+    """How many RQ workers of our own tree are registered on the queue."""
+    from redis import Redis
+    from rq import Queue, Worker
+
+    from .procs import descendants
+
+    ours = descendants(pool_pid) | {pool_pid}
+    with Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1) as redis:
+        workers = Worker.all(connection=redis, queue=Queue(queue, connection=redis))
+    here = socket.gethostname()
+    return sum(1 for w in workers if w.hostname == here and w.pid in ours)
+
+
+def _ready(api: str, redis_url: str, queue: str, pool_pid: int, workers: int) -> bool:
+    import httpx
+    from redis import RedisError
+
+    try:
+        if httpx.get(f"{api}/readyz", timeout=1).status_code != 200:
+            return False
+        return _workers_listening(redis_url, queue, pool_pid) >= workers
+    except (httpx.HTTPError, RedisError, OSError):
+        return False
+
+
+def _stop_dev(children: list[subprocess.Popen[bytes]], redis: EmbeddedRedis | None, hurry: list[bool]) -> None:
+    """Children first (they write to Redis), then Redis; whatever outlives the grace is killed.
+
+    RQ's pool can miss a stop request (one that lands while it forks its workers) and a
+    worker finishes its running job before it stops, so waiting for a clean exit alone
+    could take minutes or forever; nothing of the tree may outlive dev.
+    """
+    from .procs import descendants, kill_tree
+
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + DEV_STOP_GRACE_S
+    redis_pid = redis.process.pid if redis is not None and redis.process is not None else None
+    while time.monotonic() < deadline and not hurry:
+        if all(c.poll() is not None for c in children) and descendants(os.getpid()) <= {redis_pid}:
+            break
+        time.sleep(0.05)
+    leftovers = descendants(os.getpid()) - {redis_pid}
+    if leftovers:
+        log.warning("dev: %d process(es) did not stop in time; killing them", len(leftovers))
+        kill_tree(leftovers, groups=[c.pid for c in children])
+    for child in children:
+        child.wait()
+    if redis is not None:
+        redis.stop()
+    kill_tree(descendants(os.getpid()))  # anything forked while we were stopping
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     """Everything in one process tree; one Ctrl-C (or SIGTERM) stops all of it."""
     from .embedded_redis import EmbeddedRedis
-    from .procs import child_preexec
+    from .procs import become_subreaper, child_preexec
 
     settings = _settings()
-    env = dict(os.environ)
-    redis: EmbeddedRedis | None = None
-    if not settings.redis_url:
-        redis = EmbeddedRedis().start()
-        env["REDIS_URL"] = redis.url
-        log.info("dev: embedded Redis at %s (nothing kept on disk)", redis.url)
-    log.info("dev: LLM provider %s", settings.provider)
-    me = [sys.executable, "-m", "gql_service"]
-    children = [
-        subprocess.Popen([*me, "worker", "--workers", str(args.workers)], env=env, preexec_fn=child_preexec),
-        subprocess.Popen(
-            [*me, "serve", "--host", args.host, "--port", str(args.port)], env=env, preexec_fn=child_preexec
-        ),
-    ]
-    log.info("dev: API on http://%s:%d/graphql  (Ctrl-C stops everything)", args.host, args.port)
+    _require_free_port(args.host, args.port, "--port")
+    if not settings.redis_url and settings.embedded_redis_port:
+        _require_free_port("127.0.0.1", settings.embedded_redis_port, "EMBEDDED_REDIS_PORT")
+    become_subreaper()
+    _quiet_client_logs()  # the readiness probes
+    hurry: list[bool] = []  # a second Ctrl-C while stopping: kill at once
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    def hurry_up(signum: int, frame: FrameType | None) -> None:
+        hurry.append(True)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for sig in signals:  # before raising: a second signal must not interrupt the stopping
+            signal.signal(sig, hurry_up)
+        raise _Stop
 
     # Explicit handlers: a shell that backgrounds us may have left SIGINT ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in signals:
         signal.signal(sig, stop)
+    env = dict(os.environ)
+    redis_url = _redis_url(settings)
+    redis: EmbeddedRedis | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    requested = False
     try:
+        if not settings.redis_url:
+            redis = EmbeddedRedis(port=settings.embedded_redis_port)
+            redis.start()
+            env["REDIS_URL"] = redis_url = redis.url
+            log.info("dev: embedded Redis at %s (nothing kept on disk)", redis.url)
+        log.info("dev: LLM provider %s; starting %d worker(s) and the API", settings.provider, args.workers)
+        me = [sys.executable, "-m", "gql_service"]
+        worker_cmd = [*me, "worker", "--workers", str(args.workers)]
+        children.append(subprocess.Popen(worker_cmd, env=env, preexec_fn=child_preexec))
+        serve_cmd = [*me, "serve", "--host", args.host, "--port", str(args.port)]
+        children.append(subprocess.Popen(serve_cmd, env=env, preexec_fn=child_preexec))
+        api = _http_base(args.host, args.port)
+        ready = False
         while all(c.poll() is None for c in children):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                children[0].wait(timeout=0.5)
-    except KeyboardInterrupt:
-        pass
+            if not ready and _ready(api, redis_url, settings.rq_queue, children[0].pid, args.workers):
+                ready = True
+                log.info(
+                    "dev: ready: %s/graphql (console at %s/), %d worker(s) on queue %r; Ctrl-C stops everything",
+                    api, api, args.workers, settings.rq_queue,
+                )  # fmt: skip
+            time.sleep(0.1 if not ready else 0.5)
+    except (_Stop, KeyboardInterrupt):
+        requested = True
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan anything
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        if redis is not None:
-            redis.stop()
+        for sig in signals:
+            signal.signal(sig, hurry_up)
+        _stop_dev(children, redis, hurry)
         log.info("dev: stopped")
-    failed = [c.returncode for c in children if c.returncode not in (0, -signal.SIGINT, -signal.SIGTERM)]
-    if failed:
+    if not requested:
+        log.error("dev: a child exited on its own (exit codes %s); stopped the rest", [c.returncode for c in children])
         raise SystemExit(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gql-service", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults where they say something (not for flags, not for "unset")."""
 
-    p = sub.add_parser("dev", help="embedded Redis (if REDIS_URL is unset) + workers + API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+EPILOG = """\
+examples:
+  gql-service dev                                  the whole service on http://127.0.0.1:8000
+                                                   (console at /, GraphiQL at /graphql)
+  gql-service submit --wait "I loved the clinic."  submit a text and follow it live
+  gql-service status JOB_ID                        a job's state and result
+  gql-service export-schema > schema.graphql       the GraphQL SDL
+
+Settings (REDIS_URL, OPENAI_API_KEY, LLM_PROVIDER, ...) come from the environment and
+./.env; see README.md. `gql-service COMMAND --help` shows a command's options."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gql-service",
+        description="Structured JSON from free text with an LLM, behind a live GraphQL API (Redis + RQ workers).",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter)
+
+    p = command("dev", "run everything: embedded Redis (if REDIS_URL is unset), RQ workers and the API")
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    p.add_argument("--port", type=int, default=8000, help="port the API listens on")
     p.add_argument("--workers", type=int, default=2, help="RQ worker processes")
     p.set_defaults(func=cmd_dev)
 
-    p = sub.add_parser("serve", help="the GraphQL API (uvicorn)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = command("serve", "run the GraphQL API (uvicorn) against REDIS_URL")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs ~5%% at full load)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="RQ workers for RQ_QUEUE, with the scheduler")
+    p = command("worker", "run RQ workers for RQ_QUEUE against REDIS_URL, with the scheduler")
     p.add_argument("--workers", type=int, default=1, help="worker processes (a pool when > 1)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
 
-    for name, help_ in (("submit", "submit texts to a running service"), ("status", "show a job")):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--url", default=os.environ.get("GQLS_URL", "http://127.0.0.1:8000/graphql"))
-        p.add_argument("--api-key", default=os.environ.get("GQLS_API_KEY"), help="or GQLS_API_KEY")
-        p.add_argument("--json", action="store_true", help="print JSON")
+    for name, help_ in (
+        ("submit", "submit texts to a running service; prints job ids, or with --wait the results"),
+        ("status", "show a job of a running service"),
+    ):
+        p = command(name, help_)
+        p.add_argument("--url", help=f"the service's GraphQL endpoint (default: $GQLS_URL, else {DEFAULT_URL})")
+        p.add_argument("--api-key", help="API key, when the service has API_KEYS (default: $GQLS_API_KEY)")
+        p.add_argument("--json", action="store_true", help="print the jobs as JSON")
         if name == "submit":
-            p.add_argument("texts", nargs="*", help="texts to submit; - reads one from stdin")
+            p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to submit; - reads one from stdin")
             p.add_argument("--file", help="a file with one text a line (a batch)")
             p.add_argument("--wait", action="store_true", help="follow the jobs live until they end")
             p.set_defaults(func=cmd_submit)
         else:
-            p.add_argument("id")
+            p.add_argument("id", metavar="JOB_ID", help="the job's id")
             p.set_defaults(func=cmd_status)
+        p.epilog = "exit codes: 0 finished, 1 failed, 3 canceled, 4 still running, 2 bad input or no service"
 
-    p = sub.add_parser("export-schema", help="print or write the GraphQL SDL")
-    p.add_argument("--output", default="schema.graphql", help="file to write, or - for stdout")
+    p = command("export-schema", "print the GraphQL SDL (what schema.graphql holds) to stdout, or write it to a file")
+    p.add_argument("--output", metavar="FILE", help="write the SDL to FILE instead of stdout (- is stdout)")
     p.set_defaults(func=cmd_export_schema)
     return parser
 
@@ -213,4 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     logs.configure()
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # Ctrl-C is how these commands end: no traceback

@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     redis_url: str | None = None
+    # The port of the Redis that `dev` starts when REDIS_URL is unset; unset: any free port.
+    embedded_redis_port: int | None = Field(None, ge=1, le=65535)
     rq_queue: str = Field("llm", min_length=1)
     llm_provider: Literal["openai", "offline"] | None = None
     openai_api_key: SecretStr | None = None

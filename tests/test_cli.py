@@ -1,12 +1,19 @@
-"""The command line: settings errors, export-schema, and `dev` starting and stopping cleanly."""
+"""The command line: help, bad input and settings, export-schema, `dev` starting and stopping."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -14,12 +21,12 @@ import psutil
 from gql import Client, GraphQLRequest, gql
 from gql.transport.websockets import WebsocketsTransport
 from redis import Redis
-from rq import Queue
+from rq import Queue, Worker
 
 from gql_service import keys, store
 from gql_service.embedded_redis import free_port
 
-from .service import answers, wait_until
+from .service import answers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,15 +59,103 @@ def test_export_schema_writes_the_sdl(tmp_path: Path) -> None:
     assert "type Subscription {" in out.read_text()
 
 
+def test_export_schema_without_an_argument_prints_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "schema.graphql").write_text("# mine, not to be overwritten\n")
+    result = run_cli("export-schema", cwd=tmp_path)
+    assert result.returncode == 0 and "type Subscription {" in result.stdout
+    assert (tmp_path / "schema.graphql").read_text() == "# mine, not to be overwritten\n"
+    assert "print" in run_cli("export-schema", "--help").stdout
+
+
+def test_help_shows_every_command_defaults_and_the_url_variable() -> None:
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("dev", "serve", "worker", "submit", "status", "export-schema"):
+        assert re.search(rf"^    {command}\b", top.stdout, re.MULTILINE), command
+    assert "wire" not in top.stdout  # no internal notes
+    dev = run_cli("dev", "--help").stdout
+    assert "(default: 8000)" in dev and "(default: 127.0.0.1)" in dev and "(default: 2)" in dev
+    submit = run_cli("submit", "--help", env={"GQLS_API_KEY": "secret-key-1"}).stdout
+    assert "GQLS_URL" in submit and "GQLS_API_KEY" in submit and "secret-key-1" not in submit
+
+
+def test_submit_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    missing = run_cli("submit", "--file", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"gql-service: cannot read --file {tmp_path / 'nope.txt'}: "
+                                                   "No such file or directory"]  # fmt: skip
+    nothing = run_cli("submit")
+    assert nothing.returncode == 2 and len(nothing.stderr.strip().splitlines()) == 1
+
+
+def test_worker_without_redis_is_one_clear_line(tmp_path: Path) -> None:
+    url = f"redis://:hunter22@127.0.0.1:{free_port()}/0"
+    result = run_cli("worker", env={"REDIS_URL": url}, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gql-service: cannot reach Redis at redis://:***@127.0.0.1:")
+    assert "REDIS_URL" in lines[0] and "hunter22" not in result.stderr
+
+
+@contextmanager
+def listening() -> Iterator[int]:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield busy.getsockname()[1]
+
+
+def test_dev_on_a_busy_port_fails_at_once_and_starts_nothing(tmp_path: Path) -> None:
+    with listening() as port:
+        api = run_cli("dev", "--port", str(port), cwd=tmp_path)
+        redis = run_cli("dev", "--port", str(free_port()), env={"EMBEDDED_REDIS_PORT": str(port)}, cwd=tmp_path)
+    assert api.returncode == 2 and api.stderr.strip().splitlines() == [
+        f"gql-service: 127.0.0.1:{port} is already in use (another gql-service?); choose another --port"
+    ]
+    assert redis.returncode == 2 and "EMBEDDED_REDIS_PORT" in redis.stderr
+    for result in (api, redis):
+        assert "Traceback" not in result.stderr and "dev:" not in result.stderr  # nothing was started
+
+
+def lines_of(stream: object) -> queue.Queue[str]:
+    """Read a child's output in a thread, so it never blocks on a full pipe."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for raw in stream:  # type: ignore[attr-defined]
+            lines.put(raw.decode(errors="replace"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def wait_for_line(lines: queue.Queue[str], text: str, timeout_s: float) -> str:
+    seen, deadline = [], time.monotonic() + timeout_s
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no line with {text!r} in {timeout_s} s:\n{''.join(seen)}") from None
+        seen.append(line)
+        if text in line:
+            return line
+
+
 def test_dev_runs_everything_and_one_sigint_stops_it_all(tmp_path: Path) -> None:
-    port = free_port()
+    port, redis_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "REDIS_"))}
+    env |= {"EMBEDDED_REDIS_PORT": str(redis_port), "PYTHONUNBUFFERED": "1"}
     dev = subprocess.Popen(
-        [sys.executable, "-m", "gql_service", "dev", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "gql_service", "dev", "--port", str(port), "--workers", "2"],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz"), timeout_s=30, what="gql-service dev to be ready")
+        ready = wait_for_line(lines_of(dev.stdout), "dev: ready", timeout_s=60)
+        # "ready" means it: the API answers and both workers listen on the queue, at that very moment.
+        assert f"http://127.0.0.1:{port}/graphql" in ready
+        assert answers(f"http://127.0.0.1:{port}/readyz")
+        with Redis(port=redis_port) as redis:  # EMBEDDED_REDIS_PORT chose the port
+            assert Worker.count(queue=Queue("llm", connection=redis)) == 2
         tree = psutil.Process(dev.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
         assert "redis-server" in names and "serve" in names and "worker" in names
