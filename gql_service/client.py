@@ -91,7 +91,10 @@ async def follow(url: str, ids: list[str], api_key: str | None, *, progress: boo
                 if message["payload"].get("errors"):
                     raise ClientError("; ".join(e["message"] for e in message["payload"]["errors"]))
                 job = message["payload"]["data"]["jobsUpdates"]
-                if progress and latest.get(job["id"], {}).get("stage") != job["stage"]:
+                before = latest.get(job["id"], {})
+                # The first event is the job as it is now (QUEUED, or already ended if the
+                # workers were quick); then every change: a retry shows as its own line.
+                if progress and (before.get("status"), before.get("stage")) != (job["status"], job["stage"]):
                     print(f"{job['id']}  {job['status']:<9} {job['stage']}", file=sys.stderr, flush=True)
                 latest[job["id"]] = job
             elif message["type"] == "error":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .clients import submit
+from .openai_stub import OpenAIStub
 from .service import Service
 
 
@@ -19,12 +20,30 @@ def cli(svc: Service, *args: str, stdin: str | None = None) -> subprocess.Comple
     )
 
 
-def test_submit_wait_shows_stages_then_the_result(service: Service) -> None:
-    done = cli(service, "submit", "--wait", "I loved the clinic. Dr. Rao was kind.")
-    assert done.returncode == 0, done.stderr
-    assert "CALLING_LLM" in done.stderr and "DONE" in done.stderr  # live progress
-    assert "HTTP Request" not in done.stderr  # and nothing else
-    assert "sentiment: POSITIVE" in done.stdout and "Dr. Rao" in done.stdout
+def test_submit_wait_shows_every_stage_then_the_result(e2e_redis: str, stub: OpenAIStub) -> None:
+    # No worker until the CLI follows the job, so it sees it QUEUED and then every change,
+    # however quick the workers (before, a job done before the CLI subscribed showed only
+    # its last line). The model takes a moment, so CALLING_LLM is not overtaken by the next
+    # state in the API's latest-wins mailbox either.
+    stub.latency_s = 0.3
+    env = {"RQ_QUEUE": "llm-cli-wait", "LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test",
+           "OPENAI_BASE_URL": stub.base_url}  # fmt: skip
+    with Service(e2e_redis, workers=0, env=env) as svc:
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "gql_service", "submit", "--wait", "I loved the clinic. Dr. Rao was kind."],
+            env={**os.environ, "GQLS_URL": svc.http_url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert follow.stderr is not None
+        first = follow.stderr.readline()  # printed once the subscription has its snapshot
+        assert first.split()[1:] == ["QUEUED", "QUEUED"], first
+        svc.start_worker(1)
+        out, err = follow.communicate(timeout=60)
+    assert follow.returncode == 0, err
+    stages = [line.split()[2] for line in [first, *err.splitlines()]]
+    assert stages[:2] == ["QUEUED", "CALLING_LLM"] and stages[-1] == "DONE", stages
+    assert stages in (["QUEUED", "CALLING_LLM", "VALIDATING", "DONE"], ["QUEUED", "CALLING_LLM", "DONE"])
+    assert "HTTP Request" not in err  # and nothing else
+    assert "sentiment: POSITIVE" in out and "Dr. Rao" in out
 
 
 def test_submit_json_batch_from_a_file_and_stdin(service: Service, tmp_path: Path) -> None:
