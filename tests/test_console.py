@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,12 @@ from .openai_stub import Fault, OpenAIStub
 from .service import Service
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console.png"
+
+
+def job_score(svc: Service, job_id: str) -> float:
+    query = "query($id: ID!) { job(id: $id) { result { toxicityScore } } }"
+    reply = httpx.post(svc.http_url, json={"query": query, "variables": {"id": job_id}}).json()
+    return float(reply["data"]["job"]["result"]["toxicityScore"])
 
 
 def test_console_is_one_self_contained_page(service: Service) -> None:
@@ -33,7 +40,14 @@ async def test_submit_watch_the_stages_and_see_the_result(service: Service, tmp_
         result = await browser.evaluate("document.querySelector('[data-testid=result]').innerText")
         assert "POSITIVE" in result and "Dr. Rao" in result and "Springfield General Hospital" in result
         bars = await browser.evaluate("document.querySelectorAll('.entity .bar span').length")
-        assert bars >= 3  # one confidence bar per entity
+        assert bars >= 3  # one confidence bar per entity...
+        confidences = await browser.evaluate("[...document.querySelectorAll('.entity .num')].map(n => n.textContent)")
+        assert len(confidences) == bars and all(
+            re.fullmatch(r"[01]\.\d\d", c) for c in confidences
+        )  # ...with its number
+        job_id = await browser.evaluate("document.querySelector('[data-testid=job-id]').textContent.split(' ')[0]")
+        toxicity = await browser.evaluate("document.querySelector('[data-testid=toxicity]')?.textContent")
+        assert toxicity == f"{job_score(service, job_id):.2f}"  # the bar's number, as the API has it
         await browser.until("document.querySelectorAll('#recent tr').length > 0")
         png = await browser.screenshot()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
