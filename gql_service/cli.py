@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -195,10 +196,6 @@ def cmd_status(args: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
-class _Stop(Exception):
-    """Raised by dev's signal handler into whatever dev is doing at that moment."""
-
-
 def _local(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
@@ -216,7 +213,7 @@ def _workers_listening(redis_url: str, queue: str, pool_pid: int) -> int:
     from .procs import descendants
 
     ours = descendants(pool_pid) | {pool_pid}
-    with Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1) as redis:
+    with Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5) as redis:
         workers = Worker.all(connection=redis, queue=Queue(queue, connection=redis))
     here = socket.gethostname()
     return sum(1 for w in workers if w.hostname == here and w.pid in ours)
@@ -227,14 +224,16 @@ def _ready(api: str, redis_url: str, queue: str, pool_pid: int, workers: int) ->
     from redis import RedisError
 
     try:
-        if httpx.get(f"{api}/readyz", timeout=1).status_code != 200:
+        if httpx.get(f"{api}/readyz", timeout=0.5).status_code != 200:
             return False
         return _workers_listening(redis_url, queue, pool_pid) >= workers
     except (httpx.HTTPError, RedisError, OSError):
         return False
 
 
-def _stop_dev(children: list[subprocess.Popen[bytes]], redis: EmbeddedRedis | None, hurry: list[bool]) -> None:
+def _stop_dev(
+    children: list[subprocess.Popen[bytes]], redis: EmbeddedRedis | None, *, hurry: Callable[[], bool]
+) -> None:
     """Children first (they write to Redis), then Redis; whatever outlives the grace is killed.
 
     RQ's pool can miss a stop request (one that lands while it forks its workers) and a
@@ -248,7 +247,7 @@ def _stop_dev(children: list[subprocess.Popen[bytes]], redis: EmbeddedRedis | No
             child.send_signal(signal.SIGINT)
     deadline = time.monotonic() + DEV_STOP_GRACE_S
     redis_pid = redis.process.pid if redis is not None and redis.process is not None else None
-    while time.monotonic() < deadline and not hurry:
+    while time.monotonic() < deadline and not hurry():
         if all(c.poll() is not None for c in children) and descendants(os.getpid()) <= {redis_pid}:
             break
         time.sleep(0.05)
@@ -274,55 +273,53 @@ def cmd_dev(args: argparse.Namespace) -> None:
         _require_free_port("127.0.0.1", settings.embedded_redis_port, "EMBEDDED_REDIS_PORT")
     become_subreaper()
     _quiet_client_logs()  # the readiness probes
-    hurry: list[bool] = []  # a second Ctrl-C while stopping: kill at once
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # The handler only takes note. An exception raised from it could land in any library
+    # frame, and redis-py (turning what breaks a connect into ConnectionError), finalizers
+    # and `except Exception` blocks would swallow it: Ctrl-C would then be lost for good.
+    received: list[int] = []
 
-    def hurry_up(signum: int, frame: FrameType | None) -> None:
-        hurry.append(True)
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        for sig in signals:  # before raising: a second signal must not interrupt the stopping
-            signal.signal(sig, hurry_up)
-        raise _Stop
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
 
     # Explicit handlers: a shell that backgrounds us may have left SIGINT ignored.
-    for sig in signals:
-        signal.signal(sig, stop)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, note)
     env = dict(os.environ)
     redis_url = _redis_url(settings)
     redis: EmbeddedRedis | None = None
     children: list[subprocess.Popen[bytes]] = []
-    requested = False
     try:
-        if not settings.redis_url:
+        if not settings.redis_url and not received:
             redis = EmbeddedRedis(port=settings.embedded_redis_port)
-            redis.start()
+            try:
+                redis.start()
+            except RuntimeError as exc:
+                raise _fail(f"the embedded Redis did not start: {exc}") from None
             env["REDIS_URL"] = redis_url = redis.url
             log.info("dev: embedded Redis at %s (nothing kept on disk)", redis.url)
         log.info("dev: LLM provider %s; starting %d worker(s) and the API", settings.provider, args.workers)
         me = [sys.executable, "-m", "gql_service"]
-        worker_cmd = [*me, "worker", "--workers", str(args.workers)]
-        children.append(subprocess.Popen(worker_cmd, env=env, preexec_fn=child_preexec))
-        serve_cmd = [*me, "serve", "--host", args.host, "--port", str(args.port)]
-        children.append(subprocess.Popen(serve_cmd, env=env, preexec_fn=child_preexec))
+        for command in (
+            ["worker", "--workers", str(args.workers)],
+            ["serve", "--host", args.host, "--port", str(args.port)],
+        ):
+            if not received:
+                children.append(subprocess.Popen([*me, *command], env=env, preexec_fn=child_preexec))
         api = _http_base(args.host, args.port)
         ready = False
-        while all(c.poll() is None for c in children):
+        while not received and all(c.poll() is None for c in children):
             if not ready and _ready(api, redis_url, settings.rq_queue, children[0].pid, args.workers):
                 ready = True
                 log.info(
                     "dev: ready: %s/graphql (console at %s/), %d worker(s) on queue %r; Ctrl-C stops everything",
                     api, api, args.workers, settings.rq_queue,
                 )  # fmt: skip
-            time.sleep(0.1 if not ready else 0.5)
-    except (_Stop, KeyboardInterrupt):
-        requested = True
+            time.sleep(0.1)
     finally:
-        for sig in signals:
-            signal.signal(sig, hurry_up)
-        _stop_dev(children, redis, hurry)
+        # A second signal while stopping: no more grace, kill what is left.
+        _stop_dev(children, redis, hurry=lambda: len(received) > 1)
         log.info("dev: stopped")
-    if not requested:
+    if not received:
         log.error("dev: a child exited on its own (exit codes %s); stopped the rest", [c.returncode for c in children])
         raise SystemExit(1)
 
