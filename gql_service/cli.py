@@ -240,14 +240,16 @@ def _stop_dev(
     worker finishes its running job before it stops, so waiting for a clean exit alone
     could take minutes or forever; nothing of the tree may outlive dev.
     """
-    from .procs import descendants, kill_tree
+    from .procs import descendants, kill_tree, reap_adopted
 
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGINT)
     deadline = time.monotonic() + DEV_STOP_GRACE_S
     redis_pid = redis.process.pid if redis is not None and redis.process is not None else None
+    ours = {c.pid for c in children} | {redis_pid or 0}
     while time.monotonic() < deadline and not hurry():
+        reap_adopted(besides=ours)
         if all(c.poll() is not None for c in children) and descendants(os.getpid()) <= {redis_pid}:
             break
         time.sleep(0.05)

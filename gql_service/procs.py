@@ -42,8 +42,9 @@ def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _parents() -> dict[int, int]:
-    parents: dict[int, int] = {}
+def _table() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, state letter), for every process /proc shows."""
+    table: dict[int, tuple[int, bytes]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -54,16 +55,17 @@ def _parents() -> dict[int, int]:
             continue  # gone meanwhile
         # The command name is in parentheses and may hold spaces and parentheses itself.
         fields = stat[stat.rindex(b")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-    return parents
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
 
 
 def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (empty where there is no /proc to read)."""
+    """Every live process below `pid`, zombies aside (empty where there is no /proc)."""
     if not os.path.isdir("/proc/self"):
         return set()
+    table = _table()
     children: dict[int, list[int]] = {}
-    for child, parent in _parents().items():
+    for child, (parent, _) in table.items():
         children.setdefault(parent, []).append(child)
     found: set[int] = set()
     todo = [pid]
@@ -72,7 +74,17 @@ def descendants(pid: int) -> set[int]:
             if child not in found:
                 found.add(child)
                 todo.append(child)
-    return found
+    return {p for p in found if table[p][1] != b"Z"}
+
+
+def reap_adopted(*, besides: set[int]) -> None:
+    """Wait for the orphans we adopted that have exited (not `besides`: Popen waits for those)."""
+    if not os.path.isdir("/proc/self"):
+        return
+    me = os.getpid()
+    for pid, (parent, state) in _table().items():
+        if parent == me and state == b"Z" and pid not in besides:
+            _reap(pid)
 
 
 def _gone(pid: int) -> bool:
