@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -68,9 +67,9 @@ class TenantSlots:
 
     def __init__(self, *, max_watched: int, max_reads: int) -> None:
         self.max_watched = max_watched
-        self.max_reads = max_reads
         self.watched: Counter[str] = Counter()
-        self._reads: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        # Tenants are the API_KEYS' (or "public"): a fixed set, so these are never pruned.
+        self._reads: defaultdict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(max_reads))
 
     @contextlib.contextmanager
     def watching(self, tenant: str, count: int) -> Iterator[None]:
@@ -83,22 +82,9 @@ class TenantSlots:
             yield
         finally:
             self.watched[tenant] -= count
-            if not self.watched[tenant]:
-                del self.watched[tenant]
 
-    @contextlib.asynccontextmanager
-    async def reading(self, tenant: str) -> AsyncIterator[None]:
-        sem, users = self._reads.get(tenant) or (asyncio.Semaphore(self.max_reads), 0)
-        self._reads[tenant] = (sem, users + 1)
-        try:
-            async with sem:
-                yield
-        finally:
-            sem, users = self._reads[tenant]
-            if users == 1:
-                del self._reads[tenant]
-            else:
-                self._reads[tenant] = (sem, users - 1)
+    def reading(self, tenant: str) -> asyncio.Semaphore:
+        return self._reads[tenant]
 
 
 def retry_policy(settings: Settings) -> Retry | None:
@@ -227,8 +213,6 @@ class JobService:
         A status filter never hides a match: when the scan bound is reached before the page
         is full, the page ends early and the cursor points past what was scanned.
         """
-        if after is not None and not math.isfinite(after[0]):
-            raise BadUserInput("after is not a cursor this API gave out")
         page: list[tuple[JobRecord, float]] = []
         cursor = after
         scanned = 0
@@ -245,7 +229,7 @@ class JobService:
                         page.append((record, score))
                     cursor = (score, job_id)
                     scanned += 1
-                    if scanned >= MAX_LIST_SCAN and len(page) < first:
+                    if scanned >= MAX_LIST_SCAN:
                         return page, cursor
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:

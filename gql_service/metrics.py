@@ -114,6 +114,9 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
     """The API's own figures always; the cluster-wide job figures when Redis answers in time
     (a scrape during an outage still shows the process, with gqls_redis_up 0)."""
     stages = ("CALLING_LLM", "VALIDATING", "REPAIRING")
+    families: list[Metric] = [
+        GaugeMetricFamily("gqls_active_subscriptions", "Open jobUpdates subscriptions", value=subscribers)
+    ]
     try:
         async with asyncio.timeout(timeout_s), redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.metrics("jobs"))
@@ -124,11 +127,8 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
             pipe.llen(queue_key)
             jobs, tokens, llm, *stage_rows, depth = await pipe.execute()
     except (RedisError, OSError, TimeoutError):
-        down: list[Metric] = [
-            GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0),
-            GaugeMetricFamily("gqls_active_subscriptions", "Open jobUpdates subscriptions", value=subscribers),
-        ]
-        return generate_latest(REGISTRY) + _expose(down)
+        families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
+        return generate_latest(REGISTRY) + _expose(families)
     finished = CounterMetricFamily(
         "gqls_jobs_finished", "Jobs by final status and error code", labels=["status", "code"]
     )
@@ -138,7 +138,7 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
     token_family = CounterMetricFamily("gqls_llm_tokens", "LLM tokens used, over every attempt", labels=["kind"])
     for kind, count in tokens.items():
         token_family.add_metric([kind.decode()], float(count))
-    families: list[Metric] = [
+    families += [
         finished,
         token_family,
         _histogram("gqls_llm_call_seconds", "Latency of one LLM call", [({}, llm)]),
@@ -147,7 +147,6 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
             "Time jobs spend in each stage",
             [({"stage": s}, raw) for s, raw in zip(stages, stage_rows, strict=True)],
         ),  # fmt: skip
-        GaugeMetricFamily("gqls_active_subscriptions", "Open jobUpdates subscriptions", value=subscribers),
         GaugeMetricFamily("gqls_queue_depth", "Jobs waiting in the RQ queue", value=float(depth)),
         GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
