@@ -9,7 +9,7 @@ SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.graphql"
 
 def test_schema_graphql_matches_the_code() -> None:
     assert SCHEMA_FILE.read_text() == schema.as_str() + "\n", (
-        "schema.graphql is stale: run `gql-service export-schema` and commit the result"
+        "schema.graphql is stale: run `gql-service export-schema > schema.graphql` and commit the result"
     )
 
 
