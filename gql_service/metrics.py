@@ -1,9 +1,9 @@
 """Prometheus metrics.
 
-API-side figures (GraphQL operations and errors, subscriptions, queue depth) come from the
-process serving `/metrics`. Job figures (final status and error code, stage durations, LLM
-latency, tokens) are written by the workers into Redis, one pipeline per attempt, and read
-at scrape time: every API replica reports the same cluster-wide job totals, so aggregate
+API-side figures (GraphQL operations and errors, counted by `operations`; subscriptions,
+queue depth) come from the process serving `/metrics`. Job figures (final status and error
+code, stage durations, LLM latency, tokens) are written by the workers into Redis, one
+pipeline per attempt, and read at scrape time: every API replica reports the same cluster-wide job totals, so aggregate
 them with `max`, not `sum`.
 """
 
@@ -11,52 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-from graphql import OperationDefinitionNode
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
-from strawberry.extensions import SchemaExtension
 
 from . import keys
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-REGISTRY = CollectorRegistry()
-OPERATIONS = Counter(
-    "gqls_graphql_operations", "GraphQL operations by type and root field", ["type", "field"], registry=REGISTRY
-)
-ERRORS = Counter(
-    "gqls_graphql_errors", "GraphQL errors by type, root field and code", ["type", "field", "code"], registry=REGISTRY
-)
-
-
-class OperationMetrics(SchemaExtension):
-    """Counts operations and their errors, labelled by root field (bounded by the schema,
-    unlike client-chosen operation names)."""
-
-    def on_operation(self) -> Iterator[None]:
-        yield
-        ctx = self.execution_context
-        kind, field = "invalid", "invalid"
-        document = ctx.graphql_document
-        if document is not None:
-            for definition in document.definitions:
-                if isinstance(definition, OperationDefinitionNode):
-                    kind = definition.operation.value
-                    selections = definition.selection_set.selections
-                    field = getattr(getattr(selections[0], "name", None), "value", "fragment") if selections else "-"
-                    break
-        OPERATIONS.labels(kind, field).inc()
-        errors = (ctx.result.errors if ctx.result else None) or ctx.pre_execution_errors or []
-        for error in errors:
-            code = (error.extensions or {}).get("code", "GRAPHQL_ERROR")
-            ERRORS.labels(kind, field, str(code)).inc()
+REGISTRY = CollectorRegistry()  # the API process's own counters (see `operations`)
 
 
 # -- written by workers -------------------------------------------------------------------

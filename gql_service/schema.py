@@ -16,7 +16,7 @@ from strawberry.types import Info
 from . import models
 from .errors import BadUserInput, Unauthenticated
 from .jobs import JobService, NewJob
-from .metrics import OperationMetrics
+from .operations import OperationMetrics, Schema
 from .query_limits import QueryLimits
 
 JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
@@ -284,7 +284,7 @@ class Subscription:
             yield Job.from_record(record)
 
 
-schema = strawberry.Schema(
+schema = Schema(
     query=Query,
     mutation=Mutation,
     subscription=Subscription,

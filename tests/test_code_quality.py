@@ -23,3 +23,17 @@ def test_ruff_lint_and_format_pass() -> None:
     assert lint.returncode == 0, lint.stdout
     fmt = run("ruff", "format", "--check", "gql_service", "tests", "worker.py")
     assert fmt.returncode == 0, fmt.stdout
+
+
+def test_module_boundaries_hold() -> None:
+    """The contracts in pyproject.toml: workers never import Strawberry, the API never
+    imports the worker side, providers never touch Redis."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 kept, 0 broken" in result.stdout, result.stdout
