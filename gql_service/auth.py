@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .media_types import content_type_for
+
 PUBLIC_TENANT = "public"
 
 
@@ -73,7 +75,7 @@ class RequireApiKey:
         tenant = self.keys.tenant(headers.get(b"authorization", b"").decode("latin-1"))
         if tenant is None:
             await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                (b"content-type", content_type_for(headers)), (b"www-authenticate", b"Bearer"),
             ]})  # fmt: skip
             await send({"type": "http.response.body", "body": UNAUTHENTICATED_BODY})
             return

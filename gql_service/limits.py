@@ -5,6 +5,8 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .media_types import content_type_for
+
 
 class BodyTooLarge(Exception):
     pass
@@ -30,9 +32,10 @@ class LimitBodySize:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(send, headers)
             return
         seen = 0
         started = False
@@ -55,8 +58,9 @@ class LimitBodySize:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, headers)
 
-    async def _reject(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+    async def _reject(self, send: Send, headers: dict[bytes, bytes]) -> None:
+        content_type = content_type_for(headers)
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", content_type)]})
         await send({"type": "http.response.body", "body": _too_large_body(self.max_bytes)})

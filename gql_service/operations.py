@@ -59,10 +59,11 @@ class OperationMetrics(SchemaExtension):
 
 
 def error_code(error: GraphQLError) -> str:
-    original = error.original_error
-    if isinstance(original, ClientError):
-        return original.code
-    return "GRAPHQL_ERROR" if original is None else "INTERNAL_SERVER_ERROR"
+    """The error's `extensions.code` (only the service sets one), else a generic code."""
+    code = (error.extensions or {}).get("code")
+    if isinstance(code, str):
+        return code
+    return "GRAPHQL_ERROR" if error.original_error is None else "INTERNAL_SERVER_ERROR"
 
 
 class Schema(strawberry.Schema):

@@ -30,14 +30,13 @@ from strawberry.types.unset import UnsetType
 
 from . import logs
 from .auth import ApiKeys
+from .media_types import GRAPHQL_RESPONSE_JSON, JSON, content_type_of, preferred_media_type
 from .schema import MAX_TOKENS, Context, schema
 from .settings import Settings
 from .ws import LegacyWSHandler, TransportWSHandler
 
 MAX_REQUEST_ID_CHARS = 128
 GRAPHIQL = Path(__file__).with_name("static") / "graphiql"
-JSON = "application/json"
-GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 # A request object or a batch; anything else ("hello", null, 42) is not a GraphQL request.
 _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
 
@@ -45,28 +44,6 @@ _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
 def request_id_of(request: Request | WebSocket) -> str:
     given = request.headers.get("x-request-id", "")
     return given[:MAX_REQUEST_ID_CHARS] if given.strip() else uuid.uuid4().hex
-
-
-def preferred_media_type(accept: str) -> str:
-    """application/graphql-response+json when the client names it and ranks it no lower than
-    application/json; otherwise (no Accept, */*, application/json) application/json, as before."""
-    response_json_q = json_q = 0.0
-    for media_range in accept.split(","):
-        media_type, *params = media_range.split(";")
-        q = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        media_type = media_type.strip().lower()
-        if media_type == GRAPHQL_RESPONSE_JSON:
-            response_json_q = max(response_json_q, q)
-        elif media_type in (JSON, "application/*", "*/*"):
-            json_q = max(json_q, q)
-    return GRAPHQL_RESPONSE_JSON if response_json_q > 0 and response_json_q >= json_q else JSON
 
 
 class RequestError(HTTPException):
@@ -310,8 +287,3 @@ class GraphQLView(GraphQL[Context, None]):
                 raise ConnectionRejectionError({"message": "a valid API key is required"})
             context.tenant = tenant
         return await super().on_ws_connect(context)
-
-
-def content_type_of(media_type: str) -> str:
-    # application/json stays exactly as before (no charset); the new type names its charset.
-    return f"{media_type}; charset=utf-8" if media_type == GRAPHQL_RESPONSE_JSON else media_type

@@ -34,7 +34,21 @@ def secured(e2e_redis: str) -> Iterator[Service]:
 def test_http_without_a_valid_key_is_401_unauthenticated(secured: Service, headers: dict[str, str]) -> None:
     response = post(secured, SUBMIT, headers=headers, text=TEXT)
     assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
     assert response.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+def test_rejections_before_the_view_speak_the_media_type_asked_for(secured: Service) -> None:
+    """A GraphQL-over-HTTP client asking for application/graphql-response+json gets it on
+    the 401 and the 413 too, which middleware answers before Strawberry sees the request."""
+    accept = {"Accept": "application/graphql-response+json"}
+    unauthenticated = post(secured, SUBMIT, headers=accept, text=TEXT)
+    big = json.dumps({"query": SUBMIT, "variables": {"text": "x" * 1_100_000}})
+    too_large = httpx.post(secured.http_url, content=big, headers={**accept, "content-type": "application/json"})
+    for response, status, code in ((unauthenticated, 401, "UNAUTHENTICATED"), (too_large, 413, "BAD_USER_INPUT")):
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/graphql-response+json; charset=utf-8"
+        assert response.json()["errors"][0]["extensions"]["code"] == code
 
 
 def test_a_tenant_never_sees_another_tenants_job(secured: Service) -> None:
