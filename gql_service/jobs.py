@@ -17,7 +17,7 @@ from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
-from rq import Callback, Queue, Retry
+from rq import Callback, Queue
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
@@ -87,14 +87,6 @@ class TenantSlots:
         return self._reads[tenant]
 
 
-def retry_policy(settings: Settings) -> Retry | None:
-    retries = settings.llm_max_attempts - 1
-    if retries < 1:
-        return None
-    base = settings.retry_backoff_s
-    return Retry(max=retries, interval=[min(int(base * 2**i), 300) for i in range(retries)])
-
-
 class JobService:
     def __init__(self, *, redis: AsyncRedis, sync_redis: Redis, broadcast: Broadcast, settings: Settings) -> None:
         self.redis = redis
@@ -102,7 +94,6 @@ class JobService:
         self.broadcast = broadcast
         self.settings = settings
         self.queue = Queue(settings.rq_queue, connection=sync_redis)
-        self._retry = retry_policy(settings)
         self.slots = TenantSlots(
             max_watched=settings.max_watched_jobs_per_tenant,
             # Leave a connection of the command pool to the other tenants.
@@ -196,10 +187,9 @@ class JobService:
             job_id=job.record.id,
             # RQ logs this when a worker takes the job: let the request id be in that line too.
             description=f"extract {job.record.id} (request {job.record.request_id})",
-            timeout=self.settings.job_timeout_s,
             result_ttl=self.settings.rq_result_ttl_s,
             failure_ttl=self.settings.rq_result_ttl_s,
-            retry=self._retry,
+            # No timeout or retry policy here: the worker applies its own settings (workers.py, tasks.py).
             on_failure=Callback(keys.ON_FAILURE),
             pipeline=pipe,  # type: ignore[arg-type]
         )

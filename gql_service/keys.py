@@ -34,3 +34,8 @@ def tenant_jobs(tenant: str) -> str:
 def metrics(name: str) -> str:
     """Cluster-wide job metrics, written by workers (gql_service.metrics)."""
     return f"{PREFIX}:metrics:{name}"
+
+
+def json_mode_only(endpoint: str) -> str:
+    """Set while an LLM endpoint+model is known to refuse JSON-schema outputs."""
+    return f"{PREFIX}:llm:json-mode-only:{hashlib.sha256(endpoint.encode()).hexdigest()[:32]}"

@@ -13,6 +13,11 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_SUMMARY_WORDS = 40
+# Bounds on what a model (or a misbehaving endpoint) can make us store and publish.
+MAX_SUMMARY_CHARS = 600
+MAX_MODEL_CHARS = 200
+MAX_REFUSAL_CHARS = 500
+MAX_ERROR_CHARS = 1000
 
 
 class JobStatus(enum.Enum):
@@ -79,7 +84,9 @@ class Extraction(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    summary: str = Field(min_length=1, description=f"Brief summary, at most {MAX_SUMMARY_WORDS} words")
+    summary: str = Field(
+        min_length=1, max_length=MAX_SUMMARY_CHARS, description=f"Brief summary, at most {MAX_SUMMARY_WORDS} words"
+    )
     sentiment: Sentiment = Field(description="Overall sentiment")
     tags: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
         min_length=1, max_length=5, description="1 to 5 short topical tags"
@@ -122,6 +129,12 @@ class JobError(BaseModel):
     code: JobErrorCode
     message: str
     retryable: bool = False
+
+    @field_validator("message")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        # Messages quote validation errors and exceptions, which can quote model output.
+        return value if len(value) <= MAX_ERROR_CHARS else value[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def utcnow() -> datetime:

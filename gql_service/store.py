@@ -173,3 +173,13 @@ async def update_job_async(
             return new, True
         if outcome == -1:
             return None, False
+
+
+# -- what the workers learnt about an LLM endpoint ----------------------------------------
+def json_mode_only(redis: Redis, endpoint: str) -> bool:
+    return bool(redis.exists(keys.json_mode_only(endpoint)))
+
+
+def remember_json_mode_only(redis: Redis, endpoint: str, *, ttl_s: int) -> None:
+    # Expires, so an endpoint that learns JSON schemas later is asked again.
+    redis.set(keys.json_mode_only(endpoint), 1, ex=ttl_s)

@@ -7,7 +7,10 @@ start-up resources), so each fork inherits them instead of re-importing the SDK.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -19,7 +22,7 @@ from rq.job import Job as RQJob
 from rq.timeouts import JobTimeoutException
 
 from . import metrics, store
-from .llm import Provider
+from .llm import FallsBackToJsonMode, Provider
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from .pipeline import Attempt, RetryLater, fail_job
 from .settings import Settings, load_settings
@@ -57,10 +60,12 @@ def run_extraction(job_id: str) -> str | None:
     rq_job = get_current_job()
     assert rq_job is not None, "run_extraction runs inside an RQ worker"
     redis = rq_job.connection
+    adopt_retry_policy(rq_job, ctx.settings)
     ttl_s = ctx.settings.result_ttl_s
     attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s)
     try:
-        record = attempt.run(retries_left=rq_job.retries_left or 0)
+        with _json_mode_memory(redis, ctx.provider):
+            record = attempt.run(retries_left=rq_job.retries_left or 0)
     except RetryLater:
         raise
     except JobTimeoutException:
@@ -79,6 +84,38 @@ def run_extraction(job_id: str) -> str | None:
         )
         return None
     return record.status.value if record else None
+
+
+def adopt_retry_policy(rq_job: RQJob, settings: Settings) -> None:
+    """At a job's first attempt, the worker's LLM_MAX_ATTEMPTS and RETRY_BACKOFF_S become its
+    RQ retry policy: they are set where jobs run, not on the API that queued them."""
+    if rq_job.retries_left is not None:
+        return  # decided at an earlier attempt
+    retries = max(settings.llm_max_attempts - 1, 0)
+    intervals = [min(int(settings.retry_backoff_s * 2**i), MAX_BACKOFF_S) for i in range(retries)]
+    rq_job.retries_left, rq_job.retry_intervals = retries, intervals
+    # Saved at once: if this process dies, abandoned-job detection reads it from Redis.
+    rq_job.connection.hset(rq_job.key, mapping={"retries_left": retries, "retry_intervals": json.dumps(intervals)})
+
+
+MAX_BACKOFF_S = 300
+JSON_MODE_MEMORY_S = 24 * 3600
+
+
+@contextmanager
+def _json_mode_memory(redis: Redis, provider: Provider) -> Iterator[None]:
+    """Share "this endpoint refuses JSON schemas" with every job and worker, so each job
+    doesn't pay a refused call first (a work horse's own flip dies with it)."""
+    if not isinstance(provider, FallsBackToJsonMode):
+        yield
+        return
+    provider.json_schema = not store.json_mode_only(redis, provider.endpoint)
+    learnt_here = provider.json_schema
+    try:
+        yield
+    finally:
+        if learnt_here and not provider.json_schema:
+            store.remember_json_mode_only(redis, provider.endpoint, ttl_s=JSON_MODE_MEMORY_S)
 
 
 def worker_lost(redis: Redis, rq_job: RQJob) -> JobRecord | None:

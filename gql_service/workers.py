@@ -29,6 +29,7 @@ class _Tuning:
     """
 
     lost_after_s: ClassVar[int] = 60
+    job_timeout_s: ClassVar[int] = 180
 
     @classmethod
     def tuned(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +43,9 @@ class _Tuning:
         return self.lost_after_s
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
+        # JOB_TIMEOUT_S is the worker's setting, not the one of the API that queued the job:
+        # set before the fork, it bounds the work horse and its monitor alike.
+        job.timeout = self.job_timeout_s
         # RQ's own lines about the job (and the work horse, which inherits this) carry the
         # request id of the submission that created it.
         record = store.get_job_sync(self.connection, job.id)  # type: ignore[attr-defined]
@@ -61,6 +65,8 @@ class ServiceWorker(_Tuning, Worker):
 
     def handle_work_horse_killed(self, job: RQJob, retpid: int, ret_val: int, rusage: Any) -> None:
         # The horse died under a live worker (OOM killer, SIGKILL); RQ retries it next.
+        # Its retry policy was set by the horse (tasks.adopt_retry_policy): read it back.
+        job.refresh()
         tasks.worker_lost(self.connection, job)
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
@@ -85,6 +91,7 @@ def run_workers(settings: Settings, *, redis_url: str, num_workers: int = 1, bur
         warm_up()  # load models/lexicons once; every work horse inherits them by fork
     tasks.init(tasks.WorkerContext(settings=settings, provider=provider))
     _Tuning.lost_after_s = settings.worker_lost_after_s
+    _Tuning.job_timeout_s = settings.job_timeout_s
     worker_class: type[BaseWorker] = InlineServiceWorker if settings.worker_class == "simple" else ServiceWorker
     connection = sync_client(redis_url)
     # Everything loaded so far lives as long as the process: keep the collector from

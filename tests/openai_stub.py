@@ -78,6 +78,16 @@ class Fault:
     def reject_json_schema(cls) -> Fault:
         return cls("reject_json_schema")
 
+    @classmethod
+    def body(cls, body: str, content_type: str = "text/html") -> Fault:
+        """Answer 200 with this exact HTTP body: a proxy's error page, cut-off JSON..."""
+        return cls("body", content=body, extra={"content_type": content_type})
+
+    @classmethod
+    def model_named(cls, model: str, content: dict[str, Any] | None = None) -> Fault:
+        """A valid answer that reports this model name."""
+        return cls("ok", content=json.dumps(content or VALID_EXTRACTION), extra={"model": model})
+
 
 def _completion(
     content: str | None, *, finish_reason: str = "stop", refusal: str | None = None, model: str
@@ -138,7 +148,9 @@ class OpenAIStub:
         fault = self._next()
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        model = body.get("model", "stub-model")
+        model = fault.extra.get("model") or body.get("model", "stub-model")
+        if fault.kind == "body":
+            return Response(fault.content, 200, media_type=fault.extra["content_type"])
         if fault.kind == "ok":
             return JSONResponse(_completion(fault.content, model=model))
         if fault.kind == "status":

@@ -80,8 +80,9 @@ class Service:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/graphql"
 
-    def start_worker(self, workers: int | None = None) -> Proc:
-        proc = Proc("worker", ["worker", "--workers", str(workers or self.workers or 1)], self.env)
+    def start_worker(self, workers: int | None = None, env: dict[str, str] | None = None) -> Proc:
+        """A worker pool; `env` adds settings of its own (as on another host)."""
+        proc = Proc("worker", ["worker", "--workers", str(workers or self.workers or 1)], {**self.env, **(env or {})})
         self.procs.append(proc)
         return proc
 

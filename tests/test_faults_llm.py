@@ -10,6 +10,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from redis import Redis
+
+from gql_service import keys
 
 from .clients import follow, submit
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
@@ -122,3 +125,55 @@ async def test_prompt_injection_with_the_offline_provider_is_just_text(service: 
     events = await follow(service, submit(service, INJECTION))
     final = events[-1]
     assert final["status"] == "FINISHED" and final["result"]["language"] == "en"
+
+
+async def test_a_non_json_200_is_a_retryable_provider_error(run_job: RunJob, stub: OpenAIStub) -> None:
+    events = await run_job(Fault.body("<html><body>502 Bad Gateway</body></html>"))
+    final = events[-1]
+    assert final["status"] == "FINISHED" and final["attempts"] == 2
+    retrying = [e for e in events if e["status"] == "RETRYING"]
+    assert retrying and retrying[0]["error"]["code"] == "PROVIDER_ERROR" and retrying[0]["error"]["retryable"]
+
+
+async def test_the_json_mode_fallback_is_remembered_across_jobs(
+    run_job: RunJob, stub: OpenAIStub, e2e_redis: str
+) -> None:
+    """Each job runs in its own forked work horse: what one learns must reach the next."""
+    formats: list[str] = []
+    try:
+        for _ in range(5):
+            stub.requests.clear()
+            events = await run_job(*[Fault.reject_json_schema()] * 10)
+            assert events[-1]["status"] == "FINISHED"
+            formats.extend(r["response_format"]["type"] for r in stub.requests)
+    finally:
+        with Redis.from_url(e2e_redis) as redis:
+            for key in redis.scan_iter(f"{keys.PREFIX}:llm:json-mode-only:*"):
+                redis.delete(key)
+    assert formats == ["json_schema", "json_object"] + ["json_object"] * 4  # 6 calls for 5 jobs, not 10
+
+
+async def test_retry_settings_are_the_workers_own(e2e_redis: str, openai_stub: OpenAIStub, stub: OpenAIStub) -> None:
+    """LLM_MAX_ATTEMPTS and RETRY_BACKOFF_S set on a worker host decide, whatever the API
+    that queued the job has: the API here allows 1 attempt, the worker 3."""
+    llm = {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": openai_stub.base_url}
+    env = {**llm, "RQ_QUEUE": "llm-retry-owner", "LLM_MAX_ATTEMPTS": "1", "RETRY_BACKOFF_S": "60"}
+    with Service(e2e_redis, workers=0, env=env) as svc:
+        svc.start_worker(env={"LLM_MAX_ATTEMPTS": "3", "RETRY_BACKOFF_S": "0"})
+        stub.script(Fault.http(500), Fault.http(500))
+        events = await follow(svc, submit(svc))
+    final = events[-1]
+    assert final["status"] == "FINISHED" and final["attempts"] == 3
+    assert [e["attempts"] for e in events if e["status"] == "RETRYING"] == [1, 2]
+
+
+async def test_the_job_timeout_is_the_workers_own(e2e_redis: str, openai_stub: OpenAIStub, stub: OpenAIStub) -> None:
+    llm = {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": openai_stub.base_url}
+    env = {**llm, "RQ_QUEUE": "llm-timeout-owner", "LLM_TIMEOUT_S": "60", "JOB_TIMEOUT_S": "600"}
+    with Service(e2e_redis, workers=0, env=env) as svc:
+        svc.start_worker(env={"JOB_TIMEOUT_S": "2"})
+        stub.script(Fault.hang(30))
+        events = await follow(svc, submit(svc))
+    final = events[-1]
+    assert (final["status"], final["error"]["code"]) == ("FAILED", "TIMEOUT")
+    assert "JOB_TIMEOUT_S" in final["error"]["message"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
 from gql_service.llm import LLMError, Repair
 from gql_service.llm.openai_provider import OpenAIProvider, make_client
-from gql_service.models import Extraction, JobErrorCode
+from gql_service.models import MAX_MODEL_CHARS, Extraction, JobErrorCode
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
 
@@ -69,6 +70,10 @@ def test_repair_sends_the_bad_answer_and_the_problem(stub: OpenAIStub) -> None:
         (Fault.http(401), JobErrorCode.PROVIDER_AUTH, False),
         (Fault.http(403), JobErrorCode.PROVIDER_AUTH, False),
         (Fault.http(400), JobErrorCode.PROVIDER_ERROR, False),
+        # A 200 that is not a chat completion: a proxy's page, cut-off or empty JSON.
+        (Fault.body("<html><body>502 Bad Gateway</body></html>"), JobErrorCode.PROVIDER_ERROR, True),
+        (Fault.body('{"id": "chatcmpl-1", "choi', "application/json"), JobErrorCode.PROVIDER_ERROR, True),
+        (Fault.body("", "application/json"), JobErrorCode.PROVIDER_ERROR, True),
     ],
 )
 def test_errors_are_classified(stub: OpenAIStub, fault: Fault, code: JobErrorCode, retryable: bool) -> None:
@@ -103,6 +108,15 @@ def test_unreachable_endpoint_is_a_retryable_provider_error() -> None:
     assert info.value.code is JobErrorCode.PROVIDER_ERROR and info.value.retryable
 
 
-def test_warm_up_needs_no_network_and_sends_nothing(stub: OpenAIStub) -> None:
-    provider(stub).warm_up()
+def test_warm_up_needs_no_network_and_sends_nothing(stub: OpenAIStub, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        provider(stub).warm_up()
     assert stub.requests == []
+    # It would read as a request to a real host in the worker's first lines.
+    assert "warm-up.invalid" not in caplog.text
+
+
+def test_the_reported_model_name_is_bounded(stub: OpenAIStub) -> None:
+    stub.script(Fault.model_named("m" * 500_000))
+    completion = provider(stub).extract("text")
+    assert completion.model == "m" * MAX_MODEL_CHARS

@@ -8,7 +8,7 @@ from redis import Redis
 from gql_service import keys, store
 from gql_service.llm.offline import OfflineProvider
 from gql_service.llm.openai_provider import OpenAIProvider, make_client
-from gql_service.models import JobErrorCode, JobRecord, JobStage, JobStatus
+from gql_service.models import MAX_ERROR_CHARS, MAX_MODEL_CHARS, JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from gql_service.pipeline import Attempt, InvalidOutput, RetryLater, validate
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
@@ -139,3 +139,27 @@ def test_validate_explains_what_is_wrong() -> None:
             __import__("json").dumps(dict(VALID_EXTRACTION, entities=[{"type": "X", "value": "y", "confidence": 1.5}]))
         )
     assert validate(__import__("json").dumps(dict(VALID_EXTRACTION, language="EN"))).language == "en"
+
+
+def test_oversized_model_output_is_never_stored(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+    """A 4 MB summary (in few words), a 500,000-character model name: the record keeps
+    what the contract bounds, and the whole record stays small."""
+    huge = dict(VALID_EXTRACTION, summary="word " * 10 + "x" * 4_000_000, tags=["t" * 100_000])
+    stub.script(Fault.ok(huge), Fault.model_named("m" * 500_000, huge))
+    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    assert final is not None and final.error is not None and final.error.code is JobErrorCode.INVALID_OUTPUT
+    assert "summary" in final.error.message and "tags" in final.error.message
+    assert final.result is None
+    assert sync_redis.memory_usage(keys.job(job.id)) < 20_000  # type: ignore[operator]
+    stub.script(Fault.model_named("m" * 500_000))
+    other = JobRecord(id="job-2")
+    with sync_redis.pipeline() as pipe:
+        store.create_job(pipe, other, text="text", ttl_s=TTL)
+        pipe.execute()
+    done = Attempt(sync_redis, openai(stub), other.id, ttl_s=TTL).run(retries_left=0)
+    assert done is not None and done.status is JobStatus.FINISHED
+    assert done.model is not None and len(done.model) == MAX_MODEL_CHARS
+
+
+def test_error_messages_are_bounded() -> None:
+    assert len(JobError(code=JobErrorCode.REFUSED, message="no " * 100_000).message) == MAX_ERROR_CHARS

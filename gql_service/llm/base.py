@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..models import JobErrorCode, TokenUsage
 
@@ -42,4 +42,17 @@ class Provider(Protocol):
 
     def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
         """Ask for the extraction as JSON text. Raises LLMError."""
+        ...
+
+
+@runtime_checkable
+class FallsBackToJsonMode(Protocol):
+    """A provider that asks for strict JSON-schema output and falls back to JSON mode when
+    its endpoint refuses it; the worker remembers the fallback across jobs and processes."""
+
+    json_schema: bool
+
+    @property
+    def endpoint(self) -> str:
+        """What the capability belongs to: the endpoint and the model."""
         ...

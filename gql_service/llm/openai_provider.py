@@ -13,8 +13,9 @@ from openai import OpenAI
 # expects it (additionalProperties false, every key required); it is what
 # `chat.completions.parse` uses, and we need the raw completion for the repair re-ask.
 from openai.lib._parsing._completions import type_to_response_format_param
+from openai.types.chat import ChatCompletion
 
-from ..models import Extraction, JobErrorCode, Sentiment, TokenUsage
+from ..models import MAX_MODEL_CHARS, MAX_REFUSAL_CHARS, Extraction, JobErrorCode, Sentiment, TokenUsage
 from . import prompt
 from .base import Completion, LLMError, Repair
 
@@ -64,16 +65,28 @@ def classify(exc: openai.OpenAIError) -> LLMError:
     return LLMError(JobErrorCode.PROVIDER_ERROR, f"LLM call failed: {type(exc).__name__}", retryable=True)
 
 
+def _not_a_completion() -> LLMError:
+    # A proxy's error page or a cut-off body: the endpoint misbehaved, the next try may not.
+    message = "the LLM endpoint answered 200 with a body that is not a chat completion"
+    return LLMError(JobErrorCode.PROVIDER_ERROR, message, retryable=True)
+
+
 class OpenAIProvider:
     def __init__(self, client: OpenAI, *, model: str) -> None:
         self._client = client
         self._model = model
-        # Flipped off for the life of the process once the endpoint refuses json_schema.
-        self._structured = True
+        # Flipped off once the endpoint refuses json_schema. A forked work horse's flip
+        # dies with it, so the worker keeps what was learnt in Redis (tasks.py) and sets
+        # this before each job.
+        self.json_schema = True
 
     @property
     def model(self) -> str:
         return self._model
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self._client.base_url}|{self._model}"
 
     def warm_up(self) -> None:
         """Run the SDK once, offline, before the worker forks.
@@ -98,7 +111,13 @@ class OpenAIProvider:
             api_key="warm-up", base_url="http://warm-up.invalid/v1", max_retries=0,
             http_client=openai.DefaultHttpxClient(transport=httpx2.MockTransport(answer)),
         )  # fmt: skip
-        OpenAIProvider(offline, model=self._model).extract("warm-up")
+        # Quiet: the SDK's HTTP client would log this fake request as if it went somewhere.
+        http_log = logging.getLogger("httpx2")
+        was_disabled, http_log.disabled = http_log.disabled, True
+        try:
+            OpenAIProvider(offline, model=self._model).extract("warm-up")
+        finally:
+            http_log.disabled = was_disabled
 
     def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
         messages = prompt.messages(text, repair)
@@ -106,21 +125,26 @@ class OpenAIProvider:
             response = self._create(messages)
         except openai.OpenAIError as exc:
             raise classify(exc) from exc
+        except ValueError as exc:  # a 200 whose body claims JSON and is not (JSONDecodeError)
+            raise _not_a_completion() from exc
+        if not isinstance(response, ChatCompletion):  # the SDK hands back the text of a non-JSON body
+            raise _not_a_completion()
         usage = _usage(response)
         if not response.choices:
             raise LLMError(JobErrorCode.PROVIDER_ERROR, "the LLM answered with no choices", retryable=True, usage=usage)
         choice = response.choices[0]
         refusal = getattr(choice.message, "refusal", None)
         if refusal:
-            raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal}", usage=usage)
+            raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal[:MAX_REFUSAL_CHARS]}", usage=usage)
         if choice.finish_reason == "content_filter":
             raise LLMError(JobErrorCode.REFUSED, "the answer was stopped by the content filter", usage=usage)
         if choice.finish_reason == "length":
             raise LLMError(JobErrorCode.TRUNCATED, "the answer was cut off at the token limit", usage=usage)
-        return Completion(content=choice.message.content or "", usage=usage, model=response.model or self._model)
+        model = (response.model or self._model)[:MAX_MODEL_CHARS]
+        return Completion(content=choice.message.content or "", usage=usage, model=model)
 
     def _create(self, messages: Any) -> Any:  # Any: the SDK wants its TypedDict message params
-        if self._structured:
+        if self.json_schema:
             try:
                 return self._client.chat.completions.create(
                     model=self._model,
@@ -132,7 +156,7 @@ class OpenAIProvider:
                 if not _rejects_json_schema(exc):
                     raise
                 log.warning("endpoint refuses json_schema structured outputs; using JSON mode from now on")
-                self._structured = False
+                self.json_schema = False
         return self._client.chat.completions.create(
             model=self._model,
             messages=messages,
