@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import strawberry
+from graphql import GraphQLError
 from strawberry.extensions import AddValidationRules, MaxTokensLimiter, ParserCache, ValidationCache
 from strawberry.types import Info
 
@@ -284,6 +286,19 @@ class Subscription:
             yield Job.from_record(record)
 
 
+class _ParserCache(ParserCache):
+    """Strawberry's parse cache, minus one flaw: a document that fails to parse raised from
+    the extension, outside the error handling of Strawberry's own parse, so a subscription
+    with a syntax error ended with a bare `complete` (or nothing, on the legacy protocol).
+    Failing documents are left for Strawberry to parse again and report."""
+
+    def on_parse(self) -> Iterator[None]:
+        ctx = self.execution_context
+        with contextlib.suppress(GraphQLError):
+            ctx.graphql_document = self.cached_parse_document(ctx.query, **ctx.parse_options)
+        yield
+
+
 schema = Schema(
     query=Query,
     mutation=Mutation,
@@ -294,7 +309,7 @@ schema = Schema(
         # class per request would make every validation a cache miss.
         lambda: AddValidationRules([QueryLimits]),
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
-        lambda: ParserCache(maxsize=256),
+        lambda: _ParserCache(maxsize=256),
         lambda: ValidationCache(maxsize=256),
         OperationMetrics,
     ],

@@ -9,39 +9,109 @@ subscriptions-transport-ws server does, and keeps the connection.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 
 _LEGACY_TYPES = {"connection_init", "connection_terminate", "start", "stop"}
+# Ids are the client's names for its operations; nothing needs more than this.
+MAX_ID_CHARS = 128
+
+
+def _payload_problem(payload: Any) -> str | None:
+    """What is wrong with an operation payload: {query, variables?, operationName?, extensions?}."""
+    if not isinstance(payload, dict):
+        return "the payload must be an object"
+    if not isinstance(payload.get("query"), str):
+        return "payload.query must be a string"
+    for name, kind, what in (
+        ("variables", dict, "an object"),
+        ("operationName", str, "a string"),
+        ("extensions", dict, "an object"),
+    ):
+        if payload.get(name) is not None and not isinstance(payload[name], kind):
+            return f"payload.{name} must be {what} or null"
+    return None
+
+
+def _id_problem(message: dict[str, Any]) -> str | None:
+    op_id = message.get("id")
+    if not isinstance(op_id, str) or not op_id:
+        return "the message needs a string id"
+    if len(op_id) > MAX_ID_CHARS:
+        return f"ids are at most {MAX_ID_CHARS} characters"
+    return None
+
+
+def _transport_problem(message: Any) -> str | None:
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return "Failed to parse message"
+    kind = message["type"]
+    if kind in {"subscribe", "complete"} and (problem := _id_problem(message)):
+        return problem
+    if kind == "subscribe":
+        return _payload_problem(message.get("payload"))
+    if kind in {"ping", "pong"} and message.get("payload") is not None and not isinstance(message["payload"], dict):
+        return f"a {kind} payload must be an object"
+    return None
+
+
+AMBIGUOUS = "the document holds several operations: name the one to run in operationName"
+
+
+def _ambiguous(view: Any, payload: dict[str, Any]) -> bool:
+    """Several operations and no operationName: Strawberry would run the first."""
+    return payload.get("operationName") is None and view.operation_counts(payload["query"]) > 1
 
 
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
     async def handle_message(self, message: Any) -> None:
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            await self.handle_invalid_message("Failed to parse message")
+        problem = _transport_problem(message)
+        if problem is None and message["type"] == "subscribe" and _ambiguous(self.view, message["payload"]):
+            problem = AMBIGUOUS  # closed as Strawberry closes an unknown operationName
+        if problem is not None:
+            await self.handle_invalid_message(problem)
             return
-        await super().handle_message(message)  # type: ignore[arg-type]
+        await super().handle_message(message)
 
 
-def _legacy_problem(message: Any) -> str | None:
+def _legacy_problem(message: Any, view: Any) -> str | None:
     if not isinstance(message, dict) or message.get("type") not in _LEGACY_TYPES:
         return "Invalid message type!"
-    if message["type"] in {"start", "stop"} and not isinstance(message.get("id"), str):
-        return "Message needs a string id"
+    if message["type"] in {"start", "stop"} and (problem := _id_problem(message)):
+        return problem
     if message["type"] == "start":
-        payload = message.get("payload")
-        if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
-            return "start needs a payload with a query"
+        problem = _payload_problem(message.get("payload"))
+        if problem is None and _ambiguous(view, message["payload"]):
+            return AMBIGUOUS
+        return problem
     return None
 
 
 class LegacyWSHandler(BaseGraphQLWSHandler[Any, Any]):
+    async def handle(self) -> None:
+        # The legacy protocol has no init timeout of its own: a socket that never sends
+        # connection_init would hold its place forever. Same bound, and the same close
+        # code, as graphql-transport-ws (legacy clients treat any close as a disconnect).
+        timer = asyncio.create_task(self._close_unless_initialised())
+        try:
+            await super().handle()
+        finally:
+            timer.cancel()
+
+    async def _close_unless_initialised(self) -> None:
+        await asyncio.sleep(self.view.connection_init_wait_timeout.total_seconds())
+        if not self.connection_acknowledged:
+            await self.websocket.close(code=4408, reason="Connection initialisation timeout")
+
     async def handle_message(self, message: Any) -> None:
-        problem = _legacy_problem(message)
+        problem = _legacy_problem(message, self.view)
         if problem is not None:
             op_id = message.get("id") if isinstance(message, dict) and isinstance(message.get("id"), str) else None
+            if op_id is not None and len(op_id) > MAX_ID_CHARS:
+                op_id = None  # not echoed back
             reply: Any = {"type": "error", "id": op_id, "payload": {"message": problem}}
             await self.send_message(reply)
             return

@@ -148,8 +148,8 @@ async def test_legacy_malformed_messages_get_error_replies_and_the_connection_li
         for bad, expected in [
             ("[1]", "Invalid message type!"),
             ('{"type": "subscribe"}', "Invalid message type!"),
-            ('{"type": "start", "payload": {"query": "{ __typename }"}}', "Message needs a string id"),
-            ('{"type": "start", "id": "2", "payload": "nope"}', "start needs a payload with a query"),
+            ('{"type": "start", "payload": {"query": "{ __typename }"}}', "the message needs a string id"),
+            ('{"type": "start", "id": "2", "payload": "nope"}', "the payload must be an object"),
         ]:
             await ws.send(bad)
             reply = json.loads(await ws.recv())
