@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import time
 from typing import Any
 
@@ -16,7 +18,9 @@ from redis import Redis
 
 from gql_service import store
 
+from .clients import submit
 from .service import Service
+from .test_graphql_http import CONFORMANCE
 from .test_websocket_protocol import LEGACY_WS, closed_with, connect, init, parked_job
 
 UPDATES = 'subscription { jobUpdates(id: "%s") { id status } }'
@@ -211,3 +215,29 @@ async def test_rapid_subscribe_and_complete_leave_nothing_running(
     await until_no_subscriptions(service)  # and none outlives the socket
     # Each of the 2,000 sent at most its snapshot, before its complete took effect.
     assert max((n for op, n in seen.items() if op.startswith("r")), default=0) <= 1
+
+
+async def test_the_reference_clients_follow_a_job_and_hear_of_a_syntax_error(service: Service) -> None:
+    """graphql-ws and subscriptions-transport-ws, as front ends run them: each follows a job
+    to FINISHED, and a subscription with a syntax error reaches its error callback."""
+    job_id = submit(service)
+    npm = shutil.which("npm")
+    assert npm, "Node.js and npm run the reference clients"
+    installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CONFORMANCE, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    run = await asyncio.to_thread(
+        subprocess.run,
+        ["node", "ws_clients.mjs", service.ws_url, job_id],
+        cwd=CONFORMANCE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    for client in ("graphqlWs", "legacy"):
+        follow = result[client]["follow"]
+        assert follow.get("completed") and follow["seen"][-1] == "FINISHED", (client, follow)
+    assert result["graphqlWs"]["broken"]["error"]["code"] == 4400
+    assert "Syntax Error" in result["graphqlWs"]["broken"]["error"]["reason"]
+    assert "Syntax Error" in str(result["legacy"]["broken"]["error"]), result["legacy"]
