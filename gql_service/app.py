@@ -6,8 +6,11 @@ Only wiring lives here: the clients are opened in the lifespan and handed to Job
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -123,8 +126,23 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 
+def _give_large_buffers_back() -> None:
+    """Bodies of up to MAX_BODY_BYTES pass through the API. glibc raises its mmap threshold
+    each time such a buffer is freed, so later ones come from the heap, which it rarely
+    gives back: measured, 600 requests of 500 KB left the API at 162 MiB and climbing (the
+    Python objects alive had grown by 0.3 MiB). A fixed threshold keeps large buffers
+    mmapped and returned on free (86 MiB after the same 600)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
 def app_from_env() -> Starlette:
     """uvicorn's factory: settings and REDIS_URL from the environment (`gql-service serve`)."""
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)  # again: `--workers N` starts fresh processes
+    _give_large_buffers_back()
     return create_app(settings, redis_url=settings.redis_url or DEFAULT_URL)

@@ -286,17 +286,34 @@ class Subscription:
             yield Job.from_record(record)
 
 
+# Documents larger than this are parsed and validated afresh each time instead of cached:
+# the caches hold the query text and its AST, and 256 distinct 500 KB documents (a hostile
+# client's, never a real one's) once kept 300 MiB alive in the API.
+MAX_CACHED_QUERY_CHARS = 16_384
+
+
 class _ParserCache(ParserCache):
-    """Strawberry's parse cache, minus one flaw: a document that fails to parse raised from
-    the extension, outside the error handling of Strawberry's own parse, so a subscription
-    with a syntax error ended with a bare `complete` (or nothing, on the legacy protocol).
-    Failing documents are left for Strawberry to parse again and report."""
+    """Strawberry's parse cache for documents of a real client's size. Also, a document
+    that fails to parse is left to Strawberry's own parse, which reports it: raised from the
+    extension, the error escaped Strawberry's error handling, so a subscription with a syntax
+    error ended with a bare `complete` (or nothing, on the legacy protocol)."""
 
     def on_parse(self) -> Iterator[None]:
         ctx = self.execution_context
-        with contextlib.suppress(GraphQLError):
-            ctx.graphql_document = self.cached_parse_document(ctx.query, **ctx.parse_options)
+        if len(ctx.query or "") <= MAX_CACHED_QUERY_CHARS:
+            with contextlib.suppress(GraphQLError):
+                ctx.graphql_document = self.cached_parse_document(ctx.query, **ctx.parse_options)
         yield
+
+
+class _ValidationCache(ValidationCache):
+    """Strawberry's validation cache, for documents of a real client's size."""
+
+    def on_validate(self) -> Iterator[None]:
+        if len(self.execution_context.query or "") <= MAX_CACHED_QUERY_CHARS:
+            yield from super().on_validate()
+        else:
+            yield  # Strawberry validates it itself, uncached
 
 
 schema = Schema(
@@ -310,7 +327,7 @@ schema = Schema(
         lambda: AddValidationRules([QueryLimits]),
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         lambda: _ParserCache(maxsize=256),
-        lambda: ValidationCache(maxsize=256),
+        lambda: _ValidationCache(maxsize=256),
         OperationMetrics,
     ],
 )
