@@ -7,6 +7,7 @@ attempt; everything else ends the job here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,8 +18,14 @@ from redis import Redis
 from . import logs, metrics, store
 from .llm import Completion, LLMError, Provider, Repair
 from .models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
+from .provider_limits import ProviderLimits
 
 log = logging.getLogger(__name__)
+
+
+# A call told to come back later (429 Retry-After) tries again this many times within its
+# attempt; after that the 429 counts like any other (RETRYING, a new attempt).
+MAX_PAUSES_PER_CALL = 5
 
 
 class RetryLater(Exception):
@@ -47,9 +54,12 @@ def validate(content: str) -> Extraction:
 class Attempt:
     """Runs one attempt of one job; every state change goes through `store.update_job`."""
 
-    def __init__(self, redis: Redis, provider: Provider, job_id: str, *, ttl_s: int) -> None:
+    def __init__(
+        self, redis: Redis, provider: Provider, job_id: str, *, ttl_s: int, limits: ProviderLimits | None = None
+    ) -> None:
         self.redis = redis
         self.provider = provider
+        self.limits = limits
         self.job_id = job_id
         self.ttl_s = ttl_s
         self.usage = TokenUsage()  # over every attempt, as the record shows it
@@ -83,16 +93,30 @@ class Attempt:
         self.spent = self.spent + usage
 
     def _ask(self, text: str, repair: Repair | None = None) -> Completion:
-        started = time.monotonic()
-        try:
-            completion = self.provider.extract(text, repair=repair)
-        except LLMError as exc:
-            self._add_usage(exc.usage)
-            raise
-        finally:
-            self.llm_seconds.append(time.monotonic() - started)
-        self._add_usage(completion.usage)
-        return completion
+        for pauses in range(MAX_PAUSES_PER_CALL + 1):
+            try:
+                completion = self._call(text, repair)
+            except LLMError as exc:
+                self._add_usage(exc.usage)
+                if self.limits is None or exc.retry_after_s is None or pauses == MAX_PAUSES_PER_CALL:
+                    raise
+                # The endpoint said when to come back: every worker waits that long, and
+                # this call tries again then, without spending an attempt.
+                self.limits.pause(exc.retry_after_s)
+                continue
+            self._add_usage(completion.usage)
+            return completion
+        raise AssertionError("unreachable")
+
+    def _call(self, text: str, repair: Repair | None) -> Completion:
+        if self.limits is not None:
+            self.limits.wait_out_pause()
+        with self.limits.slot() if self.limits is not None else contextlib.nullcontext():
+            started = time.monotonic()
+            try:
+                return self.provider.extract(text, repair=repair)
+            finally:
+                self.llm_seconds.append(time.monotonic() - started)
 
     def run(self, *, retries_left: int) -> JobRecord | None:
         try:

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     llm_max_attempts: int = Field(3, ge=1, le=20)
     # Seconds before the first retry of a transient LLM failure; doubles each time.
     retry_backoff_s: float = Field(2.0, ge=0)
+    # The most LLM calls open at once across every worker process and host (unset: no limit).
+    llm_max_in_flight: int | None = Field(None, ge=1)
     job_timeout_s: int = Field(180, gt=0)
     result_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     # How long RQ keeps its own job entries; the job record (RESULT_TTL_S) is what clients read.

@@ -25,6 +25,7 @@ from . import metrics, store
 from .llm import FallsBackToJsonMode, Provider
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from .pipeline import Attempt, RetryLater, fail_job
+from .provider_limits import ProviderLimits
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,13 @@ def run_extraction(job_id: str) -> str | None:
     redis = rq_job.connection
     adopt_retry_policy(rq_job, ctx.settings)
     ttl_s = ctx.settings.result_ttl_s
-    attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s)
+    limits = ProviderLimits(
+        redis,
+        endpoint=ctx.provider.endpoint,
+        max_in_flight=ctx.settings.llm_max_in_flight,
+        call_timeout_s=ctx.settings.llm_timeout_s,
+    )
+    attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits)
     try:
         with _json_mode_memory(redis, ctx.provider):
             record = attempt.run(retries_left=rq_job.retries_left or 0)

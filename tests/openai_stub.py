@@ -63,6 +63,11 @@ class Fault:
         return cls("status", status=status)
 
     @classmethod
+    def rate_limited(cls, retry_after: str) -> Fault:
+        """429 with a Retry-After header (seconds or an HTTP date)."""
+        return cls("status", status=429, extra={"headers": {"retry-after": retry_after}})
+
+    @classmethod
     def refusal(cls) -> Fault:
         return cls("refusal")
 
@@ -114,6 +119,12 @@ class OpenAIStub:
         self.latency_s = latency_s
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each request, in order
+        # The most requests in progress at once since reset(), counting only those that came
+        # after it (a hanging request of an earlier test may still be open).
+        self.most_open_calls = 0
+        self._open_calls = 0
+        self._generation = 0
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
@@ -133,6 +144,9 @@ class OpenAIStub:
         with self._lock:
             self._script.clear()
             self.requests.clear()
+            self.arrivals.clear()
+            self.most_open_calls = self._open_calls = 0
+            self._generation += 1
             self.latency_s = 0.0
 
     def _next(self) -> Fault:
@@ -140,9 +154,22 @@ class OpenAIStub:
             return self._script.popleft() if self._script else Fault.ok()
 
     async def _chat(self, request: Request) -> Response:
+        with self._lock:
+            generation = self._generation
+            self._open_calls += 1
+            self.most_open_calls = max(self.most_open_calls, self._open_calls)
+        try:
+            return await self._answer(request)
+        finally:
+            with self._lock:
+                if generation == self._generation:
+                    self._open_calls -= 1
+
+    async def _answer(self, request: Request) -> Response:
         body = await request.json()
         with self._lock:
             self.requests.append(body)
+            self.arrivals.append(time.monotonic())
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return JSONResponse({"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}, 401)
         fault = self._next()
@@ -155,7 +182,9 @@ class OpenAIStub:
             return JSONResponse(_completion(fault.content, model=model))
         if fault.kind == "status":
             return JSONResponse(
-                {"error": {"message": f"stub error {fault.status}", "type": "server_error"}}, fault.status
+                {"error": {"message": f"stub error {fault.status}", "type": "server_error"}},
+                fault.status,
+                headers=fault.extra.get("headers"),
             )
         if fault.kind == "refusal":
             return JSONResponse(_completion(None, refusal="I can't help with that.", model=model))

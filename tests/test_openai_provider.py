@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -120,3 +122,26 @@ def test_the_reported_model_name_is_bounded(stub: OpenAIStub) -> None:
     stub.script(Fault.model_named("m" * 500_000))
     completion = provider(stub).extract("text")
     assert completion.model == "m" * MAX_MODEL_CHARS
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "low", "high"),
+    [("2", 2.0, 2.0), ("0.5", 0.5, 0.5), (None, None, None), ("soon", None, None)],
+)
+def test_a_429_says_when_to_come_back(
+    stub: OpenAIStub, retry_after: str | None, low: float | None, high: float | None
+) -> None:
+    stub.script(Fault.rate_limited(retry_after) if retry_after else Fault.http(429))
+    with pytest.raises(LLMError) as info:
+        provider(stub).extract("text")
+    assert info.value.code is JobErrorCode.RATE_LIMITED
+    seconds = info.value.retry_after_s
+    assert (seconds is None) if low is None else (low <= seconds <= high)  # type: ignore[operator]
+
+
+def test_a_429_retry_after_may_be_an_http_date(stub: OpenAIStub) -> None:
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    stub.script(Fault.rate_limited(when))
+    with pytest.raises(LLMError) as info:
+        provider(stub).extract("text")
+    assert info.value.retry_after_s is not None and 25 <= info.value.retry_after_s <= 30

@@ -31,6 +31,7 @@ class LLMError(Exception):
     message: str
     retryable: bool = False
     usage: TokenUsage = field(default_factory=TokenUsage)
+    retry_after_s: float | None = None  # the endpoint said when to come back (429 Retry-After)
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"
@@ -39,6 +40,11 @@ class LLMError(Exception):
 class Provider(Protocol):
     @property
     def model(self) -> str: ...
+
+    @property
+    def endpoint(self) -> str:
+        """What shared limits and learnt capabilities belong to: the endpoint and the model."""
+        ...
 
     def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
         """Ask for the extraction as JSON text. Raises LLMError."""
@@ -51,8 +57,3 @@ class FallsBackToJsonMode(Protocol):
     its endpoint refuses it; the worker remembers the fallback across jobs and processes."""
 
     json_schema: bool
-
-    @property
-    def endpoint(self) -> str:
-        """What the capability belongs to: the endpoint and the model."""
-        ...

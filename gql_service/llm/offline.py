@@ -92,6 +92,10 @@ class OfflineProvider:
     def model(self) -> str:
         return MODEL
 
+    @property
+    def endpoint(self) -> str:
+        return MODEL
+
     @cached_property
     def _tools(self) -> dict[str, Any]:
         # Imported lazily, then kept: the worker warms this before forking work horses.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx2  # the SDK's own HTTP client library
@@ -47,6 +50,19 @@ def _rejects_json_schema(exc: openai.BadRequestError) -> bool:
     return "response_format" in text or "json_schema" in text
 
 
+def _retry_after_s(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date), if given."""
+    with contextlib.suppress(TypeError, ValueError):
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(ms) / 1000)
+        if (value := headers.get("retry-after")) is not None:
+            with contextlib.suppress(ValueError):
+                return max(0.0, float(value))
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return None
+
+
 def classify(exc: openai.OpenAIError) -> LLMError:
     """Map an SDK error to the job error a client sees. Order matters: subclasses first."""
     if isinstance(exc, openai.APITimeoutError):
@@ -54,7 +70,12 @@ def classify(exc: openai.OpenAIError) -> LLMError:
     if isinstance(exc, openai.APIConnectionError):
         return LLMError(JobErrorCode.PROVIDER_ERROR, "could not connect to the LLM endpoint", retryable=True)
     if isinstance(exc, openai.RateLimitError):
-        return LLMError(JobErrorCode.RATE_LIMITED, "the LLM endpoint is rate limiting (429)", retryable=True)
+        return LLMError(
+            JobErrorCode.RATE_LIMITED,
+            "the LLM endpoint is rate limiting (429)",
+            retryable=True,
+            retry_after_s=_retry_after_s(exc.response.headers),
+        )
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return LLMError(JobErrorCode.PROVIDER_AUTH, f"the LLM endpoint refused our credentials ({exc.status_code})")
     if isinstance(exc, openai.APIStatusError):

@@ -1,0 +1,57 @@
+"""Limits on LLM calls shared through Redis by every worker process: real worker pools
+against the OpenAI-compatible stub, which counts the calls open at once and when each came."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from .clients import follow, submit
+from .openai_stub import Fault, OpenAIStub
+from .service import Service
+
+
+def llm_env(stub: OpenAIStub, queue: str, **settings: str) -> dict[str, str]:
+    return {
+        "RQ_QUEUE": queue,
+        "LLM_PROVIDER": "openai",
+        "OPENAI_API_KEY": "sk-limits",
+        "OPENAI_BASE_URL": stub.base_url,
+        "LLM_TIMEOUT_S": "10",
+        **settings,
+    }
+
+
+@pytest.fixture
+def slow_stub(stub: OpenAIStub) -> Iterator[OpenAIStub]:
+    stub.latency_s = 0.3
+    yield stub
+    stub.latency_s = 0.0
+
+
+async def test_llm_max_in_flight_holds_across_worker_processes(e2e_redis: str, slow_stub: OpenAIStub) -> None:
+    """Two worker processes of three work horses each: six could call at once; three may."""
+    env = llm_env(slow_stub, "llm-in-flight", LLM_MAX_IN_FLIGHT="3")
+    with Service(e2e_redis, workers=3, env=env) as svc:
+        svc.start_worker(3)
+        job_ids = [submit(svc) for _ in range(18)]
+        finals = [events[-1] for events in await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))]
+    assert [(f["status"], f["attempts"]) for f in finals] == [("FINISHED", 1)] * 18
+    assert 2 <= slow_stub.most_open_calls <= 3, slow_stub.most_open_calls
+
+
+async def test_a_429_with_retry_after_pauses_every_worker(e2e_redis: str, stub: OpenAIStub) -> None:
+    """Retry-After: 2 on one call: no worker calls for 2 s, then all carry on; no job is
+    RETRYING or FAILED for it, and waiting spent no attempt."""
+    stub.script(Fault.rate_limited("2"))
+    with Service(e2e_redis, workers=4, env=llm_env(stub, "llm-pause")) as svc:
+        job_ids = [submit(svc) for _ in range(8)]
+        all_events = await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))
+    assert [(e[-1]["status"], e[-1]["attempts"]) for e in all_events] == [("FINISHED", 1)] * 8
+    assert not any(event["status"] == "RETRYING" for events in all_events for event in events)
+    paused_at = stub.arrivals[0]  # the call answered 429
+    during = [t - paused_at for t in stub.arrivals[1:] if 0.3 < t - paused_at < 1.95]
+    assert during == [], f"calls made during the pause, at {during}"
+    assert len(stub.arrivals) == 9 and stub.arrivals[-1] - paused_at >= 1.95
