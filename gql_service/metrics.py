@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -36,6 +37,15 @@ def _observe(pipe: Any, key: str, seconds: float) -> None:
     pipe.hincrby(key, "count", 1)
 
 
+@dataclass
+class LimitWaits:
+    """What the shared provider limits cost one attempt (gql_service.provider_limits)."""
+
+    seconds: float = 0.0  # waiting for a call slot or for a pause to end
+    rate_limited: int = 0  # 429s received
+    pauses: int = 0  # pauses this attempt applied to every worker (Retry-After)
+
+
 def record_attempt(
     redis: Redis,
     *,
@@ -44,6 +54,7 @@ def record_attempt(
     llm_seconds: Iterable[float],
     prompt_tokens: int,
     completion_tokens: int,
+    waits: LimitWaits | None = None,
 ) -> None:
     """One round trip at the end of an attempt; `final` is (status, error code) when it ended."""
     with redis.pipeline(transaction=False) as pipe:
@@ -55,6 +66,10 @@ def record_attempt(
             _observe(pipe, keys.metrics("llm_call_seconds"), seconds)
         pipe.hincrby(keys.metrics("tokens"), "prompt", prompt_tokens)
         pipe.hincrby(keys.metrics("tokens"), "completion", completion_tokens)
+        if waits is not None:
+            pipe.hincrbyfloat(keys.metrics("llm_limits"), "wait_seconds", waits.seconds)
+            pipe.hincrby(keys.metrics("llm_limits"), "rate_limited", waits.rate_limited)
+            pipe.hincrby(keys.metrics("llm_limits"), "pauses", waits.pauses)
         pipe.execute()
 
 
@@ -90,11 +105,12 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
         async with asyncio.timeout(timeout_s), redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.metrics("jobs"))
             pipe.hgetall(keys.metrics("tokens"))
+            pipe.hgetall(keys.metrics("llm_limits"))
             pipe.hgetall(keys.metrics("llm_call_seconds"))
             for stage in stages:
                 pipe.hgetall(keys.metrics(f"stage_seconds:{stage}"))
             pipe.llen(queue_key)
-            jobs, tokens, llm, *stage_rows, depth = await pipe.execute()
+            jobs, tokens, limits, llm, *stage_rows, depth = await pipe.execute()
     except (RedisError, OSError, TimeoutError):
         families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
         return generate_latest(REGISTRY) + _expose(families)
@@ -107,9 +123,23 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
     token_family = CounterMetricFamily("gqls_llm_tokens", "LLM tokens used, over every attempt", labels=["kind"])
     for kind, count in tokens.items():
         token_family.add_metric([kind.decode()], float(count))
+    limit = {k.decode(): float(v) for k, v in limits.items()}
     families += [
         finished,
         token_family,
+        CounterMetricFamily(
+            "gqls_llm_limit_wait_seconds",
+            "Time attempts waited for an LLM call slot or a provider pause",
+            value=limit.get("wait_seconds", 0.0),
+        ),
+        CounterMetricFamily(
+            "gqls_llm_rate_limited", "429 answers received from the LLM endpoint", value=limit.get("rate_limited", 0.0)
+        ),
+        CounterMetricFamily(
+            "gqls_llm_pauses",
+            "Pauses applied to every worker after a 429 with Retry-After",
+            value=limit.get("pauses", 0.0),
+        ),
         _histogram("gqls_llm_call_seconds", "Latency of one LLM call", [({}, llm)]),
         _histogram(
             "gqls_stage_seconds",

@@ -66,6 +66,7 @@ class Attempt:
         # For the metrics: this attempt's tokens, LLM calls, and time in each stage.
         self.spent = TokenUsage()
         self.llm_seconds: list[float] = []
+        self.waits = metrics.LimitWaits()
         self.stage_seconds: list[tuple[str, float]] = []
         self._stage: tuple[JobStage, float] | None = None
         self.last: JobRecord | None = None
@@ -98,11 +99,14 @@ class Attempt:
                 completion = self._call(text, repair)
             except LLMError as exc:
                 self._add_usage(exc.usage)
+                if exc.code is JobErrorCode.RATE_LIMITED:
+                    self.waits.rate_limited += 1
                 if self.limits is None or exc.retry_after_s is None or pauses == MAX_PAUSES_PER_CALL:
                     raise
                 # The endpoint said when to come back: every worker waits that long, and
                 # this call tries again then, without spending an attempt.
                 self.limits.pause(exc.retry_after_s)
+                self.waits.pauses += 1
                 continue
             self._add_usage(completion.usage)
             return completion
@@ -110,8 +114,9 @@ class Attempt:
 
     def _call(self, text: str, repair: Repair | None) -> Completion:
         if self.limits is not None:
-            self.limits.wait_out_pause()
-        with self.limits.slot() if self.limits is not None else contextlib.nullcontext():
+            self.waits.seconds += self.limits.wait_out_pause()
+        with self.limits.slot() if self.limits is not None else contextlib.nullcontext(0.0) as waited:
+            self.waits.seconds += waited
             started = time.monotonic()
             try:
                 return self.provider.extract(text, repair=repair)
@@ -138,6 +143,7 @@ class Attempt:
                 llm_seconds=self.llm_seconds,
                 prompt_tokens=self.spent.prompt_tokens,
                 completion_tokens=self.spent.completion_tokens,
+                waits=self.waits,
             )
         except Exception:  # metrics must never fail a job
             log.exception("job %s: could not record metrics", self.job_id)

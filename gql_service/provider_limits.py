@@ -66,21 +66,25 @@ class ProviderLimits:
             log.warning("LLM endpoint asked us to wait: every worker pauses its calls for %.1f s", seconds)
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the cluster's LLM_MAX_IN_FLIGHT call slots for the duration."""
+    def slot(self) -> Iterator[float]:
+        """Hold one of the cluster's LLM_MAX_IN_FLIGHT call slots for the duration; gives the
+        seconds spent waiting for it."""
         if self.max_in_flight is None:
-            yield
+            yield 0.0
             return
         key = keys.llm_in_flight(self.endpoint)
         lease = uuid.uuid4().hex
         acquire = self.redis.register_script(_ACQUIRE_LUA)
         lease_ms = int((self.call_timeout_s + 30) * 1000)
+        started = time.monotonic()
         while True:
             now_ms = int(time.time() * 1000)
             if acquire(keys=[key], args=[now_ms, now_ms + lease_ms, self.max_in_flight, lease]):
                 break
+            # Polling, not a blocking pop: a lease must expire on its own when its holder is
+            # killed, which a token list would not do.
             time.sleep(POLL_S)
         try:
-            yield
+            yield time.monotonic() - started
         finally:
             self.redis.zrem(key, lease)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from .clients import follow, submit
 from .openai_stub import Fault, OpenAIStub
 from .service import Service
+from .test_observability import metric
 
 
 def llm_env(stub: OpenAIStub, queue: str, **settings: str) -> dict[str, str]:
@@ -38,8 +40,10 @@ async def test_llm_max_in_flight_holds_across_worker_processes(e2e_redis: str, s
         svc.start_worker(3)
         job_ids = [submit(svc) for _ in range(18)]
         finals = [events[-1] for events in await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))]
+        waited = metric(httpx.get(f"http://127.0.0.1:{svc.port}/metrics").text, "gqls_llm_limit_wait_seconds_total")
     assert [(f["status"], f["attempts"]) for f in finals] == [("FINISHED", 1)] * 18
     assert 2 <= slow_stub.most_open_calls <= 3, slow_stub.most_open_calls
+    assert waited > 0  # calls did wait for a slot
 
 
 async def test_a_429_with_retry_after_pauses_every_worker(e2e_redis: str, stub: OpenAIStub) -> None:
@@ -49,9 +53,12 @@ async def test_a_429_with_retry_after_pauses_every_worker(e2e_redis: str, stub: 
     with Service(e2e_redis, workers=4, env=llm_env(stub, "llm-pause")) as svc:
         job_ids = [submit(svc) for _ in range(8)]
         all_events = await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))
+        text = httpx.get(f"http://127.0.0.1:{svc.port}/metrics").text
     assert [(e[-1]["status"], e[-1]["attempts"]) for e in all_events] == [("FINISHED", 1)] * 8
     assert not any(event["status"] == "RETRYING" for events in all_events for event in events)
     paused_at = stub.arrivals[0]  # the call answered 429
     during = [t - paused_at for t in stub.arrivals[1:] if 0.3 < t - paused_at < 1.95]
     assert during == [], f"calls made during the pause, at {during}"
     assert len(stub.arrivals) == 9 and stub.arrivals[-1] - paused_at >= 1.95
+    assert metric(text, "gqls_llm_pauses_total") >= 1 and metric(text, "gqls_llm_rate_limited_total") >= 1
+    assert metric(text, "gqls_llm_limit_wait_seconds_total") >= 1.5  # the calls held back by the pause
