@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 # A call told to come back later (429 Retry-After) tries again this many times within its
-# attempt; after that the 429 counts like any other (RETRYING, a new attempt).
+# attempt, if told to wait no more than MAX_PAUSE_S (longer waits would run into the job's
+# timeout); otherwise the 429 counts like any other (RETRYING, a new attempt with backoff).
 MAX_PAUSES_PER_CALL = 5
+MAX_PAUSE_S = 60.0
 
 
 class RetryLater(Exception):
@@ -101,11 +103,12 @@ class Attempt:
                 self._add_usage(exc.usage)
                 if exc.code is JobErrorCode.RATE_LIMITED:
                     self.waits.rate_limited += 1
-                if self.limits is None or exc.retry_after_s is None or pauses == MAX_PAUSES_PER_CALL:
+                wait = exc.retry_after_s
+                if self.limits is None or wait is None or wait > MAX_PAUSE_S or pauses == MAX_PAUSES_PER_CALL:
                     raise
                 # The endpoint said when to come back: every worker waits that long, and
                 # this call tries again then, without spending an attempt.
-                self.limits.pause(exc.retry_after_s)
+                self.limits.pause(wait)
                 self.waits.pauses += 1
                 continue
             self._add_usage(completion.usage)
