@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import AsyncIterator, Iterator
 
+import psutil
 import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -11,12 +14,30 @@ from redis.asyncio import Redis as AsyncRedis
 from gql_service.broadcast import Broadcast
 from gql_service.embedded_redis import EmbeddedRedis
 from gql_service.jobs import JobService
+from gql_service.procs import become_subreaper
 from gql_service.redis_conn import async_client
 from gql_service.schema import Context
 from gql_service.settings import Settings
 
 from .openai_stub import OpenAIStub
 from .service import Service
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_tests() -> Iterator[None]:
+    """The suite adopts its orphans (a worker pool's children whose parent was killed) and
+    kills whatever of its process tree is still alive at the end, so a failed test never
+    leaves workers retrying a Redis that is gone on the machine."""
+    become_subreaper()
+    yield
+    leftovers: list[str] = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE:  # an adopted orphan that already exited
+                leftovers.append(" ".join(process.cmdline())[:100])
+                process.kill()
+    if leftovers:
+        warnings.warn(f"killed {len(leftovers)} process(es) the tests left behind: {leftovers}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
