@@ -36,16 +36,21 @@ def metrics(name: str) -> str:
     return f"{PREFIX}:metrics:{name}"
 
 
+def _endpoint(endpoint: str) -> str:
+    # An LLM endpoint (URL and model) as a short digest: any length, any bytes, one key shape.
+    return hashlib.sha256(endpoint.encode()).hexdigest()[:32]
+
+
 def json_mode_only(endpoint: str) -> str:
     """Set while an LLM endpoint+model is known to refuse JSON-schema outputs."""
-    return f"{PREFIX}:llm:json-mode-only:{hashlib.sha256(endpoint.encode()).hexdigest()[:32]}"
+    return f"{PREFIX}:llm:json-mode-only:{_endpoint(endpoint)}"
 
 
 def llm_in_flight(endpoint: str) -> str:
     """Leases of the LLM calls open now, cluster-wide (gql_service.provider_limits)."""
-    return f"{PREFIX}:llm:in-flight:{hashlib.sha256(endpoint.encode()).hexdigest()[:32]}"
+    return f"{PREFIX}:llm:in-flight:{_endpoint(endpoint)}"
 
 
 def llm_paused(endpoint: str) -> str:
     """Set while the LLM endpoint has asked us to wait (429 Retry-After)."""
-    return f"{PREFIX}:llm:paused:{hashlib.sha256(endpoint.encode()).hexdigest()[:32]}"
+    return f"{PREFIX}:llm:paused:{_endpoint(endpoint)}"

@@ -2,9 +2,9 @@
 
 API-side figures (GraphQL operations and errors, counted by `operations`; subscriptions,
 queue depth) come from the process serving `/metrics`. Job figures (final status and error
-code, stage durations, LLM latency, tokens) are written by the workers into Redis, one
-pipeline per attempt, and read at scrape time: every API replica reports the same cluster-wide job totals, so aggregate
-them with `max`, not `sum`.
+code, stage durations, LLM latency, tokens, provider-limit waits) are written by the
+workers into Redis, one pipeline per attempt, and read at scrape time: every API replica
+reports the same cluster-wide job totals, so aggregate them with `max`, not `sum`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ MAX_SUMMARY_WORDS = 40
 # Bounds on what a model (or a misbehaving endpoint) can make us store and publish.
 MAX_SUMMARY_CHARS = 600
 MAX_MODEL_CHARS = 200
-MAX_REFUSAL_CHARS = 500
 MAX_ERROR_CHARS = 1000
 
 

@@ -74,10 +74,10 @@ class Schema(strawberry.Schema):
         for error in errors:
             original, code = error.original_error, error_code(error)
             path = ".".join(str(p) for p in error.path or ()) or "-"
-            if original is None or (isinstance(original, ClientError) and not isinstance(original, ServiceUnavailable)):
-                log.info("client error %s at %s: %s", code, path, error.message)
-            elif isinstance(original, ServiceUnavailable):
+            if isinstance(original, ServiceUnavailable):
                 log.warning("%s at %s: %s", code, path, error.message)
+            elif original is None or isinstance(original, ClientError):
+                log.info("client error %s at %s: %s", code, path, error.message)
             else:
                 log.error("%s at %s: %s", code, path, error.message, exc_info=original)
 

@@ -33,7 +33,7 @@ from .auth import ApiKeys
 from .media_types import GRAPHQL_RESPONSE_JSON, JSON, content_type_of, preferred_media_type
 from .schema import MAX_TOKENS, Context, schema
 from .settings import Settings
-from .ws import LegacyWSHandler, TransportWSHandler
+from .ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
 
 MAX_REQUEST_ID_CHARS = 128
 GRAPHIQL = Path(__file__).with_name("static") / "graphiql"
@@ -218,7 +218,7 @@ class GraphQLView(GraphQL[Context, None]):
         if name is None and isinstance(query, str) and self.operation_counts(query) > 1:
             raise RequestError(
                 400,
-                "the document holds several operations: name the one to run in operationName",
+                AMBIGUOUS,
                 code="OPERATION_RESOLUTION_FAILURE",
             )
         try:

@@ -20,7 +20,10 @@ _LEGACY_TYPES = {"connection_init", "connection_terminate", "start", "stop"}
 MAX_ID_CHARS = 128
 
 
-def _payload_problem(payload: Any) -> str | None:
+AMBIGUOUS = "the document holds several operations: name the one to run in operationName"
+
+
+def _payload_problem(payload: Any, view: Any) -> str | None:
     """What is wrong with an operation payload: {query, variables?, operationName?, extensions?}."""
     if not isinstance(payload, dict):
         return "the payload must be an object"
@@ -33,45 +36,42 @@ def _payload_problem(payload: Any) -> str | None:
     ):
         if payload.get(name) is not None and not isinstance(payload[name], kind):
             return f"payload.{name} must be {what} or null"
+    if payload.get("operationName") is None and view.operation_counts(payload["query"]) > 1:
+        return AMBIGUOUS  # Strawberry would run the first operation
     return None
+
+
+def _id(message: Any) -> str | None:
+    """The message's operation id, when it is one we accept."""
+    op_id = message.get("id") if isinstance(message, dict) else None
+    return op_id if isinstance(op_id, str) and 0 < len(op_id) <= MAX_ID_CHARS else None
 
 
 def _id_problem(message: dict[str, Any]) -> str | None:
-    op_id = message.get("id")
-    if not isinstance(op_id, str) or not op_id:
-        return "the message needs a string id"
-    if len(op_id) > MAX_ID_CHARS:
+    if _id(message) is not None:
+        return None
+    if isinstance(message.get("id"), str) and message["id"]:
         return f"ids are at most {MAX_ID_CHARS} characters"
-    return None
+    return "the message needs a string id"
 
 
-def _transport_problem(message: Any) -> str | None:
+def _transport_problem(message: Any, view: Any) -> str | None:
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return "Failed to parse message"
     kind = message["type"]
     if kind in {"subscribe", "complete"} and (problem := _id_problem(message)):
         return problem
     if kind == "subscribe":
-        return _payload_problem(message.get("payload"))
+        return _payload_problem(message.get("payload"), view)
     if kind in {"ping", "pong"} and message.get("payload") is not None and not isinstance(message["payload"], dict):
         return f"a {kind} payload must be an object"
     return None
 
 
-AMBIGUOUS = "the document holds several operations: name the one to run in operationName"
-
-
-def _ambiguous(view: Any, payload: dict[str, Any]) -> bool:
-    """Several operations and no operationName: Strawberry would run the first."""
-    return payload.get("operationName") is None and view.operation_counts(payload["query"]) > 1
-
-
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
     async def handle_message(self, message: Any) -> None:
-        problem = _transport_problem(message)
-        if problem is None and message["type"] == "subscribe" and _ambiguous(self.view, message["payload"]):
-            problem = AMBIGUOUS  # closed as Strawberry closes an unknown operationName
-        if problem is not None:
+        # Every problem closes with 4400, as Strawberry closes an unknown operationName.
+        if problem := _transport_problem(message, self.view):
             await self.handle_invalid_message(problem)
             return
         await super().handle_message(message)
@@ -83,10 +83,7 @@ def _legacy_problem(message: Any, view: Any) -> str | None:
     if message["type"] in {"start", "stop"} and (problem := _id_problem(message)):
         return problem
     if message["type"] == "start":
-        problem = _payload_problem(message.get("payload"))
-        if problem is None and _ambiguous(view, message["payload"]):
-            return AMBIGUOUS
-        return problem
+        return _payload_problem(message.get("payload"), view)
     return None
 
 
@@ -109,10 +106,8 @@ class LegacyWSHandler(BaseGraphQLWSHandler[Any, Any]):
     async def handle_message(self, message: Any) -> None:
         problem = _legacy_problem(message, self.view)
         if problem is not None:
-            op_id = message.get("id") if isinstance(message, dict) and isinstance(message.get("id"), str) else None
-            if op_id is not None and len(op_id) > MAX_ID_CHARS:
-                op_id = None  # not echoed back
-            reply: Any = {"type": "error", "id": op_id, "payload": {"message": problem}}
+            # The id is echoed only when it is one we accept (never a 100 KB one back).
+            reply: Any = {"type": "error", "id": _id(message), "payload": {"message": problem}}
             await self.send_message(reply)
             return
         await super().handle_message(message)

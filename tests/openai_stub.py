@@ -135,6 +135,11 @@ class OpenAIStub:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def env(self) -> dict[str, str]:
+        """The settings that point a service's workers at this stub."""
+        return {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-stub", "OPENAI_BASE_URL": self.base_url}
+
     def script(self, *faults: Fault) -> None:
         """Answers for the next requests, in order; after them, valid answers again."""
         with self._lock:

@@ -26,8 +26,7 @@ def test_submit_wait_shows_every_stage_then_the_result(e2e_redis: str, stub: Ope
     # its last line). The model takes a moment, so CALLING_LLM is not overtaken by the next
     # state in the API's latest-wins mailbox either.
     stub.latency_s = 0.3
-    env = {"RQ_QUEUE": "llm-cli-wait", "LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test",
-           "OPENAI_BASE_URL": stub.base_url}  # fmt: skip
+    env = {"RQ_QUEUE": "llm-cli-wait", **stub.env}
     with Service(e2e_redis, workers=0, env=env) as svc:
         follow = subprocess.Popen(
             [sys.executable, "-m", "gql_service", "submit", "--wait", "I loved the clinic. Dr. Rao was kind."],

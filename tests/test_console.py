@@ -68,8 +68,7 @@ async def test_a_failed_job_shows_its_error(service: Service) -> None:
 
 async def test_a_job_that_fails_shows_its_error_code_and_message(e2e_redis: str, stub: OpenAIStub) -> None:
     stub.script(Fault.http(401))
-    env = {"RQ_QUEUE": "llm-console-fail", "LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-x",
-           "OPENAI_BASE_URL": stub.base_url}  # fmt: skip
+    env = {"RQ_QUEUE": "llm-console-fail", **stub.env}
     with Service(e2e_redis, workers=1, env=env) as svc:
         async with Browser() as browser:
             await browser.goto(f"http://127.0.0.1:{svc.port}/")

@@ -93,7 +93,7 @@ def _stop_dev(scenario: str, stub: OpenAIStub) -> Outcome:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "REDIS_"))}
     env |= {MARK: mark, "EMBEDDED_REDIS_PORT": str(redis_port), "PYTHONUNBUFFERED": "1"}
     if scenario == JOB_IN_FLIGHT:
-        env |= {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": stub.base_url}
+        env |= stub.env
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
         dev = subprocess.Popen(
             [sys.executable, "-m", "gql_service", "dev", "--port", str(port), "--workers", "2"],

@@ -134,9 +134,7 @@ def test_openai_provider_end_to_end(e2e_redis: str, openai_stub: OpenAIStub) -> 
     openai_stub.reset()
     env = {
         "RQ_QUEUE": "llm-openai",
-        "LLM_PROVIDER": "openai",
-        "OPENAI_API_KEY": "sk-e2e",
-        "OPENAI_BASE_URL": openai_stub.base_url,
+        **openai_stub.env,
         "OPENAI_MODEL": "stub-e2e",
     }
     with Service(e2e_redis, workers=1, env=env) as svc:

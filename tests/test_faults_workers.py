@@ -24,9 +24,7 @@ LOST_AFTER_S = 3
 def crash_env(stub: OpenAIStub, queue: str, **extra: str) -> dict[str, str]:
     return {
         "RQ_QUEUE": queue,
-        "LLM_PROVIDER": "openai",
-        "OPENAI_API_KEY": "sk-crash",
-        "OPENAI_BASE_URL": stub.base_url,
+        **stub.env,
         "WORKER_LOST_AFTER_S": str(LOST_AFTER_S),
         **extra,
     }

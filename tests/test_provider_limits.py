@@ -15,17 +15,6 @@ from .service import Service
 from .test_observability import metric
 
 
-def llm_env(stub: OpenAIStub, queue: str, **settings: str) -> dict[str, str]:
-    return {
-        "RQ_QUEUE": queue,
-        "LLM_PROVIDER": "openai",
-        "OPENAI_API_KEY": "sk-limits",
-        "OPENAI_BASE_URL": stub.base_url,
-        "LLM_TIMEOUT_S": "10",
-        **settings,
-    }
-
-
 @pytest.fixture
 def slow_stub(stub: OpenAIStub) -> Iterator[OpenAIStub]:
     stub.latency_s = 0.3
@@ -35,7 +24,7 @@ def slow_stub(stub: OpenAIStub) -> Iterator[OpenAIStub]:
 
 async def test_llm_max_in_flight_holds_across_worker_processes(e2e_redis: str, slow_stub: OpenAIStub) -> None:
     """Two worker processes of three work horses each: six could call at once; three may."""
-    env = llm_env(slow_stub, "llm-in-flight", LLM_MAX_IN_FLIGHT="3")
+    env = {**slow_stub.env, "RQ_QUEUE": "llm-in-flight", "LLM_MAX_IN_FLIGHT": "3", "LLM_TIMEOUT_S": "10"}
     with Service(e2e_redis, workers=3, env=env) as svc:
         svc.start_worker(3)
         job_ids = [submit(svc) for _ in range(18)]
@@ -50,7 +39,7 @@ async def test_a_429_with_retry_after_pauses_every_worker(e2e_redis: str, stub: 
     """Retry-After: 2 on one call: no worker calls for 2 s, then all carry on; no job is
     RETRYING or FAILED for it, and waiting spent no attempt."""
     stub.script(Fault.rate_limited("2"))
-    with Service(e2e_redis, workers=4, env=llm_env(stub, "llm-pause")) as svc:
+    with Service(e2e_redis, workers=4, env={**stub.env, "RQ_QUEUE": "llm-pause", "LLM_TIMEOUT_S": "10"}) as svc:
         job_ids = [submit(svc) for _ in range(8)]
         all_events = await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))
         text = httpx.get(f"http://127.0.0.1:{svc.port}/metrics").text

@@ -18,7 +18,7 @@ from openai import OpenAI
 from openai.lib._parsing._completions import type_to_response_format_param
 from openai.types.chat import ChatCompletion
 
-from ..models import MAX_MODEL_CHARS, MAX_REFUSAL_CHARS, Extraction, JobErrorCode, Sentiment, TokenUsage
+from ..models import MAX_MODEL_CHARS, Extraction, JobErrorCode, Sentiment, TokenUsage
 from . import prompt
 from .base import Completion, LLMError, Repair
 
@@ -156,7 +156,8 @@ class OpenAIProvider:
         choice = response.choices[0]
         refusal = getattr(choice.message, "refusal", None)
         if refusal:
-            raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal[:MAX_REFUSAL_CHARS]}", usage=usage)
+            # As long as the model likes: JobError bounds every message it stores.
+            raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal}", usage=usage)
         if choice.finish_reason == "content_filter":
             raise LLMError(JobErrorCode.REFUSED, "the answer was stopped by the content filter", usage=usage)
         if choice.finish_reason == "length":
