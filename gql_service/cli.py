@@ -122,7 +122,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     # its workers), SIGTERM is an interruption like Ctrl-C, so the `finally` below runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        run_workers(settings, redis_url=redis_url, num_workers=args.workers, burst=args.burst)
+        run_workers(
+            settings, redis_url=redis_url, num_workers=args.workers, concurrency=args.concurrency, burst=args.burst
+        )
     finally:
         # A pool interrupted while it forks its workers would otherwise wait for them at exit
         # (multiprocessing joins its children), and they, never told to stop, run forever.
@@ -264,6 +266,19 @@ def _stop_dev(
     kill_tree(descendants(os.getpid()))  # anything forked while we were stopping
 
 
+def _add_concurrency(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="jobs at once per async worker process (default: WORKER_CONCURRENCY, 64)",
+    )
+
+
+def _concurrency_args(args: argparse.Namespace) -> list[str]:
+    return ["--concurrency", str(args.concurrency)] if args.concurrency else []
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     """Everything in one process tree; one Ctrl-C (or SIGTERM) stops all of it."""
     from .embedded_redis import EmbeddedRedis
@@ -302,7 +317,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         log.info("dev: LLM provider %s; starting %d worker(s) and the API", settings.provider, args.workers)
         me = [sys.executable, "-m", "gql_service"]
         for command in (
-            ["worker", "--workers", str(args.workers)],
+            ["worker", "--workers", str(args.workers), *_concurrency_args(args)],
             ["serve", "--host", args.host, "--port", str(args.port)],
         ):
             if not received:
@@ -362,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dev", "run everything: embedded Redis (if REDIS_URL is unset), RQ workers and the API")
     p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
     p.add_argument("--port", type=int, default=8000, help="port the API listens on")
-    p.add_argument("--workers", type=int, default=2, help="RQ worker processes")
+    p.add_argument("--workers", type=int, default=1, help="RQ worker processes")
+    _add_concurrency(p)
     p.set_defaults(func=cmd_dev)
 
     p = command("serve", "run the GraphQL API (uvicorn) against REDIS_URL")
@@ -374,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("worker", "run RQ workers for RQ_QUEUE against REDIS_URL, with the scheduler")
     p.add_argument("--workers", type=int, default=1, help="worker processes (a pool when > 1)")
+    _add_concurrency(p)
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
 

@@ -22,6 +22,8 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQJobStatus
+from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
+from rq.utils import current_timestamp, now, utcformat
 
 from . import keys, store
 from .broadcast import Broadcast, BroadcastUnavailable, Subscription
@@ -181,7 +183,8 @@ class JobService:
         store.index_job(pipe, job.record, ttl_s=ttl_s)
         if job.idem:
             pipe.set(job.idem, job.record.id, ex=self.settings.idempotency_ttl_s)
-        self.queue.enqueue_call(
+        cap = self.settings.tenant_max_in_flight
+        rq_job = self.queue.create_job(
             keys.TASK,
             args=(job.record.id,),
             job_id=job.record.id,
@@ -191,8 +194,12 @@ class JobService:
             failure_ttl=self.settings.rq_result_ttl_s,
             # No timeout or retry policy here: the worker applies its own settings (workers.py, tasks.py).
             on_failure=Callback(keys.ON_FAILURE),
-            pipeline=pipe,  # type: ignore[arg-type]
+            rate_limit=RateLimit(keys.tenant_slots(job.record.tenant), cap) if cap else None,
         )
+        if cap:
+            _enqueue_held(self.queue, rq_job, pipe, cap, since=job.record.created_at.timestamp())
+        else:
+            self.queue.enqueue_job(rq_job, pipeline=pipe)  # type: ignore[arg-type]
 
     async def list_jobs(
         self, *, tenant: str, first: int, after: tuple[float, str] | None, status: JobStatus | None
@@ -243,9 +250,7 @@ class JobService:
             return job.model_copy(update=update)
 
         async with self._redis_call():
-            record, changed = await store.update_job_async(
-                self.redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s
-            )
+            record, changed = await store.update_job(self.redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s)
         if record is None:
             raise NotFound(f"job {job_id} not found")
         if not changed and record.status is not JobStatus.CANCELED:
@@ -318,3 +323,35 @@ class JobService:
 def _owned(record: JobRecord | None, tenant: str) -> JobRecord | None:
     # Another tenant's job is indistinguishable from a missing one.
     return record if record is not None and record.tenant == tenant else None
+
+
+def _enqueue_held(queue: Queue, rq_job: RQJob, pipe: AsyncPipeline, cap: int, *, since: float) -> None:
+    """Queue the commands of RQ's rate-limited enqueue (TENANT_MAX_IN_FLIGHT) on our MULTI.
+
+    RQ's concurrency `RateLimit` is what fair tenants need: a tenant's jobs over the cap wait
+    in a set of RQ's, oldest first, and RQ promotes the next one onto the queue whenever one
+    of the tenant's jobs ends (workers release the slot; a retry keeps it). RQ only refuses
+    to do this inside a caller's pipeline (it would run its promotion script through a
+    synchronous client): these are the same writes as RQ's `_enqueue_rate_limited_job`, with
+    the promotion script sent by EVAL, so the record, the idempotency key and the RQ job
+    still land in one transaction. Waiting jobs are ordered by their creation time to the
+    microsecond (RQ's own timestamp has whole seconds, so a batch would go in by id).
+    """
+    registry = RateLimitRegistry.from_job(rq_job)
+    rq_job.origin = queue.name
+    rq_job.set_status(RQJobStatus.RATE_LIMITED, pipeline=pipe)  # type: ignore[arg-type]
+    pipe.sadd(queue.redis_queues_keys, queue.key)
+    registry.register(cap, pipe)  # type: ignore[arg-type]
+    rq_job.save(pipeline=pipe)  # type: ignore[arg-type]
+    registry.add_to_rate_limited(rq_job.id, pipe, timestamp=since)  # type: ignore[arg-type]
+    pipe.eval(
+        ACQUIRE_AND_ENQUEUE_SCRIPT,
+        2,
+        registry.allowed_key,
+        registry.rate_limited_key,
+        cap,
+        current_timestamp(),
+        utcformat(now()),
+        Queue.redis_queue_namespace_prefix,
+        RQJob.redis_job_namespace_prefix,
+    )

@@ -31,6 +31,12 @@ def tenant_jobs(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:jobs"
 
 
+def tenant_slots(tenant: str) -> str:
+    """RQ's concurrency limit key for a tenant's running jobs (TENANT_MAX_IN_FLIGHT); RQ
+    keeps its sets under `rq:rl:<this>:…`."""
+    return f"{PREFIX}-tenant:{tenant}"
+
+
 def metrics(name: str) -> str:
     """Cluster-wide job metrics, written by workers (gql_service.metrics)."""
     return f"{PREFIX}:metrics:{name}"
@@ -49,6 +55,11 @@ def json_mode_only(endpoint: str) -> str:
 def llm_in_flight(endpoint: str) -> str:
     """Leases of the LLM calls open now, cluster-wide (gql_service.provider_limits)."""
     return f"{PREFIX}:llm:in-flight:{_endpoint(endpoint)}"
+
+
+def llm_budget(endpoint: str) -> str:
+    """The LLM_RPM / LLM_TPM moving windows (the `limits` library adds the limit to it)."""
+    return f"{PREFIX}:llm:budget:{_endpoint(endpoint)}"
 
 
 def llm_paused(endpoint: str) -> str:

@@ -18,9 +18,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from . import keys
 
@@ -46,8 +47,8 @@ class LimitWaits:
     pauses: int = 0  # pauses this attempt applied to every worker (Retry-After)
 
 
-def record_attempt(
-    redis: Redis,
+async def record_attempt(
+    redis: AsyncRedis,
     *,
     final: tuple[str, str] | None,
     stage_seconds: Iterable[tuple[str, float]],
@@ -57,7 +58,7 @@ def record_attempt(
     waits: LimitWaits | None = None,
 ) -> None:
     """One round trip at the end of an attempt; `final` is (status, error code) when it ended."""
-    with redis.pipeline(transaction=False) as pipe:
+    async with redis.pipeline(transaction=False) as pipe:
         if final is not None:
             pipe.hincrby(keys.metrics("jobs"), f"{final[0]}|{final[1]}", 1)
         for stage, seconds in stage_seconds:
@@ -70,7 +71,7 @@ def record_attempt(
             pipe.hincrbyfloat(keys.metrics("llm_limits"), "wait_seconds", waits.seconds)
             pipe.hincrby(keys.metrics("llm_limits"), "rate_limited", waits.rate_limited)
             pipe.hincrby(keys.metrics("llm_limits"), "pauses", waits.pauses)
-        pipe.execute()
+        await pipe.execute()
 
 
 # -- read by the API at scrape time ---------------------------------------------------------
@@ -110,7 +111,9 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
             for stage in stages:
                 pipe.hgetall(keys.metrics(f"stage_seconds:{stage}"))
             pipe.llen(queue_key)
-            jobs, tokens, limits, llm, *stage_rows, depth = await pipe.execute()
+            pipe.smembers(REDIS_WORKER_KEYS)
+            jobs, tokens, limits, llm, *stage_rows, depth, workers = await pipe.execute()
+            in_flight = await _jobs_in_flight(redis, workers)
     except (RedisError, OSError, TimeoutError):
         families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
         return generate_latest(REGISTRY) + _expose(families)
@@ -147,9 +150,24 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
             [({"stage": s}, raw) for s, raw in zip(stages, stage_rows, strict=True)],
         ),  # fmt: skip
         GaugeMetricFamily("gqls_queue_depth", "Jobs waiting in the RQ queue", value=float(depth)),
+        in_flight,
         GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
     return generate_latest(REGISTRY) + _expose(families)
+
+
+async def _jobs_in_flight(redis: AsyncRedis, worker_keys: set[bytes]) -> GaugeMetricFamily:
+    """RQ's own record of what each worker runs: one execution per job in flight."""
+    names = sorted(key.decode().rpartition(":")[2] for key in worker_keys)
+    family = GaugeMetricFamily("gqls_worker_jobs_in_flight", "Jobs each RQ worker is running", labels=["worker"])
+    if names:
+        async with redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(name))
+            counts = await pipe.execute()
+        for name, count in zip(names, counts, strict=True):
+            family.add_metric([name], float(count))
+    return family
 
 
 def _expose(families: list[Metric]) -> bytes:

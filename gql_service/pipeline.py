@@ -7,16 +7,16 @@ attempt; everything else ends the job here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable
 
 from pydantic import ValidationError
-from redis import Redis
+from redis.asyncio import Redis
 
 from . import logs, metrics, store
-from .llm import Completion, LLMError, Provider, Repair
+from .llm import Completion, LLMError, Provider, Repair, prompt
 from .models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
 from .provider_limits import ProviderLimits
 
@@ -81,11 +81,11 @@ class Attempt:
             self._stage = (record.stage, now)
         self.last = record
 
-    def _set(self, **changes: object) -> JobRecord | None:
+    async def _set(self, **changes: object) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(update=changes)
 
-        record, changed = store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
         if changed and record is not None:
             log.info("job %s: %s / %s (v%d)", self.job_id, record.status.value, record.stage.value, record.version)
             self._entered(record)
@@ -95,10 +95,10 @@ class Attempt:
         self.usage = self.usage + usage
         self.spent = self.spent + usage
 
-    def _ask(self, text: str, repair: Repair | None = None) -> Completion:
+    async def _ask(self, text: str, repair: Repair | None = None) -> Completion:
         for pauses in range(MAX_PAUSES_PER_CALL + 1):
             try:
-                completion = self._call(text, repair)
+                completion = await self._call(text, repair)
             except LLMError as exc:
                 self._add_usage(exc.usage)
                 if exc.code is JobErrorCode.RATE_LIMITED:
@@ -108,38 +108,46 @@ class Attempt:
                     raise
                 # The endpoint said when to come back: every worker waits that long, and
                 # this call tries again then, without spending an attempt.
-                self.limits.pause(wait)
+                await self.limits.pause(wait)
                 self.waits.pauses += 1
                 continue
             self._add_usage(completion.usage)
             return completion
         raise AssertionError("unreachable")
 
-    def _call(self, text: str, repair: Repair | None) -> Completion:
-        if self.limits is not None:
-            self.waits.seconds += self.limits.wait_out_pause()
-        with self.limits.slot() if self.limits is not None else contextlib.nullcontext(0.0) as waited:
+    async def _call(self, text: str, repair: Repair | None) -> Completion:
+        if self.limits is None:
+            return await self._timed(self.provider.extract(text, repair=repair))
+        estimate = prompt.estimated_tokens(text, repair)
+        self.waits.seconds += await self.limits.wait_out_pause()
+        self.waits.seconds += await self.limits.take_budget(estimate)
+        async with self.limits.slot() as waited:
             self.waits.seconds += waited
-            started = time.monotonic()
-            try:
-                return self.provider.extract(text, repair=repair)
-            finally:
-                self.llm_seconds.append(time.monotonic() - started)
+            completion = await self._timed(self.provider.extract(text, repair=repair))
+        await self.limits.charge_tokens(estimate, completion.usage.total_tokens)
+        return completion
 
-    def run(self, *, retries_left: int) -> JobRecord | None:
+    async def _timed(self, call: Awaitable[Completion]) -> Completion:
+        started = time.monotonic()
         try:
-            return self._run(retries_left=retries_left)
+            return await call
         finally:
-            self._record_metrics()
+            self.llm_seconds.append(time.monotonic() - started)
 
-    def _record_metrics(self) -> None:
+    async def run(self, *, retries_left: int) -> JobRecord | None:
+        try:
+            return await self._run(retries_left=retries_left)
+        finally:
+            await self._record_metrics()
+
+    async def _record_metrics(self) -> None:
         if self.last is None:
             return  # nothing ran
         final = None
         if self.last.terminal:
             final = (self.last.status.value, self.last.error.code.value if self.last.error else "")
         try:
-            metrics.record_attempt(
+            await metrics.record_attempt(
                 self.redis,
                 final=final,
                 stage_seconds=self.stage_seconds,
@@ -151,35 +159,37 @@ class Attempt:
         except Exception:  # metrics must never fail a job
             log.exception("job %s: could not record metrics", self.job_id)
 
-    def _run(self, *, retries_left: int) -> JobRecord | None:
-        started = self._start()
+    async def _run(self, *, retries_left: int) -> JobRecord | None:
+        started = await self._start()
         if started is None:
             log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
             return None
         logs.request_id.set(started.request_id)  # worker log lines about this job carry it
         log.info("job %s: attempt %d with %s", self.job_id, started.attempts, self.provider.model)
         self.usage = started.usage or TokenUsage()
-        text = store.get_text_sync(self.redis, self.job_id) or ""
+        text = await store.get_text(self.redis, self.job_id) or ""
         try:
-            completion = self._ask(text)
-            self._set(stage=JobStage.VALIDATING, usage=self.usage)
+            completion = await self._ask(text)
+            await self._set(stage=JobStage.VALIDATING, usage=self.usage)
             try:
                 result = validate(completion.content)
             except InvalidOutput as first:
                 log.info("job %s: invalid output (%s); asking for a repair", self.job_id, first)
-                self._set(stage=JobStage.REPAIRING)
-                completion = self._ask(text, Repair(completion.content, str(first)))
-                self._set(stage=JobStage.VALIDATING, usage=self.usage)
+                await self._set(stage=JobStage.REPAIRING)
+                completion = await self._ask(text, Repair(completion.content, str(first)))
+                await self._set(stage=JobStage.VALIDATING, usage=self.usage)
                 result = validate(completion.content)
         except InvalidOutput as exc:
-            return self._fail(JobError(code=JobErrorCode.INVALID_OUTPUT, message=f"invalid output after repair: {exc}"))
+            return await self._fail(
+                JobError(code=JobErrorCode.INVALID_OUTPUT, message=f"invalid output after repair: {exc}")
+            )
         except LLMError as exc:
             error = JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
             if exc.retryable and retries_left > 0:
-                self._set(status=JobStatus.RETRYING, stage=JobStage.QUEUED, error=error, usage=self.usage)
+                await self._set(status=JobStatus.RETRYING, stage=JobStage.QUEUED, error=error, usage=self.usage)
                 raise RetryLater(str(exc)) from exc
-            return self._fail(error)
-        return self._set(
+            return await self._fail(error)
+        return await self._set(
             status=JobStatus.FINISHED,
             stage=JobStage.DONE,
             result=result,
@@ -189,7 +199,7 @@ class Attempt:
             finished_at=utcnow(),
         )
 
-    def _start(self) -> JobRecord | None:
+    async def _start(self) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(
                 update={
@@ -201,19 +211,19 @@ class Attempt:
                 }
             )
 
-        record, changed = store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
         if changed and record is not None:
             self._entered(record)
         return record if changed else None
 
-    def _fail(self, error: JobError) -> JobRecord | None:
+    async def _fail(self, error: JobError) -> JobRecord | None:
         log.warning("job %s failed: %s: %s", self.job_id, error.code.value, error.message)
-        return self._set(
+        return await self._set(
             status=JobStatus.FAILED, stage=JobStage.FAILED, error=error, usage=self.usage, finished_at=utcnow()
         )
 
 
-def fail_job(redis: Redis, job_id: str, error: JobError, *, ttl_s: int) -> JobRecord | None:
+async def fail_job(redis: Redis, job_id: str, error: JobError, *, ttl_s: int) -> JobRecord | None:
     """End a job as FAILED from outside an attempt (crash handlers, enqueue failures)."""
 
     def change(job: JobRecord) -> JobRecord:
@@ -221,5 +231,5 @@ def fail_job(redis: Redis, job_id: str, error: JobError, *, ttl_s: int) -> JobRe
             update={"status": JobStatus.FAILED, "stage": JobStage.FAILED, "error": error, "finished_at": utcnow()}
         )
 
-    record, _ = store.update_job(redis, job_id, change, ttl_s=ttl_s)
+    record, _ = await store.update_job(redis, job_id, change, ttl_s=ttl_s)
     return record

@@ -4,6 +4,15 @@
   lease (a member of a sorted set scored by its expiry), taken and released by Lua so the
   count and the check are one step. A lease outlives a killed process only until it
   expires (the call's timeout plus a margin), so a crash never shrinks the pool for good.
+* `LLM_RPM` / `LLM_TPM`: requests and tokens per minute, kept by the `limits` library's
+  moving window in Redis (exact, and shared by every process). Requests are also spread
+  over the minute (at most RPM/60 a second), because providers enforce a minute's budget
+  over shorter periods too, and a burst of a whole minute's calls at once draws 429s. The
+  minute window is 61 s: a second of margin, so that network delay and clock skew never
+  let the provider count one call more in its own minute than we did in ours. Tokens are
+  estimated before the call (prompt characters / 4, plus an allowance for the answer) and
+  the excess charged after with the reported usage; the moving window cannot refund, so
+  an answer shorter than the allowance costs the difference for that minute.
 * A 429 with `Retry-After` pauses the provider for every worker until then, instead of
   each worker retrying into the wall on its own schedule.
 
@@ -11,19 +20,27 @@ Waiting for a slot or for a pause to end is not an attempt: it happens inside th
 before the call, and does not count against `LLM_MAX_ATTEMPTS`. With no limit set and no
 pause in force, a call costs one Redis round trip (the pause check).
 
-Not here yet: `LLM_RPM` / `LLM_TPM` (requests and tokens per minute).
+Waiting jobs of one process line up behind one of them (an asyncio lock per limit), so a
+process polls Redis once per freed slot, not once per waiting job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import random
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from redis import Redis
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
 
 from . import keys
 
@@ -40,6 +57,13 @@ end
 return 0
 """
 POLL_S = 0.05  # how often a waiting call looks for a free slot again
+WINDOW_S = 61  # the minute of LLM_RPM / LLM_TPM, with a second of margin (see above)
+
+# Per event loop: the limiter over its Redis client, and the line each limit's waiters form.
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, MovingWindowRateLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
+_lines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -48,25 +72,74 @@ class ProviderLimits:
     endpoint: str  # the provider's endpoint and model: limits belong to it
     max_in_flight: int | None
     call_timeout_s: float
+    rpm: int | None = None
+    tpm: int | None = None
 
-    def wait_out_pause(self) -> float:
+    async def take_budget(self, tokens: int) -> float:
+        """Wait until this minute's LLM_RPM / LLM_TPM budget has room for one call of about
+        `tokens` tokens, and take it; returns the seconds waited."""
+        waited = 0.0
+        if self.rpm is not None:
+            waited += await self._take(RateLimitItemPerSecond(math.ceil(self.rpm / 60), 1), 1)
+            waited += await self._take(RateLimitItemPerSecond(self.rpm, WINDOW_S), 1)
+        if self.tpm is not None:
+            waited += await self._take(self._tokens(), min(tokens, self.tpm))
+        return waited
+
+    async def charge_tokens(self, estimated: int, used: int) -> None:
+        """Charge what a call used beyond its estimate (if the minute still has room)."""
+        if self.tpm is not None and used > estimated:
+            await self._limiter().hit(self._tokens(), self._ident, cost=min(used - estimated, self.tpm))
+
+    def _tokens(self) -> RateLimitItem:
+        return RateLimitItemPerSecond(self.tpm or 1, WINDOW_S)
+
+    @property
+    def _ident(self) -> str:
+        return keys.llm_budget(self.endpoint)
+
+    def _limiter(self) -> MovingWindowRateLimiter:
+        per_loop = _limiters.setdefault(asyncio.get_running_loop(), {})
+        pool_id = str(id(self.redis.connection_pool))
+        if pool_id not in per_loop:
+            storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
+                key_prefix="",
+            )
+            per_loop[pool_id] = MovingWindowRateLimiter(storage)
+        return per_loop[pool_id]
+
+    async def _take(self, item: RateLimitItem, cost: int) -> float:
+        limiter = self._limiter()
+        started = time.monotonic()
+        line = _lines.setdefault(asyncio.get_running_loop(), {}).setdefault(f"{self._ident}:{item}", asyncio.Lock())
+        async with line:
+            while not await limiter.hit(item, self._ident, cost=cost):
+                stats = await limiter.get_window_stats(item, self._ident)
+                # Jitter: the first in line in each process don't all ask at the same instant.
+                await asyncio.sleep(max(stats.reset_time - time.time(), POLL_S) + random.uniform(0, POLL_S))
+        return time.monotonic() - started
+
+    async def wait_out_pause(self) -> float:
         """Sleep until no pause is in force; returns the seconds waited."""
         waited = 0.0
-        while (left_ms := self.redis.pttl(keys.llm_paused(self.endpoint))) > 0:
-            time.sleep(left_ms / 1000)
+        while (left_ms := await self.redis.pttl(keys.llm_paused(self.endpoint))) > 0:
+            await asyncio.sleep(left_ms / 1000)
             waited += left_ms / 1000
         return waited
 
-    def pause(self, seconds: float) -> None:
+    async def pause(self, seconds: float) -> None:
         """Pause every worker's calls to this provider for `seconds` (never shortening one)."""
         key = keys.llm_paused(self.endpoint)
         ms = max(1, int(seconds * 1000))
-        if self.redis.pttl(key) < ms:
-            self.redis.set(key, 1, px=ms)
+        if await self.redis.pttl(key) < ms:
+            await self.redis.set(key, 1, px=ms)
             log.warning("LLM endpoint asked us to wait: every worker pauses its calls for %.1f s", seconds)
 
-    @contextmanager
-    def slot(self) -> Iterator[float]:
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
         """Hold one of the cluster's LLM_MAX_IN_FLIGHT call slots for the duration; gives the
         seconds spent waiting for it."""
         if self.max_in_flight is None:
@@ -79,12 +152,12 @@ class ProviderLimits:
         started = time.monotonic()
         while True:
             now_ms = int(time.time() * 1000)
-            if acquire(keys=[key], args=[now_ms, now_ms + lease_ms, self.max_in_flight, lease]):
+            if await acquire(keys=[key], args=[now_ms, now_ms + lease_ms, self.max_in_flight, lease]):
                 break
             # Polling, not a blocking pop: a lease must expire on its own when its holder is
             # killed, which a token list would not do.
-            time.sleep(POLL_S)
+            await asyncio.sleep(POLL_S)
         try:
             yield time.monotonic() - started
         finally:
-            self.redis.zrem(key, lease)
+            await self.redis.zrem(key, lease)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(2.0, ge=0)
     # The most LLM calls open at once across every worker process and host (unset: no limit).
     llm_max_in_flight: int | None = Field(None, ge=1)
+    # Requests and tokens per minute for the LLM endpoint, across every worker (unset: none).
+    llm_rpm: int | None = Field(None, ge=1)
+    llm_tpm: int | None = Field(None, ge=1)
     job_timeout_s: int = Field(180, gt=0)
     result_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     # How long RQ keeps its own job entries; the job record (RESULT_TTL_S) is what clients read.
@@ -37,8 +40,14 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, gt=0)
     # A job whose worker died is noticed this long after its last heartbeat, then retried.
     worker_lost_after_s: int = Field(60, ge=3)
-    # fork: a work horse process per job (RQ's Worker); simple: jobs run in the worker itself.
-    worker_class: Literal["fork", "simple"] = "fork"
+    # async: many jobs at once per process on one event loop; fork: a work horse process per
+    # job (RQ's Worker); simple: one job at a time in the worker itself (RQ's SimpleWorker).
+    worker_class: Literal["async", "fork", "simple"] = "async"
+    # The most jobs of one tenant queued for or running on the workers at once, cluster-wide
+    # (unset: no cap); the rest wait as QUEUED and go in oldest first as slots free.
+    tenant_max_in_flight: int | None = Field(None, ge=1)
+    # Jobs one async worker process runs at once (`gql-service worker --concurrency`).
+    worker_concurrency: int = Field(64, ge=1, le=10_000)
     # API keys as JSON, key -> tenant. Unset: the service is open (one tenant, "public").
     api_keys: dict[str, str] | None = Field(None, repr=False)
     max_body_bytes: int = Field(1_048_576, ge=1024)

@@ -115,8 +115,8 @@ def get_job_sync(redis: Redis, job_id: str) -> JobRecord | None:
     return decode(raw) if raw is not None else None
 
 
-def get_text_sync(redis: Redis, job_id: str) -> str | None:
-    raw = redis.hget(keys.job(job_id), "t")
+async def get_text(redis: AsyncRedis, job_id: str) -> str | None:
+    raw = await redis.hget(keys.job(job_id), "t")
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
@@ -137,28 +137,8 @@ def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int) -> tuple[list[str]
     )
 
 
-def update_job(redis: Redis, job_id: str, change: Change, *, ttl_s: int) -> tuple[JobRecord | None, bool]:
+async def update_job(redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int) -> tuple[JobRecord | None, bool]:
     """Apply `change` atomically. Returns (state after, whether it changed)."""
-    script = redis.register_script(_CAS_LUA)
-    while True:
-        current = get_job_sync(redis, job_id)
-        if current is None:
-            return None, False
-        new = _next(current, change)
-        if new is None:
-            return current, False
-        keys_, args = _cas_args(current, new, ttl_s)
-        outcome = script(keys=keys_, args=args)
-        if outcome == 1:
-            return new, True
-        if outcome == -1:
-            return None, False
-
-
-async def update_job_async(
-    redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int
-) -> tuple[JobRecord | None, bool]:
-    """The same as update_job, for the API's event loop."""
     script = redis.register_script(_CAS_LUA)
     while True:
         current = await get_job(redis, job_id)
@@ -176,10 +156,10 @@ async def update_job_async(
 
 
 # -- what the workers learnt about an LLM endpoint ----------------------------------------
-def json_mode_only(redis: Redis, endpoint: str) -> bool:
-    return bool(redis.exists(keys.json_mode_only(endpoint)))
+async def json_mode_only(redis: AsyncRedis, endpoint: str) -> bool:
+    return bool(await redis.exists(keys.json_mode_only(endpoint)))
 
 
-def remember_json_mode_only(redis: Redis, endpoint: str, *, ttl_s: int) -> None:
+async def remember_json_mode_only(redis: AsyncRedis, endpoint: str, *, ttl_s: int) -> None:
     # Expires, so an endpoint that learns JSON schemas later is asked again.
-    redis.set(keys.json_mode_only(endpoint), 1, ex=ttl_s)
+    await redis.set(keys.json_mode_only(endpoint), 1, ex=ttl_s)

@@ -1,21 +1,26 @@
 """The RQ job function and the worker resources it runs with.
 
-RQ calls `run_extraction(job_id)` in a forked work horse. The provider and settings are
-created once in the worker process by `init()` before it starts working (arq-style
-start-up resources), so each fork inherits them instead of re-importing the SDK.
+`run_extraction(job_id)` is a coroutine function, and the one implementation every worker
+class runs: the async worker awaits it on its event loop beside the other jobs in flight;
+RQ's fork and simple workers run it with `asyncio.run` (RQ does that for any coroutine
+job), a new loop per job. The provider and settings are created once per worker process by
+`init()` before it starts working (arq-style start-up resources), so forks inherit them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
@@ -26,18 +31,26 @@ from .llm import FallsBackToJsonMode, Provider
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from .pipeline import Attempt, RetryLater, fail_job
 from .provider_limits import ProviderLimits
+from .redis_conn import DEFAULT_URL, async_client
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class WorkerContext:
     settings: Settings
     provider: Provider
+    redis_url: str
 
 
 _context: WorkerContext | None = None
+
+# The async worker's one Redis client, shared by every job on its event loop. Unset (RQ's
+# fork and simple workers, a new event loop per job), a job opens a client of its own.
+shared_redis: ContextVar[AsyncRedis | None] = ContextVar("shared_redis", default=None)
 
 
 def init(context: WorkerContext) -> None:
@@ -51,49 +64,67 @@ def _get_context() -> WorkerContext:
         from .llm.factory import make_provider
 
         settings = load_settings()
-        init(WorkerContext(settings=settings, provider=make_provider(settings)))
+        init(WorkerContext(settings, make_provider(settings), settings.redis_url or DEFAULT_URL))
     assert _context is not None
     return _context
 
 
-def run_extraction(job_id: str) -> str | None:
+async def run_extraction(job_id: str) -> str | None:
     ctx = _get_context()
     rq_job = get_current_job()
     assert rq_job is not None, "run_extraction runs inside an RQ worker"
-    redis = rq_job.connection
-    adopt_retry_policy(rq_job, ctx.settings)
+    redis = shared_redis.get()
+    if redis is not None:
+        return await _extract(ctx, redis, rq_job, job_id)
+    redis = async_client(ctx.redis_url, name="gqls-worker")
+    try:
+        return await _extract(ctx, redis, rq_job, job_id)
+    finally:
+        await redis.aclose()
+        await ctx.provider.aclose()  # this event loop ends with the job
+
+
+# The attempt's own deadline comes this much before JOB_TIMEOUT_S, so that the job records
+# its TIMEOUT itself; the worker's hard stop at JOB_TIMEOUT_S is the backstop (on_failure).
+TIMEOUT_MARGIN_S = 1.0
+
+
+async def _extract(ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id: str) -> str | None:
+    await adopt_retry_policy(redis, rq_job, ctx.settings)
     ttl_s = ctx.settings.result_ttl_s
     limits = ProviderLimits(
         redis,
         endpoint=ctx.provider.endpoint,
         max_in_flight=ctx.settings.llm_max_in_flight,
         call_timeout_s=ctx.settings.llm_timeout_s,
+        rpm=ctx.settings.llm_rpm,
+        tpm=ctx.settings.llm_tpm,
     )
     attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits)
+    timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
+    deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
-        with _json_mode_memory(redis, ctx.provider):
-            record = attempt.run(retries_left=rq_job.retries_left or 0)
+        async with _json_mode_memory(redis, ctx.provider), asyncio.timeout(deadline_s):
+            record = await attempt.run(retries_left=rq_job.retries_left or 0)
     except RetryLater:
         raise
-    except JobTimeoutException:
-        fail_job(
-            redis, job_id, JobError(code=JobErrorCode.TIMEOUT, message="the job ran past JOB_TIMEOUT_S"), ttl_s=ttl_s
-        )
+    except TimeoutError:
+        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s)
         return None
     except Exception as exc:
         # A bug or an outage mid-job: the record must not stay STARTED.
         log.exception("job %s crashed", job_id)
-        fail_job(
-            redis,
-            job_id,
-            JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}"),
-            ttl_s=ttl_s,
-        )
+        error = JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}")
+        await fail_job(redis, job_id, error, ttl_s=ttl_s)
         return None
     return record.status.value if record else None
 
 
-def adopt_retry_policy(rq_job: RQJob, settings: Settings) -> None:
+def _timed_out() -> JobError:
+    return JobError(code=JobErrorCode.TIMEOUT, message="the job ran past JOB_TIMEOUT_S")
+
+
+async def adopt_retry_policy(redis: AsyncRedis, rq_job: RQJob, settings: Settings) -> None:
     """At a job's first attempt, the worker's LLM_MAX_ATTEMPTS and RETRY_BACKOFF_S become its
     RQ retry policy: they are set where jobs run, not on the API that queued them."""
     if rq_job.retries_left is not None:
@@ -102,48 +133,66 @@ def adopt_retry_policy(rq_job: RQJob, settings: Settings) -> None:
     intervals = [min(int(settings.retry_backoff_s * 2**i), MAX_BACKOFF_S) for i in range(retries)]
     rq_job.retries_left, rq_job.retry_intervals = retries, intervals
     # Saved at once: if this process dies, abandoned-job detection reads it from Redis.
-    rq_job.connection.hset(rq_job.key, mapping={"retries_left": retries, "retry_intervals": json.dumps(intervals)})
+    await redis.hset(rq_job.key, mapping={"retries_left": retries, "retry_intervals": json.dumps(intervals)})
 
 
 MAX_BACKOFF_S = 300
 JSON_MODE_MEMORY_S = 24 * 3600
 
 
-@contextmanager
-def _json_mode_memory(redis: Redis, provider: Provider) -> Iterator[None]:
+@asynccontextmanager
+async def _json_mode_memory(redis: AsyncRedis, provider: Provider) -> AsyncIterator[None]:
     """Share "this endpoint refuses JSON schemas" with every job and worker, so each job
     doesn't pay a refused call first (a work horse's own flip dies with it)."""
     if not isinstance(provider, FallsBackToJsonMode):
         yield
         return
-    provider.json_schema = not store.json_mode_only(redis, provider.endpoint)
+    provider.json_schema = not await store.json_mode_only(redis, provider.endpoint)
     learnt_here = provider.json_schema
     try:
         yield
     finally:
         if learnt_here and not provider.json_schema:
-            store.remember_json_mode_only(redis, provider.endpoint, ttl_s=JSON_MODE_MEMORY_S)
+            await store.remember_json_mode_only(redis, provider.endpoint, ttl_s=JSON_MODE_MEMORY_S)
 
 
-def worker_lost(redis: Redis, rq_job: RQJob) -> JobRecord | None:
+def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
+    """Run `work` from RQ's synchronous hooks (callbacks, the fork worker's monitor)."""
+
+    async def main() -> T:
+        redis = async_client(_get_context().redis_url, name="gqls-worker")
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def worker_lost(rq_job: RQJob) -> JobRecord | None:
     """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
     ttl_s = _get_context().settings.result_ttl_s
     retries_left = rq_job.retries_left or 0
     log.warning("job %s: its worker was lost; %d retries left", rq_job.id, retries_left)
-    if retries_left > 0:
-        error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died", retryable=True)
 
-        def to_retrying(job: JobRecord) -> JobRecord:
-            return job.model_copy(update={"status": JobStatus.RETRYING, "stage": JobStage.QUEUED, "error": error})
+    async def write(redis: AsyncRedis) -> JobRecord | None:
+        if retries_left > 0:
+            error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died", retryable=True)
 
-        record, _ = store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
+            def to_retrying(job: JobRecord) -> JobRecord:
+                return job.model_copy(update={"status": JobStatus.RETRYING, "stage": JobStage.QUEUED, "error": error})
+
+            record, _ = await store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
+            return record
+        error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
+        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s)
+        lost = ("FAILED", "WORKER_LOST")
+        await metrics.record_attempt(
+            redis, final=lost, stage_seconds=(), llm_seconds=(), prompt_tokens=0, completion_tokens=0
+        )
         return record
-    error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
-    record = fail_job(redis, rq_job.id, error, ttl_s=ttl_s)
-    metrics.record_attempt(
-        redis, final=("FAILED", "WORKER_LOST"), stage_seconds=(), llm_seconds=(), prompt_tokens=0, completion_tokens=0
-    )
-    return record
+
+    return _run(write)
 
 
 def on_failure(
@@ -154,7 +203,12 @@ def on_failure(
     tb: TracebackType | None,
     *_: Any,
 ) -> None:
-    """RQ's failure callback. Only an abandoned job (its whole worker died) needs us here:
-    every other failure was already written to the record by the task itself."""
+    """RQ's failure callback. Every failure the task could see was already written to the
+    record by the task itself; here come the ones it could not: its whole worker died
+    (abandoned), or the worker's hard stop at JOB_TIMEOUT_S cut it off."""
     if exc_type is AbandonedJobError or isinstance(exc, AbandonedJobError):
-        worker_lost(connection, rq_job)
+        worker_lost(rq_job)
+    elif exc_type is JobTimeoutException or isinstance(exc, JobTimeoutException):
+        rq_job.retries_left = 0  # a timeout ends the job, as when the task records it itself
+        ttl_s = _get_context().settings.result_ttl_s
+        _run(lambda redis: fail_job(redis, rq_job.id, _timed_out(), ttl_s=ttl_s))

@@ -1,22 +1,47 @@
-"""Running RQ workers: the task module and the provider are ready before any fork."""
+"""Running RQ workers: the task module and the provider are ready before any fork.
+
+Three worker classes, all shaped like RQ's own (a subclass with hooks):
+
+* `AsyncServiceWorker` (WORKER_CLASS=async, the default): up to WORKER_CONCURRENCY jobs at
+  once on one asyncio event loop, one RQ execution per running job.
+* `ServiceWorker` (fork): RQ's forking `Worker`, a work horse process per job.
+* `InlineServiceWorker` (simple): RQ's `SimpleWorker`, one job at a time in the process.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import gc
+import inspect
 import logging
-from typing import Any, ClassVar
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
 
+import redis.exceptions
 from rq import Queue, SimpleWorker, Worker
+from rq.command import parse_payload
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution
 from rq.job import Job as RQJob
-from rq.worker import BaseWorker
+from rq.job import _current_job  # private: see AsyncServiceWorker's docstring
+from rq.registry import BaseRegistry
+from rq.timeouts import JobTimeoutException, TimerDeathPenalty
+from rq.utils import now
+from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerPool
 
 from . import logs, store, tasks
 from .llm.factory import make_provider
-from .redis_conn import sync_client
+from .redis_conn import async_client, sync_client
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class _Tuning:
@@ -57,8 +82,8 @@ class _Tuning:
 
 
 class ServiceWorker(_Tuning, Worker):
-    """RQ's forking worker (the default): each job in its own work horse process, so a
-    crash, a leak or a stop request ends that process and nothing else."""
+    """RQ's forking worker: each job in its own work horse process, so a crash, a leak or a
+    stop request ends that process and nothing else."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **self.tuned(kwargs))
@@ -67,16 +92,15 @@ class ServiceWorker(_Tuning, Worker):
         # The horse died under a live worker (OOM killer, SIGKILL); RQ retries it next.
         # Its retry policy was set by the horse (tasks.adopt_retry_policy): read it back.
         job.refresh()
-        tasks.worker_lost(self.connection, job)
+        tasks.worker_lost(job)
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
 
 class InlineServiceWorker(_Tuning, SimpleWorker):
-    """WORKER_CLASS=simple: jobs run in the worker process itself, no fork per job.
+    """WORKER_CLASS=simple: jobs run in the worker process itself, one at a time.
 
-    Measured in BENCHMARKS.md: about 3 ms of overhead per job instead of about 17 ms. The
-    price: a running job can't be stopped by cancelJob (its record is CANCELED at once all
-    the same, and nothing the attempt writes afterwards is kept), and a crash takes the
+    The price: a running job can't be stopped by cancelJob (its record is CANCELED at once
+    all the same, and nothing the attempt writes afterwards is kept), and a crash takes the
     worker process with it (the pool starts another; the job is retried as WORKER_LOST).
     """
 
@@ -84,28 +108,286 @@ class InlineServiceWorker(_Tuning, SimpleWorker):
         super().__init__(*args, **self.tuned(kwargs))
 
 
-def run_workers(settings: Settings, *, redis_url: str, num_workers: int = 1, burst: bool = False) -> None:
+class AsyncServiceWorker(_Tuning, BaseWorker):
+    """WORKER_CLASS=async: up to `concurrency` jobs at once on one asyncio event loop.
+
+    Built on RQ 3.0's executions: each running job has its own `Execution` (created by
+    `prepare_execution`, heartbeaten by `maintain_heartbeats`, ended by RQ's
+    `_finalize_success` / `_finalize_failure`), so the started-job registry, abandoned-job
+    detection, `Retry`, failure callbacks and `rq info` hold for every job in flight. What
+    RQ's synchronous API does (those calls, and the blocking dequeue) runs in two threads
+    of its own, never on the event loop: one for bookkeeping, in order, and one that waits
+    for work.
+
+    Where RQ's public API could not serve:
+    * `Job.perform()` runs a coroutine with `asyncio.run`, which cannot nest in a running
+      loop: the worker awaits `job.func` itself and sets RQ's current-job context variable
+      (`rq.job._current_job`, private) in each job's task, so `get_current_job()` works.
+    * RQ's `stop-job` command looks only at one current job; `handle_payload` maps it to the
+      job's execution, and `request_stop_execution` cancels that job's task alone.
+    * RQ's work loop runs one job at a time and its signal handlers assume a work horse:
+      `work()` is this class's own loop, around RQ's bootstrap, maintenance and teardown.
+    """
+
+    concurrency: ClassVar[int] = 64
+    # RQ bounds callbacks with a death penalty; its default (SIGALRM) only works on the main
+    # thread, and RQ's bookkeeping here runs on a thread of its own: RQ's timer-based one.
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **self.tuned(kwargs))
+        self._running: set[asyncio.Task[None]] = set()  # every job's task, from the moment it is taken
+        self._tasks: dict[str, tuple[asyncio.Task[None], RQJob]] = {}  # by execution id, once it has one
+        self._stopping: set[str] = set()  # job ids stopped on request
+        self._cold = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._books = ThreadPoolExecutor(1, thread_name_prefix="rq-bookkeeping")
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="rq-dequeue")
+
+    # -- RQ's entry point ------------------------------------------------------------------
+    def work(self, burst: bool = False, with_scheduler: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
+        # The registries' cleanup (abandoned jobs and their failure callbacks) builds its own
+        # registries with the SIGALRM default: in this process, RQ's timer-based one too.
+        BaseRegistry.death_penalty_class = TimerDeathPenalty  # type: ignore[assignment]
+        self.bootstrap(kwargs.get("logging_level"))
+        if with_scheduler:
+            self._start_scheduler(burst, kwargs.get("logging_level"))
+        try:
+            return asyncio.run(self._work(burst))
+        finally:
+            self.teardown()
+            self._books.shutdown(wait=False)
+            self._waiter.shutdown(wait=False)
+
+    async def _work(self, burst: bool) -> bool:
+        loop = self._loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        redis = async_client(tasks._get_context().redis_url, name="gqls-worker", max_connections=self.concurrency + 8)
+        tasks.shared_redis.set(redis)
+        slots = asyncio.Semaphore(self.concurrency)
+        heartbeats = asyncio.create_task(self._keep_heartbeats())
+        started = 0
+        try:
+            while not self._stop_requested:
+                await slots.acquire()
+                taken = await self._take(burst)
+                if taken is None:
+                    slots.release()
+                    if burst:
+                        break
+                    continue
+                job, queue = taken
+                started += 1
+                self._start(job, queue, slots)
+            if self._running:
+                log.info("worker %s: finishing %d job(s) in flight", self.name, len(self._running))
+            while self._running and not self._cold:
+                await asyncio.wait(list(self._running))
+        finally:
+            heartbeats.cancel()
+            await redis.aclose()
+        return started > 0
+
+    async def _take(self, burst: bool) -> tuple[RQJob, Queue] | None:
+        """The next job, waiting up to a second for one (so a stop request is seen soon)."""
+        if self.should_run_maintenance_tasks:
+            await self._bookkeeping(self.run_maintenance_tasks)
+        try:
+            taken = await self._dequeue(None)
+            if taken is None and not burst:
+                if not self._running:
+                    await self._bookkeeping(self.set_state, WorkerStatus.IDLE)
+                taken = await self._dequeue(1)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.error("worker %s: could not reach Redis (%s); trying again in 1 s", self.name, exc)
+            await asyncio.sleep(1)
+            return None
+        return taken
+
+    async def _dequeue(self, timeout: int | None) -> tuple[RQJob, Queue] | None:
+        def dequeue() -> tuple[RQJob, Queue] | None:
+            try:
+                return self.queue_class.dequeue_any(
+                    self._ordered_queues,
+                    timeout,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                return None
+
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._waiter, dequeue)
+
+    def _start(self, job: RQJob, queue: Queue, slots: asyncio.Semaphore) -> None:
+        job.timeout = self.job_timeout_s  # the worker's setting, as in _Tuning.execute_job
+        job.redis_server_version = self.get_redis_server_version()
+        self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
+
+        async def run() -> None:
+            try:
+                execution = await self._bookkeeping(self.prepare_execution, job)
+            except Exception:
+                log.exception("job %s: could not start its execution; abandoned-job detection will retry it", job.id)
+                slots.release()
+                return
+            self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
+            try:
+                await self._perform(job, queue, execution)
+            finally:
+                self._tasks.pop(execution.id, None)
+                slots.release()
+
+        task = asyncio.create_task(run(), name=f"job {job.id}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
+        """RQ's `perform_job`, with the job awaited instead of called."""
+        try:
+            await self._bookkeeping(self.prepare_job_execution, job, len(self.queues) == 1)
+            job.started_at = now()
+            _current_job.set(job)  # this task's own context
+            try:
+                async with asyncio.timeout(job.timeout or self.queue_class.DEFAULT_TIMEOUT):
+                    result = await self._call(job)
+            except TimeoutError:
+                raise JobTimeoutException(f"Task exceeded maximum timeout value ({job.timeout} seconds)") from None
+        except asyncio.CancelledError:
+            if self._cold:
+                raise  # a cold stop: left to abandoned-job detection, which retries the job
+            # Stopped on request (cancelJob): RQ marks it STOPPED and does not retry it.
+            stopped = job.id in self._stopping
+            self._stopping.discard(job.id)
+            await self._finalize(self._finalize_failure, job, queue, execution, sys.exc_info(), stopped=stopped)
+        except Exception:
+            await self._finalize(self._finalize_failure, job, queue, execution, sys.exc_info())
+        else:
+            await self._finalize(self._finalize_success, job, queue, execution, result)
+
+    async def _call(self, job: RQJob) -> Any:
+        func = job.func
+        if inspect.iscoroutinefunction(func):
+            return await func(*job.args, **job.kwargs)
+        return await asyncio.to_thread(job.perform)  # a plain function must not block the loop
+
+    async def _finalize(self, finalize: Any, *args: Any, stopped: bool = False) -> None:
+        def run() -> None:
+            if stopped:
+                self._stopped_job_id = args[0].id  # read by RQ's handle_job_failure
+            finalize(*args)
+
+        try:
+            await asyncio.shield(self._bookkeeping(run))
+        except Exception:
+            # Redis gone mid-write, say: the execution's heartbeats stop with it, so
+            # abandoned-job detection retries the job. One job never ends the worker.
+            log.exception("job %s: could not record how it ended", args[0].id)
+
+    async def _bookkeeping(self, fn: Any, *args: Any) -> Any:
+        """Run RQ's synchronous API off the loop, in order, with the caller's context (the
+        job's request id in RQ's log lines)."""
+        assert self._loop is not None
+        context = contextvars.copy_context()
+        return await self._loop.run_in_executor(self._books, functools.partial(context.run, fn, *args))
+
+    async def _keep_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.job_monitoring_interval)
+            running = [(job, self.executions.get(eid)) for eid, (_, job) in list(self._tasks.items())]
+            try:
+                if not running:
+                    await self._bookkeeping(self.heartbeat)
+                for job, execution in running:
+                    if execution is not None:
+                        await self._bookkeeping(self.maintain_heartbeats, job, execution)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                log.error("worker %s: heartbeat failed (%s)", self.name, exc)
+
+    # -- stopping -------------------------------------------------------------------------
+    def _on_signal(self, signum: int) -> None:
+        if not self._stop_requested:
+            self.log.info(
+                "Worker %s: warm shut down requested (%s); finishing %d job(s) in flight. Signal again to stop now.",
+                self.name,
+                signal.Signals(signum).name,
+                len(self._running),
+            )
+            self._stop_requested = True
+            self._shutdown_requested_date = now()
+            if self.scheduler:
+                self.stop_scheduler()
+            return
+        self.log.warning("Worker %s: cold shut down; %d job(s) left to be retried", self.name, len(self._running))
+        self._cold = True
+        for task in self._running:
+            task.cancel()
+
+    def handle_payload(self, message: Any) -> None:
+        payload = parse_payload(message)
+        if payload.get("command") == "stop-job":
+            # RQ's handler knows one current job; this worker has many.
+            for execution_id, (_, job) in list(self._tasks.items()):
+                if job.id == payload.get("job_id"):
+                    self.request_stop_execution(execution_id)
+                    return
+            self.log.warning("Worker %s: not working on job %s, command ignored", self.name, payload.get("job_id"))
+            return
+        super().handle_payload(message)
+
+    def request_stop_execution(self, execution_id: str) -> None:
+        """Stop one running job (called from RQ's pub/sub thread)."""
+        running = self._tasks.get(execution_id)
+        if running is None or self._loop is None:
+            self.log.warning("Worker %s: not running execution %s, command ignored", self.name, execution_id)
+            return
+        task, job = running
+        self._stopping.add(job.id)
+        self._loop.call_soon_threadsafe(task.cancel)
+
+
+WORKER_CLASSES: dict[str, type[BaseWorker]] = {
+    "async": AsyncServiceWorker,
+    "fork": ServiceWorker,
+    "simple": InlineServiceWorker,
+}
+
+
+def run_workers(
+    settings: Settings,
+    *,
+    redis_url: str,
+    num_workers: int = 1,
+    concurrency: int | None = None,
+    burst: bool = False,
+) -> None:
     provider = make_provider(settings)
     warm_up = getattr(provider, "warm_up", None)
     if warm_up is not None:
         warm_up()  # load models/lexicons once; every work horse inherits them by fork
-    tasks.init(tasks.WorkerContext(settings=settings, provider=provider))
+    tasks.init(tasks.WorkerContext(settings=settings, provider=provider, redis_url=redis_url))
     _Tuning.lost_after_s = settings.worker_lost_after_s
     _Tuning.job_timeout_s = settings.job_timeout_s
-    worker_class: type[BaseWorker] = InlineServiceWorker if settings.worker_class == "simple" else ServiceWorker
+    AsyncServiceWorker.concurrency = concurrency or settings.worker_concurrency
+    worker_class = WORKER_CLASSES[settings.worker_class]
     connection = sync_client(redis_url)
     # Everything loaded so far lives as long as the process: keep the collector from
     # scanning it, so forked work horses don't copy the pages it would touch (measured:
     # about 3 ms less per job).
     gc.collect()
     gc.freeze()
+    per_process = f" x {AsyncServiceWorker.concurrency} jobs" if settings.worker_class == "async" else ""
     log.info(
-        "worker: queue %r, provider %s (%s), %d %s process(es)",
+        "worker: queue %r, provider %s (%s), %d %s process(es)%s",
         settings.rq_queue,
         settings.provider,
         provider.model,
         num_workers,
         settings.worker_class,
+        per_process,
     )
     if num_workers == 1:
         worker_class([settings.rq_queue], connection=connection).work(with_scheduler=True, burst=burst)

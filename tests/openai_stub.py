@@ -123,6 +123,9 @@ class OpenAIStub:
         # The most requests in progress at once since reset(), counting only those that came
         # after it (a hanging request of an earlier test may still be open).
         self.most_open_calls = 0
+        # As a provider does: more than this many requests in any 60 s are answered 429.
+        self.enforce_rpm: int | None = None
+        self.over_limit = 0  # requests answered 429 for it
         self._open_calls = 0
         self._generation = 0
         self._script: deque[Fault] = deque()
@@ -150,7 +153,8 @@ class OpenAIStub:
             self._script.clear()
             self.requests.clear()
             self.arrivals.clear()
-            self.most_open_calls = self._open_calls = 0
+            self.most_open_calls = self._open_calls = self.over_limit = 0
+            self.enforce_rpm = None
             self._generation += 1
             self.latency_s = 0.0
 
@@ -174,7 +178,11 @@ class OpenAIStub:
         body = await request.json()
         with self._lock:
             self.requests.append(body)
-            self.arrivals.append(time.monotonic())
+            self.arrivals.append(now := time.monotonic())
+            over = self.enforce_rpm is not None and sum(now - t < 60 for t in self.arrivals) > self.enforce_rpm
+            self.over_limit += over
+        if over:
+            return JSONResponse({"error": {"message": "rate limit", "type": "requests"}}, 429)
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return JSONResponse({"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}, 401)
         fault = self._next()

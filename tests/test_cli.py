@@ -74,7 +74,7 @@ def test_help_shows_every_command_defaults_and_the_url_variable() -> None:
         assert re.search(rf"^    {command}\b", top.stdout, re.MULTILINE), command
     assert "wire" not in top.stdout  # no internal notes
     dev = run_cli("dev", "--help").stdout
-    assert "(default: 8000)" in dev and "(default: 127.0.0.1)" in dev and "(default: 2)" in dev
+    assert "(default: 8000)" in dev and "(default: 127.0.0.1)" in dev and "(default: 1)" in dev
     submit = run_cli("submit", "--help", env={"GQLS_API_KEY": "secret-key-1"}).stdout
     assert "GQLS_URL" in submit and "GQLS_API_KEY" in submit and "secret-key-1" not in submit
 

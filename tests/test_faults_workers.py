@@ -90,7 +90,7 @@ async def test_sigkilled_worker_without_attempts_left_fails_worker_lost(e2e_redi
 
 async def test_killed_work_horse_under_a_live_worker_is_retried(e2e_redis: str, stub: OpenAIStub) -> None:
     stub.script(Fault.hang(60))
-    with Service(e2e_redis, workers=1, env=crash_env(stub, "llm-horse")) as svc:
+    with Service(e2e_redis, workers=1, env=crash_env(stub, "llm-horse", WORKER_CLASS="fork")) as svc:
         job_id = submit(svc)
         task, _ = await follow_until_calling(svc, job_id, stub)
         horse_of(svc.procs[0], stub).send_signal(signal.SIGKILL)

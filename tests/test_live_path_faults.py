@@ -32,6 +32,7 @@ from gql_service import keys, store
 from gql_service.embedded_redis import EmbeddedRedis, redis_server_binary
 from gql_service.models import JobRecord, JobStage, JobStatus, utcnow
 
+from . import records
 from .clients import SUBMIT, TEXT, follow, post
 from .service import Service, wait_until
 
@@ -66,7 +67,7 @@ def finish(redis: Redis, job_id: str) -> None:
     def change(job: JobRecord) -> JobRecord:
         return job.model_copy(update={"status": JobStatus.FINISHED, "stage": JobStage.DONE, "finished_at": utcnow()})
 
-    store.update_job(redis, job_id, change, ttl_s=600)
+    records.update_job(redis, job_id, change, ttl_s=600)
 
 
 def start_loading(server: EmbeddedRedis, data_dir: Path, *extra: str) -> bool:

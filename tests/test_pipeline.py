@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import keys, store
 from gql_service.llm.offline import OfflineProvider
@@ -47,9 +48,11 @@ def openai(stub: OpenAIStub) -> OpenAIProvider:
     return OpenAIProvider(make_client(api_key="k", base_url=stub.base_url, timeout_s=5), model="stub-model")
 
 
-def test_happy_path_stages_and_result(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+async def test_happy_path_stages_and_result(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
+) -> None:
     events = Events(sync_redis, job.id)
-    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
     assert final is not None and final.status is JobStatus.FINISHED and final.stage is JobStage.DONE
     assert final.result is not None and final.result.model_dump(mode="json") == VALID_EXTRACTION
     assert final.usage is not None and final.usage.total_tokens == 150
@@ -59,12 +62,12 @@ def test_happy_path_stages_and_result(sync_redis: Redis, job: JobRecord, stub: O
     assert [e.version for e in seen] == [2, 3, 4]
 
 
-def test_invalid_output_is_repaired_once_and_usage_is_summed(
-    sync_redis: Redis, job: JobRecord, stub: OpenAIStub
+async def test_invalid_output_is_repaired_once_and_usage_is_summed(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
 ) -> None:
     stub.script(Fault.raw("this is not json"), Fault.ok())
     events = Events(sync_redis, job.id)
-    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
     assert final is not None and final.status is JobStatus.FINISHED
     assert final.usage is not None and final.usage.total_tokens == 300
     assert [e.stage for e in events.until_terminal()] == [
@@ -77,35 +80,37 @@ def test_invalid_output_is_repaired_once_and_usage_is_summed(
     assert "not valid JSON" in stub.requests[-1]["messages"][-1]["content"]
 
 
-def test_output_breaking_the_schema_twice_fails_invalid_output(
-    sync_redis: Redis, job: JobRecord, stub: OpenAIStub
+async def test_output_breaking_the_schema_twice_fails_invalid_output(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
 ) -> None:
     bad = dict(VALID_EXTRACTION, toxicity_score=7, tags=[])
     stub.script(Fault.ok(bad), Fault.ok(bad))
-    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
     assert final is not None and final.status is JobStatus.FAILED and final.stage is JobStage.FAILED
     assert final.error is not None and final.error.code is JobErrorCode.INVALID_OUTPUT
     assert "toxicity_score" in final.error.message and "tags" in final.error.message
     assert final.usage is not None and final.usage.total_tokens == 300
 
 
-def test_transient_error_with_retries_left_is_retrying(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+async def test_transient_error_with_retries_left_is_retrying(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
+) -> None:
     stub.script(Fault.http(429))
     with pytest.raises(RetryLater):
-        Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=1)
+        await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=1)
     record = store.get_job_sync(sync_redis, job.id)
     assert record is not None and record.status is JobStatus.RETRYING and record.stage is JobStage.QUEUED
     assert record.error is not None and record.error.code is JobErrorCode.RATE_LIMITED and record.error.retryable
     # The next attempt counts up and clears the error on success.
-    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
     assert final is not None and final.status is JobStatus.FINISHED and final.attempts == 2 and final.error is None
 
 
-def test_transient_error_on_the_last_attempt_fails_retryable(
-    sync_redis: Redis, job: JobRecord, stub: OpenAIStub
+async def test_transient_error_on_the_last_attempt_fails_retryable(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
 ) -> None:
     stub.script(Fault.http(500))
-    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
     assert final is not None and final.status is JobStatus.FAILED
     assert final.error is not None and final.error.code is JobErrorCode.PROVIDER_ERROR and final.error.retryable
 
@@ -113,18 +118,18 @@ def test_transient_error_on_the_last_attempt_fails_retryable(
 @pytest.mark.parametrize(
     ("fault", "code"), [(Fault.refusal(), JobErrorCode.REFUSED), (Fault.truncated(), JobErrorCode.TRUNCATED)]
 )
-def test_refusal_and_truncation_fail_without_repair(
-    sync_redis: Redis, job: JobRecord, stub: OpenAIStub, fault: Fault, code: JobErrorCode
+async def test_refusal_and_truncation_fail_without_repair(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub, fault: Fault, code: JobErrorCode
 ) -> None:
     stub.script(fault)
-    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
     assert final is not None and final.error is not None and final.error.code is code
     assert len(stub.requests) == 1
 
 
-def test_a_finished_job_is_not_run_again(sync_redis: Redis, job: JobRecord) -> None:
-    Attempt(sync_redis, OfflineProvider(), job.id, ttl_s=TTL).run(retries_left=0)
-    assert Attempt(sync_redis, OfflineProvider(), job.id, ttl_s=TTL).run(retries_left=0) is None
+async def test_a_finished_job_is_not_run_again(sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord) -> None:
+    await Attempt(async_redis, OfflineProvider(), job.id, ttl_s=TTL).run(retries_left=0)
+    assert await Attempt(async_redis, OfflineProvider(), job.id, ttl_s=TTL).run(retries_left=0) is None
     record = store.get_job_sync(sync_redis, job.id)
     assert record is not None and record.attempts == 1
 
@@ -141,12 +146,14 @@ def test_validate_explains_what_is_wrong() -> None:
     assert validate(__import__("json").dumps(dict(VALID_EXTRACTION, language="EN"))).language == "en"
 
 
-def test_oversized_model_output_is_never_stored(sync_redis: Redis, job: JobRecord, stub: OpenAIStub) -> None:
+async def test_oversized_model_output_is_never_stored(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
+) -> None:
     """A 4 MB summary (in few words), a 500,000-character model name: the record keeps
     what the contract bounds, and the whole record stays small."""
     huge = dict(VALID_EXTRACTION, summary="word " * 10 + "x" * 4_000_000, tags=["t" * 100_000])
     stub.script(Fault.ok(huge), Fault.model_named("m" * 500_000, huge))
-    final = Attempt(sync_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=0)
     assert final is not None and final.error is not None and final.error.code is JobErrorCode.INVALID_OUTPUT
     assert "summary" in final.error.message and "tags" in final.error.message
     assert final.result is None
@@ -156,7 +163,7 @@ def test_oversized_model_output_is_never_stored(sync_redis: Redis, job: JobRecor
     with sync_redis.pipeline() as pipe:
         store.create_job(pipe, other, text="text", ttl_s=TTL)
         pipe.execute()
-    done = Attempt(sync_redis, openai(stub), other.id, ttl_s=TTL).run(retries_left=0)
+    done = await Attempt(async_redis, openai(stub), other.id, ttl_s=TTL).run(retries_left=0)
     assert done is not None and done.status is JobStatus.FINISHED
     assert done.model is not None and len(done.model) == MAX_MODEL_CHARS
 

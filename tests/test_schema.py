@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from gql_service import store
+from gql_service import keys, store
 from gql_service.models import JobStage, JobStatus
 from gql_service.schema import Context, schema
+
+from . import records
 
 SUBMIT = """
 mutation Submit($text: String!, $key: String) {
@@ -50,7 +52,7 @@ async def test_submit_creates_a_queued_job_version_1_and_enqueues_it(context: Co
     assert (job["status"], job["stage"], job["version"], job["attempts"]) == ("QUEUED", "QUEUED", 1, 0)
     assert job["requestId"] == "test-request" and job["result"] is None
     assert sync_redis.lrange("rq:queue:llm", 0, -1) == [job["id"].encode()]
-    assert store.get_text_sync(sync_redis, job["id"]) == "I loved the clinic. Dr. Rao was kind."
+    assert sync_redis.hget(keys.job(job["id"]), "t") == b"I loved the clinic. Dr. Rao was kind."
     result = await run(context, JOB, id=job["id"])
     assert result.data["job"] == {"id": job["id"], "status": "QUEUED", "stage": "QUEUED", "version": 1}
 
@@ -131,7 +133,7 @@ def drive(
             started.wait(5)
         for status, stage in stages:
             change = {"status": status, "stage": stage}
-            store.update_job(client, job_id, lambda j, change=change: j.model_copy(update=change), ttl_s=60)
+            records.update_job(client, job_id, lambda j, change=change: j.model_copy(update=change), ttl_s=60)
         client.close()
 
     thread = threading.Thread(target=work)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import threading
+import asyncio
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import keys, store
 from gql_service.models import JobRecord, JobStage, JobStatus
@@ -28,16 +29,16 @@ def test_create_stores_version_1_text_and_ttl(sync_redis: Redis) -> None:
     create(sync_redis, text="some text")
     got = store.get_job_sync(sync_redis, "j1")
     assert got is not None and got.version == 1 and got.status is JobStatus.QUEUED
-    assert store.get_text_sync(sync_redis, "j1") == "some text"
+    assert sync_redis.hget(keys.job("j1"), "t") == b"some text"
     assert 0 < sync_redis.ttl(keys.job("j1")) <= TTL
 
 
-def test_update_bumps_version_and_publishes_the_full_state(sync_redis: Redis) -> None:
+async def test_update_bumps_version_and_publishes_the_full_state(sync_redis: Redis, async_redis: AsyncRedis) -> None:
     create(sync_redis)
     pubsub = sync_redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.job_events("j1"))
     assert pubsub.get_message(timeout=1) is None  # the subscribe confirmation is swallowed
-    record, changed = store.update_job(sync_redis, "j1", set_stage(JobStage.CALLING_LLM), ttl_s=TTL)
+    record, changed = await store.update_job(async_redis, "j1", set_stage(JobStage.CALLING_LLM), ttl_s=TTL)
     assert changed and record is not None and record.version == 2
     message = pubsub.get_message(timeout=2)
     assert message is not None
@@ -47,34 +48,30 @@ def test_update_bumps_version_and_publishes_the_full_state(sync_redis: Redis) ->
     pubsub.close()
 
 
-def test_terminal_job_never_changes(sync_redis: Redis) -> None:
+async def test_terminal_job_never_changes(sync_redis: Redis, async_redis: AsyncRedis) -> None:
     create(sync_redis)
-    store.update_job(sync_redis, "j1", set_stage(JobStage.DONE, JobStatus.FINISHED), ttl_s=TTL)
-    record, changed = store.update_job(sync_redis, "j1", set_stage(JobStage.CALLING_LLM), ttl_s=TTL)
+    await store.update_job(async_redis, "j1", set_stage(JobStage.DONE, JobStatus.FINISHED), ttl_s=TTL)
+    record, changed = await store.update_job(async_redis, "j1", set_stage(JobStage.CALLING_LLM), ttl_s=TTL)
     assert not changed
     assert record is not None and record.status is JobStatus.FINISHED and record.version == 2
 
 
-def test_unknown_job_is_none(sync_redis: Redis) -> None:
+async def test_unknown_job_is_none(sync_redis: Redis, async_redis: AsyncRedis) -> None:
     assert store.get_job_sync(sync_redis, "nope") is None
-    assert store.update_job(sync_redis, "nope", set_stage(JobStage.DONE), ttl_s=TTL) == (None, False)
+    assert await store.update_job(async_redis, "nope", set_stage(JobStage.DONE), ttl_s=TTL) == (None, False)
 
 
-def test_concurrent_writers_lose_no_update(redis_url: str) -> None:
+async def test_concurrent_writers_lose_no_update(redis_url: str) -> None:
     setup = Redis.from_url(redis_url)
     create(setup)
 
-    def bump(n: int) -> None:
-        client = Redis.from_url(redis_url)
+    async def bump(n: int) -> None:
+        client = AsyncRedis.from_url(redis_url)
         for _ in range(n):
-            store.update_job(client, "j1", lambda j: j.model_copy(update={"attempts": j.attempts + 1}), ttl_s=TTL)
-        client.close()
+            await store.update_job(client, "j1", lambda j: j.model_copy(update={"attempts": j.attempts + 1}), ttl_s=TTL)
+        await client.aclose()
 
-    threads = [threading.Thread(target=bump, args=(50,)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    await asyncio.gather(*(bump(50) for _ in range(4)))
     final = store.get_job_sync(setup, "j1")
     assert final is not None
     assert final.attempts == 200

@@ -16,8 +16,7 @@ import pytest
 import websockets
 from redis import Redis
 
-from gql_service import store
-
+from . import records
 from .clients import submit
 from .service import Service
 from .test_graphql_http import CONFORMANCE
@@ -198,7 +197,7 @@ async def test_rapid_subscribe_and_complete_leave_nothing_running(
         await until_no_subscriptions(service)
         # A new version of the job now: no completed subscription may hear of it.
         with Redis.from_url(e2e_redis) as redis:
-            store.update_job(redis, job_id, lambda job: job.model_copy(update={"attempts": 7}), ttl_s=600)
+            records.update_job(redis, job_id, lambda job: job.model_copy(update={"attempts": 7}), ttl_s=600)
         # The socket still takes its full share of subscriptions, and they do hear of it.
         for i in range(100):
             await ws.send(json.dumps({"id": f"n{i}", "type": start, "payload": query}))

@@ -46,8 +46,13 @@ class Provider(Protocol):
         """What shared limits and learnt capabilities belong to: the endpoint and the model."""
         ...
 
-    def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
-        """Ask for the extraction as JSON text. Raises LLMError."""
+    async def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+        """Ask for the extraction as JSON text. Raises LLMError. Never blocks the event loop:
+        one worker process runs many of these at once."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the provider holds for the running event loop (before it ends)."""
         ...
 
 

@@ -9,6 +9,7 @@ would, so its answers go through the same validation as the real provider's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from functools import cached_property
@@ -108,7 +109,7 @@ class OfflineProvider:
         return {"langid": py3langid, "yake": yake, "profanity": profanity, "vader": SentimentIntensityAnalyzer()}
 
     def warm_up(self) -> None:
-        self.extract("Warm-up text from Dr. Warm at Example Inc on 1 May 2024.")
+        self.analyse("Warm-up text from Dr. Warm at Example Inc on 1 May 2024.")
 
     def analyse(self, text: str) -> dict[str, Any]:
         t = self._tools
@@ -137,8 +138,13 @@ class OfflineProvider:
             "toxicity_score": toxicity,
         }
 
-    def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
-        content = json.dumps(self.analyse(text), ensure_ascii=False)
+    async def aclose(self) -> None:
+        pass  # nothing per event loop
+
+    async def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+        # CPU work (a few ms to tens of ms for long texts): off the event loop, so the other
+        # jobs of an async worker keep moving while it runs.
+        content = json.dumps(await asyncio.to_thread(self.analyse, text), ensure_ascii=False)
         # Rough token counts (about 0.75 words a token) so usage figures are never empty.
         prompt_tokens = max(1, len(text.split()) * 4 // 3)
         completion_tokens = max(1, len(content.split()) * 4 // 3)

@@ -1,16 +1,21 @@
-"""The `openai` provider: the official SDK against OpenAI or any compatible endpoint."""
+"""The `openai` provider: the official SDK (`AsyncOpenAI`) against OpenAI or any compatible
+endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import logging
+import ssl
+import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx2  # the SDK's own HTTP client library
 import openai
-from openai import OpenAI
+from openai import AsyncOpenAI
 
 # The SDK's own helper turns a Pydantic model into a strict JSON schema the way the API
 # expects it (additionalProperties false, every key required); it is what
@@ -27,11 +32,27 @@ log = logging.getLogger(__name__)
 STRUCTURED_FORMAT: Any = type_to_response_format_param(Extraction)
 JSON_MODE_FORMAT: Any = {"type": "json_object"}
 
+ClientFactory = Callable[[], AsyncOpenAI]
 
-def make_client(*, api_key: str, base_url: str | None, timeout_s: float) -> OpenAI:
-    # max_retries=0: RQ retries the whole job with backoff and records each attempt;
-    # SDK retries underneath would multiply the attempts and hide them.
-    return OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=0)
+
+def make_client(*, api_key: str, base_url: str | None, timeout_s: float) -> ClientFactory:
+    """How to build the SDK client; the provider builds one per event loop it runs on."""
+    # Built once: an SSL context costs about 25 ms, and the fork and simple workers run
+    # each job on a new event loop, so a new client each time.
+    ssl_context: ssl.SSLContext = httpx2.create_ssl_context()
+
+    def make() -> AsyncOpenAI:
+        # max_retries=0: RQ retries the whole job with backoff and records each attempt;
+        # SDK retries underneath would multiply the attempts and hide them.
+        return AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(verify=ssl_context),
+        )
+
+    return make
 
 
 def _usage(response: Any) -> TokenUsage:
@@ -93,8 +114,13 @@ def _not_a_completion() -> LLMError:
 
 
 class OpenAIProvider:
-    def __init__(self, client: OpenAI, *, model: str) -> None:
-        self._client = client
+    def __init__(self, make_client: ClientFactory, *, model: str) -> None:
+        self._make_client = make_client
+        # An async HTTP client's connections belong to the event loop that opened them: one
+        # client per loop (the async worker has one loop; RQ's fork and simple workers run
+        # each job with asyncio.run, a new loop each time).
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = weakref.WeakKeyDictionary()
+        self._base_url = str(make_client().base_url)
         self._model = model
         # Flipped off once the endpoint refuses json_schema. A forked work horse's flip
         # dies with it, so the worker keeps what was learnt in Redis (tasks.py) and sets
@@ -107,10 +133,23 @@ class OpenAIProvider:
 
     @property
     def endpoint(self) -> str:
-        return f"{self._client.base_url}|{self._model}"
+        return f"{self._base_url}|{self._model}"
+
+    def _client(self) -> AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = self._make_client()
+        return client
+
+    async def aclose(self) -> None:
+        """Close this event loop's client (before a short-lived loop ends)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
 
     def warm_up(self) -> None:
-        """Run the SDK once, offline, before the worker forks.
+        """Run the SDK once, offline, before the worker forks or starts its loop.
 
         The SDK builds its request and response models lazily on the first call (about
         20 ms); done here, every forked work horse inherits them instead of paying it per job.
@@ -128,22 +167,24 @@ class OpenAIProvider:
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
             })  # fmt: skip
 
-        offline = OpenAI(
-            api_key="warm-up", base_url="http://warm-up.invalid/v1", max_retries=0,
-            http_client=openai.DefaultHttpxClient(transport=httpx2.MockTransport(answer)),
-        )  # fmt: skip
+        def offline() -> AsyncOpenAI:
+            return AsyncOpenAI(
+                api_key="warm-up", base_url="http://warm-up.invalid/v1", max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(answer)),
+            )  # fmt: skip
+
         # Quiet: the SDK's HTTP client would log this fake request as if it went somewhere.
         http_log = logging.getLogger("httpx2")
         was_disabled, http_log.disabled = http_log.disabled, True
         try:
-            OpenAIProvider(offline, model=self._model).extract("warm-up")
+            asyncio.run(OpenAIProvider(offline, model=self._model).extract("warm-up"))
         finally:
             http_log.disabled = was_disabled
 
-    def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+    async def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
         messages = prompt.messages(text, repair)
         try:
-            response = self._create(messages)
+            response = await self._create(messages)
         except openai.OpenAIError as exc:
             raise classify(exc) from exc
         except ValueError as exc:  # a 200 whose body claims JSON and is not (JSONDecodeError)
@@ -165,10 +206,11 @@ class OpenAIProvider:
         model = (response.model or self._model)[:MAX_MODEL_CHARS]
         return Completion(content=choice.message.content or "", usage=usage, model=model)
 
-    def _create(self, messages: Any) -> Any:  # Any: the SDK wants its TypedDict message params
+    async def _create(self, messages: Any) -> Any:  # Any: the SDK wants its TypedDict message params
+        client = self._client()
         if self.json_schema:
             try:
-                return self._client.chat.completions.create(
+                return await client.chat.completions.create(
                     model=self._model,
                     messages=messages,
                     response_format=STRUCTURED_FORMAT,
@@ -179,7 +221,7 @@ class OpenAIProvider:
                     raise
                 log.warning("endpoint refuses json_schema structured outputs; using JSON mode from now on")
                 self.json_schema = False
-        return self._client.chat.completions.create(
+        return await client.chat.completions.create(
             model=self._model,
             messages=messages,
             response_format=JSON_MODE_FORMAT,

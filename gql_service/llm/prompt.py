@@ -41,3 +41,14 @@ def messages(text: str, repair: Repair | None = None) -> list[dict[str, str]]:
             },
         ]
     return msgs
+
+
+# What an answer takes, for the LLM_TPM estimate before the call: a summary of at most
+# MAX_SUMMARY_WORDS words, five tags, a dozen entities and the keys, in JSON.
+ANSWER_TOKENS = 400
+
+
+def estimated_tokens(text: str, repair: Repair | None = None) -> int:
+    """About what a call will cost (prompt and answer), without a tokenizer: English runs at
+    about four characters a token, and the reported usage corrects the estimate after."""
+    return sum(len(m["content"]) for m in messages(text, repair)) // 4 + ANSWER_TOKENS

@@ -1,0 +1,28 @@
+"""Job record transitions from a test's synchronous Redis client (the store is async)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from gql_service import store
+from gql_service.models import JobRecord
+
+
+def update_job(redis: Redis, job_id: str, change: store.Change, *, ttl_s: int) -> tuple[JobRecord | None, bool]:
+    """`store.update_job` through a client to the same server, on a loop of its own (so it
+    also serves a caller that is inside a running event loop)."""
+    where = redis.connection_pool.connection_kwargs
+
+    async def apply() -> tuple[JobRecord | None, bool]:
+        client = AsyncRedis(host=where.get("host", "127.0.0.1"), port=where.get("port", 6379), db=where.get("db", 0))
+        try:
+            return await store.update_job(client, job_id, change, ttl_s=ttl_s)
+        finally:
+            await client.aclose()
+
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, apply()).result()
