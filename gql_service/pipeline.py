@@ -85,9 +85,14 @@ class Attempt:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(update=changes)
 
-        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=self.last)
         if changed and record is not None:
-            log.info("job %s: %s / %s (v%d)", self.job_id, record.status.value, record.stage.value, record.version)
+            # The start and the end at INFO; the stages between at DEBUG (a worker running
+            # hundreds of jobs at once would spend a few percent of its CPU on them).
+            level = logging.INFO if record.terminal else logging.DEBUG
+            log.log(
+                level, "job %s: %s / %s (v%d)", self.job_id, record.status.value, record.stage.value, record.version
+            )
             self._entered(record)
         return record if changed else None
 
@@ -160,14 +165,14 @@ class Attempt:
             log.exception("job %s: could not record metrics", self.job_id)
 
     async def _run(self, *, retries_left: int) -> JobRecord | None:
-        started = await self._start()
+        current, text = await store.get_job_and_text(self.redis, self.job_id)
+        started = await self._start(current) if current is not None else None
         if started is None:
             log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
             return None
         logs.request_id.set(started.request_id)  # worker log lines about this job carry it
         log.info("job %s: attempt %d with %s", self.job_id, started.attempts, self.provider.model)
         self.usage = started.usage or TokenUsage()
-        text = await store.get_text(self.redis, self.job_id) or ""
         try:
             completion = await self._ask(text)
             await self._set(stage=JobStage.VALIDATING, usage=self.usage)
@@ -199,7 +204,7 @@ class Attempt:
             finished_at=utcnow(),
         )
 
-    async def _start(self) -> JobRecord | None:
+    async def _start(self, current: JobRecord) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(
                 update={
@@ -211,7 +216,7 @@ class Attempt:
                 }
             )
 
-        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s)
+        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=current)
         if changed and record is not None:
             self._entered(record)
         return record if changed else None

@@ -115,9 +115,12 @@ def get_job_sync(redis: Redis, job_id: str) -> JobRecord | None:
     return decode(raw) if raw is not None else None
 
 
-async def get_text(redis: AsyncRedis, job_id: str) -> str | None:
-    raw = await redis.hget(keys.job(job_id), "t")
-    return raw.decode() if isinstance(raw, bytes) else raw
+async def get_job_and_text(redis: AsyncRedis, job_id: str) -> tuple[JobRecord | None, str]:
+    """The record and its submitted text, in one round trip (what a worker starts with)."""
+    raw, text = await redis.hmget(keys.job(job_id), ["d", "t"])
+    if raw is None:
+        return None, ""
+    return decode(raw), text.decode() if isinstance(text, bytes) else (text or "")
 
 
 def _next(current: JobRecord, change: Change) -> JobRecord | None:
@@ -137,11 +140,18 @@ def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int) -> tuple[list[str]
     )
 
 
-async def update_job(redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int) -> tuple[JobRecord | None, bool]:
-    """Apply `change` atomically. Returns (state after, whether it changed)."""
+async def update_job(
+    redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int, last_seen: JobRecord | None = None
+) -> tuple[JobRecord | None, bool]:
+    """Apply `change` atomically. Returns (state after, whether it changed).
+
+    `last_seen`: the state this writer last wrote or read, tried first without reading it
+    again (a worker's own transitions, one after the other); if anyone wrote in between,
+    the version check refuses it and the change is applied to a fresh read.
+    """
     script = redis.register_script(_CAS_LUA)
     while True:
-        current = await get_job(redis, job_id)
+        current, last_seen = last_seen or await get_job(redis, job_id), None
         if current is None:
             return None, False
         new = _next(current, change)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 import redis.exceptions
+import uvloop
 from rq import Queue, SimpleWorker, Worker
 from rq.command import parse_payload
 from rq.exceptions import DequeueTimeout
@@ -130,6 +131,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
     """
 
     concurrency: ClassVar[int] = 64
+    log_result_lifespan = False  # one log line less per job; RQ_RESULT_TTL_S says it once
     # RQ bounds callbacks with a death penalty; its default (SIGALRM) only works on the main
     # thread, and RQ's bookkeeping here runs on a thread of its own: RQ's timer-based one.
     death_penalty_class = TimerDeathPenalty
@@ -153,7 +155,9 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         if with_scheduler:
             self._start_scheduler(burst, kwargs.get("logging_level"))
         try:
-            return asyncio.run(self._work(burst))
+            # uvloop (uvicorn's loop, already installed): less CPU per socket operation.
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(self._work(burst))
         finally:
             self.teardown()
             self._books.shutdown(wait=False)
@@ -187,6 +191,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         finally:
             heartbeats.cancel()
             await redis.aclose()
+            await tasks._get_context().provider.aclose()
         return started > 0
 
     async def _take(self, burst: bool) -> tuple[RQJob, Queue] | None:
@@ -229,7 +234,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
 
         async def run() -> None:
             try:
-                execution = await self._bookkeeping(self.prepare_execution, job)
+                execution = await self._bookkeeping(self._prepare, job)
             except Exception:
                 log.exception("job %s: could not start its execution; abandoned-job detection will retry it", job.id)
                 slots.release()
@@ -245,10 +250,15 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
+    def _prepare(self, job: RQJob) -> Execution:
+        """What RQ does before a job runs, in one trip to the bookkeeping thread."""
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        return execution
+
     async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
         """RQ's `perform_job`, with the job awaited instead of called."""
         try:
-            await self._bookkeeping(self.prepare_job_execution, job, len(self.queues) == 1)
             job.started_at = now()
             _current_job.set(job)  # this task's own context
             try:

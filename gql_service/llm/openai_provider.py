@@ -43,13 +43,15 @@ def make_client(*, api_key: str, base_url: str | None, timeout_s: float) -> Clie
 
     def make() -> AsyncOpenAI:
         # max_retries=0: RQ retries the whole job with backoff and records each attempt;
-        # SDK retries underneath would multiply the attempts and hide them.
+        # SDK retries underneath would multiply the attempts and hide them. The SDK's
+        # aiohttp transport: half the CPU per call of its default one (BENCHMARKS.md, 6),
+        # and CPU is what bounds the calls one worker process can make.
         return AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
             timeout=timeout_s,
             max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(verify=ssl_context),
+            http_client=openai.DefaultAioHttpClient(verify=ssl_context),
         )
 
     return make
@@ -84,9 +86,20 @@ def _retry_after_s(headers: Any) -> float | None:
     return None
 
 
+def _could_not_connect(exc: BaseException) -> bool:
+    """Whether a socket error that is not a timeout (refused, unreachable) is behind `exc`:
+    the aiohttp transport reports those as connect timeouts."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def classify(exc: openai.OpenAIError) -> LLMError:
     """Map an SDK error to the job error a client sees. Order matters: subclasses first."""
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _could_not_connect(exc):
         return LLMError(JobErrorCode.TIMEOUT, "the LLM did not answer in time", retryable=True)
     if isinstance(exc, openai.APIConnectionError):
         return LLMError(JobErrorCode.PROVIDER_ERROR, "could not connect to the LLM endpoint", retryable=True)
