@@ -7,6 +7,7 @@ attempt; everything else ends the job here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,6 +15,8 @@ from collections.abc import Awaitable
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import logs, metrics, store
 from .llm import Completion, LLMError, Provider, Repair, prompt
@@ -28,6 +31,9 @@ log = logging.getLogger(__name__)
 # timeout); otherwise the 429 counts like any other (RETRYING, a new attempt with backoff).
 MAX_PAUSES_PER_CALL = 5
 MAX_PAUSE_S = 60.0
+# How long a transition waits for an unreachable Redis before the attempt gives up (and RQ
+# retries the job, or abandoned-job detection does once Redis is back).
+REDIS_OUTAGE_WAIT_S = 30.0
 
 
 class RetryLater(Exception):
@@ -85,7 +91,7 @@ class Attempt:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(update=changes)
 
-        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=self.last)
+        record, changed = await self._write(change, self.last)
         if changed and record is not None:
             # The start and the end at INFO; the stages between at DEBUG (a worker running
             # hundreds of jobs at once would spend a few percent of its CPU on them).
@@ -95,6 +101,22 @@ class Attempt:
             )
             self._entered(record)
         return record if changed else None
+
+    async def _write(self, change: store.Change, last_seen: JobRecord | None) -> tuple[JobRecord | None, bool]:
+        """A transition of this job, written once Redis answers: through a short outage (a
+        restart, a failover) the job carries on where it was instead of failing."""
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                return await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=last_seen)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if waited >= REDIS_OUTAGE_WAIT_S:
+                    raise
+                if not waited:
+                    log.warning("job %s: Redis is unreachable (%s); waiting to write its next stage", self.job_id, exc)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 2.0)
 
     def _add_usage(self, usage: TokenUsage) -> None:
         self.usage = self.usage + usage
@@ -216,7 +238,7 @@ class Attempt:
                 }
             )
 
-        record, changed = await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=current)
+        record, changed = await self._write(change, current)
         if changed and record is not None:
             self._entered(record)
         return record if changed else None

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
@@ -106,7 +107,9 @@ async def _extract(ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id:
     try:
         async with _json_mode_memory(redis, ctx.provider), asyncio.timeout(deadline_s):
             record = await attempt.run(retries_left=rq_job.retries_left or 0)
-    except RetryLater:
+    except (RetryLater, RedisError):
+        # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
+        # detection does, once Redis answers) rather than it ending as an internal error.
         raise
     except TimeoutError:
         await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s)

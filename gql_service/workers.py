@@ -195,10 +195,11 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         return started > 0
 
     async def _take(self, burst: bool) -> tuple[RQJob, Queue] | None:
-        """The next job, waiting up to a second for one (so a stop request is seen soon)."""
-        if self.should_run_maintenance_tasks:
-            await self._bookkeeping(self.run_maintenance_tasks)
+        """The next job, waiting up to a second for one (so a stop request is seen soon).
+        Redis unreachable: try again later; the jobs in flight carry on meanwhile."""
         try:
+            if self.should_run_maintenance_tasks:
+                await self._bookkeeping(self.run_maintenance_tasks)
             taken = await self._dequeue(None)
             if taken is None and not burst:
                 if not self._running:

@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import httpx
+from redis import Redis
 
+from gql_service import store
 from gql_service.embedded_redis import EmbeddedRedis, free_port
 
 from .clients import SUBMIT, TEXT, follow, post, submit
+from .openai_stub import OpenAIStub
 from .service import Service, wait_until
 
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
@@ -86,5 +89,37 @@ async def test_a_running_worker_survives_an_outage(tmp_path: Path) -> None:
         events = await asyncio.wait_for(follow(svc, submit(svc)), 60)
         assert events[-1]["status"] == "FINISHED"
     finally:
+        svc.stop()
+        redis.stop()
+
+
+async def test_jobs_in_flight_when_redis_restarts_all_end_finished(tmp_path: Path, stub: OpenAIStub) -> None:
+    """Twenty jobs inside their LLM calls in one async worker; Redis goes away until after
+    the calls have answered, then comes back: every job still ends FINISHED (written once
+    Redis answers, or retried), none is left STARTED, and the worker process lives on."""
+    port = free_port()
+    redis = aof_redis(port, tmp_path)
+    stub.latency_s = 1.0
+    env = {**stub.env, "RQ_QUEUE": "llm-outage-in-flight", "WORKER_LOST_AFTER_S": "3", "LLM_TIMEOUT_S": "10"}
+    svc = Service(redis.url, workers=1, env=env)
+    try:
+        svc.start()
+        job_ids = [submit(svc) for _ in range(20)]
+        await asyncio.to_thread(wait_until, lambda: len(stub.requests) >= 20, what="20 calls open")
+        redis.stop()
+        await asyncio.sleep(2.0)  # the calls answer while Redis is down (there is no event to await)
+        redis = aof_redis(port, tmp_path)
+        client = Redis.from_url(redis.url)
+
+        def ended() -> bool:
+            records = [store.get_job_sync(client, job_id) for job_id in job_ids]
+            return all(r is not None and r.terminal for r in records)
+
+        await asyncio.to_thread(wait_until, ended, timeout_s=40, what="every job to end")
+        records = [store.get_job_sync(client, job_id) for job_id in job_ids]
+        assert svc.procs[0].popen.poll() is None, svc.logs()
+        assert {(r.status.value if r else None) for r in records} == {"FINISHED"}
+    finally:
+        stub.latency_s = 0.0
         svc.stop()
         redis.stop()
