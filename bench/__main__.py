@@ -1,4 +1,4 @@
-"""`python -m bench [--smoke] [--out BENCHMARKS.md] [--only submit,fanout,pipeline,e2e,scale_out]`."""
+"""`python -m bench [--smoke] [--out BENCHMARKS.md] [--only submit,fanout,pipeline,e2e,scale_out,async_worker]`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 from gql_service.embedded_redis import EmbeddedRedis
 from tests.openai_stub import OpenAIStub
 
-from . import report, scenarios
+from . import async_worker, report, scenarios
 from .harness import progress, raise_fd_limit
 
-ALL = ("submit", "fanout", "pipeline", "e2e", "scale_out")
+ALL = ("submit", "fanout", "pipeline", "e2e", "scale_out", "async_worker")
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -42,6 +42,8 @@ def main() -> None:
                 results["e2e"] = scenarios.end_to_end(redis.url, stub, sizes)
             if "scale_out" in only:
                 results["scale_out"] = scenarios.scale_out(redis.url, sizes)
+            if "async_worker" in only:
+                results["async_worker"] = async_worker.async_worker(redis.url, stub, sizes)
     finally:
         stub.stop()
     if NOTES.exists() and not args.smoke:

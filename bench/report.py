@@ -15,6 +15,9 @@ TARGETS = {
     "one_p99_ms": 20,
     "overhead_p50_ms": 10,
     "efficiency_8": 0.9,
+    "async_jobs_per_s": 150,
+    "async_rss_mib": 300,
+    "rpm_low": 570,
 }
 
 
@@ -202,7 +205,72 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
             f"| 2 | {so['two_api_rps']:.0f} ({so['ratio']:.2f}x) |",
             "",
         ]
+    aw = results.get("async_worker")
+    if aw:
+        lines += _async_worker(aw)
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]
     out.write_text("\n".join(lines))
+
+
+def _async_worker(aw: dict[str, Any]) -> list[str]:
+    def row(r: dict[str, Any]) -> str:
+        shape = f"{r['workers']} x `{r['worker_class']}`" + (
+            f" (concurrency {r['concurrency']})" if r["worker_class"] == "async" else ""
+        )
+        return (
+            f"| {shape} | {r['jobs']} | {r['llm_ms']:.0f} | {r['jobs_per_s']:.1f} | {r['p50_ms']:.0f} "
+            f"| {r['p99_ms']:.0f} | {r['peak_rss_mib']:.0f} | {r['cpu_ms_per_job']:.2f} |"
+        )
+
+    header = [
+        "| workers | jobs | LLM ms | jobs/s | submit -> DONE p50 ms | p99 ms | peak RSS MiB (worker group) "
+        "| CPU ms per job |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    first = aw["side_by_side"][0]
+    lines = [
+        "## 6. Many LLM calls in flight per worker process (`WORKER_CLASS=async`)",
+        "",
+        "Workers started first, then the jobs submitted with `submitTexts` (100 per call); the stub answers",
+        "every call after the LLM latency shown. RSS is sampled every 50 ms over the worker process and its",
+        "children; CPU is theirs from the first job to the last.",
+        "",
+        *header,
+        *[row(r) for r in aw["side_by_side"]],
+        "",
+        f"Targets for one async process: >= {TARGETS['async_jobs_per_s']} jobs/s: "
+        f"{_mark(first['jobs_per_s'] >= TARGETS['async_jobs_per_s'])}; <= {TARGETS['async_rss_mib']} MiB: "
+        f"{_mark(first['peak_rss_mib'] <= TARGETS['async_rss_mib'])}. Ratio to 8 `fork` workers: "
+        f"{first['jobs_per_s'] / aw['side_by_side'][1]['jobs_per_s']:.1f}x the jobs/s.",
+        "",
+        "Concurrency sweep, one async process:",
+        "",
+        *header,
+        *[row(r) for r in aw["sweep"]],
+        "",
+        "Per-job CPU cost with the LLM at 0 ms (one async process, concurrency 256):",
+        "",
+        *header,
+        row(aw["cpu"]),
+        "",
+    ]
+    profile = aw.get("profile")
+    if profile:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in list(profile["shares"].items())[:10])
+        lines += [
+            f"Where the worker's samples fall at concurrency {profile['concurrency']} ({profile['jobs']} jobs, "
+            f"py-spy, leaf frame by library, every thread): {shares}.",
+            "",
+        ]
+    rpm = aw["rpm"]
+    ok = TARGETS["rpm_low"] * rpm["rpm"] / 600 <= rpm["per_minute"] <= rpm["rpm"] and rpm["answered_429"] == 0
+    lines += [
+        f"`LLM_RPM={rpm['rpm']}` over {rpm['seconds']:.0f} s, two async worker processes, a deep queue, against a",
+        f"stub that answers 429 past {rpm['rpm']} requests in any 60 s: {rpm['calls']} calls "
+        f"({rpm['per_minute']:.0f} a minute), {rpm['answered_429']} answered 429. Target <= {rpm['rpm']} and "
+        f">= {TARGETS['rpm_low'] * rpm['rpm'] // 600} a minute with no 429: {_mark(ok)}.",
+        "",
+    ]
+    return lines

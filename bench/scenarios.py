@@ -18,6 +18,7 @@ from redis import Redis
 from gql_service import store
 from gql_service.embedded_redis import free_port
 from gql_service.models import JobRecord, JobStage, JobStatus
+from tests import records as job_records
 from tests.openai_stub import OpenAIStub
 from tests.service import Proc, Service, answers, wait_until
 
@@ -42,6 +43,13 @@ class Sizes:
     slow_llm_s: float
     rounds_per_worker: int
     e2e_jobs: int
+    async_jobs: int = 1000
+    async_llm_s: float = 1.0
+    async_sweep: tuple[int, ...] = (16, 64, 256, 1024)
+    rpm: int = 600
+    rpm_seconds: float = 60.0
+    rpm_jobs: int = 2000
+    profile: bool = True  # py-spy on the async worker (needs ptrace; not in the smoke run)
 
     @classmethod
     def only_subscribers(cls, counts: tuple[int, ...]) -> Sizes:
@@ -55,7 +63,7 @@ class Sizes:
 
     @classmethod
     def smoke(cls) -> Sizes:
-        return cls(0.5, 1, 4, (10, 20), 5, 5, (1, 2), 0.05, 2, 5)
+        return cls(0.5, 1, 4, (10, 20), 5, 5, (1, 2), 0.05, 2, 5, 20, 0.05, (4, 16), 60, 3.0, 20, False)
 
 
 def offline_env(queue: str) -> dict[str, str]:
@@ -68,7 +76,7 @@ def stub_env(queue: str, stub: OpenAIStub) -> dict[str, str]:
 
 # -- 1. submitText against the REST baseline ----------------------------------------------
 def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress("1/5 submitText vs the REST baseline: starting both APIs (no workers)")
+    progress("1/6 submitText vs the REST baseline: starting both APIs (no workers)")
     rest_port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "RQ_QUEUE": "bench-rest"}
     rest = subprocess.Popen(
@@ -191,7 +199,7 @@ async def _fanout_one_size(svc: Service, redis: Redis, n: int, samples: int) -> 
     for _ in range(samples):
         before = len(subs.received[target])
         start = time.perf_counter()
-        await asyncio.to_thread(store.update_job, redis, target, _bump, ttl_s=3600)
+        await asyncio.to_thread(job_records.update_job, redis, target, _bump, ttl_s=3600)
         while len(subs.received[target]) == before:
             await asyncio.sleep(0)
         one.append((subs.received[target][-1][0] - start) * 1000)
@@ -231,7 +239,7 @@ def svc_subscriptions(redis: Redis) -> int:
 
 
 def fanout(redis_url: str, sizes: Sizes) -> list[dict[str, float]]:
-    progress("2/5 subscription fan-out on one API process")
+    progress("2/6 subscription fan-out on one API process")
     redis = Redis.from_url(redis_url)
     rows = []
     with Service(redis_url, workers=0, env=offline_env("bench-fanout")) as svc:
@@ -270,10 +278,14 @@ def _llm_round_trip_ms(stub: OpenAIStub, samples: int = 50) -> float:
 
     provider = OpenAIProvider(make_client(api_key="k", base_url=stub.base_url, timeout_s=10), model="bench")
     times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        provider.extract("I loved the clinic.")
-        times.append((time.perf_counter() - t0) * 1000)
+
+    async def calls() -> None:
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            await provider.extract("I loved the clinic.")
+            times.append((time.perf_counter() - t0) * 1000)
+
+    asyncio.run(calls())
     return median(times)
 
 
@@ -325,7 +337,7 @@ def _scaling(
 
 def worker_pipeline(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
     """RQ's forking Worker (the default) and SimpleWorker (WORKER_CLASS=simple), side by side."""
-    progress("3/5 worker pipeline")
+    progress("3/6 worker pipeline")
     redis = Redis.from_url(redis_url)
     stub.latency_s = 0.0
     rtt_ms = _llm_round_trip_ms(stub)
@@ -359,7 +371,7 @@ async def _e2e_client(svc: Service, count: int, latencies: list[float]) -> None:
 def end_to_end(
     redis_url: str, stub: OpenAIStub, sizes: Sizes, llm_ms: float = 100.0, clients: int = 4
 ) -> dict[str, float]:
-    progress(f"4/5 end to end: submit -> DONE on a subscription, {clients} clients, LLM {llm_ms:.0f} ms")
+    progress(f"4/6 end to end: submit -> DONE on a subscription, {clients} clients, LLM {llm_ms:.0f} ms")
     stub.latency_s = llm_ms / 1000
     latencies: list[float] = []
     with Service(redis_url, workers=clients, env=stub_env("bench-e2e", stub)) as svc:
@@ -377,7 +389,7 @@ def end_to_end(
 
 # -- 5. scale-out -----------------------------------------------------------------------------
 def scale_out(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress("5/5 scale-out: two API processes and a worker pool on one Redis")
+    progress("5/6 scale-out: two API processes and a worker pool on one Redis")
     with Service(redis_url, workers=2, env=offline_env("bench-scale-out")) as a:
         b_port = free_port()
         b = Proc("api-b", ["serve", "--port", str(b_port)], a.env)
