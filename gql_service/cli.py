@@ -28,7 +28,9 @@ log = logging.getLogger("gql_service")
 
 EXIT_USAGE = 2  # bad input or settings, as in the client's exit codes (gql_service.client)
 # How long `dev` lets its children stop cleanly before it kills whatever is left of them.
-DEV_STOP_GRACE_S = 4.0
+# Short: a job still running then is lost with the embedded Redis anyway (or, against a
+# REDIS_URL, retried as WORKER_LOST), and Ctrl-C should feel immediate.
+DEV_STOP_GRACE_S = 2.0
 DEFAULT_URL = "http://127.0.0.1:8000/graphql"
 
 

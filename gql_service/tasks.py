@@ -59,7 +59,7 @@ def init(context: WorkerContext) -> None:
     _context = context
 
 
-def _get_context() -> WorkerContext:
+def context() -> WorkerContext:
     # A worker started by plain `rq worker` still works: build the context on first use.
     if _context is None:
         from .llm.factory import make_provider
@@ -71,7 +71,7 @@ def _get_context() -> WorkerContext:
 
 
 async def run_extraction(job_id: str) -> str | None:
-    ctx = _get_context()
+    ctx = context()
     rq_job = get_current_job()
     assert rq_job is not None, "run_extraction runs inside an RQ worker"
     redis = shared_redis.get()
@@ -163,7 +163,7 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
     """Run `work` from RQ's synchronous hooks (callbacks, the fork worker's monitor)."""
 
     async def main() -> T:
-        redis = async_client(_get_context().redis_url, name="gqls-worker")
+        redis = async_client(context().redis_url, name="gqls-worker")
         try:
             return await work(redis)
         finally:
@@ -174,7 +174,7 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
 
 def worker_lost(rq_job: RQJob) -> JobRecord | None:
     """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
-    ttl_s = _get_context().settings.result_ttl_s
+    ttl_s = context().settings.result_ttl_s
     retries_left = rq_job.retries_left or 0
     log.warning("job %s: its worker was lost; %d retries left", rq_job.id, retries_left)
 
@@ -213,5 +213,5 @@ def on_failure(
         worker_lost(rq_job)
     elif exc_type is JobTimeoutException or isinstance(exc, JobTimeoutException):
         rq_job.retries_left = 0  # a timeout ends the job, as when the task records it itself
-        ttl_s = _get_context().settings.result_ttl_s
+        ttl_s = context().settings.result_ttl_s
         _run(lambda redis: fail_job(redis, rq_job.id, _timed_out(), ttl_s=ttl_s))

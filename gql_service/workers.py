@@ -128,6 +128,9 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
       job's execution, and `request_stop_execution` cancels that job's task alone.
     * RQ's work loop runs one job at a time and its signal handlers assume a work horse:
       `work()` is this class's own loop, around RQ's bootstrap, maintenance and teardown.
+    * RQ bounds callbacks with SIGALRM, which works on the main thread only; its registries'
+      cleanup builds registries with that default, so this process sets RQ's timer-based
+      death penalty on `BaseRegistry` too.
     """
 
     concurrency: ClassVar[int] = 64
@@ -167,7 +170,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         loop = self._loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        redis = async_client(tasks._get_context().redis_url, name="gqls-worker", max_connections=self.concurrency + 8)
+        redis = async_client(tasks.context().redis_url, name="gqls-worker", max_connections=self.concurrency + 8)
         tasks.shared_redis.set(redis)
         slots = asyncio.Semaphore(self.concurrency)
         heartbeats = asyncio.create_task(self._keep_heartbeats())
@@ -191,7 +194,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         finally:
             heartbeats.cancel()
             await redis.aclose()
-            await tasks._get_context().provider.aclose()
+            await tasks.context().provider.aclose()
         return started > 0
 
     async def _take(self, burst: bool) -> tuple[RQJob, Queue] | None:
@@ -315,7 +318,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
                 for job, execution in running:
                     if execution is not None:
                         await self._bookkeeping(self.maintain_heartbeats, job, execution)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            except Exception as exc:  # Redis away, say: the next beat tries again
                 log.error("worker %s: heartbeat failed (%s)", self.name, exc)
 
     # -- stopping -------------------------------------------------------------------------
