@@ -242,7 +242,9 @@ def fanout(redis_url: str, sizes: Sizes) -> list[dict[str, float]]:
     progress("2/6 subscription fan-out on one API process")
     redis = Redis.from_url(redis_url)
     rows = []
-    with Service(redis_url, workers=0, env=offline_env("bench-fanout")) as svc:
+    # One tenant holds every subscription here: let it watch that many jobs.
+    env = offline_env("bench-fanout") | {"MAX_WATCHED_JOBS_PER_TENANT": str(max(sizes.subscribers))}
+    with Service(redis_url, workers=0, env=env) as svc:
         for n in sizes.subscribers:
             rows.append(asyncio.run(_fanout_one_size(svc, redis, n, sizes.one_job_samples)))
             p = rows[-1]

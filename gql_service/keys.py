@@ -57,9 +57,10 @@ def llm_in_flight(endpoint: str) -> str:
     return f"{PREFIX}:llm:in-flight:{_endpoint(endpoint)}"
 
 
-def llm_budget(endpoint: str) -> str:
-    """The LLM_RPM / LLM_TPM moving windows (the `limits` library adds the limit to it)."""
-    return f"{PREFIX}:llm:budget:{_endpoint(endpoint)}"
+def llm_budget(endpoint: str, kind: str) -> str:
+    """The LLM_RPM (`requests`) / LLM_TPM (`tokens`) windows; the `limits` library adds the
+    limit to it."""
+    return f"{PREFIX}:llm:budget:{kind}:{_endpoint(endpoint)}"
 
 
 def llm_paused(endpoint: str) -> str:

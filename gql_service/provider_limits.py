@@ -4,8 +4,11 @@
   lease (a member of a sorted set scored by its expiry), taken and released by Lua so the
   count and the check are one step. A lease outlives a killed process only until it
   expires (the call's timeout plus a margin), so a crash never shrinks the pool for good.
-* `LLM_RPM` / `LLM_TPM`: requests and tokens per minute, kept by the `limits` library's
-  moving window in Redis (exact, and shared by every process). Requests are also spread
+* `LLM_RPM` / `LLM_TPM`: requests and tokens per minute, kept in Redis by the `limits`
+  library and shared by every process. Requests use its moving window (exact: one entry per
+  request); tokens its sliding window counter (two counters, whatever the budget: a moving
+  window would keep one entry per token), which weighs the previous minute as if spread
+  evenly, so a burst at a minute's end can be over- or under-counted a little. Requests are also spread
   over the minute (at most RPM/60 a second), because providers enforce a minute's budget
   over shorter periods too, and a burst of a whole minute's calls at once draws 429s. The
   minute window is 61 s: a second of margin, so that network delay and clock skew never
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
 from redis.asyncio import Redis
 
 from . import keys
@@ -60,7 +63,7 @@ POLL_S = 0.05  # how often a waiting call looks for a free slot again
 WINDOW_S = 61  # the minute of LLM_RPM / LLM_TPM, with a second of margin (see above)
 
 # Per event loop: the limiter over its Redis client, and the line each limit's waiters form.
-_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, MovingWindowRateLimiter]] = (
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, str], RateLimiter]] = (
     weakref.WeakKeyDictionary()
 )
 _lines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
@@ -80,44 +83,46 @@ class ProviderLimits:
         `tokens` tokens, and take it; returns the seconds waited."""
         waited = 0.0
         if self.rpm is not None:
-            waited += await self._take(RateLimitItemPerSecond(math.ceil(self.rpm / 60), 1), 1)
-            waited += await self._take(RateLimitItemPerSecond(self.rpm, WINDOW_S), 1)
+            per_second = RateLimitItemPerSecond(math.ceil(self.rpm / 60), 1)
+            waited += await self._take("requests", per_second)
+            waited += await self._take("requests", RateLimitItemPerSecond(self.rpm, WINDOW_S))
         if self.tpm is not None:
-            waited += await self._take(self._tokens(), min(tokens, self.tpm))
+            waited += await self._take("tokens", self._tokens(), min(tokens, self.tpm))
         return waited
 
     async def charge_tokens(self, estimated: int, used: int) -> None:
         """Charge what a call used beyond its estimate (if the minute still has room)."""
         if self.tpm is not None and used > estimated:
-            await self._limiter().hit(self._tokens(), self._ident, cost=min(used - estimated, self.tpm))
+            extra = min(used - estimated, self.tpm)
+            await self._limiter("tokens").hit(self._tokens(), self._ident("tokens"), cost=extra)
 
     def _tokens(self) -> RateLimitItem:
         return RateLimitItemPerSecond(self.tpm or 1, WINDOW_S)
 
-    @property
-    def _ident(self) -> str:
-        return keys.llm_budget(self.endpoint)
+    def _ident(self, kind: str) -> str:
+        return keys.llm_budget(self.endpoint, kind)
 
-    def _limiter(self) -> MovingWindowRateLimiter:
+    def _limiter(self, kind: str) -> RateLimiter:
         per_loop = _limiters.setdefault(asyncio.get_running_loop(), {})
-        pool_id = str(id(self.redis.connection_pool))
-        if pool_id not in per_loop:
+        key = (id(self.redis.connection_pool), kind)
+        if key not in per_loop:
             storage = RedisStorage(
                 "async+redis://",
                 implementation="redispy",
                 connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
                 key_prefix="",
             )
-            per_loop[pool_id] = MovingWindowRateLimiter(storage)
-        return per_loop[pool_id]
+            strategy = MovingWindowRateLimiter if kind == "requests" else SlidingWindowCounterRateLimiter
+            per_loop[key] = strategy(storage)
+        return per_loop[key]
 
-    async def _take(self, item: RateLimitItem, cost: int) -> float:
-        limiter = self._limiter()
+    async def _take(self, kind: str, item: RateLimitItem, cost: int = 1) -> float:
+        limiter, ident = self._limiter(kind), self._ident(kind)
         started = time.monotonic()
-        line = _lines.setdefault(asyncio.get_running_loop(), {}).setdefault(f"{self._ident}:{item}", asyncio.Lock())
+        line = _lines.setdefault(asyncio.get_running_loop(), {}).setdefault(f"{ident}:{item}", asyncio.Lock())
         async with line:
-            while not await limiter.hit(item, self._ident, cost=cost):
-                stats = await limiter.get_window_stats(item, self._ident)
+            while not await limiter.hit(item, ident, cost=cost):
+                stats = await limiter.get_window_stats(item, ident)
                 # Jitter: the first in line in each process don't all ask at the same instant.
                 await asyncio.sleep(max(stats.reset_time - time.time(), POLL_S) + random.uniform(0, POLL_S))
         return time.monotonic() - started

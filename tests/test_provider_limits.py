@@ -4,10 +4,13 @@ against the OpenAI-compatible stub, which counts the calls open at once and when
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 import httpx
 import pytest
+from redis.asyncio import Redis as AsyncRedis
+
+from gql_service.provider_limits import ProviderLimits
 
 from .clients import follow, submit
 from .openai_stub import Fault, OpenAIStub
@@ -68,3 +71,29 @@ async def test_llm_rpm_spreads_the_calls_and_the_provider_never_says_429(e2e_red
     # Any three calls span at least a second (less a little for the network's jitter).
     assert min(later - first for first, later in zip(stub.arrivals, stub.arrivals[2:], strict=False)) > 0.9
     assert waited > 5  # twelve calls at two a second: most of them waited
+
+
+async def _waits(call: Awaitable[float], seconds: float = 0.5) -> bool:
+    """Whether `call` is still waiting for the budget after `seconds` (the window is 61 s)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await call
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_llm_tpm_holds_a_call_the_minute_cannot_afford_and_charges_what_was_used(async_redis: AsyncRedis) -> None:
+    def limits(endpoint: str) -> ProviderLimits:
+        return ProviderLimits(async_redis, endpoint=endpoint, max_in_flight=None, call_timeout_s=5, tpm=1000)
+
+    spent = limits("tpm-spent")
+    assert await spent.take_budget(600) < 0.5
+    assert await _waits(spent.take_budget(600))  # 1,200 tokens would exceed the minute's 1,000
+    # Estimated 300, used 900: the 600 more are charged, and a 200-token call no longer fits.
+    charged, control = limits("tpm-charged"), limits("tpm-control")
+    for budget in (charged, control):
+        await budget.take_budget(300)
+    await charged.charge_tokens(300, 900)
+    assert await _waits(charged.take_budget(200))
+    assert not await _waits(control.take_budget(200))
