@@ -138,6 +138,9 @@ class Subscribers:
         first: dict[str, asyncio.Event] = {j: asyncio.Event() for j in job_ids}
 
         async def one(job_id: str) -> None:
+            # At most `parallel` subscriptions wait for their snapshot at once, as a client
+            # pool would: the API bounds a tenant's snapshot reads, and a burst of 10,000
+            # would be answered SERVICE_UNAVAILABLE past REDIS_TIMEOUT_S.
             async with sem:
                 ws = await websockets.connect(self.ws_url, subprotocols=["graphql-transport-ws"], max_queue=None)  # type: ignore[list-item]
                 await ws.send('{"type":"connection_init"}')
@@ -147,7 +150,8 @@ class Subscribers:
                 self.sockets.append(ws)
                 self.received[job_id] = []
                 self._tasks.append(asyncio.create_task(self._listen(ws, job_id, first[job_id])))
-            await first[job_id].wait()
+                async with asyncio.timeout(60):
+                    await first[job_id].wait()
 
         await asyncio.gather(*(one(j) for j in job_ids))
 
@@ -155,6 +159,8 @@ class Subscribers:
         async for raw in ws:
             now = time.perf_counter()
             message = json.loads(raw)
+            if message.get("type") == "error" or (message.get("payload") or {}).get("errors"):
+                raise RuntimeError(f"subscription to {job_id} failed: {message}")
             if message.get("type") == "next":
                 self.received[job_id].append((now, message["payload"]["data"]["jobUpdates"]["version"]))
                 first.set()
