@@ -260,8 +260,8 @@ def _async_worker(aw: dict[str, Any]) -> list[str]:
     if profile:
         shares = ", ".join(f"{name} {share:.0%}" for name, share in list(profile["shares"].items())[:10])
         lines += [
-            f"Where the worker's samples fall at concurrency {profile['concurrency']} ({profile['jobs']} jobs, "
-            f"py-spy, leaf frame by library, every thread): {shares}.",
+            f"Where the worker's CPU goes at concurrency {profile['concurrency']} ({profile['jobs']} jobs, py-spy "
+            f"over every thread; the share of samples with each library on the stack, so they overlap): {shares}.",
             "",
         ]
     rpm = aw["rpm"]

@@ -292,6 +292,7 @@ def _llm_round_trip_ms(stub: OpenAIStub, samples: int = 50) -> float:
             t0 = time.perf_counter()
             await provider.extract("I loved the clinic.")
             times.append((time.perf_counter() - t0) * 1000)
+        await provider.aclose()
 
     asyncio.run(calls())
     return median(times)
