@@ -146,9 +146,10 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
         lines += [
             "## 3. Worker pipeline (openai provider against the stub)",
             "",
-            "`fork` is RQ's forking `Worker` (the default: a work horse process per job); `simple` is RQ's",
-            "`SimpleWorker` (`WORKER_CLASS=simple`: jobs run in the worker process). One worker process, LLM at 0 ms;",
-            "overhead is the time between consecutive completions minus the SDK's round trip to the stub.",
+            "The one-job-at-a-time classes (the default, `async`, is section 6): `fork` is RQ's forking `Worker`",
+            "(a work horse process per job); `simple` is RQ's `SimpleWorker` (jobs run in the worker process). One",
+            "worker process, LLM at 0 ms; overhead is the time between consecutive completions minus the SDK's round",
+            "trip to the stub.",
             "",
             "| worker class | jobs | jobs/s | LLM round trip ms | overhead p50 ms | overhead p99 ms | target p50 <= 10 ms |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",

@@ -133,7 +133,7 @@ class Subscribers:
         self.ready = 0
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def open(self, job_ids: list[str], parallel: int = 100) -> None:
+    async def open(self, job_ids: list[str], parallel: int = 50) -> None:
         sem = asyncio.Semaphore(parallel)
         first: dict[str, asyncio.Event] = {j: asyncio.Event() for j in job_ids}
 
@@ -156,11 +156,20 @@ class Subscribers:
         await asyncio.gather(*(one(j) for j in job_ids))
 
     async def _listen(self, ws: Any, job_id: str, first: asyncio.Event) -> None:
+        retries = 0
         async for raw in ws:
             now = time.perf_counter()
             message = json.loads(raw)
             if message.get("type") == "error" or (message.get("payload") or {}).get("errors"):
-                raise RuntimeError(f"subscription to {job_id} failed: {message}")
+                # SERVICE_UNAVAILABLE ("try again shortly") while thousands subscribe at
+                # once: subscribe again, as a client would.
+                retries += 1
+                if retries > 5:
+                    raise RuntimeError(f"subscription to {job_id} failed: {message}")
+                await asyncio.sleep(0.5 * retries)
+                query = 'subscription { jobUpdates(id: "%s") { version } }' % job_id
+                await ws.send(json.dumps({"id": f"r{retries}", "type": "subscribe", "payload": {"query": query}}))
+                continue
             if message.get("type") == "next":
                 self.received[job_id].append((now, message["payload"]["data"]["jobUpdates"]["version"]))
                 first.set()
