@@ -115,7 +115,7 @@ async def _extract(ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id:
         await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s)
         return None
     except Exception as exc:
-        # A bug or an outage mid-job: the record must not stay STARTED.
+        # A bug mid-job: the record must not stay STARTED.
         log.exception("job %s crashed", job_id)
         error = JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}")
         await fail_job(redis, job_id, error, ttl_s=ttl_s)
