@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -235,6 +236,19 @@ def _ready(api: str, redis_url: str, queue: str, pool_pid: int, workers: int) ->
         return False
 
 
+def _announce_ready(
+    api: str, redis_url: str, queue: str, pool_pid: int, workers: int, stopping: threading.Event
+) -> None:
+    while not stopping.is_set():
+        if _ready(api, redis_url, queue, pool_pid, workers):
+            log.info(
+                "dev: ready: %s/graphql (console at %s/), %d worker(s) on queue %r; Ctrl-C stops everything",
+                api, api, workers, queue,
+            )  # fmt: skip
+            return
+        stopping.wait(0.1)
+
+
 def _stop_dev(
     children: list[subprocess.Popen[bytes]], redis: EmbeddedRedis | None, *, hurry: Callable[[], bool]
 ) -> None:
@@ -307,6 +321,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     redis_url = _redis_url(settings)
     redis: EmbeddedRedis | None = None
     children: list[subprocess.Popen[bytes]] = []
+    stopping = threading.Event()
     try:
         if not settings.redis_url and not received:
             redis = EmbeddedRedis(port=settings.embedded_redis_port)
@@ -324,17 +339,15 @@ def cmd_dev(args: argparse.Namespace) -> None:
         ):
             if not received:
                 children.append(subprocess.Popen([*me, *command], env=env, preexec_fn=child_preexec))
-        api = _http_base(args.host, args.port)
-        ready = False
+        if children and not received:
+            probe = (_http_base(args.host, args.port), redis_url, settings.rq_queue, children[0].pid, args.workers)
+            threading.Thread(target=_announce_ready, args=(*probe, stopping), name="dev-ready", daemon=True).start()
+        # The main thread only watches: a probe (its first imports of rq and httpx take
+        # seconds on a busy machine) must never stand between a signal and the stop.
         while not received and all(c.poll() is None for c in children):
-            if not ready and _ready(api, redis_url, settings.rq_queue, children[0].pid, args.workers):
-                ready = True
-                log.info(
-                    "dev: ready: %s/graphql (console at %s/), %d worker(s) on queue %r; Ctrl-C stops everything",
-                    api, api, args.workers, settings.rq_queue,
-                )  # fmt: skip
-            time.sleep(0.1)
+            time.sleep(0.05)
     finally:
+        stopping.set()
         # A second signal while stopping: no more grace, kill what is left.
         _stop_dev(children, redis, hurry=lambda: len(received) > 1)
         log.info("dev: stopped")
