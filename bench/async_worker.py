@@ -71,8 +71,9 @@ class _Group:
         # The worker processes' own CPU, and their work horses' once reaped (children_*).
         total = 0.0
         for proc in self._procs():
-            times = proc.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
+            with contextlib.suppress(psutil.NoSuchProcess):  # a work horse that ended meanwhile
+                times = proc.cpu_times()
+                total += times.user + times.system + times.children_user + times.children_system
         return total
 
     def stop(self) -> None:
