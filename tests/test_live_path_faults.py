@@ -161,6 +161,10 @@ async def test_a_hung_redis_fails_fast_everywhere_then_everything_resumes(own_re
     with Service(own_redis.url, workers=0, env=FAST) as svc:
         job_id = park(redis)
         subscription = await open_subscription(svc, job_id)
+        # Each path once while Redis answers: what is timed below is the outage, not a first
+        # request's lazy imports (seconds when the machine's disk is busy).
+        assert "errors" not in post(svc, SUBMIT, text=TEXT).json()
+        assert readyz(svc)[0] == 200
         assert own_redis.process is not None
         os.kill(own_redis.process.pid, signal.SIGSTOP)
         try:
@@ -182,8 +186,9 @@ async def test_a_hung_redis_fails_fast_everywhere_then_everything_resumes(own_re
                 timed("readyz", "GET", "/readyz"),
                 timed("metrics", "GET", "/metrics"),
             )
+            took_s = {name: round(took, 1) for name, took, _ in results}
             for name, took, response in results:
-                assert took < 3.5, f"{name} took {took:.1f} s"
+                assert took < 3.5, f"{name} took {took:.1f} s (all: {took_s})"
                 if name in graphql:
                     assert response.json()["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE", name
                 elif name == "readyz":
