@@ -1,4 +1,7 @@
-"""`python -m bench [--smoke] [--out BENCHMARKS.md] [--only submit,fanout,pipeline,e2e,scale_out,async_worker]`."""
+"""`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
+
+SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ from pathlib import Path
 from gql_service.embedded_redis import EmbeddedRedis
 from tests.openai_stub import OpenAIStub
 
-from . import async_worker, report, scenarios
+from . import async_worker, partials, report, scenarios
 from .harness import progress, raise_fd_limit
 
-ALL = ("submit", "fanout", "pipeline", "e2e", "scale_out", "async_worker")
+ALL = ("submit", "fanout", "pipeline", "e2e", "scale_out", "async_worker", "partials")
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -44,6 +47,8 @@ def main() -> None:
                 results["scale_out"] = scenarios.scale_out(redis.url, sizes)
             if "async_worker" in only:
                 results["async_worker"] = async_worker.async_worker(redis.url, stub, sizes)
+            if "partials" in only:
+                results["partials"] = partials.partial_results(redis.url, stub, sizes)
     finally:
         stub.stop()
     if NOTES.exists() and not args.smoke:

@@ -209,6 +209,9 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     aw = results.get("async_worker")
     if aw:
         lines += _async_worker(aw)
+    pr = results.get("partials")
+    if pr:
+        lines += _partials(pr)
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]
@@ -276,3 +279,41 @@ def _async_worker(aw: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _partials(pr: dict[str, Any]) -> list[str]:
+    f, cost = pr["fan_out"], pr["commands"]
+    within = f["frames_max"] <= f["bound"]
+    extra = cost["on"]["total"] - cost["off"]["total"]
+    commands = sorted({c for row in cost.values() for c in row["by_command"]})
+    return [
+        "## 7. Streamed partial results (`partial: true`)",
+        "",
+        f"One job, queued, followed by {f['subscribers']} websockets with `partial: true` on one API process; then one",
+        f"async worker starts and the stub streams the answer in {f['chunks']} chunks over {f['stream_s']:.1f} s",
+        "(`PARTIAL_INTERVAL_MS=100`). Publish time is when a Redis subscriber of the frame channel got the frame;",
+        "client time, when each websocket did (both in the load generator's process).",
+        "",
+        "| subscribers | frames published | interim frames per subscriber (min / median / max) | bound | "
+        "publish -> client p50 ms | p99 ms | API CPU s | API CPU ms per 1,000 frames delivered |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {f['subscribers']} | {f['published']} | {f['frames_min']} / {f['frames_median']:.0f} / {f['frames_max']} "
+        f"| {f['bound']:.0f} | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} | {f['api_cpu_s']:.2f} "
+        f"| {f['api_cpu_ms_per_1000_frames']:.1f} |",
+        "",
+        f"Frames per subscriber within {f['stream_s']:.1f} s / 100 ms + 2: {_mark(within)}.",
+        "",
+        "Redis commands one attempt runs (the worker's pipeline in process, INFO commandstats, which counts the",
+        "commands inside the transition script too; streaming off waits as long for a whole answer):",
+        "",
+        "| streaming | total | " + " | ".join(commands) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in commands) + " |",
+        *[
+            f"| {name} | {row['total']} | " + " | ".join(str(row["by_command"].get(c, 0)) for c in commands) + " |"
+            for name, row in cost.items()
+        ],
+        "",
+        f"Streaming on, nobody watching: {extra:+d} commands per job against streaming off. Target within 2: "
+        f"{_mark(abs(extra) <= 2)}.",
+        "",
+    ]

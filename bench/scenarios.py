@@ -50,6 +50,9 @@ class Sizes:
     rpm_seconds: float = 60.0
     rpm_jobs: int = 2000
     profile: bool = True  # py-spy on the async worker (needs ptrace; not in the smoke run)
+    partial_subscribers: int = 1000
+    partial_chunks: int = 400
+    partial_seconds: float = 2.0
 
     @classmethod
     def only_subscribers(cls, counts: tuple[int, ...]) -> Sizes:
@@ -63,7 +66,7 @@ class Sizes:
 
     @classmethod
     def smoke(cls) -> Sizes:
-        return cls(0.5, 1, 4, (10, 20), 5, 5, (1, 2), 0.05, 2, 5, 20, 0.05, (4, 16), 60, 3.0, 20, False)
+        return cls(0.5, 1, 4, (10, 20), 5, 5, (1, 2), 0.05, 2, 5, 20, 0.05, (4, 16), 60, 3.0, 20, False, 20, 40, 0.5)
 
 
 def offline_env(queue: str) -> dict[str, str]:

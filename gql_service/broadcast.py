@@ -59,15 +59,18 @@ class BroadcastUnavailable(Exception):
 class Subscription:
     """One subscriber's mailbox over one or more channels: bounded, latest-wins per channel."""
 
-    def __init__(self, channels: Iterable[str], per_channel: int) -> None:
+    def __init__(self, channels: Iterable[str], per_channel: int, *, latest_only: Iterable[str] = ()) -> None:
         self.channels = tuple(dict.fromkeys(channels))
         self._items: deque[tuple[str, bytes] | _Resync] = deque()
         self._counts: dict[str, int] = {}
         self._per_channel = per_channel
+        # Channels whose newest message makes the older ones worthless (interim frames).
+        self._latest_only = frozenset(latest_only)
         self._ready = asyncio.Event()
 
     def push(self, channel: str, data: bytes) -> None:
-        if self._counts.get(channel, 0) >= self._per_channel:
+        limit = 1 if channel in self._latest_only else self._per_channel
+        if self._counts.get(channel, 0) >= limit:
             # Drop this channel's oldest event; other channels' events (their terminal
             # states among them) are never pushed out by a busy neighbour.
             for i, item in enumerate(self._items):
@@ -145,9 +148,10 @@ class Broadcast:
 
     # -- subscribing -----------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def subscribe(self, *channels: str) -> AsyncIterator[Subscription]:
-        """Watch `channels` until the block ends; raises BroadcastUnavailable if Redis can't be reached."""
-        sub = Subscription(channels, self._queue_size)
+    async def subscribe(self, *channels: str, latest_only: Iterable[str] = ()) -> AsyncIterator[Subscription]:
+        """Watch `channels` until the block ends; raises BroadcastUnavailable if Redis can't be
+        reached. Of the `latest_only` ones, a slow subscriber gets only the newest message."""
+        sub = Subscription(channels, self._queue_size, latest_only=latest_only)
         new = []
         for channel in sub.channels:
             subs = self._subscribers.setdefault(channel, set())

@@ -32,6 +32,7 @@ EXIT_USAGE = 2  # bad input or settings, as in the client's exit codes (gql_serv
 # Short: a job still running then is lost with the embedded Redis anyway (or, against a
 # REDIS_URL, retried as WORKER_LOST), and Ctrl-C should feel immediate.
 DEV_STOP_GRACE_S = 2.0
+DEV_OFFLINE_STREAM_DELAY_MS = 20
 DEFAULT_URL = "http://127.0.0.1:8000/graphql"
 
 
@@ -318,6 +319,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, note)
     env = dict(os.environ)
+    if "offline_stream_delay_ms" not in settings.model_fields_set:
+        # The offline provider writes its answer at a pace a person can watch in the console.
+        env["OFFLINE_STREAM_DELAY_MS"] = str(DEV_OFFLINE_STREAM_DELAY_MS)
     redis_url = _redis_url(settings)
     redis: EmbeddedRedis | None = None
     children: list[subprocess.Popen[bytes]] = []

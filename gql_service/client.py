@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +23,10 @@ SUBMIT = (
     "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { deduplicated job { %s } } }" % JOB_FIELDS
 )
 STATUS = "query($id: ID!) { job(id: $id) { %s } }" % JOB_FIELDS
-FOLLOW = "subscription($ids: [ID!]!) { jobsUpdates(ids: $ids) { %s } }" % JOB_FIELDS
+FOLLOW = (
+    "subscription($ids: [ID!]!, $partial: Boolean!) { jobsUpdates(ids: $ids, partial: $partial) "
+    "{ %s partial { summary } partialSeq } }" % JOB_FIELDS
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELED, EXIT_RUNNING = 0, 1, 2, 3, 4
 
@@ -73,17 +77,46 @@ def describe(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def follow(url: str, ids: list[str], api_key: str | None, *, progress: bool) -> dict[str, dict[str, Any]]:
+class Progress:
+    """What `submit --wait` shows on stderr: a line per status change; in a terminal, also the
+    summary as the model writes it, on one line rewritten in place."""
+
+    def __init__(self, *, live: bool) -> None:
+        self.live = live
+        self._writing = False
+
+    def status(self, job: dict[str, Any]) -> None:
+        self._clear()
+        print(f"{job['id']}  {job['status']:<9} {job['stage']}", file=sys.stderr, flush=True)
+
+    def partial(self, job: dict[str, Any]) -> None:
+        summary = " ".join((job["partial"].get("summary") or "").split())
+        width = shutil.get_terminal_size().columns - len(job["id"]) - 4
+        if width > 10 and len(summary) > width:
+            summary = "…" + summary[-(width - 1) :]  # the end is what is being written
+        print(f"\r\x1b[K{job['id']}  {summary}", end="", file=sys.stderr, flush=True)
+        self._writing = True
+
+    def _clear(self) -> None:
+        if self._writing:
+            print("\r\x1b[K", end="", file=sys.stderr)
+            self._writing = False
+
+
+async def follow(
+    url: str, ids: list[str], api_key: str | None, *, progress: Progress | None
+) -> dict[str, dict[str, Any]]:
     """Follow every job over one graphql-transport-ws subscription until all have ended."""
     latest: dict[str, dict[str, Any]] = {}
     ws_url = url.replace("https://", "wss://").replace("http://", "ws://")
+    variables = {"ids": ids, "partial": progress is not None and progress.live}
     async with websockets.connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
         payload = _headers(api_key)
         await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
         if json.loads(await ws.recv()).get("type") != "connection_ack":
             raise ClientError("the service refused the websocket connection")
         await ws.send(
-            json.dumps({"id": "1", "type": "subscribe", "payload": {"query": FOLLOW, "variables": {"ids": ids}}})
+            json.dumps({"id": "1", "type": "subscribe", "payload": {"query": FOLLOW, "variables": variables}})
         )
         async for raw in ws:
             message = json.loads(raw)
@@ -91,11 +124,16 @@ async def follow(url: str, ids: list[str], api_key: str | None, *, progress: boo
                 if message["payload"].get("errors"):
                     raise ClientError("; ".join(e["message"] for e in message["payload"]["errors"]))
                 job = message["payload"]["data"]["jobsUpdates"]
+                if job.pop("partialSeq") is not None:  # an interim frame: the answer being written
+                    if progress is not None:
+                        progress.partial(job)
+                    continue
+                del job["partial"]
                 before = latest.get(job["id"], {})
                 # The first event is the job as it is now (QUEUED, or already ended if the
                 # workers were quick); then every change: a retry shows as its own line.
                 if progress and (before.get("status"), before.get("stage")) != (job["status"], job["stage"]):
-                    print(f"{job['id']}  {job['status']:<9} {job['stage']}", file=sys.stderr, flush=True)
+                    progress.status(job)
                 latest[job["id"]] = job
             elif message["type"] == "error":
                 raise ClientError("; ".join(e["message"] for e in message["payload"]))
@@ -112,7 +150,8 @@ def submit(url: str, texts: list[str], *, wait: bool, as_json: bool, api_key: st
     if not jobs:
         return EXIT_USAGE
     if wait:
-        final = asyncio.run(follow(url, [j["id"] for j in jobs], api_key, progress=not as_json))
+        progress = None if as_json else Progress(live=sys.stderr.isatty())
+        final = asyncio.run(follow(url, [j["id"] for j in jobs], api_key, progress=progress))
         jobs = [final.get(j["id"], j) for j in jobs]
     print(json.dumps(jobs, indent=2) if as_json else "\n".join(describe(j) if wait else j["id"] for j in jobs))
     code = exit_code(jobs) if wait else EXIT_OK

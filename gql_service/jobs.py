@@ -25,10 +25,10 @@ from rq.job import JobStatus as RQJobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
 from rq.utils import current_timestamp, now, utcformat
 
-from . import keys, store
+from . import keys, partials, store
 from .broadcast import Broadcast, BroadcastUnavailable, Subscription
 from .errors import BadUserInput, NotFound, RateLimited, ServiceUnavailable
-from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, utcnow
+from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, PartialExtraction, utcnow
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -276,48 +276,90 @@ class JobService:
         except (NoSuchJobError, InvalidJobOperation):
             pass  # already gone, finished or canceled: nothing left to stop
 
-    async def updates(self, job_ids: list[str], *, tenant: str) -> AsyncIterator[JobRecord]:
-        """Each job's snapshot, then every newer version, ending when every job has ended.
+    async def updates(
+        self, job_ids: list[str], *, tenant: str, partial: bool = False
+    ) -> AsyncIterator[JobRecord | Interim]:
+        """Each job's snapshot, then every newer version, ending when every job has ended;
+        with `partial`, the interim frames of the calls running meanwhile too.
 
         Subscribed (and confirmed) before the snapshots are read: nothing can fall between.
         An unknown id (or another tenant's) ends the stream with NOT_FOUND.
         """
+        frames = [keys.job_partials(i) for i in job_ids] if partial else []
         with self.slots.watching(tenant, len(job_ids)):
             async with contextlib.AsyncExitStack() as stack:
                 async with self._redis_call():
-                    subscribing = self.broadcast.subscribe(*(keys.job_events(i) for i in job_ids))
-                    events = await stack.enter_async_context(subscribing)
-                async for record in self._follow(events, job_ids, tenant=tenant):
-                    yield record
+                    channels = [keys.job_events(i) for i in job_ids] + frames
+                    events = await stack.enter_async_context(self.broadcast.subscribe(*channels, latest_only=frames))
+                    if partial:  # whoever runs these jobs now: publish their frames from here on
+                        await partials.ask_for_frames(self.redis, job_ids)
+                async for item in self._follow(events, job_ids, tenant=tenant, frames=set(frames)):
+                    yield item
 
-    async def _follow(self, events: Subscription, job_ids: list[str], *, tenant: str) -> AsyncIterator[JobRecord]:
-        last: dict[str, int] = {}  # job id -> newest version sent, for the jobs still running
+    async def _follow(
+        self, events: Subscription, job_ids: list[str], *, tenant: str, frames: set[str]
+    ) -> AsyncIterator[JobRecord | Interim]:
+        latest: dict[str, JobRecord] = {}  # the newest version sent, of the jobs still running
+        frame_sent: dict[str, tuple[int, int]] = {}  # job id -> (version, seq) of its last frame sent
         pending: list[JobRecord | None] | None = await self.get_many(job_ids, tenant=tenant)
         while True:
             if pending is not None:  # fresh snapshots: the first ones, or after a RESYNC
                 for job_id, record in zip(job_ids, pending, strict=True):
                     if record is None:
                         raise NotFound(f"job {job_id} not found")
-                    if record.version > last.get(job_id, 0):
+                    if job_id not in latest or record.version > latest[job_id].version:
                         yield record
-                    last[job_id] = record.version
+                    latest[job_id] = record
                     if record.terminal:
-                        del last[job_id]
-                job_ids = list(last)
+                        del latest[job_id]
+                job_ids = list(latest)
                 pending = None
             if not job_ids:
                 return
             item = await events.get()
-            if isinstance(item, tuple):
-                record = store.decode(item[1])
-                if record.id in last and record.version > last[record.id]:
-                    yield record
-                    last[record.id] = record.version
-                    if record.terminal:
-                        del last[record.id]
-                        job_ids = list(last)
-            else:  # RESYNC: the link dropped, events may be lost; read the jobs afresh
+            if not isinstance(item, tuple):  # RESYNC: the link dropped, events may be lost; read afresh
                 pending = await self.get_many(job_ids, tenant=tenant)
+            elif item[0] in frames:
+                interim = _interim(item[1], latest, frame_sent)
+                if interim is not None:
+                    yield interim
+            else:
+                record = store.decode(item[1])
+                if record.id in latest and record.version > latest[record.id].version:
+                    yield record
+                    latest[record.id] = record
+                    if record.terminal:
+                        del latest[record.id]
+                        job_ids = list(latest)
+
+
+@dataclass(frozen=True)
+class Interim:
+    """A frame of a running call: the job as last sent, and the answer as far as it is written."""
+
+    record: JobRecord
+    partial: PartialExtraction
+    seq: int
+
+
+_STREAMING_STAGES = frozenset({JobStage.CALLING_LLM, JobStage.REPAIRING})
+
+
+def _interim(raw: bytes, latest: dict[str, JobRecord], sent: dict[str, tuple[int, int]]) -> Interim | None:
+    """The frame, if it belongs to the version the subscriber has and is newer than the last
+    one it got (a frame of an earlier version arrives late after the next transition)."""
+    try:
+        job_id, version, seq, partial = partials.decode_frame(raw)
+    except (ValueError, KeyError, TypeError):
+        log.warning("an interim frame that is not one was dropped")
+        return None
+    record = latest.get(job_id)
+    if record is None or record.version != version or record.stage not in _STREAMING_STAGES:
+        return None
+    if (version, seq) <= sent.get(job_id, (0, 0)):
+        return None
+    sent[job_id] = (version, seq)
+    return Interim(record, partial, seq)
 
 
 def _owned(record: JobRecord | None, tenant: str) -> JobRecord | None:

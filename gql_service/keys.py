@@ -20,6 +20,17 @@ def job_events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def job_partials(job_id: str) -> str:
+    """A job's interim frames (streamed partial results), for `partial: true` subscribers
+    only: its subscriber count is how a worker knows whether anyone wants them."""
+    return f"{PREFIX}:job:{job_id}:partial"
+
+
+# The API says here which jobs a `partial: true` subscriber has just started to watch, so
+# the worker running one starts publishing its interim frames (gql_service.partials).
+PARTIALS_WANTED = f"{PREFIX}:partials:wanted"
+
+
 def idempotency(tenant: str, key: str) -> str:
     # Hashed so that a client's key (any length, any bytes) never shapes our key space.
     digest = hashlib.sha256(key.encode()).hexdigest()

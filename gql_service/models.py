@@ -111,6 +111,18 @@ class Extraction(BaseModel):
         return value.strip().lower() if isinstance(value, str) else value
 
 
+class PartialExtraction(BaseModel):
+    """An extraction as far as the model has written it: each field once it has arrived
+    (the summary while it is being written), lists with their complete items so far."""
+
+    summary: str | None = None
+    sentiment: Sentiment | None = None
+    tags: list[str] | None = None
+    entities: list[Entity] | None = None
+    language: str | None = None
+    toxicity_score: float | None = None
+
+
 class TokenUsage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

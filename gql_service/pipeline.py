@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -21,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import logs, metrics, store
 from .llm import Completion, LLMError, Provider, Repair, prompt
 from .models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
+from .partials import PartialStream
 from .provider_limits import ProviderLimits
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,19 @@ class Attempt:
     """Runs one attempt of one job; every state change goes through `store.update_job`."""
 
     def __init__(
-        self, redis: Redis, provider: Provider, job_id: str, *, ttl_s: int, limits: ProviderLimits | None = None
+        self,
+        redis: Redis,
+        provider: Provider,
+        job_id: str,
+        *,
+        ttl_s: int,
+        limits: ProviderLimits | None = None,
+        partials: PartialStream | None = None,
     ) -> None:
         self.redis = redis
         self.provider = provider
         self.limits = limits
+        self.partials = partials
         self.job_id = job_id
         self.ttl_s = ttl_s
         self.usage = TokenUsage()  # over every attempt, as the record shows it
@@ -78,6 +86,7 @@ class Attempt:
         self.stage_seconds: list[tuple[str, float]] = []
         self._stage: tuple[JobStage, float] | None = None
         self.last: JobRecord | None = None
+        self._watchers = 0  # subscribers of interim frames when the last transition was written
 
     def _entered(self, record: JobRecord) -> None:
         now = time.monotonic()
@@ -91,7 +100,8 @@ class Attempt:
         def change(job: JobRecord) -> JobRecord:
             return job.model_copy(update=changes)
 
-        record, changed = await self._write(change, self.last)
+        done = await self._write(change, self.last)
+        record, changed = done.record, done.changed
         if changed and record is not None:
             # The start and the end at INFO; the stages between at DEBUG (a worker running
             # hundreds of jobs at once would spend a few percent of its CPU on them).
@@ -102,13 +112,15 @@ class Attempt:
             self._entered(record)
         return record if changed else None
 
-    async def _write(self, change: store.Change, last_seen: JobRecord | None) -> tuple[JobRecord | None, bool]:
+    async def _write(self, change: store.Change, last_seen: JobRecord | None) -> store.Transition:
         """A transition of this job, written once Redis answers: through a short outage (a
         restart, a failover) the job carries on where it was instead of failing."""
         delay, waited = 0.1, 0.0
         while True:
             try:
-                return await store.update_job(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=last_seen)
+                done = await store.transition(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=last_seen)
+                self._watchers = done.partial_watchers
+                return done
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 if waited >= REDIS_OUTAGE_WAIT_S:
                     raise
@@ -144,22 +156,29 @@ class Attempt:
 
     async def _call(self, text: str, repair: Repair | None) -> Completion:
         if self.limits is None:
-            return await self._timed(self.provider.extract(text, repair=repair))
+            return await self._extract(text, repair)
         estimate = prompt.estimated_tokens(text, repair)
         self.waits.seconds += await self.limits.wait_out_pause()
         self.waits.seconds += await self.limits.take_budget(estimate)
         async with self.limits.slot() as waited:
             self.waits.seconds += waited
-            completion = await self._timed(self.provider.extract(text, repair=repair))
+            completion = await self._extract(text, repair)
         await self.limits.charge_tokens(estimate, completion.usage.total_tokens)
         return completion
 
-    async def _timed(self, call: Awaitable[Completion]) -> Completion:
+    async def _extract(self, text: str, repair: Repair | None) -> Completion:
+        """One LLM call, timed; its answer streams to the interim frames while it is written."""
+        partials = self.partials
+        if partials is not None and self.last is not None:
+            partials.begin(self.last.version, watchers=self._watchers)
         started = time.monotonic()
         try:
-            return await call
+            on_text = partials.feed if partials is not None else None
+            return await self.provider.extract(text, repair=repair, on_text=on_text)
         finally:
             self.llm_seconds.append(time.monotonic() - started)
+            if partials is not None:
+                await partials.end()
 
     async def run(self, *, retries_left: int) -> JobRecord | None:
         try:
@@ -238,10 +257,10 @@ class Attempt:
                 }
             )
 
-        record, changed = await self._write(change, current)
-        if changed and record is not None:
-            self._entered(record)
-        return record if changed else None
+        done = await self._write(change, current)
+        if done.changed and done.record is not None:
+            self._entered(done.record)
+        return done.record if done.changed else None
 
     async def _fail(self, error: JobError) -> JobRecord | None:
         log.warning("job %s failed: %s: %s", self.job_id, error.code.value, error.message)

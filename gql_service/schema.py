@@ -17,7 +17,7 @@ from strawberry.types import Info
 
 from . import models
 from .errors import BadUserInput, Unauthenticated
-from .jobs import JobService, NewJob
+from .jobs import Interim, JobService, NewJob
 from .operations import OperationMetrics, Schema
 from .query_limits import QueryLimits
 
@@ -57,6 +57,32 @@ class Extraction:
         )
 
 
+@strawberry.type(
+    description="The extraction as far as the model has written it: each field once it has arrived "
+    "(the summary while it is being written), lists with their complete items so far."
+)
+class PartialExtraction:
+    summary: str | None
+    sentiment: Sentiment | None  # type: ignore[valid-type]
+    tags: list[str] | None
+    entities: list[Entity] | None
+    language: str | None
+    toxicity_score: float | None
+
+    @classmethod
+    def from_model(cls, m: models.PartialExtraction) -> PartialExtraction:
+        return cls(
+            summary=m.summary,
+            sentiment=m.sentiment,
+            tags=m.tags,
+            entities=[Entity(type=e.type, value=e.value, confidence=e.confidence) for e in m.entities]
+            if m.entities is not None
+            else None,
+            language=m.language,
+            toxicity_score=m.toxicity_score,
+        )
+
+
 @strawberry.type
 class TokenUsage:
     prompt_tokens: int
@@ -87,6 +113,25 @@ class Job:
     error: JobError | None
     usage: TokenUsage | None
     request_id: str | None
+    partial: PartialExtraction | None = strawberry.field(
+        default=None,
+        description="On interim frames of a `partial: true` subscription, while the stage is CALLING_LLM "
+        "or REPAIRING: the answer as far as it is written. Null otherwise.",
+    )
+    partial_seq: int | None = strawberry.field(
+        default=None,
+        description="On interim frames: increases within an attempt. Frames carry the job's current "
+        "`version` (they are not new versions): order them by (version, partialSeq).",
+    )
+
+    @classmethod
+    def from_update(cls, update: models.JobRecord | Interim) -> Job:
+        """A record as it is, or an interim frame: the record with the partial answer."""
+        if isinstance(update, Interim):
+            job = cls.from_record(update.record)
+            job.partial, job.partial_seq = PartialExtraction.from_model(update.partial), update.seq
+            return job
+        return cls.from_record(update)
 
     @classmethod
     def from_record(cls, r: models.JobRecord) -> Job:
@@ -266,24 +311,27 @@ class Mutation:
 class Subscription:
     @strawberry.subscription(
         description="The job now, then every change, completing after DONE/FAILED/CANCELED. "
-        "Unknown ids end with a NOT_FOUND error."
+        "Unknown ids end with a NOT_FOUND error. With `partial: true`, also interim frames (`partial` "
+        "set) while the model writes its answer, at most one per PARTIAL_INTERVAL_MS."
     )
-    async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Job, None]:
+    async def job_updates(self, info: Info, id: strawberry.ID, partial: bool = False) -> AsyncGenerator[Job, None]:
         ctx = _ctx(info)
-        async for record in ctx.jobs.updates([str(id)], tenant=ctx.tenant):
-            yield Job.from_record(record)
+        async for update in ctx.jobs.updates([str(id)], tenant=ctx.tenant, partial=partial):
+            yield Job.from_update(update)
 
     @strawberry.subscription(
         description="The updates of up to 100 jobs over one subscription: each job's current state, then "
-        "every change, completing when all have ended."
+        "every change, completing when all have ended. `partial` as for jobUpdates."
     )
-    async def jobs_updates(self, info: Info, ids: list[strawberry.ID]) -> AsyncGenerator[Job, None]:
+    async def jobs_updates(
+        self, info: Info, ids: list[strawberry.ID], partial: bool = False
+    ) -> AsyncGenerator[Job, None]:
         ctx = _ctx(info)
         unique = list(dict.fromkeys(str(i) for i in ids))
         if not 1 <= len(unique) <= MAX_BATCH:
             raise BadUserInput(f"ids must hold 1 to {MAX_BATCH} job ids")
-        async for record in ctx.jobs.updates(unique, tenant=ctx.tenant):
-            yield Job.from_record(record)
+        async for update in ctx.jobs.updates(unique, tenant=ctx.tenant, partial=partial):
+            yield Job.from_update(update)
 
 
 # Documents larger than this are parsed and validated afresh each time instead of cached:

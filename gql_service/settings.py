@@ -24,6 +24,13 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_model: str = Field("gpt-4o-mini", min_length=1)
     llm_timeout_s: float = Field(60.0, gt=0)
+    # Ask the LLM for a streamed answer, so subscribers can watch it form (`partial: true`).
+    llm_stream: bool = True
+    # Interim frames of one job go out at most this often (the latest text wins).
+    partial_interval_ms: int = Field(100, ge=0, le=60_000)
+    # The offline provider reveals its answer a piece (about a word) every this many ms;
+    # 0: all at once. `dev` sets 20 when unset, so the console shows it being written.
+    offline_stream_delay_ms: float = Field(0.0, ge=0, le=10_000)
     llm_max_attempts: int = Field(3, ge=1, le=20)
     # Seconds before the first retry of a transient LLM failure; doubles each time.
     retry_backoff_s: float = Field(2.0, ge=0)

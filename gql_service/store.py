@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -27,15 +28,20 @@ from .models import JobRecord, utcnow
 # after Redis ran the script but before its reply arrived, redis-py sends the same call
 # again, and that repeat must report success, not re-apply the change (attempts counted
 # twice).
+#
+# A transition also answers how many subscribers want the job's interim frames (KEYS[3]):
+# the worker learns it with the write it makes anyway, so streaming costs no extra command
+# when nobody watches (gql_service.partials).
 _CAS_LUA = """
 local v, x = unpack(redis.call('HMGET', KEYS[1], 'v', 'x'))
-if not v then return -1 end
-if v == ARGV[2] and x == ARGV[5] then return 1 end
-if v ~= ARGV[1] then return 0 end
+if not v then return {-1, 0} end
+local watchers = redis.call('PUBSUB', 'NUMSUB', KEYS[3])[2]
+if v == ARGV[2] and x == ARGV[5] then return {1, watchers} end
+if v ~= ARGV[1] then return {0, 0} end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
-return 1
+return {1, watchers}
 """
 
 Change = Callable[[JobRecord], JobRecord | None]
@@ -135,15 +141,30 @@ def _next(current: JobRecord, change: Change) -> JobRecord | None:
 
 def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int) -> tuple[list[str], list[Any]]:
     return (
-        [keys.job(new.id), keys.job_events(new.id)],
+        [keys.job(new.id), keys.job_events(new.id), keys.job_partials(new.id)],
         [current.version, new.version, encode(new), ttl_s, uuid.uuid4().hex],
     )
+
+
+@dataclass(frozen=True)
+class Transition:
+    record: JobRecord | None  # the state after (None: the job does not exist)
+    changed: bool
+    partial_watchers: int = 0  # subscribers of the job's interim frames, as it was written
 
 
 async def update_job(
     redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int, last_seen: JobRecord | None = None
 ) -> tuple[JobRecord | None, bool]:
-    """Apply `change` atomically. Returns (state after, whether it changed).
+    """Apply `change` atomically. Returns (state after, whether it changed)."""
+    done = await transition(redis, job_id, change, ttl_s=ttl_s, last_seen=last_seen)
+    return done.record, done.changed
+
+
+async def transition(
+    redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int, last_seen: JobRecord | None = None
+) -> Transition:
+    """`update_job`, and how many want the job's interim frames.
 
     `last_seen`: the state this writer last wrote or read, tried first without reading it
     again (a worker's own transitions, one after the other); if anyone wrote in between,
@@ -153,16 +174,16 @@ async def update_job(
     while True:
         current, last_seen = last_seen or await get_job(redis, job_id), None
         if current is None:
-            return None, False
+            return Transition(None, False)
         new = _next(current, change)
         if new is None:
-            return current, False
+            return Transition(current, False)
         keys_, args = _cas_args(current, new, ttl_s)
-        outcome = await script(keys=keys_, args=args)
+        outcome, watchers = await script(keys=keys_, args=args)
         if outcome == 1:
-            return new, True
+            return Transition(new, True, int(watchers))
         if outcome == -1:
-            return None, False
+            return Transition(None, False)
 
 
 # -- what the workers learnt about an LLM endpoint ----------------------------------------

@@ -30,6 +30,7 @@ from rq.timeouts import JobTimeoutException
 from . import metrics, store
 from .llm import FallsBackToJsonMode, Provider
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
+from .partials import Demand, PartialStream
 from .pipeline import Attempt, RetryLater, fail_job
 from .provider_limits import ProviderLimits
 from .redis_conn import DEFAULT_URL, async_client
@@ -49,9 +50,11 @@ class WorkerContext:
 
 _context: WorkerContext | None = None
 
-# The async worker's one Redis client, shared by every job on its event loop. Unset (RQ's
-# fork and simple workers, a new event loop per job), a job opens a client of its own.
+# The async worker's one Redis client and its ear for interim-frame subscribers, shared by
+# every job on its event loop. Unset (RQ's fork and simple workers, a new event loop per
+# job), a job opens its own.
 shared_redis: ContextVar[AsyncRedis | None] = ContextVar("shared_redis", default=None)
+shared_demand: ContextVar[Demand | None] = ContextVar("shared_demand", default=None)
 
 
 def init(context: WorkerContext) -> None:
@@ -76,11 +79,14 @@ async def run_extraction(job_id: str) -> str | None:
     assert rq_job is not None, "run_extraction runs inside an RQ worker"
     redis = shared_redis.get()
     if redis is not None:
-        return await _extract(ctx, redis, rq_job, job_id)
+        return await _extract(ctx, redis, rq_job, job_id, shared_demand.get())
     redis = async_client(ctx.redis_url, name="gqls-worker")
+    demand = Demand(redis)
     try:
-        return await _extract(ctx, redis, rq_job, job_id)
+        await demand.start()
+        return await _extract(ctx, redis, rq_job, job_id, demand)
     finally:
+        await demand.stop()
         await redis.aclose()
         await ctx.provider.aclose()  # this event loop ends with the job
 
@@ -90,7 +96,9 @@ async def run_extraction(job_id: str) -> str | None:
 TIMEOUT_MARGIN_S = 1.0
 
 
-async def _extract(ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id: str) -> str | None:
+async def _extract(
+    ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id: str, demand: Demand | None
+) -> str | None:
     await adopt_retry_policy(redis, rq_job, ctx.settings)
     ttl_s = ctx.settings.result_ttl_s
     limits = ProviderLimits(
@@ -101,7 +109,8 @@ async def _extract(ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id:
         rpm=ctx.settings.llm_rpm,
         tpm=ctx.settings.llm_tpm,
     )
-    attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits)
+    partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
+    attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials)
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:

@@ -37,6 +37,7 @@ from rq.worker_pool import WorkerPool
 
 from . import logs, store, tasks
 from .llm.factory import make_provider
+from .partials import Demand
 from .redis_conn import async_client, sync_client
 from .settings import Settings
 
@@ -172,6 +173,9 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
             loop.add_signal_handler(signum, self._on_signal, signum)
         redis = async_client(tasks.context().redis_url, name="gqls-worker", max_connections=self.concurrency + 8)
         tasks.shared_redis.set(redis)
+        demand = Demand(redis)
+        await demand.start()
+        tasks.shared_demand.set(demand)
         slots = asyncio.Semaphore(self.concurrency)
         heartbeats = asyncio.create_task(self._keep_heartbeats())
         started = 0
@@ -193,6 +197,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
                 await asyncio.wait(list(self._running))
         finally:
             heartbeats.cancel()
+            await demand.stop()
             await redis.aclose()
             await tasks.context().provider.aclose()
         return started > 0

@@ -3,7 +3,11 @@
 It speaks enough of `POST /v1/chat/completions` for the real `openai` SDK, answers with a
 valid extraction by default, and can be scripted to misbehave: HTTP errors, invalid
 JSON, a refusal, truncation, an answer that breaks the schema, hanging, refusing the
-json_schema response format. Requests are recorded for assertions.
+json_schema response format, a stream cut off midway. Requests are recorded for assertions.
+
+Asked for a stream (`"stream": true`), it answers in server-sent events as OpenAI does: the
+content in `stream_chunks` pieces spread over `stream_seconds`, then the finish reason, then
+(with `stream_options.include_usage`) a chunk with the usage and no choices, then `[DONE]`.
 
     stub = OpenAIStub().start()          # in a background thread
     stub.script(Fault.status(429), Fault.ok())
@@ -21,13 +25,14 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 VALID_EXTRACTION: dict[str, Any] = {
@@ -89,6 +94,16 @@ class Fault:
         return cls("body", content=body, extra={"content_type": content_type})
 
     @classmethod
+    def cut(cls, after_chunks: int = 3) -> Fault:
+        """A streamed answer whose connection is dropped after this many content chunks."""
+        return cls("cut", content=json.dumps(VALID_EXTRACTION), extra={"after": after_chunks})
+
+    @classmethod
+    def ended_early(cls, after_chunks: int = 3) -> Fault:
+        """A streamed answer that ends cleanly (`[DONE]`) before any finish reason."""
+        return cls("ended_early", content=json.dumps(VALID_EXTRACTION), extra={"after": after_chunks})
+
+    @classmethod
     def model_named(cls, model: str, content: dict[str, Any] | None = None) -> Fault:
         """A valid answer that reports this model name."""
         return cls("ok", content=json.dumps(content or VALID_EXTRACTION), extra={"model": model})
@@ -126,6 +141,9 @@ class OpenAIStub:
         # As a provider does: more than this many requests in any 60 s are answered 429.
         self.enforce_rpm: int | None = None
         self.over_limit = 0  # requests answered 429 for it
+        # Streamed answers: in this many content chunks, spread over this long.
+        self.stream_chunks = 8
+        self.stream_seconds = 0.0
         self._open_calls = 0
         self._generation = 0
         self._script: deque[Fault] = deque()
@@ -157,6 +175,7 @@ class OpenAIStub:
             self.enforce_rpm = None
             self._generation += 1
             self.latency_s = 0.0
+            self.stream_chunks, self.stream_seconds = 8, 0.0
 
     def _next(self) -> Fault:
         with self._lock:
@@ -191,6 +210,13 @@ class OpenAIStub:
         model = fault.extra.get("model") or body.get("model", "stub-model")
         if fault.kind == "body":
             return Response(fault.content, 200, media_type=fault.extra["content_type"])
+        refused_format = (body.get("response_format") or {}).get("type") == "json_schema"
+        if (
+            body.get("stream")
+            and fault.kind in _STREAMED
+            and not (fault.kind == "reject_json_schema" and refused_format)
+        ):
+            return self._stream(fault, body, model)
         if fault.kind == "ok":
             return JSONResponse(_completion(fault.content, model=model))
         if fault.kind == "status":
@@ -246,6 +272,52 @@ class OpenAIStub:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(5)
+
+    def _stream(self, fault: Fault, body: dict[str, Any], model: str) -> Response:
+        content, refusal, finish = fault.content, None, "stop"
+        if fault.kind == "refusal":
+            content, refusal = None, "I can't help with that."
+        elif fault.kind == "length":
+            content, finish = '{"summary": "cut of', "length"
+        elif fault.kind in ("hang", "reject_json_schema"):
+            content = json.dumps(VALID_EXTRACTION)
+        text = refusal or content or ""
+        n = max(1, min(self.stream_chunks, len(text)))
+        pieces = [text[len(text) * i // n : len(text) * (i + 1) // n] for i in range(n)]
+        pause = self.stream_seconds / n
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        after = fault.extra.get("after")
+
+        def event(choices: list[dict[str, Any]], **more: Any) -> bytes:
+            chunk = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": model, "choices": choices, **more}  # fmt: skip
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
+            if fault.kind == "hang":
+                await asyncio.sleep(fault.seconds)
+            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            for i, piece in enumerate(pieces):
+                if i == after:
+                    if fault.kind == "cut":
+                        raise ConnectionAbortedError("the stub cuts this stream off")
+                    yield b"data: [DONE]\n\n"
+                    return
+                delta = {"refusal": piece} if refusal else {"content": piece}
+                yield event([{"index": 0, "delta": delta, "finish_reason": None}])
+                if pause:
+                    await asyncio.sleep(pause)
+            yield event([{"index": 0, "delta": {}, "finish_reason": finish}])
+            if usage:
+                yield event([], usage=USAGE)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# What a streamed request gets as a stream (the others answer as without streaming: an HTTP
+# error, a body that is not a stream at all).
+_STREAMED = frozenset({"ok", "refusal", "length", "hang", "reject_json_schema", "cut", "ended_early"})
 
 
 def main() -> None:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(300)
 def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "BENCHMARKS.md"
     result = subprocess.run(
@@ -19,10 +22,15 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = out.read_text()
     for heading in ("## 1. submitText", "## 2. Subscription fan-out", "## 3. Worker pipeline", "## 4. End to end",
-                    "## 5. Scale-out"):  # fmt: skip
+                    "## 5. Scale-out", "## 6. Many LLM calls", "## 7. Streamed partial results"):  # fmt: skip
         assert heading in report
     figures = json.loads(out.with_suffix(".json").read_text())
     assert figures["submit"]["graphql"]["rps"] > 0 and figures["submit"]["rest"]["rps"] > 0
     assert all(row["redis_connections"] <= 3 for row in figures["fanout"])
     assert figures["scale_out"]["cross_stages"][-1] == "DONE"
+    fan_out, cost = figures["partials"]["fan_out"], figures["partials"]["commands"]
+    assert fan_out["frames_min"] >= 1 and fan_out["frames_max"] <= fan_out["bound"]
+    # The record's own transitions publish either way; frames only while someone watches.
+    publishes = {name: row["by_command"]["publish"] for name, row in cost.items()}
+    assert publishes["on"] == publishes["off"] < publishes["on, watched"], publishes
     assert (tmp_path / "bench-fanout.png").stat().st_size > 0 and (tmp_path / "bench-workers.png").stat().st_size > 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
 
 from .clients import submit
-from .openai_stub import OpenAIStub
+from .openai_stub import VALID_EXTRACTION, OpenAIStub
 from .service import Service
 
 
@@ -84,3 +86,28 @@ def test_unreachable_service_is_a_clear_error(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 2 and "cannot reach" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_submit_wait_in_a_terminal_shows_the_summary_being_written(e2e_redis: str, stub: OpenAIStub) -> None:
+    stub.stream_chunks, stub.stream_seconds = 60, 2.0
+    env = {"RQ_QUEUE": "llm-cli-tty", **stub.env}
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        # stderr is a terminal (a pseudo-terminal), as when a person runs it.
+        leader, terminal = pty.openpty()
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "gql_service", "submit", "--wait", "I loved the clinic. Dr. Rao was kind."],
+            env={**os.environ, "GQLS_URL": svc.http_url}, stdout=subprocess.PIPE, stderr=terminal, text=True,
+        )  # fmt: skip
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO: the terminal's other end closed with the process
+            while chunk := os.read(leader, 4096):
+                shown += chunk
+        os.close(leader)
+        out, _ = follow.communicate(timeout=60)
+    assert follow.returncode == 0, shown
+    rewrites = [line for line in shown.decode().split("\r\x1b[K") if line.strip()]
+    summaries = [line.split("  ", 1)[1] for line in rewrites if "  " in line and "STARTED" not in line]
+    growing = [s for s in summaries if VALID_EXTRACTION["summary"].startswith(s.strip())]
+    assert len(set(growing)) >= 3, rewrites  # one line, rewritten as the summary grows
+    assert f"summary:   {VALID_EXTRACTION['summary']}" in out

@@ -78,3 +78,26 @@ async def test_a_job_that_fails_shows_its_error_code_and_message(e2e_redis: str,
                 "[...document.querySelectorAll('[data-testid=stages] li')].map(li => li.textContent)"
             )
     assert error.startswith("PROVIDER_AUTH:") and stages[-1] == "FAILED"
+
+
+async def test_the_summary_is_seen_being_written_before_the_job_is_done(e2e_redis: str) -> None:
+    # The offline provider at a pace a person can see, as `dev` runs it.
+    env = {"RQ_QUEUE": "llm-console-stream", "OFFLINE_STREAM_DELAY_MS": "40"}
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        async with Browser() as browser:
+            await browser.goto(f"http://127.0.0.1:{svc.port}/")
+            await browser.evaluate("document.getElementById('submit').click()")
+            # One look at the page: the partial summary is there and the job is not DONE yet.
+            writing = await browser.until(
+                """(() => {
+                  const summary = document.querySelector('[data-testid=partial-summary]')?.textContent;
+                  const status = document.querySelector('[data-testid=status]')?.textContent || '';
+                  return summary && !status.includes('FINISHED') ? {summary, status} : null;
+                })()"""
+            )
+            await browser.until("document.querySelector('[data-testid=status]')?.textContent.includes('FINISHED')")
+            final = await browser.evaluate("document.querySelector('[data-testid=result] dd').textContent")
+            left = await browser.evaluate("document.querySelector('[data-testid=partial]')")
+    assert "STARTED" in writing["status"]
+    assert final.startswith(writing["summary"]) and len(final) > len(writing["summary"])
+    assert left is None  # the validated result replaces the partial one

@@ -18,7 +18,8 @@ def test_contract_core_is_present() -> None:
     for line in (
         "submitText(input: SubmitTextInput!): SubmitTextPayload!",
         "job(id: ID!): Job",
-        "jobUpdates(id: ID!): Job!",
+        "jobUpdates(id: ID!, partial: Boolean! = false): Job!",
+        "partial: PartialExtraction",
         "enum JobStatus {",
         "enum JobErrorCode {",
         "toxicityScore: Float!",

@@ -88,10 +88,10 @@ def test_a_transition_sent_twice_is_applied_once(sync_redis: Redis) -> None:
     new = current.model_copy(update={"version": 2, "attempts": current.attempts + 1})
     script = sync_redis.register_script(store._CAS_LUA)
     keys_, args = store._cas_args(current, new, TTL)
-    assert script(keys=keys_, args=args) == 1
-    assert script(keys=keys_, args=args) == 1  # the retry: reported applied...
+    assert script(keys=keys_, args=args) == [1, 0]
+    assert script(keys=keys_, args=args) == [1, 0]  # the retry: reported applied...
     after = store.get_job_sync(sync_redis, "j1")
     assert after is not None and (after.version, after.attempts) == (2, 1)  # ...and applied once
     # A different transition from the same stale version is still refused.
     other_keys, other_args = store._cas_args(current, new, TTL)
-    assert script(keys=other_keys, args=other_args) == 0
+    assert script(keys=other_keys, args=other_args) == [0, 0]

@@ -21,6 +21,9 @@ async def main(url: str, text: str) -> int:
     final = None
     async for update in client.job_updates(id=job_id):
         job = update.job_updates
+        if job.partial is not None:  # an interim frame: the answer as far as it is written
+            print(f"{job.id} v{job.version}.{job.partial_seq} writing: {job.partial.summary or ''}")
+            continue
         print(f"{job.id} v{job.version} {job.status.value} {job.stage.value}")
         final = job
     if final is not None and final.result is not None:

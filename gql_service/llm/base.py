@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -37,6 +38,9 @@ class LLMError(Exception):
         return f"{self.code.value}: {self.message}"
 
 
+OnText = Callable[[str], None]
+
+
 class Provider(Protocol):
     @property
     def model(self) -> str: ...
@@ -46,9 +50,10 @@ class Provider(Protocol):
         """What shared limits and learnt capabilities belong to: the endpoint and the model."""
         ...
 
-    async def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+    async def extract(self, text: str, *, repair: Repair | None = None, on_text: OnText | None = None) -> Completion:
         """Ask for the extraction as JSON text. Raises LLMError. Never blocks the event loop:
-        one worker process runs many of these at once."""
+        one worker process runs many of these at once. `on_text` gets each piece of the
+        answer as it arrives, on the event loop (the pieces joined are the content)."""
         ...
 
     async def aclose(self) -> None:

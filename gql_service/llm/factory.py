@@ -16,7 +16,7 @@ def make_provider(settings: Settings) -> Provider:
             base_url=settings.openai_base_url,
             timeout_s=settings.llm_timeout_s,
         )
-        return OpenAIProvider(client, model=settings.openai_model)
+        return OpenAIProvider(client, model=settings.openai_model, stream=settings.llm_stream)
     from .offline import OfflineProvider
 
-    return OfflineProvider()
+    return OfflineProvider(stream_delay_s=settings.offline_stream_delay_ms / 1000)

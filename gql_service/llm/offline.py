@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from ..models import MAX_SUMMARY_WORDS, TokenUsage
-from .base import Completion, Repair
+from .base import Completion, OnText, Repair
 
 MODEL = "offline"
 
@@ -46,6 +46,7 @@ _ORG = re.compile(
 )
 _PLACE = re.compile(rf"\b(?:in|at|from|to|near|visited)\s+((?:the\s+)?{_NAME})")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_PIECE = re.compile(r"\s*\S+")  # about a word: what a model's token stream looks like
 
 
 def _summary(text: str) -> str:
@@ -88,6 +89,10 @@ def _entities(text: str) -> list[dict[str, Any]]:
 
 class OfflineProvider:
     """Deterministic heuristics; the same text always gives the same answer."""
+
+    def __init__(self, *, stream_delay_s: float = 0.0) -> None:
+        # The answer's pieces reach `on_text` this far apart, as a model's tokens would.
+        self.stream_delay_s = stream_delay_s
 
     @property
     def model(self) -> str:
@@ -141,10 +146,12 @@ class OfflineProvider:
     async def aclose(self) -> None:
         pass  # nothing per event loop
 
-    async def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+    async def extract(self, text: str, *, repair: Repair | None = None, on_text: OnText | None = None) -> Completion:
         # CPU work (a few ms to tens of ms for long texts): off the event loop, so the other
         # jobs of an async worker keep moving while it runs.
         content = json.dumps(await asyncio.to_thread(self.analyse, text), ensure_ascii=False)
+        if on_text is not None:
+            await self._reveal(content, on_text)
         # Rough token counts (about 0.75 words a token) so usage figures are never empty.
         prompt_tokens = max(1, len(text.split()) * 4 // 3)
         completion_tokens = max(1, len(content.split()) * 4 // 3)
@@ -154,3 +161,11 @@ class OfflineProvider:
             total_tokens=prompt_tokens + completion_tokens,
         )
         return Completion(content=content, usage=usage, model=MODEL)
+
+    async def _reveal(self, content: str, on_text: OnText) -> None:
+        if not self.stream_delay_s:
+            on_text(content)
+            return
+        for piece in _PIECE.findall(content):
+            on_text(piece)
+            await asyncio.sleep(self.stream_delay_s)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import logging
 import ssl
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,11 +22,11 @@ from openai import AsyncOpenAI
 # expects it (additionalProperties false, every key required); it is what
 # `chat.completions.parse` uses, and we need the raw completion for the repair re-ask.
 from openai.lib._parsing._completions import type_to_response_format_param
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ..models import MAX_MODEL_CHARS, Extraction, JobErrorCode, Sentiment, TokenUsage
 from . import prompt
-from .base import Completion, LLMError, Repair
+from .base import Completion, LLMError, OnText, Repair
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,25 @@ def _not_a_completion() -> LLMError:
     return LLMError(JobErrorCode.PROVIDER_ERROR, message, retryable=True)
 
 
+async def _broke_off_as_such(chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
+    """The chunks; a connection lost once the answer has begun is a stream that broke off,
+    not an endpoint we could not reach (a timeout stays a timeout)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except openai.APIConnectionError as exc:
+        if isinstance(exc, openai.APITimeoutError) and not _could_not_connect(exc):
+            raise
+        raise _broke_off() from exc
+
+
+def _broke_off() -> LLMError:
+    # Cut off by the endpoint, a proxy or the network; the next try may get through.
+    return LLMError(JobErrorCode.PROVIDER_ERROR, "the LLM's streamed answer broke off before it ended", retryable=True)
+
+
 class OpenAIProvider:
-    def __init__(self, make_client: ClientFactory, *, model: str) -> None:
+    def __init__(self, make_client: ClientFactory, *, model: str, stream: bool = True) -> None:
         self._make_client = make_client
         # An async HTTP client's connections belong to the event loop that opened them: one
         # client per loop (the async worker has one loop; RQ's fork and simple workers run
@@ -135,6 +153,8 @@ class OpenAIProvider:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = weakref.WeakKeyDictionary()
         self._base_url = str(make_client().base_url)
         self._model = model
+        # Streamed (LLM_STREAM): the answer's pieces reach `on_text` as the model writes them.
+        self.stream = stream
         # Flipped off once the endpoint refuses json_schema. A forked work horse's flip
         # dies with it, so the worker keeps what was learnt in Redis (tasks.py) and sets
         # this before each job.
@@ -173,12 +193,20 @@ class OpenAIProvider:
                 summary="warm-up", sentiment=Sentiment.NEUTRAL, tags=["warm-up"], entities=[], language="en",
                 toxicity_score=0.0,
             ).model_dump_json()  # fmt: skip
-            return httpx2.Response(200, json={
-                "id": "warm-up", "object": "chat.completion", "created": 0, "model": self._model,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": content, "refusal": None}}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            })  # fmt: skip
+            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            head = {"id": "warm-up", "created": 0, "model": self._model}
+            if not self.stream:
+                return httpx2.Response(200, json={**head, "object": "chat.completion", "usage": usage,
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content, "refusal": None}}],
+                })  # fmt: skip
+            chunk = {**head, "object": "chat.completion.chunk"}
+            events = [
+                {**chunk, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": "stop"}]},
+                {**chunk, "choices": [], "usage": usage},
+            ]
+            body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            return httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
         def offline() -> AsyncOpenAI:
             return AsyncOpenAI(
@@ -190,13 +218,15 @@ class OpenAIProvider:
         http_log = logging.getLogger("httpx2")
         was_disabled, http_log.disabled = http_log.disabled, True
         try:
-            asyncio.run(OpenAIProvider(offline, model=self._model).extract("warm-up"))
+            asyncio.run(OpenAIProvider(offline, model=self._model, stream=self.stream).extract("warm-up"))
         finally:
             http_log.disabled = was_disabled
 
-    async def extract(self, text: str, *, repair: Repair | None = None) -> Completion:
+    async def extract(self, text: str, *, repair: Repair | None = None, on_text: OnText | None = None) -> Completion:
         messages = prompt.messages(text, repair)
         try:
+            if self.stream:
+                return await self._streamed(messages, on_text)
             response = await self._create(messages)
         except openai.OpenAIError as exc:
             raise classify(exc) from exc
@@ -208,35 +238,62 @@ class OpenAIProvider:
         if not response.choices:
             raise LLMError(JobErrorCode.PROVIDER_ERROR, "the LLM answered with no choices", retryable=True, usage=usage)
         choice = response.choices[0]
-        refusal = getattr(choice.message, "refusal", None)
+        return self._completion(
+            choice.message.content, getattr(choice.message, "refusal", None), choice.finish_reason, usage,
+            response.model,
+        )  # fmt: skip
+
+    async def _streamed(self, messages: Any, on_text: OnText | None) -> Completion:
+        content: list[str] = []
+        refusal: list[str] = []
+        finish_reason: str | None = None
+        usage, model = TokenUsage(), None
+        async with await self._create(messages, stream=True) as chunks:
+            if "text/event-stream" not in chunks.response.headers.get("content-type", ""):
+                raise _not_a_completion()  # a proxy's page, a JSON error: not a stream at all
+            async for chunk in _broke_off_as_such(chunks):
+                model = chunk.model or model
+                if chunk.usage is not None:  # the last chunk, with no choices (include_usage)
+                    usage = _usage(chunk)
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if piece := choice.delta.content:
+                    content.append(piece)
+                    if on_text is not None:
+                        on_text(piece)
+                if piece := getattr(choice.delta, "refusal", None):
+                    refusal.append(piece)
+                finish_reason = choice.finish_reason or finish_reason
+        if finish_reason is None:  # the stream ended without saying why
+            raise _broke_off()
+        return self._completion("".join(content), "".join(refusal), finish_reason, usage, model)
+
+    def _completion(
+        self, content: str | None, refusal: str | None, finish_reason: str | None, usage: TokenUsage, model: str | None
+    ) -> Completion:
+        """The answer, or the LLMError that it is, streamed or not."""
         if refusal:
             # As long as the model likes: JobError bounds every message it stores.
             raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal}", usage=usage)
-        if choice.finish_reason == "content_filter":
+        if finish_reason == "content_filter":
             raise LLMError(JobErrorCode.REFUSED, "the answer was stopped by the content filter", usage=usage)
-        if choice.finish_reason == "length":
+        if finish_reason == "length":
             raise LLMError(JobErrorCode.TRUNCATED, "the answer was cut off at the token limit", usage=usage)
-        model = (response.model or self._model)[:MAX_MODEL_CHARS]
-        return Completion(content=choice.message.content or "", usage=usage, model=model)
+        return Completion(content=content or "", usage=usage, model=(model or self._model)[:MAX_MODEL_CHARS])
 
-    async def _create(self, messages: Any) -> Any:  # Any: the SDK wants its TypedDict message params
+    async def _create(self, messages: Any, *, stream: bool = False) -> Any:  # Any: the SDK's TypedDict params
         client = self._client()
+        options: dict[str, Any] = {"model": self._model, "messages": messages, "temperature": 0}
+        if stream:
+            # include_usage: the last chunk carries the token counts, recorded as without streaming.
+            options |= {"stream": True, "stream_options": {"include_usage": True}}
         if self.json_schema:
             try:
-                return await client.chat.completions.create(
-                    model=self._model,
-                    messages=messages,
-                    response_format=STRUCTURED_FORMAT,
-                    temperature=0,
-                )
+                return await client.chat.completions.create(response_format=STRUCTURED_FORMAT, **options)
             except openai.BadRequestError as exc:
                 if not _rejects_json_schema(exc):
                     raise
                 log.warning("endpoint refuses json_schema structured outputs; using JSON mode from now on")
                 self.json_schema = False
-        return await client.chat.completions.create(
-            model=self._model,
-            messages=messages,
-            response_format=JSON_MODE_FORMAT,
-            temperature=0,
-        )
+        return await client.chat.completions.create(response_format=JSON_MODE_FORMAT, **options)

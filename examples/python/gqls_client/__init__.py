@@ -15,6 +15,7 @@ from .job_updates import (
     JobUpdates,
     JobUpdatesJobUpdates,
     JobUpdatesJobUpdatesError,
+    JobUpdatesJobUpdatesPartial,
     JobUpdatesJobUpdatesResult,
     JobUpdatesJobUpdatesResultEntities,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "JobUpdates",
     "JobUpdatesJobUpdates",
     "JobUpdatesJobUpdatesError",
+    "JobUpdatesJobUpdatesPartial",
     "JobUpdatesJobUpdatesResult",
     "JobUpdatesJobUpdatesResultEntities",
     "Sentiment",

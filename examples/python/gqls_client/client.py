@@ -58,10 +58,12 @@ class Client(AsyncBaseClient):
         data = self.get_data(response)
         return GetJob.model_validate(data)
 
-    async def job_updates(self, id: str, **kwargs: Any) -> AsyncIterator[JobUpdates]:
+    async def job_updates(
+        self, id: str, partial: Union[Optional[bool], UnsetType] = UNSET, **kwargs: Any
+    ) -> AsyncIterator[JobUpdates]:
         query = gql("""
-            subscription JobUpdates($id: ID!) {
-              jobUpdates(id: $id) {
+            subscription JobUpdates($id: ID!, $partial: Boolean = true) {
+              jobUpdates(id: $id, partial: $partial) {
                 id
                 status
                 stage
@@ -83,10 +85,15 @@ class Client(AsyncBaseClient):
                   message
                   retryable
                 }
+                partial {
+                  summary
+                  tags
+                }
+                partialSeq
               }
             }
             """)
-        variables: dict[str, object] = {"id": id}
+        variables: dict[str, object] = {"id": id, "partial": partial}
         async for data in self.execute_ws(
             query=query, operation_name="JobUpdates", variables=variables, **kwargs
         ):

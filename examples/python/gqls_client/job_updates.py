@@ -17,6 +17,8 @@ class JobUpdatesJobUpdates(BaseModel):
     version: int
     result: Optional["JobUpdatesJobUpdatesResult"]
     error: Optional["JobUpdatesJobUpdatesError"]
+    partial: Optional["JobUpdatesJobUpdatesPartial"]
+    partial_seq: Optional[int] = Field(alias="partialSeq")
 
 
 class JobUpdatesJobUpdatesResult(BaseModel):
@@ -38,6 +40,11 @@ class JobUpdatesJobUpdatesError(BaseModel):
     code: JobErrorCode
     message: str
     retryable: bool
+
+
+class JobUpdatesJobUpdatesPartial(BaseModel):
+    summary: Optional[str]
+    tags: Optional[list[str]]
 
 
 JobUpdates.model_rebuild()

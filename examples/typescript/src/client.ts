@@ -35,7 +35,13 @@ function follow(url: string, id: string): Promise<Job> {
       {
         next: ({ data }) => {
           if (!data) return;
-          last = data.jobUpdates;
+          const job = data.jobUpdates;
+          if (job.partial) {
+            // An interim frame: the answer as far as the model has written it.
+            console.log(`${job.id} v${job.version}.${job.partialSeq} writing: ${job.partial.summary ?? ""}`);
+            return;
+          }
+          last = job;
           console.log(`${last.id} v${last.version} ${last.status} ${last.stage}`);
         },
         error: (error) => {
