@@ -174,3 +174,18 @@ async def test_a_stream_cut_midway_is_a_transient_error(
     assert record is not None and record.status is JobStatus.RETRYING and record.error is not None
     assert (record.error.code.value, record.error.retryable) == ("PROVIDER_ERROR", True)
     assert "broke off" in record.error.message
+
+
+async def test_the_repair_call_streams_frames_of_its_own_version(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub, openai: Callable[..., OpenAIProvider]
+) -> None:
+    stub.stream_chunks, stub.stream_seconds = 40, 0.5
+    stub.script(Fault.raw("this is not json"), Fault.ok())
+    reader = FrameReader(sync_redis, job.id)
+    await run_with_frames(async_redis, openai(), job.id)
+    frames = reader.frames()
+    # CALLING_LLM (v2) wrote nothing an extraction could be read from; REPAIRING is v4.
+    assert frames and {version for _, version, _, _ in frames} == {4}, frames
+    final = await store.get_job(async_redis, job.id)
+    assert final is not None and final.result is not None
+    assert frames[-1][3].summary is not None and final.result.summary.startswith(frames[-1][3].summary)
