@@ -28,9 +28,9 @@ from redis.asyncio import Redis as AsyncRedis
 from gql_service import keys, partials, store
 from gql_service.embedded_redis import EmbeddedRedis
 from gql_service.llm.openai_provider import OpenAIProvider, make_client
-from gql_service.models import JobRecord
 from gql_service.pipeline import Attempt
 from tests.openai_stub import OpenAIStub
+from tests.records import create_job
 from tests.service import Service
 
 from .harness import api_pid, pct, progress
@@ -123,10 +123,7 @@ async def _fan_out(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, 
 async def _attempt_commands(url: str, stub: OpenAIStub, *, stream: bool, watched: bool) -> dict[str, int]:
     sync = Redis.from_url(url)
     redis = AsyncRedis.from_url(url)
-    job = JobRecord(id=f"cost-{stream}-{watched}")
-    with sync.pipeline() as pipe:
-        store.create_job(pipe, job, text=TEXT, ttl_s=600)
-        pipe.execute()
+    job = create_job(sync, f"cost-{stream}-{watched}", TEXT)
     watcher = sync.pubsub()
     if watched:
         watcher.subscribe(keys.job_partials(job.id))

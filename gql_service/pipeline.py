@@ -60,7 +60,7 @@ def validate(content: str) -> Extraction:
 
 
 class Attempt:
-    """Runs one attempt of one job; every state change goes through `store.update_job`."""
+    """Runs one attempt of one job; every state change goes through `store.transition`."""
 
     def __init__(
         self,

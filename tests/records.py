@@ -26,3 +26,14 @@ def update_job(redis: Redis, job_id: str, change: store.Change, *, ttl_s: int) -
 
     with ThreadPoolExecutor(1) as thread:
         return thread.submit(asyncio.run, apply()).result()
+
+
+def create_job(
+    redis: Redis, job_id: str, text: str = "I loved the clinic. Dr. Rao was kind.", *, ttl_s: int = 3600
+) -> JobRecord:
+    """A new job record (QUEUED, version 1), as submitText stores it, without RQ."""
+    record = JobRecord(id=job_id)
+    with redis.pipeline() as pipe:
+        store.create_job(pipe, record, text=text, ttl_s=ttl_s)
+        pipe.execute()
+    return record

@@ -19,6 +19,7 @@ from gql_service.partial_json import parse_partial
 from gql_service.pipeline import Attempt, RetryLater
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
+from .records import create_job
 
 TTL = 3600
 
@@ -70,11 +71,7 @@ def test_values_the_contract_forbids_are_never_shown() -> None:
 # -- one attempt, in process ---------------------------------------------------------------------
 @pytest.fixture
 def job(sync_redis: Redis) -> JobRecord:
-    record = JobRecord(id="job-partial")
-    with sync_redis.pipeline() as pipe:
-        store.create_job(pipe, record, text="I loved the clinic. Dr. Rao was kind.", ttl_s=TTL)
-        pipe.execute()
-    return record
+    return create_job(sync_redis, "job-partial")
 
 
 @pytest.fixture
@@ -97,10 +94,7 @@ async def test_a_streamed_answer_gives_the_same_result_and_usage(
 ) -> None:
     finals = {}
     for stream in (True, False):
-        record = JobRecord(id=f"job-stream-{stream}")
-        with sync_redis.pipeline() as pipe:
-            store.create_job(pipe, record, text="I loved the clinic.", ttl_s=TTL)
-            pipe.execute()
+        record = create_job(sync_redis, f"job-stream-{stream}")
         finals[stream] = await Attempt(async_redis, openai(stream=stream), record.id, ttl_s=TTL).run(retries_left=0)
     streamed, whole = finals[True], finals[False]
     assert streamed is not None and whole is not None and streamed.status is JobStatus.FINISHED
@@ -156,10 +150,7 @@ async def test_frames_are_coalesced_and_only_published_while_someone_watches(
     # Nobody watching: not one frame published.
     stub.reset()
     stub.stream_chunks, stub.stream_seconds = 100, 1.0
-    other = JobRecord(id="job-unwatched")
-    with sync_redis.pipeline() as pipe:
-        store.create_job(pipe, other, text="Nobody watches this one.", ttl_s=TTL)
-        pipe.execute()
+    other = create_job(sync_redis, "job-unwatched")
     unwatched = await run_with_frames(async_redis, openai(), other.id)
     assert unwatched.published == 0
 

@@ -13,17 +13,14 @@ from gql_service.models import MAX_ERROR_CHARS, MAX_MODEL_CHARS, JobError, JobEr
 from gql_service.pipeline import Attempt, InvalidOutput, RetryLater, validate
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
+from .records import create_job
 
 TTL = 3600
 
 
 @pytest.fixture
 def job(sync_redis: Redis) -> JobRecord:
-    record = JobRecord(id="job-1")
-    with sync_redis.pipeline() as pipe:
-        store.create_job(pipe, record, text="I loved the clinic. Dr. Rao was kind.", ttl_s=TTL)
-        pipe.execute()
-    return record
+    return create_job(sync_redis, "job-1")
 
 
 class Events:
