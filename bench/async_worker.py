@@ -82,11 +82,22 @@ class _Group:
         self._thread.join()
 
 
-def _run(
-    redis: Redis, redis_url: str, stub: OpenAIStub, *, worker_class: str, workers: int, concurrency: int, jobs: int
+def run_workers(
+    redis: Redis,
+    redis_url: str,
+    stub: OpenAIStub,
+    *,
+    worker_class: str,
+    workers: int,
+    concurrency: int,
+    jobs: int,
+    settings: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    queue = f"bench-async-{worker_class}-{workers}-{concurrency}-{jobs}"
+    """Queue `jobs`, start the workers, wait for every job to end: the row of figures."""
+    more = "-".join(f"{k}={v}" for k, v in (settings or {}).items())
+    queue = f"bench-async-{worker_class}-{workers}-{concurrency}-{jobs}{more}"
     env = stub_env(queue, stub) | {"WORKER_CLASS": worker_class, "WORKER_CONCURRENCY": str(concurrency)}
+    env |= settings or {}
     with Service(redis_url, workers=0, env=env) as svc:
         # Queued first, then the workers start: what is measured is how fast they drain a
         # batch, not how fast one API process takes it in.
@@ -163,20 +174,20 @@ def _library(frame: str) -> str:
 
 
 def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("6/6 many calls in flight per worker process: async vs fork vs simple")
+    progress("6/7 many calls in flight per worker process: async vs fork vs simple")
     redis = Redis.from_url(redis_url)
     stub.latency_s = sizes.async_llm_s
     side_by_side = [
-        _run(redis, redis_url, stub, worker_class="async", workers=1, concurrency=256, jobs=sizes.async_jobs),
-        _run(redis, redis_url, stub, worker_class="fork", workers=8, concurrency=1, jobs=sizes.async_jobs),
-        _run(redis, redis_url, stub, worker_class="simple", workers=8, concurrency=1, jobs=sizes.async_jobs),
+        run_workers(redis, redis_url, stub, worker_class="async", workers=1, concurrency=256, jobs=sizes.async_jobs),
+        run_workers(redis, redis_url, stub, worker_class="fork", workers=8, concurrency=1, jobs=sizes.async_jobs),
+        run_workers(redis, redis_url, stub, worker_class="simple", workers=8, concurrency=1, jobs=sizes.async_jobs),
     ]
     sweep = [
-        _run(redis, redis_url, stub, worker_class="async", workers=1, concurrency=c, jobs=max(4 * c, 200))
+        run_workers(redis, redis_url, stub, worker_class="async", workers=1, concurrency=c, jobs=max(4 * c, 200))
         for c in sizes.async_sweep
     ]
     stub.latency_s = 0.0
-    cpu = _run(redis, redis_url, stub, worker_class="async", workers=1, concurrency=256, jobs=sizes.async_jobs)
+    cpu = run_workers(redis, redis_url, stub, worker_class="async", workers=1, concurrency=256, jobs=sizes.async_jobs)
     stub.latency_s = sizes.async_llm_s
     profile = _profile(redis, redis_url, stub, sizes) if sizes.profile else None
     stub.latency_s = 0.0

@@ -33,6 +33,7 @@ from tests.openai_stub import OpenAIStub
 from tests.records import create_job
 from tests.service import Service
 
+from .async_worker import run_workers
 from .harness import api_pid, pct, progress
 from .scenarios import Sizes, stub_env
 
@@ -47,7 +48,19 @@ def partial_results(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str,
     fan_out = asyncio.run(_fan_out(redis_url, stub, sizes))
     cost = asyncio.run(_commands_per_job(stub, sizes))
     stub.reset()
-    return {"fan_out": fan_out, "commands": cost}
+    cpu = _cpu_per_job(redis_url, stub, sizes)
+    return {"fan_out": fan_out, "commands": cost, "cpu": cpu}
+
+
+def _cpu_per_job(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
+    """What streaming costs the worker: one async process, concurrency 256, LLM at 0 ms,
+    the stub's answer in 8 chunks, nobody watching; LLM_STREAM on and off side by side."""
+    redis = Redis.from_url(redis_url)
+    rows = {}
+    for stream in ("true", "false"):
+        rows[stream] = run_workers(redis, redis_url, stub, worker_class="async", workers=1, concurrency=256,
+                                   jobs=sizes.async_jobs, settings={"LLM_STREAM": stream})  # fmt: skip
+    return {"on": rows["true"], "off": rows["false"]}
 
 
 async def _subscriber(ws_url: str, job_id: str, frames: list[tuple[float, int]], ready: asyncio.Event) -> None:

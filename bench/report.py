@@ -316,4 +316,14 @@ def _partials(pr: dict[str, Any]) -> list[str]:
         f"Streaming on, nobody watching: {extra:+d} commands per job against streaming off. Target within 2: "
         f"{_mark(abs(extra) <= 2)}.",
         "",
+        "What streaming costs the worker's CPU (one async process at concurrency 256, LLM at 0 ms, the answer in",
+        "8 chunks, nobody watching):",
+        "",
+        "| `LLM_STREAM` | jobs | jobs/s | CPU ms per job |",
+        "| --- | ---: | ---: | ---: |",
+        *[
+            f"| {name} | {r['jobs']} | {r['jobs_per_s']:.1f} | {r['cpu_ms_per_job']:.2f} |"
+            for name, r in pr["cpu"].items()
+        ],
+        "",
     ]

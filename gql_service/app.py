@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -106,10 +107,22 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
         gc.set_threshold(20_000, 20, 20)
         app.state.redis = redis
         app.state.broadcast = broadcast
-        app.state.jobs = JobService(redis=redis, sync_redis=sync_redis, broadcast=broadcast, settings=settings)
+        history = None
+        if settings.database_url:
+            # Opened in the background: the API starts, and submits, while PostgreSQL is down.
+            history = AsyncConnectionPool(
+                settings.database_url, min_size=1, max_size=4, open=False, timeout=settings.redis_timeout_s,
+                kwargs={"connect_timeout": max(1, int(settings.redis_timeout_s))},
+            )  # fmt: skip
+            await history.open(wait=False)
+        app.state.jobs = JobService(
+            redis=redis, sync_redis=sync_redis, broadcast=broadcast, settings=settings, history=history
+        )
         try:
             yield
         finally:
+            if history is not None:
+                await history.close()
             await broadcast.stop()
             await redis.aclose()
             await pubsub_redis.aclose()

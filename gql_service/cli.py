@@ -139,6 +139,25 @@ def cmd_worker(args: argparse.Namespace) -> None:
                 child.kill()
 
 
+def cmd_migrate(args: argparse.Namespace) -> None:
+    settings = _settings()
+    if not settings.database_url:
+        raise _fail("DATABASE_URL is not set: there is no job history to migrate")
+    _migrate(settings.database_url)
+
+
+def _migrate(database_url: str) -> None:
+    import sqlalchemy.exc
+
+    from . import migrate
+
+    try:
+        migrate.upgrade(database_url)
+    except sqlalchemy.exc.OperationalError as exc:
+        raise _fail(f"cannot reach the job history's PostgreSQL: {str(exc.orig).strip()}") from None
+    log.info("migrate: the job history's schema is up to date")
+
+
 def cmd_export_schema(args: argparse.Namespace) -> None:
     from .schema import schema
 
@@ -305,6 +324,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     _require_free_port(args.host, args.port, "--port")
     if not settings.redis_url and settings.embedded_redis_port:
         _require_free_port("127.0.0.1", settings.embedded_redis_port, "EMBEDDED_REDIS_PORT")
+    if settings.database_url:
+        _migrate(settings.database_url)  # dev keeps the history's schema up to date itself
     become_subreaper()
     _quiet_client_logs()  # the readiness probes
     # The handler only takes note. An exception raised from it could land in any library
@@ -430,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", metavar="JOB_ID", help="the job's id")
             p.set_defaults(func=cmd_status)
         p.epilog = "exit codes: 0 finished, 1 failed, 3 canceled, 4 still running, 2 bad input or no service"
+
+    p = command("migrate", "create or update the PostgreSQL job history's tables (DATABASE_URL), with Alembic")
+    p.set_defaults(func=cmd_migrate)
 
     p = command("export-schema", "print the GraphQL SDL (what schema.graphql holds) to stdout, or write it to a file")
     p.add_argument("--output", metavar="FILE", help="write the SDL to FILE instead of stdout (- is stdout)")

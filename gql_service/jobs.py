@@ -9,8 +9,11 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio.to_thread
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
@@ -25,7 +28,7 @@ from rq.job import JobStatus as RQJobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
 from rq.utils import current_timestamp, now, utcformat
 
-from . import keys, partials, store
+from . import history, keys, partials, store
 from .broadcast import Broadcast, BroadcastUnavailable, Subscription
 from .errors import BadUserInput, NotFound, RateLimited, ServiceUnavailable
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, PartialExtraction, utcnow
@@ -90,8 +93,18 @@ class TenantSlots:
 
 
 class JobService:
-    def __init__(self, *, redis: AsyncRedis, sync_redis: Redis, broadcast: Broadcast, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        redis: AsyncRedis,
+        sync_redis: Redis,
+        broadcast: Broadcast,
+        settings: Settings,
+        history: AsyncConnectionPool[Any] | None = None,
+    ) -> None:
         self.redis = redis
+        # The PostgreSQL history (DATABASE_URL), read for jobs Redis no longer holds.
+        self.history = history
         self.sync_redis = sync_redis
         self.broadcast = broadcast
         self.settings = settings
@@ -232,16 +245,35 @@ class JobService:
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
         async with self._redis_call():
             record = await store.get_job(self.redis, job_id)
+        if record is None and self.history is not None:
+            return (await self._archived([job_id], tenant)).get(job_id)
         return _owned(record, tenant)
 
     async def get_many(self, job_ids: list[str], *, tenant: str) -> list[JobRecord | None]:
-        """Snapshots of several jobs in one round trip, within the tenant's read bound."""
+        """Snapshots of several jobs in one round trip, within the tenant's read bound; the
+        ones Redis no longer holds, from the history."""
         async with self.slots.reading(tenant), self._redis_call():
-            records = await store.get_jobs(self.redis, job_ids)
-        return [_owned(r, tenant) for r in records]
+            records = [_owned(r, tenant) for r in await store.get_jobs(self.redis, job_ids)]
+        missing = [job_id for job_id, r in zip(job_ids, records, strict=True) if r is None]
+        if missing and self.history is not None:
+            archived = await self._archived(missing, tenant)
+            records = [r or archived.get(job_id) for job_id, r in zip(job_ids, records, strict=True)]
+        return records
+
+    async def _archived(self, job_ids: list[str], tenant: str) -> dict[str, JobRecord]:
+        """From the history, within REDIS_TIMEOUT_S: a history that does not answer is the
+        client's SERVICE_UNAVAILABLE (the job may be there), never a wrong NOT_FOUND."""
+        assert self.history is not None
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout_s):
+                return await history.get_many(self.history, job_ids, tenant=tenant)
+        except (psycopg.Error, OSError, TimeoutError, PoolTimeout) as exc:
+            log.warning("job history unavailable: %s", exc or type(exc).__name__)
+            raise ServiceUnavailable("the job history is unavailable; try again shortly") from None
 
     async def cancel(self, job_id: str, *, tenant: str) -> JobRecord:
-        if await self.get(job_id, tenant=tenant) is None:
+        existing = await self.get(job_id, tenant=tenant)
+        if existing is None:
             raise NotFound(f"job {job_id} not found")
 
         def to_canceled(job: JobRecord) -> JobRecord:
@@ -250,9 +282,13 @@ class JobService:
             return job.model_copy(update=update)
 
         async with self._redis_call():
-            record, changed = await store.update_job(self.redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s)
-        if record is None:
-            raise NotFound(f"job {job_id} not found")
+            record, changed = await store.update_job(
+                self.redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s, archive=self.history is not None
+            )
+        if record is None:  # not in Redis: an archived job (it has ended), or one gone meanwhile
+            if not existing.terminal:
+                raise NotFound(f"job {job_id} not found")
+            record, changed = existing, False
         if not changed and record.status is not JobStatus.CANCELED:
             raise BadUserInput(f"job {job_id} is already {record.status.value}; only unfinished jobs can be canceled")
         if changed:

@@ -31,6 +31,13 @@ def job_partials(job_id: str) -> str:
 PARTIALS_WANTED = f"{PREFIX}:partials:wanted"
 
 
+# Ended jobs waiting to be written to the PostgreSQL history: a stream, drained by the
+# workers' archivers as one consumer group (gql_service.archiver).
+ARCHIVE_OUTBOX = f"{PREFIX}:archive:outbox"
+# Held by the archiver that runs the hourly retention, so that one does, cluster-wide.
+ARCHIVE_RETENTION_LOCK = f"{PREFIX}:archive:retention"
+
+
 def idempotency(tenant: str, key: str) -> str:
     # Hashed so that a client's key (any length, any bytes) never shapes our key space.
     digest = hashlib.sha256(key.encode()).hexdigest()

@@ -71,8 +71,10 @@ class Attempt:
         ttl_s: int,
         limits: ProviderLimits | None = None,
         partials: PartialStream | None = None,
+        archive: bool = False,
     ) -> None:
         self.redis = redis
+        self.archive = archive  # the end of the job goes to the history (DATABASE_URL)
         self.provider = provider
         self.limits = limits
         self.partials = partials
@@ -118,7 +120,9 @@ class Attempt:
         delay, waited = 0.1, 0.0
         while True:
             try:
-                done = await store.transition(self.redis, self.job_id, change, ttl_s=self.ttl_s, last_seen=last_seen)
+                done = await store.transition(
+                    self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, last_seen=last_seen
+                )
                 self._watchers = done.partial_watchers
                 return done
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -269,7 +273,9 @@ class Attempt:
         )
 
 
-async def fail_job(redis: Redis, job_id: str, error: JobError, *, ttl_s: int) -> JobRecord | None:
+async def fail_job(
+    redis: Redis, job_id: str, error: JobError, *, ttl_s: int, archive: bool = False
+) -> JobRecord | None:
     """End a job as FAILED from outside an attempt (crash handlers, enqueue failures)."""
 
     def change(job: JobRecord) -> JobRecord:
@@ -277,5 +283,5 @@ async def fail_job(redis: Redis, job_id: str, error: JobError, *, ttl_s: int) ->
             update={"status": JobStatus.FAILED, "stage": JobStage.FAILED, "error": error, "finished_at": utcnow()}
         )
 
-    record, _ = await store.update_job(redis, job_id, change, ttl_s=ttl_s)
+    record, _ = await store.update_job(redis, job_id, change, ttl_s=ttl_s, archive=archive)
     return record

@@ -16,6 +16,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     redis_url: str | None = None
+    # The PostgreSQL job history (postgresql://…). Unset: jobs live in Redis only.
+    database_url: str | None = None
+    # Whether the history keeps each job's submitted text.
+    archive_text: bool = True
+    # Ended jobs older than this are deleted from the history (hourly).
+    archive_retention_days: int = Field(30, ge=1, le=36_500)
+    # An archive batch a worker took and did not confirm (it died) is taken over by another
+    # worker after this long.
+    archive_claim_after_s: float = Field(30.0, gt=0)
     # The port of the Redis that `dev` starts when REDIS_URL is unset; unset: any free port.
     embedded_redis_port: int | None = Field(None, ge=1, le=65535)
     rq_queue: str = Field("llm", min_length=1)

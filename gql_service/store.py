@@ -29,6 +29,10 @@ from .models import JobRecord, utcnow
 # again, and that repeat must report success, not re-apply the change (attempts counted
 # twice).
 #
+# With the archive on (DATABASE_URL), a transition to an ended state also adds the job to
+# the archive outbox (KEYS[4], ARGV[6] = '1'), in the same step: no ended job can miss it
+# (gql_service.archiver).
+#
 # A transition also answers how many subscribers want the job's interim frames (KEYS[3]):
 # the worker learns it with the write it makes anyway, so streaming costs no extra command
 # when nobody watches (gql_service.partials).
@@ -41,6 +45,9 @@ if v ~= ARGV[1] then return {0, 0} end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
+if ARGV[6] == '1' then
+  redis.call('XADD', KEYS[4], '*', 'd', ARGV[3], 't', redis.call('HGET', KEYS[1], 't') or '')
+end
 return {1, watchers}
 """
 
@@ -139,10 +146,10 @@ def _next(current: JobRecord, change: Change) -> JobRecord | None:
     return changed.model_copy(update={"version": current.version + 1, "updated_at": utcnow()})
 
 
-def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int) -> tuple[list[str], list[Any]]:
+def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int, *, archive: bool = False) -> tuple[list[str], list[Any]]:
     return (
-        [keys.job(new.id), keys.job_events(new.id), keys.job_partials(new.id)],
-        [current.version, new.version, encode(new), ttl_s, uuid.uuid4().hex],
+        [keys.job(new.id), keys.job_events(new.id), keys.job_partials(new.id), keys.ARCHIVE_OUTBOX],
+        [current.version, new.version, encode(new), ttl_s, uuid.uuid4().hex, int(archive and new.terminal)],
     )
 
 
@@ -154,18 +161,31 @@ class Transition:
 
 
 async def update_job(
-    redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int, last_seen: JobRecord | None = None
+    redis: AsyncRedis,
+    job_id: str,
+    change: Change,
+    *,
+    ttl_s: int,
+    archive: bool = False,
+    last_seen: JobRecord | None = None,
 ) -> tuple[JobRecord | None, bool]:
     """Apply `change` atomically. Returns (state after, whether it changed)."""
-    done = await transition(redis, job_id, change, ttl_s=ttl_s, last_seen=last_seen)
+    done = await transition(redis, job_id, change, ttl_s=ttl_s, archive=archive, last_seen=last_seen)
     return done.record, done.changed
 
 
 async def transition(
-    redis: AsyncRedis, job_id: str, change: Change, *, ttl_s: int, last_seen: JobRecord | None = None
+    redis: AsyncRedis,
+    job_id: str,
+    change: Change,
+    *,
+    ttl_s: int,
+    archive: bool = False,
+    last_seen: JobRecord | None = None,
 ) -> Transition:
     """`update_job`, and how many want the job's interim frames.
 
+    `archive`: the history is on; a change that ends the job queues it for the archive.
     `last_seen`: the state this writer last wrote or read, tried first without reading it
     again (a worker's own transitions, one after the other); if anyone wrote in between,
     the version check refuses it and the change is applied to a fresh read.
@@ -178,7 +198,7 @@ async def transition(
         new = _next(current, change)
         if new is None:
             return Transition(current, False)
-        keys_, args = _cas_args(current, new, ttl_s)
+        keys_, args = _cas_args(current, new, ttl_s, archive=archive)
         outcome, watchers = await script(keys=keys_, args=args)
         if outcome == 1:
             return Transition(new, True, int(watchers))

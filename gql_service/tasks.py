@@ -110,7 +110,8 @@ async def _extract(
         tpm=ctx.settings.llm_tpm,
     )
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
-    attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials)
+    archive = ctx.settings.database_url is not None
+    attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, archive=archive)
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
@@ -121,13 +122,13 @@ async def _extract(
         # detection does, once Redis answers) rather than it ending as an internal error.
         raise
     except TimeoutError:
-        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s)
+        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s, archive=archive)
         return None
     except Exception as exc:
         # A bug mid-job: the record must not stay STARTED.
         log.exception("job %s crashed", job_id)
         error = JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}")
-        await fail_job(redis, job_id, error, ttl_s=ttl_s)
+        await fail_job(redis, job_id, error, ttl_s=ttl_s, archive=archive)
         return None
     return record.status.value if record else None
 
@@ -184,6 +185,7 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
 def worker_lost(rq_job: RQJob) -> JobRecord | None:
     """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
     ttl_s = context().settings.result_ttl_s
+    archive = context().settings.database_url is not None
     retries_left = rq_job.retries_left or 0
     log.warning("job %s: its worker was lost; %d retries left", rq_job.id, retries_left)
 
@@ -197,7 +199,7 @@ def worker_lost(rq_job: RQJob) -> JobRecord | None:
             record, _ = await store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
             return record
         error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
-        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s)
+        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s, archive=archive)
         lost = ("FAILED", "WORKER_LOST")
         await metrics.record_attempt(
             redis, final=lost, stage_seconds=(), llm_seconds=(), prompt_tokens=0, completion_tokens=0
@@ -222,5 +224,6 @@ def on_failure(
         worker_lost(rq_job)
     elif exc_type is JobTimeoutException or isinstance(exc, JobTimeoutException):
         rq_job.retries_left = 0  # a timeout ends the job, as when the task records it itself
-        ttl_s = context().settings.result_ttl_s
-        _run(lambda redis: fail_job(redis, rq_job.id, _timed_out(), ttl_s=ttl_s))
+        settings = context().settings
+        archive = settings.database_url is not None
+        _run(lambda redis: fail_job(redis, rq_job.id, _timed_out(), ttl_s=settings.result_ttl_s, archive=archive))

@@ -11,6 +11,7 @@ Three worker classes, all shaped like RQ's own (a subclass with hooks):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import gc
@@ -18,6 +19,7 @@ import inspect
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
@@ -46,6 +48,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def _archiving(name: str) -> Iterator[None]:
+    """While the worker works: its drainer of the archive outbox, when the history is on."""
+    settings = tasks.context().settings
+    if settings.database_url is None:
+        yield
+        return
+    from . import archiver  # psycopg, only where the history is on
+
+    thread, stopping = archiver.start_in_thread(tasks.context().redis_url, settings, consumer=name)
+    try:
+        yield
+    finally:
+        stopping.set()
+        thread.join(10)
+
+
 class _Tuning:
     """How a worker notices a crashed job within WORKER_LOST_AFTER_S.
 
@@ -68,6 +87,10 @@ class _Tuning:
 
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:
         return self.lost_after_s
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        with _archiving(self.name):  # type: ignore[attr-defined]
+            return super().work(*args, **kwargs)  # type: ignore[misc, no-any-return]
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         # JOB_TIMEOUT_S is the worker's setting, not the one of the API that queued the job:
@@ -155,6 +178,10 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         # The registries' cleanup (abandoned jobs and their failure callbacks) builds its own
         # registries with the SIGALRM default: in this process, RQ's timer-based one too.
         BaseRegistry.death_penalty_class = TimerDeathPenalty  # type: ignore[assignment]
+        with _archiving(self.name):
+            return self._work_in_loop(burst, with_scheduler, **kwargs)
+
+    def _work_in_loop(self, burst: bool, with_scheduler: bool, **kwargs: Any) -> bool:
         self.bootstrap(kwargs.get("logging_level"))
         if with_scheduler:
             self._start_scheduler(burst, kwargs.get("logging_level"))

@@ -70,7 +70,7 @@ def test_export_schema_without_an_argument_prints_and_writes_nothing(tmp_path: P
 def test_help_shows_every_command_defaults_and_the_url_variable() -> None:
     top = run_cli("--help")
     assert top.returncode == 0
-    for command in ("dev", "serve", "worker", "submit", "status", "export-schema"):
+    for command in ("dev", "serve", "worker", "submit", "status", "migrate", "export-schema"):
         assert re.search(rf"^    {command}\b", top.stdout, re.MULTILINE), command
     assert "wire" not in top.stdout  # no internal notes
     dev = run_cli("dev", "--help").stdout

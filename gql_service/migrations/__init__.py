@@ -1,0 +1,1 @@
+"""The PostgreSQL history's schema, as Alembic migrations (`gql-service migrate`)."""

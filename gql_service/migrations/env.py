@@ -1,0 +1,18 @@
+"""Alembic's entry point: run the migrations against the URL `gql_service.migrate` sets.
+
+The migrations are plain SQL (`op.execute`): there are no ORM models to compare with.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine
+
+url = context.config.get_main_option("sqlalchemy.url")
+assert url, "gql_service.migrate sets the database URL"
+engine = create_engine(url)
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
