@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -77,7 +78,16 @@ async def readyz(request: Request) -> Response:
     if not broadcast.connected:
         # Commands work but subscriptions would not: not ready either.
         return JSONResponse({"status": "unavailable", "redis": "ok", "pubsub": False}, status_code=503)
-    return JSONResponse({"status": "ready", "pubsub": True})
+    body: dict[str, object] = {"status": "ready", "pubsub": True}
+    if jobs.history is not None:
+        # A history that lags (PostgreSQL down, no worker draining) is said, not a reason to
+        # turn traffic away: jobs still run and end, and are archived once it is back.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(jobs.settings.redis_timeout_s):
+                lag_s = await metrics.outbox_age(request.app.state.redis)
+            # Past twice the time a live worker takes over a dead one's batch, nobody drains.
+            body["archive"] = "lagging" if lag_s > 2 * jobs.settings.archive_claim_after_s else "ok"
+    return JSONResponse(body)
 
 
 def create_app(settings: Settings, *, redis_url: str) -> Starlette:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,9 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
                 pipe.hgetall(keys.metrics(f"stage_seconds:{stage}"))
             pipe.llen(queue_key)
             pipe.smembers(REDIS_WORKER_KEYS)
-            jobs, tokens, limits, llm, *stage_rows, depth, workers = await pipe.execute()
+            pipe.xlen(keys.ARCHIVE_OUTBOX)
+            pipe.xrange(keys.ARCHIVE_OUTBOX, count=1)
+            jobs, tokens, limits, llm, *stage_rows, depth, workers, outbox, oldest = await pipe.execute()
             in_flight = await _jobs_in_flight(redis, workers)
     except (RedisError, OSError, TimeoutError):
         families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
@@ -150,10 +153,31 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
             [({"stage": s}, raw) for s, raw in zip(stages, stage_rows, strict=True)],
         ),  # fmt: skip
         GaugeMetricFamily("gqls_queue_depth", "Jobs waiting in the RQ queue", value=float(depth)),
+        GaugeMetricFamily(
+            "gqls_archive_outbox_depth", "Ended jobs not yet written to the PostgreSQL history", value=float(outbox)
+        ),
+        GaugeMetricFamily(
+            "gqls_archive_outbox_oldest_seconds",
+            "Age of the oldest ended job not yet written to the history (0: none waiting)",
+            value=outbox_age_s(oldest),
+        ),
         in_flight,
         GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
     return generate_latest(REGISTRY) + _expose(families)
+
+
+def outbox_age_s(oldest: list[tuple[bytes, object]]) -> float:
+    """From the first entry of the outbox stream: its id starts with its time in ms."""
+    if not oldest:
+        return 0.0
+    added_ms = int(oldest[0][0].split(b"-")[0])
+    return max(0.0, time.time() - added_ms / 1000)
+
+
+async def outbox_age(redis: AsyncRedis) -> float:
+    oldest: Any = await redis.xrange(keys.ARCHIVE_OUTBOX, count=1)
+    return outbox_age_s(oldest)
 
 
 async def _jobs_in_flight(redis: AsyncRedis, worker_keys: set[bytes]) -> GaugeMetricFamily:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from gql import Client, GraphQLRequest, gql
@@ -116,11 +117,21 @@ def test_postgres_down_while_50_jobs_end_then_every_row_appears_once(own_redis: 
             for job_id in ids:
                 assert finished(svc, job_id, {})["status"] == "FINISHED"  # the outage stops no job
             assert rows_or_none(pg) is None  # (the server is down)
+            # Said where operators look, without turning traffic away.
+            metrics = httpx.get(f"http://127.0.0.1:{svc.port}/metrics").text
+            assert "gqls_archive_outbox_depth 50.0" in metrics, metrics
+            wait_until(lambda: readyz(svc) == (200, "lagging"), timeout_s=30, what="readyz to say the archive lags")
             pg.start()
             wait_until(lambda: len(rows(pg, *ids)) == 50, timeout_s=30, what="all 50 rows")
+            wait_until(lambda: readyz(svc) == (200, "ok"), timeout_s=10, what="readyz to say the archive is ok")
         with psycopg.connect(pg.url) as conn:
             assert conn.execute("SELECT count(*), count(DISTINCT id) FROM jobs").fetchone() == (50, 50)
     assert Redis.from_url(own_redis).xlen(keys.ARCHIVE_OUTBOX) == 0
+
+
+def readyz(svc: Service) -> tuple[int, object]:
+    answer = httpx.get(f"http://127.0.0.1:{svc.port}/readyz")
+    return answer.status_code, answer.json().get("archive")
 
 
 def rows_or_none(pg: EmbeddedPostgres) -> int | None:
