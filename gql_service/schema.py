@@ -235,20 +235,28 @@ class Query:
         record = await ctx.jobs.get(str(id), tenant=ctx.tenant)
         return Job.from_record(record) if record else None
 
-    @strawberry.field(description="Your jobs, newest first, in pages of `first` (1-100) after the cursor `after`.")
+    @strawberry.field(
+        description="Your jobs, newest first, in pages of `first` (1-100) after the cursor `after`; "
+        "`createdAfter` (inclusive) and `createdBefore` (exclusive) bound their creation time. With the "
+        "job history on, ended jobs Redis no longer holds are listed too."
+    )
     async def jobs(
         self,
         info: Info,
         first: int = 20,
         after: str | None = None,
         status: JobStatus | None = None,  # type: ignore[valid-type]
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> JobConnection:
         ctx = _ctx(info)
         if not 1 <= first <= MAX_PAGE:
             raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
+        bounds = [_aware(created_after, "createdAfter"), _aware(created_before, "createdBefore")]
         page, next_start = await ctx.jobs.list_jobs(
-            tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None, status=status
-        )
+            tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None, status=status,
+            created_after=bounds[0], created_before=bounds[1],
+        )  # fmt: skip
         edges = [JobEdge(cursor=encode_cursor(ms, r.id), node=Job.from_record(r)) for r, ms in page]
         # With a status filter a page can end early, even empty, with more to come: its
         # endCursor then points past the jobs it looked at, not at its last edge.
@@ -256,6 +264,13 @@ class Query:
         return JobConnection(
             edges=edges, page_info=PageInfo(has_next_page=next_start is not None, end_cursor=end_cursor)
         )
+
+
+def _aware(moment: datetime | None, name: str) -> datetime | None:
+    """A time with its offset: one without it would mean a different instant on every host."""
+    if moment is not None and moment.tzinfo is None:
+        raise BadUserInput(f"{name} needs a time zone offset, e.g. 2026-11-24T12:00:00Z")
+    return moment
 
 
 MAX_PAGE = 100

@@ -28,10 +28,16 @@ from .clients import post, submit
 from .embedded_postgres import EmbeddedPostgres
 from .service import Service, wait_until
 
-KEY_A, KEY_B = "key-aaaaaaaa", "key-bbbbbbbb"
-API_KEYS = json.dumps({KEY_A: "tenant-a", KEY_B: "tenant-b"})
+KEY_A, KEY_B, KEY_C = "key-aaaaaaaa", "key-bbbbbbbb", "key-cccccccc"
+API_KEYS = json.dumps({KEY_A: "tenant-a", KEY_B: "tenant-b", KEY_C: "tenant-c"})
 JOB = "query($id: ID!) { job(id: $id) { id status stage version result { summary sentiment tags } } }"
 AS_A, AS_B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+AS_C = {"Authorization": f"Bearer {KEY_C}"}
+LIST = """query($first: Int!, $after: String, $from: DateTime, $to: DateTime) {
+  jobs(first: $first, after: $after, createdAfter: $from, createdBefore: $to) {
+    edges { node { id status createdAt } } pageInfo { hasNextPage endCursor }
+  }
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +200,46 @@ def test_migrate_is_a_command_and_says_what_is_missing(tmp_path: Path) -> None:
                                  env={**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"},
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
     assert unreachable.returncode == 2 and "cannot reach the job history's PostgreSQL" in unreachable.stderr
+
+
+def list_all(svc: Service, first: int, **bounds: str) -> list[str]:
+    ids, after = [], None
+    while True:
+        answer = post(svc, LIST, headers=AS_C, first=first, after=after, **bounds).json()
+        assert "errors" not in answer, answer
+        page = answer["data"]["jobs"]
+        ids += [edge["node"]["id"] for edge in page["edges"]]
+        if not page["pageInfo"]["hasNextPage"]:
+            return ids
+        after = page["pageInfo"]["endCursor"]
+
+
+async def test_jobs_pages_through_redis_and_the_history_as_one_list(
+    archived_service: Service, postgres: EmbeddedPostgres
+) -> None:
+    # 250 ended jobs only the history holds, a minute apart over the past days (ids out of
+    # step with time, so the order can't come from them), and another tenant's.
+    start = datetime.now(UTC) - timedelta(days=2)
+    ended = {"tenant": "tenant-c", "status": JobStatus.FINISHED, "stage": JobStage.DONE}
+    archived = [
+        JobRecord(id=f"old-{(i * 7919) % 1000:03d}", **ended, created_at=start + timedelta(minutes=i),
+                  finished_at=start + timedelta(minutes=i))
+        for i in range(250)
+    ]  # fmt: skip
+    theirs = JobRecord(id="not-yours", tenant="tenant-b", status=JobStatus.FINISHED, stage=JobStage.DONE)
+    async with await psycopg.AsyncConnection.connect(postgres.url) as conn:
+        await history.upsert(conn, [history.row(r, None) for r in [*archived, theirs]])
+    # And jobs of now, in Redis (and, once they end, in the history too: shown once).
+    live = [submit(archived_service, f"Live text {i}.", headers=AS_C) for i in range(3)]
+    newest_first = [*reversed(live), *(r.id for r in reversed(archived))]
+    assert list_all(archived_service, 50) == newest_first
+    for job_id in live:
+        finished(archived_service, job_id, AS_C)
+    wait_until(lambda: len(rows(postgres, *live)) == 3, timeout_s=30, what="the live jobs' rows")
+    assert list_all(archived_service, 50) == newest_first  # in both stores now: still once each
+    assert list_all(archived_service, 7) == newest_first  # page size changes nothing
+    # A window in time: createdAfter inclusive, createdBefore exclusive.
+    window = {"from": archived[100].created_at.isoformat(), "to": archived[150].created_at.isoformat()}
+    assert list_all(archived_service, 20, **window) == [r.id for r in reversed(archived[100:150])]
+    naive = post(archived_service, LIST, headers=AS_C, first=5, **{"from": "2026-01-01T00:00:00"}).json()
+    assert naive["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
