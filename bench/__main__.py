@@ -1,6 +1,6 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
-SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials.
+SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 from gql_service.embedded_redis import EmbeddedRedis
 from tests.openai_stub import OpenAIStub
 
-from . import async_worker, partials, report, scenarios
+from . import async_worker, history, partials, report, scenarios
 from .harness import progress, raise_fd_limit
 
-ALL = ("submit", "fanout", "pipeline", "e2e", "scale_out", "async_worker", "partials")
+ALL = ("submit", "fanout", "pipeline", "e2e", "scale_out", "async_worker", "partials", "history")
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -49,6 +49,8 @@ def main() -> None:
                 results["async_worker"] = async_worker.async_worker(redis.url, stub, sizes)
             if "partials" in only:
                 results["partials"] = partials.partial_results(redis.url, stub, sizes)
+            if "history" in only:
+                results["history"] = history.job_history(redis.url, stub, sizes)
     finally:
         stub.stop()
     if NOTES.exists() and not args.smoke:

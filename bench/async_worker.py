@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,10 @@ def run_workers(
     concurrency: int,
     jobs: int,
     settings: dict[str, str] | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Queue `jobs`, start the workers, wait for every job to end: the row of figures."""
+    """Queue `jobs`, start the workers, wait for every job to end (and then for `until`,
+    noting when it held): the row of figures."""
     more = "-".join(f"{k}={v}" for k, v in (settings or {}).items())
     queue = f"bench-async-{worker_class}-{workers}-{concurrency}-{jobs}{more}"
     env = stub_env(queue, stub) | {"WORKER_CLASS": worker_class, "WORKER_CONCURRENCY": str(concurrency)}
@@ -107,6 +110,10 @@ def run_workers(
         group = _Group(worker.popen.pid)
         done = _wait_all_terminal(redis, ids, timeout=jobs / max(workers, 1) * max(stub.latency_s, 0.01) * 4 + 120)
         group.stop()
+        until_at = None
+        if until is not None:
+            wait_until(until, timeout_s=300, what="the condition after the jobs")
+            until_at = time.time()
     first = min(r.started_at.timestamp() for r in done if r.started_at)
     last = max(r.finished_at.timestamp() for r in done if r.finished_at)
     # From the moment the workers took their first job to each job's end.
@@ -116,6 +123,7 @@ def run_workers(
         "llm_ms": stub.latency_s * 1000, "jobs_per_s": len(done) / (last - first),
         "p50_ms": pct(latency, 50), "p99_ms": pct(latency, 99), "peak_rss_mib": group.peak_mib,
         "cpu_ms_per_job": group.cpu_s * 1000 / len(done),
+        "first_end_at": min(r.finished_at.timestamp() for r in done if r.finished_at), "until_at": until_at,
     }  # fmt: skip
     shape = f"{workers} x {worker_class}" + (f" at concurrency {concurrency}" if worker_class == "async" else "")
     progress(
@@ -174,7 +182,7 @@ def _library(frame: str) -> str:
 
 
 def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("6/7 many calls in flight per worker process: async vs fork vs simple")
+    progress("6/8 many calls in flight per worker process: async vs fork vs simple")
     redis = Redis.from_url(redis_url)
     stub.latency_s = sizes.async_llm_s
     side_by_side = [

@@ -212,6 +212,9 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     pr = results.get("partials")
     if pr:
         lines += _partials(pr)
+    hi = results.get("history")
+    if hi:
+        lines += _history(hi)
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]
@@ -325,5 +328,29 @@ def _partials(pr: dict[str, Any]) -> list[str]:
             f"| {name} | {r['jobs']} | {r['jobs_per_s']:.1f} | {r['cpu_ms_per_job']:.2f} |"
             for name, r in pr["cpu"].items()
         ],
+        "",
+    ]
+
+
+def _history(hi: dict[str, Any]) -> list[str]:
+    a, li = hi["archive"], hi["listing"]
+    return [
+        "## 8. The PostgreSQL job history (`DATABASE_URL`)",
+        "",
+        f"{a['jobs']} jobs queued, then one async worker (concurrency 256, LLM at 0 ms) drains them; with the history",
+        "on, rows/s is from the first job's end to the last row committed (the table polled every 50 ms).",
+        "",
+        "| history | jobs/s | CPU ms per job | rows/s into PostgreSQL |",
+        "| --- | ---: | ---: | ---: |",
+        f"| off | {a['off']['jobs_per_s']:.1f} | {a['off']['cpu_ms_per_job']:.2f} | |",
+        f"| on | {a['on']['jobs_per_s']:.1f} | {a['on']['cpu_ms_per_job']:.2f} | {a['rows_per_s']:.0f} |",
+        "",
+        f"`jobs(first: 50)` with {li['rows']:,} archived rows of one tenant, {li['requests']} requests each, one at a",
+        "time against one API process (Redis holds none of them: every page comes from PostgreSQL):",
+        "",
+        "| page | p50 ms | p99 ms |",
+        "| --- | ---: | ---: |",
+        f"| the first | {li['first_p50_ms']:.1f} | {li['first_p99_ms']:.1f} |",
+        f"| deep (after a cursor anywhere in the history) | {li['deep_p50_ms']:.1f} | {li['deep_p99_ms']:.1f} |",
         "",
     ]

@@ -21,8 +21,12 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = out.read_text()
-    for heading in ("## 1. submitText", "## 2. Subscription fan-out", "## 3. Worker pipeline", "## 4. End to end",
-                    "## 5. Scale-out", "## 6. Many LLM calls", "## 7. Streamed partial results"):  # fmt: skip
+    headings = (
+        "## 1. submitText", "## 2. Subscription fan-out", "## 3. Worker pipeline", "## 4. End to end",
+        "## 5. Scale-out", "## 6. Many LLM calls", "## 7. Streamed partial results",
+        "## 8. The PostgreSQL job history",
+    )  # fmt: skip
+    for heading in headings:
         assert heading in report
     figures = json.loads(out.with_suffix(".json").read_text())
     assert figures["submit"]["graphql"]["rps"] > 0 and figures["submit"]["rest"]["rps"] > 0
@@ -33,4 +37,6 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     # The record's own transitions publish either way; frames only while someone watches.
     publishes = {name: row["by_command"]["publish"] for name, row in cost.items()}
     assert publishes["on"] == publishes["off"] < publishes["on, watched"], publishes
+    archive = figures["history"]["archive"]
+    assert archive["rows_per_s"] > 0 and archive["on"]["jobs"] == archive["off"]["jobs"] == archive["jobs"]
     assert (tmp_path / "bench-fanout.png").stat().st_size > 0 and (tmp_path / "bench-workers.png").stat().st_size > 0
