@@ -55,7 +55,6 @@ class Archiver:
         self.keep_text = keep_text
         self.retention_days = retention_days
         self.claim_after_s = claim_after_s
-        self.archived = 0  # rows committed by this drainer (tests, logs)
         self._conn: AsyncConnection[Any] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -122,7 +121,6 @@ class Archiver:
             text = fields.get(b"t", b"").decode() if self.keep_text else None
             rows.append(history.row(record, text))
         await history.upsert(await self._connection(), rows)
-        self.archived += len(rows)
 
     async def _acknowledge(self, entry_ids: list[bytes]) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

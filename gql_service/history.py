@@ -61,13 +61,6 @@ async def upsert(conn: AsyncConnection[Any], rows: Iterable[dict[str, Any]]) -> 
 _SELECT = f"SELECT {', '.join(c for c in COLUMNS if c != 'text')} FROM jobs"
 
 
-async def get(pool: AsyncConnectionPool[Any], job_id: str, *, tenant: str) -> JobRecord | None:
-    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(f"{_SELECT} WHERE id = %s AND tenant = %s", (job_id, tenant))
-        found = await cur.fetchone()
-    return record_of(found) if found else None
-
-
 async def get_many(pool: AsyncConnectionPool[Any], job_ids: list[str], *, tenant: str) -> dict[str, JobRecord]:
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(f"{_SELECT} WHERE id = ANY(%s) AND tenant = %s", (job_ids, tenant))

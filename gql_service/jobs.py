@@ -63,6 +63,19 @@ async def redis_call(timeout_s: float) -> AsyncIterator[None]:
         raise ServiceUnavailable("the job store is unavailable; try again shortly") from None
 
 
+@contextlib.asynccontextmanager
+async def history_call(timeout_s: float) -> AsyncIterator[None]:
+    """One read of the PostgreSQL history, within `timeout_s`: a history that does not
+    answer is the client's SERVICE_UNAVAILABLE (the job may be there), never a wrong
+    NOT_FOUND or a page with a gap."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except (psycopg.Error, OSError, TimeoutError, PoolTimeout) as exc:
+        log.warning("job history unavailable: %s", exc or type(exc).__name__)
+        raise ServiceUnavailable("the job history is unavailable; try again shortly") from None
+
+
 class TenantSlots:
     """Per-tenant bounds inside one API process: live watched jobs, and snapshot reads at once.
 
@@ -280,15 +293,11 @@ class JobService:
         # The cursor's float ms back to the exact microsecond PostgreSQL keeps (a float's
         # error here is under 0.4 µs, so rounding finds it).
         before = (EPOCH + timedelta(microseconds=round(after[0] * 1000)), after[1]) if after else None
-        try:
-            async with asyncio.timeout(self.settings.redis_timeout_s):
-                return await history.page(
-                    self.history, tenant=tenant, before=before, count=first + 1, status=window.status,
-                    created_after=window.created_after, created_before=window.created_before,
-                )  # fmt: skip
-        except (psycopg.Error, OSError, TimeoutError, PoolTimeout) as exc:
-            log.warning("job history unavailable: %s", exc or type(exc).__name__)
-            raise ServiceUnavailable("the job history is unavailable; try again shortly") from None
+        async with history_call(self.settings.redis_timeout_s):
+            return await history.page(
+                self.history, tenant=tenant, before=before, count=first + 1, status=window.status,
+                created_after=window.created_after, created_before=window.created_before,
+            )  # fmt: skip
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
         async with self._redis_call():
@@ -309,15 +318,9 @@ class JobService:
         return records
 
     async def _archived(self, job_ids: list[str], tenant: str) -> dict[str, JobRecord]:
-        """From the history, within REDIS_TIMEOUT_S: a history that does not answer is the
-        client's SERVICE_UNAVAILABLE (the job may be there), never a wrong NOT_FOUND."""
         assert self.history is not None
-        try:
-            async with asyncio.timeout(self.settings.redis_timeout_s):
-                return await history.get_many(self.history, job_ids, tenant=tenant)
-        except (psycopg.Error, OSError, TimeoutError, PoolTimeout) as exc:
-            log.warning("job history unavailable: %s", exc or type(exc).__name__)
-            raise ServiceUnavailable("the job history is unavailable; try again shortly") from None
+        async with history_call(self.settings.redis_timeout_s):
+            return await history.get_many(self.history, job_ids, tenant=tenant)
 
     async def cancel(self, job_id: str, *, tenant: str) -> JobRecord:
         existing = await self.get(job_id, tenant=tenant)
