@@ -1,0 +1,60 @@
+"""The scripts install what uv.lock says, and only that: a pyproject.toml changed without
+refreshing the lock stops them (and so CI) with a message that says what to do, instead of
+resolving something untested behind the developer's back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """The files the scripts read, in a directory of their own."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "uv.lock", "README.md", "LICENSE", "scripts", "gql_service", "worker.py"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, project / name)
+    return project
+
+
+def sync(project: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")}
+    if os.environ.get("GQLS_UV"):  # the uv ./scripts/test found or installed: no second install
+        env["PATH"] = f"{Path(os.environ['GQLS_UV']).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        ["bash", "-c", 'source scripts/_venv.sh ""'], cwd=project, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_pyproject_that_disagrees_with_the_lock_stops_the_scripts(tmp_path: Path) -> None:
+    project = project_copy(tmp_path)
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"orjson>=3.10,<4",', '"orjson>=3.10,<4",\n    "tomli-w>=1.0",'))
+    done = sync(project)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "uv.lock" in done.stderr and "needs to be updated" in done.stderr, done.stderr[-3000:]
+    assert "./scripts/upgrade" in done.stderr  # what to do about it
+    assert not list(project.glob(".venv/lib/*/site-packages/orjson"))  # nothing was installed
+
+
+def test_a_second_sync_keeps_the_environment(tmp_path: Path) -> None:
+    """The environment is made once and then only topped up: a script run while another
+    runs must not delete the packages under it. (With python3 a pyenv shim, uv saw another
+    interpreter each time, and removed and remade .venv on every command.)"""
+    project = project_copy(tmp_path)
+    first = sync(project)
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = project / ".venv" / "lib" / "kept-by-the-second-sync"
+    kept.write_text("")
+    second = sync(project)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Removed virtual environment" not in second.stderr, second.stderr[-3000:]
+    assert kept.exists()
