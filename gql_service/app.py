@@ -19,18 +19,19 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
+from rq import Queue
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import logs, metrics
+from . import keys, logs, metrics
 from .auth import ApiKeys, RequireApiKey
 from .broadcast import Broadcast
 from .jobs import JobService
 from .limits import LimitBodySize
-from .redis_conn import DEFAULT_URL, async_client, sync_client
+from .redis_conn import async_client, sync_client
 from .settings import Settings, load_settings
 from .view import GraphQLView
 
@@ -56,6 +57,7 @@ async def metrics_endpoint(request: Request) -> Response:
     body = await metrics.render(
         request.app.state.redis,
         queue_key=jobs.queue.key,
+        webhook_queue_key=Queue.redis_queue_namespace_prefix + keys.webhook_queue(jobs.settings.rq_queue),
         subscribers=request.app.state.broadcast.subscriber_count,
         timeout_s=jobs.settings.redis_timeout_s,
     )
@@ -90,7 +92,8 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body)
 
 
-def create_app(settings: Settings, *, redis_url: str) -> Starlette:
+def create_app(settings: Settings) -> Starlette:
+    target = settings.redis_target
     keys = ApiKeys(settings.api_keys)
 
     @asynccontextmanager
@@ -98,13 +101,20 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
         if not keys.enabled:
             log.warning("API_KEYS is not set: the API is open to anyone who can reach it (single tenant)")
         redis = async_client(
-            redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME,
+            target, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME,
             max_connections=settings.redis_max_connections,
         )  # fmt: skip
         # Pub/sub holds its connection for good: a pool of its own keeps it out of the way.
-        pubsub_redis = async_client(redis_url, name=API_CLIENT_NAME, max_connections=1, retries=0)
+        pubsub_redis = async_client(target, name=API_CLIENT_NAME, max_connections=1, retries=0)
+        # Writes that wait for replicas, on a pool of their own (see JobService).
+        acked_redis = None
+        if settings.replica_ack is not None:
+            acked_redis = async_client(
+                target, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME,
+                max_connections=settings.redis_max_connections,
+            )  # fmt: skip
         # RQ's cancel API is synchronous; it is used rarely and gives its connection back.
-        sync_redis = sync_client(redis_url, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME, max_connections=1)
+        sync_redis = sync_client(target, timeout_s=settings.redis_timeout_s, name=API_CLIENT_NAME, max_connections=1)
         broadcast = Broadcast(
             pubsub_redis, timeout_s=settings.redis_timeout_s, health_check_s=settings.pubsub_health_check_s
         )
@@ -126,8 +136,9 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
             )  # fmt: skip
             await history.open(wait=False)
         app.state.jobs = JobService(
-            redis=redis, sync_redis=sync_redis, broadcast=broadcast, settings=settings, history=history
-        )
+            redis=redis, sync_redis=sync_redis, broadcast=broadcast, settings=settings, history=history,
+            acked_redis=acked_redis,
+        )  # fmt: skip
         try:
             yield
         finally:
@@ -135,6 +146,8 @@ def create_app(settings: Settings, *, redis_url: str) -> Starlette:
                 await history.close()
             await broadcast.stop()
             await redis.aclose()
+            if acked_redis is not None:
+                await acked_redis.aclose()
             await pubsub_redis.aclose()
             sync_redis.close()
 
@@ -169,8 +182,8 @@ M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
 def app_from_env() -> Starlette:
-    """uvicorn's factory: settings and REDIS_URL from the environment (`gql-service serve`)."""
+    """uvicorn's factory: the settings from the environment (`gql-service serve`)."""
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)  # again: `--workers N` starts fresh processes
     _give_large_buffers_back()
-    return create_app(settings, redis_url=settings.redis_url or DEFAULT_URL)
+    return create_app(settings)

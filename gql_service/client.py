@@ -18,7 +18,8 @@ import websockets
 
 JOB_FIELDS = """id status stage version attempts requestId
   result { summary sentiment tags entities { type value confidence } language toxicityScore }
-  error { code message retryable } usage { totalTokens }"""
+  error { code message retryable } usage { totalTokens }
+  webhook { url status attempts lastStatusCode lastError nextAttemptAt deliveredAt }"""
 SUBMIT = (
     "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { deduplicated job { %s } } }" % JOB_FIELDS
 )
@@ -74,7 +75,19 @@ def describe(job: dict[str, Any]) -> str:
     if job.get("error"):
         e = job["error"]
         lines.append(f"  error:     {e['code']}: {e['message']}" + (" (retryable)" if e["retryable"] else ""))
+    if job.get("webhook"):
+        lines.append(f"  webhook:   {describe_webhook(job['webhook'])}")
     return "\n".join(lines)
+
+
+def describe_webhook(w: dict[str, Any]) -> str:
+    tries = f"{w['attempts']} attempt{'' if w['attempts'] == 1 else 's'}"
+    line = f"{w['status']} after {tries}" if w["attempts"] else w["status"]
+    if w["status"] == "RETRYING" and w.get("nextAttemptAt"):
+        line += f", next at {w['nextAttemptAt']}"
+    if w["status"] != "DELIVERED" and w.get("lastError"):
+        line += f" ({w['lastError']})"
+    return f"{line} -> {w['url']}"
 
 
 class Progress:
@@ -142,8 +155,11 @@ async def follow(
     return latest
 
 
-def submit(url: str, texts: list[str], *, wait: bool, as_json: bool, api_key: str | None) -> int:
-    body = _post(url, SUBMIT, {"inputs": [{"text": t} for t in texts]}, api_key)
+def submit(
+    url: str, texts: list[str], *, wait: bool, as_json: bool, api_key: str | None, webhook: str | None = None
+) -> int:
+    hook = {"webhookUrl": webhook} if webhook else {}
+    body = _post(url, SUBMIT, {"inputs": [{"text": t, **hook} for t in texts]}, api_key)
     for error in body.get("errors") or []:
         print(f"gql-service: {error['message']}", file=sys.stderr)
     jobs = [p["job"] for p in body["data"]["submitTexts"] if p]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import psycopg
@@ -21,19 +22,30 @@ from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
-from rq import Callback, Queue
+from rq import Queue
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQJobStatus
-from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
-from rq.utils import current_timestamp, now, utcformat
 
-from . import history, keys, partials, store
+from . import batch_store, history, keys, partials, queueing, redis_conn, store, webhooks
 from .broadcast import Broadcast, BroadcastUnavailable, Subscription
 from .errors import BadUserInput, NotFound, RateLimited, ServiceUnavailable
-from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, PartialExtraction, utcnow
+from .models import (
+    JobError,
+    JobErrorCode,
+    JobRecord,
+    JobStage,
+    JobStatus,
+    PartialExtraction,
+    WebhookDelivery,
+    utcnow,
+)
+from .redis_conn import NotReplicated
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .batches import BatchService
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 # Records one `jobs` page may look at when a status filter skips most of them; past it
 # the page ends early and says there is more (hasNextPage with the scan's cursor).
 MAX_LIST_SCAN = 1000
+WEBHOOK_RESOLVE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,14 @@ async def redis_call(timeout_s: float) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(timeout_s):
             yield
+    except NotReplicated as exc:
+        # Written on the primary, not yet on enough replicas: not acknowledged, since a
+        # failover now could lose it. A retry with the same idempotencyKey finds the job.
+        log.warning("redis replicas did not confirm a write: %s", exc)
+        raise ServiceUnavailable(
+            f"the job store did not confirm the write on its replicas in time ({exc}); "
+            "try again shortly (with the same idempotencyKey, if you gave one)"
+        ) from None
     except (RedisConnectionError, RedisTimeoutError, BroadcastUnavailable, TimeoutError) as exc:
         log.warning("redis unavailable: %s", exc or type(exc).__name__)
         raise ServiceUnavailable("the job store is unavailable; try again shortly") from None
@@ -115,8 +136,12 @@ class JobService:
         broadcast: Broadcast,
         settings: Settings,
         history: AsyncConnectionPool[Any] | None = None,
+        acked_redis: AsyncRedis | None = None,
     ) -> None:
         self.redis = redis
+        # The writes that wait for replicas (REDIS_MIN_REPLICAS_ACKED) hold a connection for
+        # up to REDIS_REPLICA_ACK_TIMEOUT_MS: a pool of their own, so reads never wait on them.
+        self.acked_redis = acked_redis or redis
         # The PostgreSQL history (DATABASE_URL), read for jobs Redis no longer holds.
         self.history = history
         self.sync_redis = sync_redis
@@ -129,6 +154,13 @@ class JobService:
             max_reads=max(1, settings.redis_max_connections - 1),
         )
 
+    @functools.cached_property
+    def batches(self) -> BatchService:
+        """Batches of this service's jobs (gql_service.batches builds on this module)."""
+        from .batches import BatchService
+
+        return BatchService(self)
+
     def _redis_call(self) -> contextlib.AbstractAsyncContextManager[None]:
         return redis_call(self.settings.redis_timeout_s)
 
@@ -138,23 +170,73 @@ class JobService:
         if len(text) > self.settings.max_text_chars:
             raise BadUserInput(f"text is {len(text)} characters long; the limit is {self.settings.max_text_chars}")
 
-    def new_job(self, text: str, *, idempotency_key: str | None, tenant: str, request_id: str | None) -> NewJob:
-        """Check one submission and give it its record; raises BadUserInput."""
+    async def check_webhook(self, url: str | None) -> None:
+        """Whether `url` may be a job's webhook (http(s), a public address); BadUserInput if not."""
+        if url is None:
+            return
+        if self.settings.webhook_secret is None:
+            raise BadUserInput("webhooks are off on this service (WEBHOOK_SECRET is not set)")
+        try:
+            async with asyncio.timeout(WEBHOOK_RESOLVE_TIMEOUT_S):
+                await webhooks.check(url, allow_private=self.settings.webhook_allow_private)
+        except webhooks.WebhookRefused as exc:
+            raise BadUserInput(str(exc)) from None
+        except TimeoutError:
+            raise BadUserInput("webhookUrl's host did not resolve in time") from None
+
+    async def refused_webhooks(self, urls: set[str]) -> dict[str, BadUserInput]:
+        """`check_webhook` for each URL at once (a batch may name many): why each refused one is."""
+
+        async def refusal(url: str) -> BadUserInput | None:
+            try:
+                await self.check_webhook(url)
+            except BadUserInput as exc:
+                return exc
+            return None
+
+        ordered = list(urls)
+        found = await asyncio.gather(*(refusal(url) for url in ordered))
+        return {url: exc for url, exc in zip(ordered, found, strict=True) if exc is not None}
+
+    def new_job(
+        self,
+        text: str,
+        *,
+        idempotency_key: str | None,
+        tenant: str,
+        request_id: str | None,
+        webhook_url: str | None = None,
+        batch_id: str | None = None,
+    ) -> NewJob:
+        """Check one submission and give it its record; raises BadUserInput. A webhook URL
+        must have passed `check_webhook`."""
         self.validate_text(text)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise BadUserInput(f"idempotencyKey must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
-        record = JobRecord(id=uuid.uuid4().hex, tenant=tenant, request_id=request_id)
+        record = JobRecord(
+            id=uuid.uuid4().hex, tenant=tenant, request_id=request_id, webhook_url=webhook_url, batch_id=batch_id
+        )
         idem = keys.idempotency(tenant, idempotency_key) if idempotency_key else None
         return NewJob(record=record, text=text, idem=idem)
 
     async def submit(
-        self, text: str, *, idempotency_key: str | None, tenant: str, request_id: str | None
+        self,
+        text: str,
+        *,
+        idempotency_key: str | None,
+        tenant: str,
+        request_id: str | None,
+        webhook_url: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        job = self.new_job(text, idempotency_key=idempotency_key, tenant=tenant, request_id=request_id)
+        await self.check_webhook(webhook_url)
+        job = self.new_job(
+            text, idempotency_key=idempotency_key, tenant=tenant, request_id=request_id, webhook_url=webhook_url
+        )
         return (await self.submit_many([job]))[0]
 
-    async def submit_many(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
-        """Every job (QUEUED, v1) + its RQ job + its idempotency key in one MULTI/EXEC.
+    async def submit_many(self, jobs: list[NewJob], *, batch_id: str | None = None) -> list[tuple[JobRecord, bool]]:
+        """Every job (QUEUED, v1) + its RQ job + its idempotency key in one MULTI/EXEC; with
+        `batch_id` (the jobs' records name it), counted into that batch in the same MULTI.
 
         RQ writes its job into whatever pipeline it is given without reading anything, and an
         asyncio pipeline in MULTI mode buffers commands synchronously, so RQ's enqueue runs
@@ -165,22 +247,29 @@ class JobService:
             if self.queue.redis_server_version is None:
                 # RQ would read the server version synchronously on first enqueue; give it
                 # the answer from our own connection instead.
-                info = await self.redis.info("server")
+                info = await self.acked_redis.info("server")
                 version = str(info["redis_version"]).split(".")
                 self.queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
-            return await self._submit_many(jobs)
+            return await self._submit_many(jobs, batch_id)
 
-    async def _submit_many(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
+    async def _submit_many(self, jobs: list[NewJob], batch_id: str | None) -> list[tuple[JobRecord, bool]]:
         idem_keys = sorted({j.idem for j in jobs if j.idem})
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # A batch takes jobs until it is closed: its open flag is watched, so a close that
+        # comes between this check and the MULTI makes the MULTI fail and the check run again.
+        watched = idem_keys + ([keys.batch_open(batch_id)] if batch_id else [])
+        async with redis_conn.pipeline(self.acked_redis, self.settings.replica_ack) as pipe:
             while True:
                 try:
                     existing: dict[str, JobRecord] = {}
-                    if idem_keys:
+                    batch_open = True
+                    if watched:
                         # Optimistic lock: of concurrent duplicates, exactly one EXEC succeeds.
                         # Reads go through the watching connection itself: with a small pool,
                         # borrowing a second one here could wait for one that never frees up.
-                        await pipe.watch(*idem_keys)
+                        await pipe.watch(*watched)
+                    if batch_id:
+                        batch_open = bool(await pipe.exists(keys.batch_open(batch_id)))
+                    if idem_keys:
                         for key, value in zip(idem_keys, await pipe.mget(idem_keys), strict=True):
                             if value is not None:
                                 found = await store.get_job(pipe, value.decode() if isinstance(value, bytes) else value)
@@ -196,8 +285,21 @@ class JobService:
                         if job.idem:
                             existing[job.idem] = job.record  # a repeat within the batch
                         results.append((job.record, False))
-                    if any(not dedup for _, dedup in results):
+                    added = {r.id: created_ms(r) for r, dedup in results if not dedup}
+                    if batch_id and added:
+                        if not batch_open:
+                            await pipe.reset()
+                            raise BadUserInput(f"batch {batch_id} is closed: it takes no more jobs")  # (repeats do)
+                        batch_store.add_jobs(pipe, batch_id, added, ttl_s=self.settings.result_ttl_s)
+                    if self.settings.replica_ack is not None and all(dedup for _, dedup in results):
+                        # Repeats answer only once the jobs they found are on the replicas
+                        # too: a write of their own (the keys' TTLs, refreshed) for the WAIT
+                        # to count from, as Redis counts a connection's own writes.
+                        for key in idem_keys:
+                            pipe.expire(key, self.settings.idempotency_ttl_s)
+                    if len(pipe):
                         await pipe.execute()
+                        redis_conn.check_replicated(pipe)
                     else:
                         await pipe.reset()
                     return results
@@ -210,23 +312,7 @@ class JobService:
         store.index_job(pipe, job.record, ttl_s=ttl_s)
         if job.idem:
             pipe.set(job.idem, job.record.id, ex=self.settings.idempotency_ttl_s)
-        cap = self.settings.tenant_max_in_flight
-        rq_job = self.queue.create_job(
-            keys.TASK,
-            args=(job.record.id,),
-            job_id=job.record.id,
-            # RQ logs this when a worker takes the job: let the request id be in that line too.
-            description=f"extract {job.record.id} (request {job.record.request_id})",
-            result_ttl=self.settings.rq_result_ttl_s,
-            failure_ttl=self.settings.rq_result_ttl_s,
-            # No timeout or retry policy here: the worker applies its own settings (workers.py, tasks.py).
-            on_failure=Callback(keys.ON_FAILURE),
-            rate_limit=RateLimit(keys.tenant_slots(job.record.tenant), cap) if cap else None,
-        )
-        if cap:
-            _enqueue_held(self.queue, rq_job, pipe, cap, since=job.record.created_at.timestamp())
-        else:
-            self.queue.enqueue_job(rq_job, pipeline=pipe)  # type: ignore[arg-type]
+        queueing.enqueue_extraction(self.queue, job.record, pipe, self.settings)
 
     async def list_jobs(
         self,
@@ -317,6 +403,11 @@ class JobService:
             records = [r or archived.get(job_id) for job_id, r in zip(job_ids, records, strict=True)]
         return records
 
+    async def delivery(self, job_id: str) -> WebhookDelivery | None:
+        """How the job's webhook is getting on (None once its record has expired)."""
+        async with self._redis_call():
+            return (await store.get_deliveries(self.redis, [job_id]))[0]
+
     async def _archived(self, job_ids: list[str], tenant: str) -> dict[str, JobRecord]:
         assert self.history is not None
         async with history_call(self.settings.redis_timeout_s):
@@ -332,10 +423,15 @@ class JobService:
             update = {"status": JobStatus.CANCELED, "stage": JobStage.CANCELED, "error": error, "finished_at": utcnow()}
             return job.model_copy(update=update)
 
+        unconfirmed: store.EndNotReplicated | None = None
         async with self._redis_call():
-            record, changed = await store.update_job(
-                self.redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s, archive=self.history is not None
-            )
+            try:
+                record, changed = await store.update_job(
+                    self.acked_redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s,
+                    archive=self.history is not None, ack=self.settings.replica_ack,
+                )  # fmt: skip
+            except store.EndNotReplicated as exc:  # CANCELED on the primary: still stop the work
+                unconfirmed, record, changed = exc, exc.done.record, exc.done.changed
         if record is None:  # not in Redis: an archived job (it has ended), or one gone meanwhile
             if not existing.terminal:
                 raise NotFound(f"job {job_id} not found")
@@ -351,6 +447,9 @@ class JobService:
             # abandoned (and ended by its socket timeout) if Redis hangs.
             async with self._redis_call():
                 await anyio.to_thread.run_sync(self._stop_rq_job, job_id, abandon_on_cancel=True)
+        if unconfirmed is not None:
+            async with self._redis_call():
+                raise unconfirmed  # SERVICE_UNAVAILABLE: the client is not told it is canceled
         return record
 
     def _stop_rq_job(self, job_id: str) -> None:
@@ -365,7 +464,7 @@ class JobService:
 
     async def updates(
         self, job_ids: list[str], *, tenant: str, partial: bool = False
-    ) -> AsyncIterator[JobRecord | Interim]:
+    ) -> AsyncGenerator[JobRecord | Interim, None]:
         """Each job's snapshot, then every newer version, ending when every job has ended;
         with `partial`, the interim frames of the calls running meanwhile too.
 
@@ -380,12 +479,16 @@ class JobService:
                     events = await stack.enter_async_context(self.broadcast.subscribe(*channels, latest_only=frames))
                     if partial:  # whoever runs these jobs now: publish their frames from here on
                         await partials.ask_for_frames(self.redis, job_ids)
-                async for item in self._follow(events, job_ids, tenant=tenant, frames=set(frames)):
+                # Closed with this generator (see schema.Subscription), then the subscription.
+                follow = await stack.enter_async_context(
+                    contextlib.aclosing(self._follow(events, job_ids, tenant=tenant, frames=set(frames)))
+                )
+                async for item in follow:
                     yield item
 
     async def _follow(
         self, events: Subscription, job_ids: list[str], *, tenant: str, frames: set[str]
-    ) -> AsyncIterator[JobRecord | Interim]:
+    ) -> AsyncGenerator[JobRecord | Interim, None]:
         latest: dict[str, JobRecord] = {}  # the newest version sent, of the jobs still running
         frame_sent: dict[str, tuple[int, int]] = {}  # job id -> (version, seq) of its last frame sent
         pending: list[JobRecord | None] | None = await self.get_many(job_ids, tenant=tenant)
@@ -479,35 +582,3 @@ def created_ms(record: JobRecord) -> float:
 def _owned(record: JobRecord | None, tenant: str) -> JobRecord | None:
     # Another tenant's job is indistinguishable from a missing one.
     return record if record is not None and record.tenant == tenant else None
-
-
-def _enqueue_held(queue: Queue, rq_job: RQJob, pipe: AsyncPipeline, cap: int, *, since: float) -> None:
-    """Queue the commands of RQ's rate-limited enqueue (TENANT_MAX_IN_FLIGHT) on our MULTI.
-
-    RQ's concurrency `RateLimit` is what fair tenants need: a tenant's jobs over the cap wait
-    in a set of RQ's, oldest first, and RQ promotes the next one onto the queue whenever one
-    of the tenant's jobs ends (workers release the slot; a retry keeps it). RQ only refuses
-    to do this inside a caller's pipeline (it would run its promotion script through a
-    synchronous client): these are the same writes as RQ's `_enqueue_rate_limited_job`, with
-    the promotion script sent by EVAL, so the record, the idempotency key and the RQ job
-    still land in one transaction. Waiting jobs are ordered by their creation time to the
-    microsecond (RQ's own timestamp has whole seconds, so a batch would go in by id).
-    """
-    registry = RateLimitRegistry.from_job(rq_job)
-    rq_job.origin = queue.name
-    rq_job.set_status(RQJobStatus.RATE_LIMITED, pipeline=pipe)  # type: ignore[arg-type]
-    pipe.sadd(queue.redis_queues_keys, queue.key)
-    registry.register(cap, pipe)  # type: ignore[arg-type]
-    rq_job.save(pipeline=pipe)  # type: ignore[arg-type]
-    registry.add_to_rate_limited(rq_job.id, pipe, timestamp=since)  # type: ignore[arg-type]
-    pipe.eval(
-        ACQUIRE_AND_ENQUEUE_SCRIPT,
-        2,
-        registry.allowed_key,
-        registry.rate_limited_key,
-        cap,
-        current_timestamp(),
-        utcformat(now()),
-        Queue.redis_queue_namespace_prefix,
-        RQJob.redis_job_namespace_prefix,
-    )

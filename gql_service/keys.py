@@ -10,6 +10,8 @@ PREFIX = "gqls"
 # never imports the worker side (tasks, pipeline, providers).
 TASK = "gql_service.tasks.run_extraction"
 ON_FAILURE = "gql_service.tasks.on_failure"
+DELIVER_WEBHOOK = "gql_service.deliveries.deliver"
+WEBHOOK_LOST = "gql_service.deliveries.on_failure"
 
 
 def job(job_id: str) -> str:
@@ -31,11 +33,77 @@ def job_partials(job_id: str) -> str:
 PARTIALS_WANTED = f"{PREFIX}:partials:wanted"
 
 
+# Every job that has not ended, by record key, scored by the time of its last change (ms):
+# written with the record (store.py), read by the reconciler (gql_service.reconciler).
+LIVE_JOBS = f"{PREFIX}:jobs:live"
+# Held by the worker process that reconciles now, so that one does, cluster-wide.
+RECONCILE_LOCK = f"{PREFIX}:jobs:reconciling"
+
+
+def job_id_of(record_key: str) -> str:
+    return record_key.removeprefix(f"{PREFIX}:job:")
+
+
+# -- batches (gql_service.batch_store) ---------------------------------------------------
+# Batch ids carry this prefix: no job id (uuid hex) has it, so `node(id:)` knows which is which.
+BATCH_ID_PREFIX = "batch_"
+
+
+def batch(batch_id: str) -> str:
+    """A batch's hash: its fields, and the counts its jobs' transitions keep."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_open(batch_id: str) -> str:
+    """Exists while the batch takes jobs: submissions WATCH it, closing deletes it (the
+    batch's hash changes with every job transition, this only once)."""
+    return f"{PREFIX}:batch:{batch_id}:open"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """Sorted set of the batch's job ids by creation time (ms)."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_ended(batch_id: str) -> str:
+    """List of the batch's job ids in the order they ended: where a client reads the
+    results as they come (an offset is its cursor)."""
+    return f"{PREFIX}:batch:{batch_id}:ended"
+
+
+def batch_events(batch_id: str) -> str:
+    """Published on every change of the batch: its new version (subscribers read it again)."""
+    return f"{PREFIX}:batch:{batch_id}:events"
+
+
+def tenant_batches(tenant: str) -> str:
+    return f"{PREFIX}:tenant:{tenant}:batches"
+
+
+def batch_idempotency(tenant: str, key: str) -> str:
+    return idempotency(tenant, f"batch\0{key}")
+
+
 # Ended jobs waiting to be written to the PostgreSQL history: a stream, drained by the
 # workers' archivers as one consumer group (gql_service.archiver).
 ARCHIVE_OUTBOX = f"{PREFIX}:archive:outbox"
 # Held by the archiver that runs the hourly retention, so that one does, cluster-wide.
 ARCHIVE_RETENTION_LOCK = f"{PREFIX}:archive:retention"
+
+
+# Ended jobs whose webhook is still to be queued for delivery: a stream, moved onto the
+# webhook queue by the workers' relays as one consumer group (gql_service.deliveries).
+WEBHOOK_OUTBOX = f"{PREFIX}:webhooks:outbox"
+
+
+def webhook_queue(rq_queue: str) -> str:
+    """The RQ queue of webhook deliveries, beside the LLM queue it belongs to."""
+    return f"{rq_queue}-webhooks"
+
+
+def webhook_delivery_job(job_id: str) -> str:
+    """The RQ job delivering a job's webhook: one per job, so a repeat is seen."""
+    return f"webhook-{job_id}"
 
 
 def idempotency(tenant: str, key: str) -> str:

@@ -11,9 +11,8 @@ JSON = "application/json"
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 
 
-def preferred_media_type(accept: str) -> str:
-    """application/graphql-response+json when the client names it and ranks it no lower than
-    application/json; otherwise (no Accept, */*, application/json) application/json, as before."""
+def _json_qualities(accept: str) -> tuple[float, float]:
+    """(application/graphql-response+json's q, application/json's q) in an Accept header."""
     response_json_q = json_q = 0.0
     for media_range in accept.split(","):
         media_type, *params = media_range.split(";")
@@ -30,7 +29,20 @@ def preferred_media_type(accept: str) -> str:
             response_json_q = max(response_json_q, q)
         elif media_type in (JSON, "application/*", "*/*"):
             json_q = max(json_q, q)
+    return response_json_q, json_q
+
+
+def preferred_media_type(accept: str) -> str:
+    """application/graphql-response+json when the client names it and ranks it no lower than
+    application/json; otherwise (no Accept, */*, application/json) application/json, as before."""
+    response_json_q, json_q = _json_qualities(accept)
     return GRAPHQL_RESPONSE_JSON if response_json_q > 0 and response_json_q >= json_q else JSON
+
+
+def accepts_json(accept: str) -> bool:
+    """Whether a plain JSON response will do (a client naming event streams or multipart as
+    well, like urql's, still takes JSON for what needs no stream)."""
+    return max(_json_qualities(accept)) > 0
 
 
 def content_type_of(media_type: str) -> str:

@@ -75,6 +75,17 @@ async def record_attempt(
         await pipe.execute()
 
 
+async def record_delivery(redis: AsyncRedis, outcome: str, *, attempt_s: float, since_end_s: float | None) -> None:
+    """One webhook attempt: its outcome (DELIVERED, RETRYING, FAILED) and how long it took;
+    when delivered, how long after the job ended."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hincrby(keys.metrics("webhooks"), outcome, 1)
+        _observe(pipe, keys.metrics("webhook_attempt_seconds"), attempt_s)
+        if since_end_s is not None:
+            _observe(pipe, keys.metrics("webhook_delivery_seconds"), since_end_s)
+        await pipe.execute()
+
+
 # -- read by the API at scrape time ---------------------------------------------------------
 def _histogram(name: str, doc: str, rows: list[tuple[dict[str, str], dict[bytes, bytes]]]) -> Metric:
     family = HistogramMetricFamily(name, doc, labels=sorted({k for labels, _ in rows for k in labels}))
@@ -96,7 +107,9 @@ class _Snapshot(Collector):
         return self.families
 
 
-async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout_s: float) -> bytes:
+async def render(
+    redis: AsyncRedis, *, queue_key: str, webhook_queue_key: str, subscribers: int, timeout_s: float
+) -> bytes:
     """The API's own figures always; the cluster-wide job figures when Redis answers in time
     (a scrape during an outage still shows the process, with gqls_redis_up 0)."""
     stages = ("CALLING_LLM", "VALIDATING", "REPAIRING")
@@ -115,7 +128,15 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
             pipe.smembers(REDIS_WORKER_KEYS)
             pipe.xlen(keys.ARCHIVE_OUTBOX)
             pipe.xrange(keys.ARCHIVE_OUTBOX, count=1)
-            jobs, tokens, limits, llm, *stage_rows, depth, workers, outbox, oldest = await pipe.execute()
+            pipe.hgetall(keys.metrics("webhooks"))
+            pipe.hgetall(keys.metrics("webhook_attempt_seconds"))
+            pipe.hgetall(keys.metrics("webhook_delivery_seconds"))
+            pipe.llen(webhook_queue_key)
+            pipe.xlen(keys.WEBHOOK_OUTBOX)
+            replies = await pipe.execute()
+            jobs, tokens, limits, llm = replies[:4]
+            stage_rows = replies[4 : 4 + len(stages)]
+            depth, workers, outbox, oldest, *hooks = replies[4 + len(stages) :]
             in_flight = await _jobs_in_flight(redis, workers)
     except (RedisError, OSError, TimeoutError):
         families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
@@ -161,10 +182,37 @@ async def render(redis: AsyncRedis, *, queue_key: str, subscribers: int, timeout
             "Age of the oldest ended job not yet written to the history (0: none waiting)",
             value=outbox_age_s(oldest),
         ),
+        *_webhook_families(*hooks),
         in_flight,
         GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
     return generate_latest(REGISTRY) + _expose(families)
+
+
+def _webhook_families(
+    outcomes: dict[bytes, bytes], attempts: dict[bytes, bytes], latency: dict[bytes, bytes], depth: int, outbox: int
+) -> list[Metric]:
+    counted = CounterMetricFamily(
+        "gqls_webhook_attempts",
+        "Webhook delivery attempts by outcome (DELIVERED, RETRYING, FAILED)",
+        labels=["outcome"],
+    )
+    for outcome in ("DELIVERED", "RETRYING", "FAILED"):
+        counted.add_metric([outcome], float(outcomes.get(outcome.encode(), 0)))
+    return [
+        counted,
+        _histogram("gqls_webhook_attempt_seconds", "Duration of one webhook delivery attempt", [({}, attempts)]),
+        _histogram(
+            "gqls_webhook_delivery_seconds", "From a job's end to its webhook's delivery", [({}, latency)]
+        ),
+        GaugeMetricFamily(
+            "gqls_webhook_queue_depth", "Webhook deliveries waiting for a worker (retries not yet due excluded)",
+            value=float(depth),
+        ),
+        GaugeMetricFamily(
+            "gqls_webhook_outbox_depth", "Ended jobs whose webhook is not yet on its queue", value=float(outbox)
+        ),
+    ]  # fmt: skip
 
 
 def outbox_age_s(oldest: list[tuple[bytes, object]]) -> float:

@@ -170,7 +170,105 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     usage: TokenUsage | None = None
     request_id: str | None = None
+    # Where the job's end is announced (gql_service.webhooks); its delivery is kept apart
+    # (`WebhookDelivery`): the record never changes once the job has ended.
+    webhook_url: str | None = None
+    # The batch the job belongs to: its counts move with the job's transitions (store.py).
+    batch_id: str | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status.terminal
+
+    @property
+    def bucket(self) -> str:
+        """Which of its batch's counts the job is in."""
+        return BUCKETS[self.status]
+
+
+# A batch's counts, by job status (a job waiting for its retry is queued again).
+BUCKETS = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.RETRYING: "queued",
+    JobStatus.STARTED: "running",
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELED: "canceled",
+}
+
+
+class BatchStatus(enum.Enum):
+    OPEN = "OPEN"  # takes more jobs
+    RUNNING = "RUNNING"  # closed; some jobs have not ended
+    COMPLETED = "COMPLETED"  # closed, and every job has ended
+    CANCELED = "CANCELED"  # canceled: no more jobs, and those not ended are canceled
+
+
+class BatchCounts(BaseModel):
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    finished: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+    @property
+    def ended(self) -> int:
+        return self.finished + self.failed + self.canceled
+
+
+class BatchRecord(BaseModel):
+    """A batch: its own fields, and the counts and usage its jobs' transitions keep."""
+
+    id: str
+    tenant: str
+    name: str
+    metadata: dict[str, object] = Field(default_factory=dict)
+    version: int = 1
+    created_at: datetime
+    closed_at: datetime | None = None
+    completed_at: datetime | None = None
+    canceled_at: datetime | None = None
+    counts: BatchCounts = Field(default_factory=BatchCounts)
+    usage: TokenUsage = Field(default_factory=lambda: TokenUsage())
+
+    @property
+    def status(self) -> BatchStatus:
+        if self.canceled_at is not None:
+            return BatchStatus.CANCELED
+        if self.completed_at is not None:
+            return BatchStatus.COMPLETED
+        return BatchStatus.RUNNING if self.closed_at is not None else BatchStatus.OPEN
+
+    @property
+    def done(self) -> bool:
+        """Closed, and every job has ended: nothing about it changes any more."""
+        return self.closed_at is not None and self.counts.ended >= self.counts.total
+
+
+class WebhookStatus(enum.Enum):
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    RETRYING = "RETRYING"
+    FAILED = "FAILED"
+
+
+class WebhookDelivery(BaseModel):
+    """How the webhook of a job's end is getting on; written by the delivering worker."""
+
+    url: str
+    status: WebhookStatus = WebhookStatus.PENDING
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in (WebhookStatus.DELIVERED, WebhookStatus.FAILED)
+
+    @field_validator("last_error")
+    @classmethod
+    def _bounded(cls, value: str | None) -> str | None:
+        return value if value is None or len(value) <= MAX_ERROR_CHARS else value[: MAX_ERROR_CHARS - 1] + "…"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -22,6 +23,7 @@ from .llm import Completion, LLMError, Provider, Repair, prompt
 from .models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
 from .partials import PartialStream
 from .provider_limits import ProviderLimits
+from .settings import ReplicaAck
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,11 @@ class Attempt:
         limits: ProviderLimits | None = None,
         partials: PartialStream | None = None,
         archive: bool = False,
+        ack: ReplicaAck | None = None,
     ) -> None:
         self.redis = redis
         self.archive = archive  # the end of the job goes to the history (DATABASE_URL)
+        self.ack = ack  # the end of the job waits for replicas (REDIS_MIN_REPLICAS_ACKED)
         self.provider = provider
         self.limits = limits
         self.partials = partials
@@ -120,9 +124,10 @@ class Attempt:
         delay, waited = 0.1, 0.0
         while True:
             try:
-                done = await store.transition(
-                    self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, last_seen=last_seen
-                )
+                done = await _transition(
+                    self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, ack=self.ack,
+                    last_seen=last_seen,
+                )  # fmt: skip
                 self._watchers = done.partial_watchers
                 return done
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -273,8 +278,21 @@ class Attempt:
         )
 
 
+async def _transition(redis: Redis, job_id: str, change: store.Change, **options: Any) -> store.Transition:
+    """`store.transition`; an end that replicas did not confirm in time stands all the same.
+
+    There is no client waiting to be told SERVICE_UNAVAILABLE: the end is on the primary,
+    and should a failover lose it, the job's record is back where it was before and the
+    reconciler queues the job again (gql_service.reconciler)."""
+    try:
+        return await store.transition(redis, job_id, change, **options)
+    except store.EndNotReplicated as exc:
+        log.warning("job %s: its end is not confirmed by the replicas (%s)", job_id, exc)
+        return exc.done
+
+
 async def fail_job(
-    redis: Redis, job_id: str, error: JobError, *, ttl_s: int, archive: bool = False
+    redis: Redis, job_id: str, error: JobError, *, ttl_s: int, archive: bool = False, ack: ReplicaAck | None = None
 ) -> JobRecord | None:
     """End a job as FAILED from outside an attempt (crash handlers, enqueue failures)."""
 
@@ -283,5 +301,5 @@ async def fail_job(
             update={"status": JobStatus.FAILED, "stage": JobStage.FAILED, "error": error, "finished_at": utcnow()}
         )
 
-    record, _ = await store.update_job(redis, job_id, change, ttl_s=ttl_s, archive=archive)
-    return record
+    done = await _transition(redis, job_id, change, ttl_s=ttl_s, archive=archive, ack=ack)
+    return done.record

@@ -1,25 +1,47 @@
-"""Redis clients, configured once.
+"""Redis clients, configured once: one server (REDIS_URL) or the primary that Sentinel names.
 
 * Short timeouts, so an outage fails fast instead of hanging.
 * Two quick retries, so a connection left stale by a Redis restart is replaced silently.
 * A blocking pool with a bound: a burst of requests waits for a free connection instead
   of failing ("Too many connections") or opening hundreds of them.
+* With Sentinel (REDIS_SENTINELS), every new connection asks the sentinels where the
+  primary is, so a client follows a failover without a restart. A primary demoted to a
+  replica answers writes with READONLY, inside a Lua script too: that counts as a dropped
+  connection (the next one finds the new primary), never as the command's own error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from redis import BlockingConnectionPool, Redis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelManagedConnection
 from redis.backoff import ExponentialBackoff
+from redis.connection import parse_url
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
+from .settings import RedisTarget, ReplicaAck
+
 CONNECT_TIMEOUT_S = 2.0
 RETRIES = 2
+# A sentinel that does not answer this fast is skipped for the next one.
+SENTINEL_TIMEOUT_S = 0.5
+
+
+Where = RedisTarget | str
+
+
+def _target(where: Where) -> RedisTarget:
+    return RedisTarget(url=where) if isinstance(where, str) else where
 
 
 def _pool_options(timeout_s: float | None, name: str | None, max_connections: int) -> dict[str, Any]:
@@ -38,8 +60,57 @@ def _backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=0.2, base=0.02)
 
 
+def _demoted(exc: ResponseError) -> bool:
+    """A write refused by a primary that became a replica (a script's error wraps it)."""
+    return str(exc).startswith("READONLY") or "-READONLY" in str(exc)
+
+
+class _FollowingConnection(SentinelManagedConnection):
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not _demoted(exc):
+                raise
+            self.disconnect()
+            raise ConnectionError("the Redis primary became a replica (a failover)") from None
+
+
+class _AsyncFollowingConnection(AsyncSentinelManagedConnection):
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not _demoted(exc):
+                raise
+            await self.disconnect()
+            raise ConnectionError("the Redis primary became a replica (a failover)") from None
+
+
+# Sentinel's pools, bounded and blocking like the plain ones.
+class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    pass
+
+
+class _AsyncSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingConnectionPool):
+    pass
+
+
+def _sentinel_options(target: RedisTarget) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the sentinels' connection options, the primary's credentials and database)."""
+    to_sentinels: dict[str, Any] = {
+        "socket_timeout": SENTINEL_TIMEOUT_S,
+        "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+    }
+    if target.sentinel_password:
+        to_sentinels["password"] = target.sentinel_password
+    parts = parse_url(target.url)
+    to_primary = {k: parts[k] for k in ("username", "password", "db") if parts.get(k) is not None}
+    return to_sentinels, to_primary
+
+
 def async_client(
-    url: str,
+    where: Where,
     *,
     timeout_s: float | None = None,
     name: str | None = None,
@@ -47,14 +118,117 @@ def async_client(
     retries: int = RETRIES,
 ) -> AsyncRedis:
     """`retries=0` for pub/sub: its owner must see every drop to resync (gql_service.broadcast)."""
+    target = _target(where)
     options = _pool_options(timeout_s, name, max_connections)
-    pool = AsyncBlockingConnectionPool.from_url(url, retry=AsyncRetry(_backoff(), retries), **options)
-    return AsyncRedis.from_pool(pool)
+    retry = AsyncRetry(_backoff(), retries)
+    if not target.sentinels:
+        pool = AsyncBlockingConnectionPool.from_url(target.url, retry=retry, **options)
+        return AsyncRedis.from_pool(pool)
+    to_sentinels, to_primary = _sentinel_options(target)
+    sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=to_sentinels)
+    redis: AsyncRedis = sentinel.master_for(
+        target.master,
+        redis_class=AsyncRedis,
+        connection_pool_class=_AsyncSentinelPool,
+        connection_class=_AsyncFollowingConnection,
+        retry=retry,
+        **to_primary,
+        **options,
+    )
+    return redis
 
 
 def sync_client(
-    url: str, *, timeout_s: float | None = None, name: str | None = None, max_connections: int = 32
+    where: Where, *, timeout_s: float | None = None, name: str | None = None, max_connections: int = 32
 ) -> Redis:
+    target = _target(where)
     options = _pool_options(timeout_s, name, max_connections)
-    pool = BlockingConnectionPool.from_url(url, retry=Retry(_backoff(), RETRIES), **options)
-    return Redis(connection_pool=pool)
+    retry = Retry(_backoff(), RETRIES)
+    if not target.sentinels:
+        pool = BlockingConnectionPool.from_url(target.url, retry=retry, **options)
+        return Redis(connection_pool=pool)
+    to_sentinels, to_primary = _sentinel_options(target)
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=to_sentinels)
+    redis: Redis = sentinel.master_for(
+        target.master,
+        redis_class=Redis,
+        connection_pool_class=_SentinelPool,
+        connection_class=_FollowingConnection,
+        retry=retry,
+        **to_primary,
+        **options,
+    )
+    return redis
+
+
+# -- writes that wait for replicas -------------------------------------------------------
+class NotReplicated(RedisError):
+    """The primary has the write, but fewer replicas than asked confirmed it in time: a
+    failover now could lose it."""
+
+
+class _Waiting(AsyncPipeline):
+    """A pipeline (or MULTI/EXEC) followed by WAIT on the very same connection: Redis counts
+    the replicas that have that connection's writes, so it can't be asked on another one.
+
+    Whatever goes wrong with the WAIT itself (the connection drops, a demoted primary
+    answers UNBLOCKED) leaves the write unconfirmed, never repeated: redis-py retries a
+    pipeline that failed on a connection error, and this one's writes are already applied.
+    """
+
+    def __init__(
+        self, redis: AsyncRedis, ack: ReplicaAck, *, transaction: bool, wait_if: Callable[[Any], bool] | None
+    ) -> None:
+        super().__init__(redis.connection_pool, redis.response_callbacks, transaction, None)
+        self.ack = ack
+        self.wait_if = wait_if  # whether the results wrote anything to wait for
+        self.acked: int | None = None  # replicas that confirmed, once executed
+        self.failure: str | None = None
+
+    async def _wait(self, connection: Any, result: Any) -> None:
+        if self.wait_if is not None and not self.wait_if(result):
+            self.acked = self.ack.replicas
+            return
+        try:
+            await connection.send_command("WAIT", self.ack.replicas, self.ack.timeout_ms)
+            self.acked = int(await connection.read_response())
+        except (RedisError, OSError) as exc:
+            await connection.disconnect()
+            self.acked, self.failure = 0, f"{type(exc).__name__}: {exc}"
+
+    async def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        result = await super()._execute_transaction(connection, commands, raise_on_error)
+        await self._wait(connection, result)
+        return result
+
+    async def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: bool) -> Any:
+        result = await super()._execute_pipeline(connection, commands, raise_on_error)
+        await self._wait(connection, result)
+        return result
+
+    def check(self) -> None:
+        """Raise NotReplicated unless enough replicas confirmed."""
+        if self.failure is not None:
+            raise NotReplicated(f"no replica confirmed it: the wait failed ({self.failure})")
+        if self.acked is None or self.acked < self.ack.replicas:
+            confirmed, wanted = self.acked or 0, self.ack.replicas
+            raise NotReplicated(f"{confirmed} of {wanted} replica(s) confirmed it within {self.ack.timeout_ms} ms")
+
+
+def pipeline(
+    redis: AsyncRedis,
+    ack: ReplicaAck | None,
+    *,
+    transaction: bool = True,
+    wait_if: Callable[[Any], bool] | None = None,
+) -> AsyncPipeline:
+    """`redis.pipeline()`, or with `ack` one whose `check()` says whether replicas have it
+    (`wait_if(results)`: whether there is a write to wait for)."""
+    if ack is None:
+        return redis.pipeline(transaction=transaction)
+    return _Waiting(redis, ack, transaction=transaction, wait_if=wait_if)
+
+
+def check_replicated(pipe: AsyncPipeline) -> None:
+    if isinstance(pipe, _Waiting):
+        pipe.check()

@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import base64
+from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is: a server's URL, or sentinels and the name of the primary they watch.
+
+    With sentinels, `url` gives only the primary's username, password and database.
+    """
+
+    url: str = DEFAULT_REDIS_URL
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = "mymaster"
+    sentinel_password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        # For logs and messages: never a password.
+        if self.sentinels:
+            where = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"sentinel {where}, primary {self.master!r}"
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+@dataclass(frozen=True)
+class ReplicaAck:
+    """A write counts once this many replicas have it (Redis WAIT), within `timeout_ms`."""
+
+    replicas: int
+    timeout_ms: int
 
 
 class SettingsError(Exception):
@@ -16,6 +52,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     redis_url: str | None = None
+    # Redis behind Sentinel: `host:port,host:port`; the primary named REDIS_SENTINEL_MASTER is
+    # found through them (REDIS_URL then gives only its password and database).
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = Field("mymaster", min_length=1)
+    redis_sentinel_password: SecretStr | None = Field(None, repr=False)
+    # Submissions (and jobs' ends) answer only once this many replicas have their writes
+    # (Redis WAIT); 0: as soon as the primary has them.
+    redis_min_replicas_acked: int = Field(0, ge=0, le=16)
+    redis_replica_ack_timeout_ms: int = Field(1000, ge=1, le=60_000)
+    # How often the workers look for jobs whose queue entry is gone (a failover lost it),
+    # and how long such a job's record must have stood still before it is queued again.
+    reconcile_interval_s: float = Field(30.0, gt=0, le=3600)
     # The PostgreSQL job history (postgresql://…). Unset: jobs live in Redis only.
     database_url: str | None = None
     # Whether the history keeps each job's submitted text.
@@ -81,6 +129,19 @@ class Settings(BaseSettings):
     # Command connections per API process (pub/sub has one more of its own). Requests share
     # them; a burst waits for a free one rather than opening more.
     redis_max_connections: int = Field(2, ge=1, le=1000)
+    # Webhooks (`webhookUrl`): the Standard Webhooks signing secret, `whsec_` + base64 of
+    # 24 to 64 random bytes (`gql-service webhook-secret` makes one). Unset: webhooks are off.
+    webhook_secret: SecretStr | None = Field(None, repr=False)
+    # A delivery counts when the receiver answers 2xx within this long.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300)
+    # The first retry waits about this long, each next one five times longer (with jitter).
+    webhook_retry_base_s: float = Field(5.0, ge=1, le=3600)
+    # Attempts in all before a delivery is FAILED (the default 8 span about a day).
+    webhook_max_attempts: int = Field(8, ge=1, le=20)
+    # Allow webhook URLs that resolve to loopback, private or link-local addresses.
+    webhook_allow_private: bool = False
+    # Deliveries one async worker process runs at once, besides its LLM jobs.
+    webhook_concurrency: int = Field(16, ge=1, le=1000)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -94,6 +155,39 @@ class Settings(BaseSettings):
             raise ValueError("LLM_PROVIDER=openai needs OPENAI_API_KEY")
         return self
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None  # REDIS_SENTINELS= (empty): unset
+        if value is not None:
+            _sentinel_addresses(value)
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value()
+            try:
+                key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                key = b""
+            if not raw.startswith("whsec_") or not 24 <= len(key) <= 64:
+                raise ValueError("must be whsec_ followed by base64 of 24 to 64 bytes (gql-service webhook-secret)")
+        return value
+
+    @model_validator(mode="after")
+    def _ack_within_redis_timeout(self) -> Settings:
+        # The API bounds each Redis operation by REDIS_TIMEOUT_S, and a submission's WAIT
+        # comes after its reads and its MULTI: it may take half of that at most.
+        if self.redis_min_replicas_acked and self.redis_replica_ack_timeout_ms > self.redis_timeout_s * 500:
+            raise ValueError("REDIS_REPLICA_ACK_TIMEOUT_MS must be at most half of REDIS_TIMEOUT_S")
+        if self.redis_sentinels and (self.redis_url or "").startswith("rediss://"):
+            # redis-py's Sentinel pools would take the TLS settings of neither side from it.
+            raise ValueError("REDIS_URL rediss:// (TLS) is not supported with REDIS_SENTINELS")
+        return self
+
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
@@ -105,9 +199,41 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def redis_target(self) -> RedisTarget:
+        """Where Redis is, as every client of it is built (gql_service.redis_conn)."""
+        url = self.redis_url or DEFAULT_REDIS_URL
+        if not self.redis_sentinels:
+            return RedisTarget(url=url)
+        password = self.redis_sentinel_password.get_secret_value() if self.redis_sentinel_password else None
+        return RedisTarget(
+            url=url,
+            sentinels=_sentinel_addresses(self.redis_sentinels),
+            master=self.redis_sentinel_master,
+            sentinel_password=password,
+        )
+
+    @property
+    def replica_ack(self) -> ReplicaAck | None:
+        """What submissions and jobs' ends wait for (None: the primary's answer alone)."""
+        if not self.redis_min_replicas_acked:
+            return None
+        return ReplicaAck(self.redis_min_replicas_acked, self.redis_replica_ack_timeout_ms)
+
+    @property
     def provider(self) -> Literal["openai", "offline"]:
         assert self.llm_provider is not None
         return self.llm_provider
+
+
+def _sentinel_addresses(value: str) -> tuple[tuple[str, int], ...]:
+    addresses = []
+    for item in value.split(","):
+        host, _, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port pairs separated by commas, got {item.strip()!r}")
+        addresses.append((host, int(port)))
+    return tuple(addresses)
 
 
 def load_settings(**overrides: object) -> Settings:

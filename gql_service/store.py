@@ -20,8 +20,10 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 
-from . import keys
-from .models import JobRecord, utcnow
+from . import keys, redis_conn
+from .models import JobRecord, TokenUsage, WebhookDelivery, utcnow
+from .redis_conn import NotReplicated
+from .settings import ReplicaAck
 
 # Compare-and-set on the version: a concurrent writer makes us re-read and re-apply.
 # Each transition carries a unique id (ARGV[5], kept in field `x`): when a connection drops
@@ -32,6 +34,18 @@ from .models import JobRecord, utcnow
 # With the archive on (DATABASE_URL), a transition to an ended state also adds the job to
 # the archive outbox (KEYS[4], ARGV[6] = '1'), in the same step: no ended job can miss it
 # (gql_service.archiver).
+#
+# A job with a webhook is added to the webhook outbox (KEYS[5], ARGV[7] = '1') by the
+# transition that ends it, likewise (gql_service.deliveries).
+#
+# The jobs that have not ended are kept in a sorted set (KEYS[6]) by the time of their last
+# change, for the reconciler (gql_service.reconciler): a transition moves its job there, or
+# out of it when the job ends (ARGV[8] = '1').
+#
+# A job of a batch (ARGV[10] its bucket before, ARGV[11] after, KEYS[7] the batch) moves
+# between the batch's counts in the same step; when it ends, its usage is added, its id is
+# appended to the batch's ended list (KEYS[9]), and a closed batch whose last job this was is
+# completed. Every such change bumps the batch's version and publishes it (KEYS[8]).
 #
 # A transition also answers how many subscribers want the job's interim frames (KEYS[3]):
 # the worker learns it with the write it makes anyway, so streaming costs no extra command
@@ -47,6 +61,32 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 if ARGV[6] == '1' then
   redis.call('XADD', KEYS[4], '*', 'd', ARGV[3], 't', redis.call('HGET', KEYS[1], 't') or '')
+end
+if ARGV[7] == '1' then
+  redis.call('XADD', KEYS[5], '*', 'd', ARGV[3])
+end
+if ARGV[8] == '1' then
+  redis.call('ZREM', KEYS[6], KEYS[1])
+else
+  redis.call('ZADD', KEYS[6], ARGV[9], KEYS[1])
+end
+if ARGV[10] ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
+  if ARGV[10] ~= ARGV[11] then
+    redis.call('HINCRBY', KEYS[7], ARGV[10], -1)
+    redis.call('HINCRBY', KEYS[7], ARGV[11], 1)
+  end
+  if ARGV[8] == '1' then
+    redis.call('HINCRBY', KEYS[7], 'prompt_tokens', ARGV[12])
+    redis.call('HINCRBY', KEYS[7], 'completion_tokens', ARGV[13])
+    redis.call('HINCRBY', KEYS[7], 'total_tokens', ARGV[14])
+    redis.call('RPUSH', KEYS[9], ARGV[15])
+    redis.call('EXPIRE', KEYS[9], ARGV[4])
+    local c = redis.call('HMGET', KEYS[7], 'total', 'finished', 'failed', 'canceled', 'closed_at', 'completed_at')
+    if c[5] and not c[6] and tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) >= tonumber(c[1]) then
+      redis.call('HSET', KEYS[7], 'completed_at', ARGV[16])
+    end
+  end
+  redis.call('PUBLISH', KEYS[8], redis.call('HINCRBY', KEYS[7], 'v', 1))
 end
 return {1, watchers}
 """
@@ -71,7 +111,10 @@ def create_job(pipe: Pipeline | AsyncPipeline, record: JobRecord, *, text: str, 
     """
     key = keys.job(record.id)
     pipe.hset(key, mapping={"v": record.version, "d": encode(record), "t": text})
+    if record.webhook_url:
+        pipe.hset(key, "w", WebhookDelivery(url=record.webhook_url).model_dump_json())
     pipe.expire(key, ttl_s)
+    pipe.zadd(keys.LIVE_JOBS, {key: record.created_at.timestamp() * 1000})
 
 
 PRUNE_EVERY = 64
@@ -95,7 +138,14 @@ async def list_job_ids(
     redis: AsyncRedis, tenant: str, *, before: tuple[float, str] | None, count: int
 ) -> list[tuple[str, float]]:
     """Up to `count` (id, created ms) pairs, newest first, strictly after the cursor `before`."""
-    key = keys.tenant_jobs(tenant)
+    return await newest_first(redis, keys.tenant_jobs(tenant), before=before, count=count)
+
+
+async def newest_first(
+    redis: AsyncRedis, key: str, *, before: tuple[float, str] | None, count: int
+) -> list[tuple[str, float]]:
+    """Up to `count` (member, score) of a sorted set by creation time, newest first, strictly
+    after the cursor `before`."""
     top: float | str = before[0] if before else "+inf"
     # Ties (same millisecond) sort by id; fetch a few extra so they can be skipped exactly.
     rows: Any = await redis.zrevrangebyscore(key, top, "-inf", start=0, num=count + 16, withscores=True)
@@ -147,9 +197,39 @@ def _next(current: JobRecord, change: Change) -> JobRecord | None:
 
 
 def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int, *, archive: bool = False) -> tuple[list[str], list[Any]]:
+    announce = new.terminal and new.webhook_url is not None
+    batch = new.batch_id or ""
+    usage = new.usage or TokenUsage()
     return (
-        [keys.job(new.id), keys.job_events(new.id), keys.job_partials(new.id), keys.ARCHIVE_OUTBOX],
-        [current.version, new.version, encode(new), ttl_s, uuid.uuid4().hex, int(archive and new.terminal)],
+        [
+            keys.job(new.id),
+            keys.job_events(new.id),
+            keys.job_partials(new.id),
+            keys.ARCHIVE_OUTBOX,
+            keys.WEBHOOK_OUTBOX,
+            keys.LIVE_JOBS,
+            keys.batch(batch),
+            keys.batch_events(batch),
+            keys.batch_ended(batch),
+        ],
+        [
+            current.version,
+            new.version,
+            encode(new),
+            ttl_s,
+            uuid.uuid4().hex,
+            int(archive and new.terminal),
+            int(announce),
+            int(new.terminal),
+            int(new.updated_at.timestamp() * 1000),
+            current.bucket if batch else "",
+            new.bucket if batch else "",
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            new.id,
+            utcnow().isoformat(),
+        ],
     )
 
 
@@ -160,6 +240,18 @@ class Transition:
     partial_watchers: int = 0  # subscribers of the job's interim frames, as it was written
 
 
+class EndNotReplicated(NotReplicated):
+    """A job's end is written on the primary, but not confirmed by enough replicas."""
+
+    def __init__(self, message: str, done: Transition) -> None:
+        super().__init__(message)
+        self.done = done
+
+
+def _wrote(results: list[Any]) -> bool:
+    return bool(results and results[0][0] == 1)  # the CAS script's outcome
+
+
 async def update_job(
     redis: AsyncRedis,
     job_id: str,
@@ -167,10 +259,11 @@ async def update_job(
     *,
     ttl_s: int,
     archive: bool = False,
+    ack: ReplicaAck | None = None,
     last_seen: JobRecord | None = None,
 ) -> tuple[JobRecord | None, bool]:
     """Apply `change` atomically. Returns (state after, whether it changed)."""
-    done = await transition(redis, job_id, change, ttl_s=ttl_s, archive=archive, last_seen=last_seen)
+    done = await transition(redis, job_id, change, ttl_s=ttl_s, archive=archive, ack=ack, last_seen=last_seen)
     return done.record, done.changed
 
 
@@ -181,11 +274,14 @@ async def transition(
     *,
     ttl_s: int,
     archive: bool = False,
+    ack: ReplicaAck | None = None,
     last_seen: JobRecord | None = None,
 ) -> Transition:
     """`update_job`, and how many want the job's interim frames.
 
     `archive`: the history is on; a change that ends the job queues it for the archive.
+    `ack`: a change that ends the job waits for replicas to have it (EndNotReplicated if
+    they don't in time; the change stands on the primary).
     `last_seen`: the state this writer last wrote or read, tried first without reading it
     again (a worker's own transitions, one after the other); if anyone wrote in between,
     the version check refuses it and the change is applied to a fresh read.
@@ -199,11 +295,50 @@ async def transition(
         if new is None:
             return Transition(current, False)
         keys_, args = _cas_args(current, new, ttl_s, archive=archive)
-        outcome, watchers = await script(keys=keys_, args=args)
+        if ack is None or not new.terminal:
+            outcome, watchers = await script(keys=keys_, args=args)
+        else:
+            async with redis_conn.pipeline(redis, ack, transaction=False, wait_if=_wrote) as pipe:
+                await script(keys=keys_, args=args, client=pipe)
+                [(outcome, watchers)] = await pipe.execute()
+            if outcome == 1:
+                try:
+                    redis_conn.check_replicated(pipe)
+                except NotReplicated as exc:
+                    raise EndNotReplicated(str(exc), Transition(new, True, int(watchers))) from None
         if outcome == 1:
             return Transition(new, True, int(watchers))
         if outcome == -1:
             return Transition(None, False)
+
+
+# -- a job's webhook delivery, in field `w` of its record's hash ---------------------------
+# Written only while the record exists: the delivery lives and expires with its job.
+_SAVE_DELIVERY_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSET', KEYS[1], 'w', ARGV[1])
+"""
+
+
+async def get_deliveries(redis: AsyncRedis, job_ids: list[str]) -> list[WebhookDelivery | None]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "w")
+        raws = await pipe.execute()
+    return [WebhookDelivery.model_validate_json(raw) if raw else None for raw in raws]
+
+
+async def save_delivery(redis: AsyncRedis, job_id: str, delivery: WebhookDelivery) -> None:
+    await redis.eval(_SAVE_DELIVERY_LUA, 1, keys.job(job_id), delivery.model_dump_json())
+
+
+def get_delivery_sync(redis: Redis, job_id: str) -> WebhookDelivery | None:
+    raw = redis.hget(keys.job(job_id), "w")
+    return WebhookDelivery.model_validate_json(raw) if raw else None
+
+
+def save_delivery_sync(redis: Redis, job_id: str, delivery: WebhookDelivery) -> None:
+    redis.eval(_SAVE_DELIVERY_LUA, 1, keys.job(job_id), delivery.model_dump_json())
 
 
 # -- what the workers learnt about an LLM endpoint ----------------------------------------

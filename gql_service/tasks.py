@@ -27,14 +27,14 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
 from rq.timeouts import JobTimeoutException
 
-from . import metrics, store
+from . import metrics, queueing, store
 from .llm import FallsBackToJsonMode, Provider
 from .models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from .partials import Demand, PartialStream
 from .pipeline import Attempt, RetryLater, fail_job
 from .provider_limits import ProviderLimits
-from .redis_conn import DEFAULT_URL, async_client
-from .settings import Settings, load_settings
+from .redis_conn import async_client
+from .settings import RedisTarget, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ T = TypeVar("T")
 class WorkerContext:
     settings: Settings
     provider: Provider
-    redis_url: str
+    redis: RedisTarget
 
 
 _context: WorkerContext | None = None
@@ -68,7 +68,7 @@ def context() -> WorkerContext:
         from .llm.factory import make_provider
 
         settings = load_settings()
-        init(WorkerContext(settings, make_provider(settings), settings.redis_url or DEFAULT_URL))
+        init(WorkerContext(settings, make_provider(settings), settings.redis_target))
     assert _context is not None
     return _context
 
@@ -80,7 +80,7 @@ async def run_extraction(job_id: str) -> str | None:
     redis = shared_redis.get()
     if redis is not None:
         return await _extract(ctx, redis, rq_job, job_id, shared_demand.get())
-    redis = async_client(ctx.redis_url, name="gqls-worker")
+    redis = async_client(ctx.redis, name="gqls-worker")
     demand = Demand(redis)
     try:
         await demand.start()
@@ -110,8 +110,10 @@ async def _extract(
         tpm=ctx.settings.llm_tpm,
     )
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
-    archive = ctx.settings.database_url is not None
-    attempt = Attempt(redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, archive=archive)
+    archive, ack = ctx.settings.database_url is not None, ctx.settings.replica_ack
+    attempt = Attempt(
+        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, archive=archive, ack=ack
+    )
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
@@ -122,13 +124,13 @@ async def _extract(
         # detection does, once Redis answers) rather than it ending as an internal error.
         raise
     except TimeoutError:
-        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s, archive=archive)
+        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s, archive=archive, ack=ack)
         return None
     except Exception as exc:
         # A bug mid-job: the record must not stay STARTED.
         log.exception("job %s crashed", job_id)
         error = JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}")
-        await fail_job(redis, job_id, error, ttl_s=ttl_s, archive=archive)
+        await fail_job(redis, job_id, error, ttl_s=ttl_s, archive=archive, ack=ack)
         return None
     return record.status.value if record else None
 
@@ -143,13 +145,12 @@ async def adopt_retry_policy(redis: AsyncRedis, rq_job: RQJob, settings: Setting
     if rq_job.retries_left is not None:
         return  # decided at an earlier attempt
     retries = max(settings.llm_max_attempts - 1, 0)
-    intervals = [min(int(settings.retry_backoff_s * 2**i), MAX_BACKOFF_S) for i in range(retries)]
+    intervals = queueing.retry_intervals(settings, retries)
     rq_job.retries_left, rq_job.retry_intervals = retries, intervals
     # Saved at once: if this process dies, abandoned-job detection reads it from Redis.
     await redis.hset(rq_job.key, mapping={"retries_left": retries, "retry_intervals": json.dumps(intervals)})
 
 
-MAX_BACKOFF_S = 300
 JSON_MODE_MEMORY_S = 24 * 3600
 
 
@@ -173,7 +174,7 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
     """Run `work` from RQ's synchronous hooks (callbacks, the fork worker's monitor)."""
 
     async def main() -> T:
-        redis = async_client(context().redis_url, name="gqls-worker")
+        redis = async_client(context().redis, name="gqls-worker")
         try:
             return await work(redis)
         finally:
@@ -184,9 +185,16 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
 
 def worker_lost(rq_job: RQJob) -> JobRecord | None:
     """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
-    ttl_s = context().settings.result_ttl_s
-    archive = context().settings.database_url is not None
-    retries_left = rq_job.retries_left or 0
+    settings = context().settings
+    ttl_s, archive, ack = settings.result_ttl_s, settings.database_url is not None, settings.replica_ack
+    if rq_job.retries_left is None:
+        # Lost before its first attempt set the retry policy (a worker killed, or a failover,
+        # between taking the job and starting it): it has spent nothing, so it gets the
+        # worker's policy now. RQ reads retries_left off this very object right after this
+        # callback, and retries the job (it failed such a job for good before: attempts 0).
+        retries = max(settings.llm_max_attempts - 1, 0)
+        rq_job.retries_left, rq_job.retry_intervals = retries, queueing.retry_intervals(settings, retries)
+    retries_left = rq_job.retries_left
     log.warning("job %s: its worker was lost; %d retries left", rq_job.id, retries_left)
 
     async def write(redis: AsyncRedis) -> JobRecord | None:
@@ -199,7 +207,7 @@ def worker_lost(rq_job: RQJob) -> JobRecord | None:
             record, _ = await store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
             return record
         error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
-        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s, archive=archive)
+        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s, archive=archive, ack=ack)
         lost = ("FAILED", "WORKER_LOST")
         await metrics.record_attempt(
             redis, final=lost, stage_seconds=(), llm_seconds=(), prompt_tokens=0, completion_tokens=0
@@ -226,4 +234,8 @@ def on_failure(
         rq_job.retries_left = 0  # a timeout ends the job, as when the task records it itself
         settings = context().settings
         archive = settings.database_url is not None
-        _run(lambda redis: fail_job(redis, rq_job.id, _timed_out(), ttl_s=settings.result_ttl_s, archive=archive))
+        _run(
+            lambda redis: fail_job(
+                redis, rq_job.id, _timed_out(), ttl_s=settings.result_ttl_s, archive=archive, ack=settings.replica_ack
+            )
+        )

@@ -1,6 +1,8 @@
 """Strawberry's ASGI GraphQL view, configured for this service: JSON codec, context, auth at
 connection_init, the GraphQL over HTTP spec's media types, status codes and request errors,
-and the GraphiQL playground served from the package (no CDN)."""
+subscriptions over websockets (both protocols) and over HTTP (GraphQL over Server-Sent
+Events, distinct connections mode, and Apollo's multipart subscriptions), and the GraphiQL
+playground served from the package (no CDN)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import hashlib
 import re
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import orjson
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from graphql import GraphQLError, GraphQLSyntaxError, OperationDefinitionNode, parse
+from prometheus_client import Gauge
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -24,18 +29,34 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.subscriptions import (
+    GRAPHQL_SSE_PROTOCOL,
+    GRAPHQL_TRANSPORT_WS_PROTOCOL,
+    GRAPHQL_WS_PROTOCOL,
+    MULTIPART_SUBSCRIPTION_PROTOCOL,
+)
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
 from strawberry.types.unset import UnsetType
 
 from . import logs
 from .auth import ApiKeys
-from .media_types import GRAPHQL_RESPONSE_JSON, JSON, content_type_of, preferred_media_type
+from .media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
+from .metrics import REGISTRY
 from .schema import MAX_TOKENS, Context, schema
 from .settings import Settings
 from .ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
 
 MAX_REQUEST_ID_CHARS = 128
+SUBSCRIPTION_NEEDS_A_STREAM = (
+    "a subscription needs a stream: a websocket (graphql-transport-ws or graphql-ws), Server-Sent Events "
+    "(Accept: text/event-stream) or multipart HTTP (Accept: multipart/mixed;subscriptionSpec=1.0)"
+)
+HTTP_STREAMS = Gauge(
+    "gqls_http_subscription_streams", "Subscriptions open over HTTP, by transport", ["transport"], registry=REGISTRY
+)
+for _transport in ("sse", "multipart"):
+    HTTP_STREAMS.labels(_transport)  # shown at 0 from the start
 GRAPHIQL = Path(__file__).with_name("static") / "graphiql"
 # A request object or a batch; anything else ("hello", null, 42) is not a GraphQL request.
 _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
@@ -57,31 +78,36 @@ class RequestError(HTTPException):
         self.headers = headers or {}
 
 
-class OperationCounts:
-    """How many operations a document holds, remembered for recent documents: clients send
-    the same few documents again and again, so this costs a parse only the first time.
-    Keyed by digest, so the cache stays small whatever the documents' size."""
+class OperationKinds:
+    """The operations a document holds, name -> type ("query", "subscription", ...),
+    remembered for recent documents: clients send the same few documents again and again,
+    so this costs a parse only the first time. Keyed by digest, so the cache stays small
+    whatever the documents' size."""
 
     def __init__(self, maxsize: int = 256) -> None:
         self.maxsize = maxsize
-        self._counts: OrderedDict[bytes, int] = OrderedDict()
+        self._kinds: OrderedDict[bytes, dict[str | None, str]] = OrderedDict()
 
-    def __call__(self, query: str) -> int:
+    def __call__(self, query: str) -> dict[str | None, str]:
         key = hashlib.blake2b(query.encode(errors="surrogatepass"), digest_size=16).digest()
-        count = self._counts.get(key)
-        if count is None:
+        kinds = self._kinds.get(key)
+        if kinds is None:
             try:
                 document = parse(query, no_location=True, max_tokens=MAX_TOKENS)
             except GraphQLError:
-                count = 0  # execution reports the syntax error as it does for any document
+                kinds = {}  # execution reports the syntax error as it does for any document
             else:
-                count = sum(isinstance(node, OperationDefinitionNode) for node in document.definitions)
-            self._counts[key] = count
-            if len(self._counts) > self.maxsize:
-                self._counts.popitem(last=False)
+                kinds = {
+                    node.name.value if node.name else None: node.operation.value
+                    for node in document.definitions
+                    if isinstance(node, OperationDefinitionNode)
+                }
+            self._kinds[key] = kinds
+            if len(self._kinds) > self.maxsize:
+                self._kinds.popitem(last=False)
         else:
-            self._counts.move_to_end(key)
-        return count
+            self._kinds.move_to_end(key)
+        return kinds
 
 
 class Playground:
@@ -154,9 +180,15 @@ class GraphQLView(GraphQL[Context, None]):
             graphql_ide="graphiql",
             max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
             connection_init_wait_timeout=timedelta(seconds=settings.ws_init_timeout_s),
+            subscription_protocols=(
+                GRAPHQL_TRANSPORT_WS_PROTOCOL,
+                GRAPHQL_WS_PROTOCOL,
+                GRAPHQL_SSE_PROTOCOL,
+                MULTIPART_SUBSCRIPTION_PROTOCOL,
+            ),
         )
         self.keys = keys
-        self.operation_counts = OperationCounts()
+        self.operation_kinds = OperationKinds()
         self.playground = Playground(api_keys=keys.enabled)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -204,6 +236,41 @@ class GraphQLView(GraphQL[Context, None]):
             raise RequestError(400, "the request body must be a JSON object: {query, variables, operationName}")
         return await super().parse_http_body(request)
 
+    async def execute_operation(  # noqa: PLR0917 (Strawberry's signature)
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        request_data: GraphQLRequestData | list[GraphQLRequestData],
+        context: Context,
+        root_value: None,
+        sub_response: Response,
+    ) -> Any:
+        if not isinstance(request_data, list):  # (batches are off)
+            self._check_operation(request_data, request.headers.get("accept", ""))
+        return await super().execute_operation(
+            request, request_adapter, request_data, context, root_value, sub_response
+        )
+
+    def _check_operation(self, request_data: GraphQLRequestData, accept: str) -> None:
+        """What Strawberry would not refuse before running it (or, for streams, before the
+        200 and the first event are sent), and whether to stream the answer at all."""
+        query, name = request_data.query, request_data.operation_name
+        if not isinstance(query, str) or not isinstance(name, str | None):
+            return  # Strawberry answers a malformed request itself (a 400)
+        kinds = self.operation_kinds(query)
+        if name is None and len(kinds) > 1:
+            # Strawberry would run the first of several operations; the spec asks for an error.
+            raise RequestError(400, AMBIGUOUS, code="OPERATION_RESOLUTION_FAILURE")
+        kind = kinds.get(name) if name is not None else next(iter(kinds.values()), None)
+        streamed = self._get_stream_transport(request_data.protocol) is not None
+        if streamed and kind != "subscription" and accepts_json(accept):
+            # Strawberry streams whatever comes with a stream in its Accept: a query or a
+            # mutation from a client that takes JSON too (urql's) gets JSON, as it prefers.
+            request_data.protocol = "http"
+        elif not streamed and kind == "subscription":
+            # Strawberry would run it as a query: a 200 with an internal error for its field.
+            raise RequestError(400, SUBSCRIPTION_NEEDS_A_STREAM)
+
     async def execute_single(  # noqa: PLR0917 (Strawberry's signature)
         self,
         request: Request,
@@ -213,14 +280,6 @@ class GraphQLView(GraphQL[Context, None]):
         root_value: None,
         request_data: GraphQLRequestData,
     ) -> ExecutionResult:
-        # Strawberry would run the first of several operations; the spec asks for an error.
-        query, name = request_data.query, request_data.operation_name
-        if name is None and isinstance(query, str) and self.operation_counts(query) > 1:
-            raise RequestError(
-                400,
-                AMBIGUOUS,
-                code="OPERATION_RESOLUTION_FAILURE",
-            )
         try:
             return await super().execute_single(
                 request, request_adapter, sub_response, context, root_value, request_data
@@ -247,6 +306,28 @@ class GraphQLView(GraphQL[Context, None]):
                 formatted.append(shown)
             response_data["errors"] = formatted
         return response_data
+
+    async def create_streaming_response(
+        self,
+        request: Request | WebSocket,
+        stream: Callable[[], AsyncIterator[str]],
+        sub_response: Response,
+        headers: Mapping[str, str],
+    ) -> Response:
+        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+        transport = "sse" if content_type.startswith("text/event-stream") else "multipart"
+
+        async def counted() -> AsyncIterator[str]:
+            # Ends when the client goes: Starlette cancels the stream at the disconnect, and
+            # the subscription's own `finally` blocks release its channels at once.
+            HTTP_STREAMS.labels(transport).inc()
+            try:
+                async for chunk in stream():
+                    yield chunk
+            finally:
+                HTTP_STREAMS.labels(transport).dec()
+
+        return await super().create_streaming_response(request, counted, sub_response, headers)
 
     def create_response(
         self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response

@@ -19,12 +19,13 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 import redis.exceptions
 import uvloop
+from redis import Redis
 from rq import Queue, SimpleWorker, Worker
 from rq.command import parse_payload
 from rq.exceptions import DequeueTimeout
@@ -37,7 +38,7 @@ from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_pool import WorkerPool
 
-from . import logs, store, tasks
+from . import deliveries, keys, logs, reconciler, store, tasks
 from .llm.factory import make_provider
 from .partials import Demand
 from .redis_conn import async_client, sync_client
@@ -46,23 +47,69 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+WEBHOOK_QUEUE_SUFFIX = keys.webhook_queue("")
+FULL_QUEUE_POLL_S = 0.05
 
 
 @contextlib.contextmanager
-def _archiving(name: str) -> Iterator[None]:
-    """While the worker works: its drainer of the archive outbox, when the history is on."""
-    settings = tasks.context().settings
-    if settings.database_url is None:
-        yield
-        return
-    from . import archiver  # psycopg, only where the history is on
+def _background(name: str) -> Iterator[None]:
+    """While the worker works: the reconciler (gql_service.reconciler), and its drainers of
+    the outboxes in use (gql_service.outbox): the archive's when the history is on, the
+    webhooks' when they are."""
+    ctx = tasks.context()
+    stops = [reconciler.start_in_thread(ctx.redis, ctx.settings, consumer=name)]
+    if ctx.settings.database_url is not None:
+        from . import archiver  # psycopg, only where the history is on
 
-    thread, stopping = archiver.start_in_thread(tasks.context().redis_url, settings, consumer=name)
+        stops.append(archiver.start_in_thread(ctx.redis, ctx.settings, consumer=name))
+    if ctx.settings.webhook_secret is not None:
+        stops.append(deliveries.start_relay(ctx.redis, ctx.settings, consumer=name))
     try:
         yield
     finally:
-        stopping.set()
-        thread.join(10)
+        for stop in stops:
+            stop()
+
+
+class OneQueueAtATime(Queue):
+    """RQ's Queue, dequeuing as RQ does for a worker of one queue, for every worker here
+    (they serve the LLM queue and the webhook queue).
+
+    For one queue RQ moves the job id into the queue's intermediate list (LMOVE), where its
+    cleanup finds a job whose worker died before registering it; for several it pops it
+    (BLPOP), and a worker killed in between loses the job. So: each queue in order without
+    waiting, then a bounded wait on the first (the LLM queue: it is the one whose latency
+    counts; a delivery waits at most DEQUEUE_WAIT_S more when the worker is idle).
+    """
+
+    def acquire_maintenance_lock(self) -> bool:
+        # RQ holds the registries' cleanup lock for 899 s: a worker killed while it cleaned
+        # (every few seconds here) kept every other worker from noticing lost jobs for 15
+        # minutes. Held at most WORKER_LOST_AFTER_S here, the bound on noticing a lost job.
+        return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=_Tuning.lost_after_s))
+
+    @classmethod
+    def dequeue_any(  # type: ignore[override]
+        cls, queues: Iterable[Queue], timeout: int | None, connection: Redis, **kwargs: Any
+    ) -> tuple[RQJob, Queue] | None:
+        ordered = list(queues)
+        if len(ordered) == 1:
+            return super().dequeue_any(ordered, timeout, connection, **kwargs)
+        for queue in ordered:
+            found = super().dequeue_any([queue], None, connection, **kwargs)
+            if found is not None:
+                return found
+        if timeout is None:
+            return None
+        return super().dequeue_any(ordered[:1], min(timeout, DEQUEUE_WAIT_S), connection, **kwargs)
+
+
+DEQUEUE_WAIT_S = 1
+
+
+def _extraction(job: RQJob) -> bool:
+    """An LLM job (the others are webhook deliveries, with settings of their own)."""
+    return job.func_name == keys.TASK
 
 
 class _Tuning:
@@ -78,24 +125,47 @@ class _Tuning:
     job_timeout_s: ClassVar[int] = 180
 
     @classmethod
-    def tuned(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def tuned(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # RQ's worker pool gives its children a connection of its own making (a plain pool
+        # with no retries, whatever the parent had): every worker connects as the service
+        # does (gql_service.redis_conn: timeouts, retries, Sentinel), its queues through it.
+        if args:
+            queues = [args[0]] if isinstance(args[0], (str, Queue)) else list(args[0])
+            args = ([q.name if isinstance(q, Queue) else q for q in queues], *args[1:])
+        kwargs["connection"] = sync_client(tasks.context().redis)
         third = max(1, cls.lost_after_s // 3)
         kwargs.setdefault("job_monitoring_interval", third)
         kwargs.setdefault("maintenance_interval", third)
         kwargs.setdefault("worker_ttl", third + 15)  # RQ waits worker_ttl - 15 s for work when idle
-        return kwargs
+        kwargs["queue_class"] = OneQueueAtATime  # RQ's pool passes its own Queue class
+        return args, kwargs
 
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:
         return self.lost_after_s
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        # RQ also gives the worker's own key (and its executions) the job's heartbeat TTL
+        # when a job starts: a few seconds here, so a worker busy that long vanished from
+        # Worker.all and `rq info` while alive. The worker keeps its own lifetime; a lost
+        # job is still noticed by its execution's short TTL.
+        floor = self.worker_ttl + 60  # type: ignore[attr-defined]
+        super().heartbeat(max(timeout or floor, floor), pipeline=pipeline)  # type: ignore[misc]
+
+    def prepare_job_execution(self, job: RQJob, remove_from_intermediate_queue: bool = False) -> None:
+        # Every dequeue here goes through the intermediate list (OneQueueAtATime): always
+        # take the job out of it (LREM of an id that is not there does nothing), or RQ's
+        # cleanup would later fail the finished job and run it again.
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)  # type: ignore[misc]
+
     def work(self, *args: Any, **kwargs: Any) -> bool:
-        with _archiving(self.name):  # type: ignore[attr-defined]
+        with _background(self.name):  # type: ignore[attr-defined]
             return super().work(*args, **kwargs)  # type: ignore[misc, no-any-return]
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         # JOB_TIMEOUT_S is the worker's setting, not the one of the API that queued the job:
         # set before the fork, it bounds the work horse and its monitor alike.
-        job.timeout = self.job_timeout_s
+        if _extraction(job):
+            job.timeout = self.job_timeout_s
         # RQ's own lines about the job (and the work horse, which inherits this) carry the
         # request id of the submission that created it.
         record = store.get_job_sync(self.connection, job.id)  # type: ignore[attr-defined]
@@ -111,13 +181,15 @@ class ServiceWorker(_Tuning, Worker):
     stop request ends that process and nothing else."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **self.tuned(kwargs))
+        args, kwargs = self.tuned(args, kwargs)
+        super().__init__(*args, **kwargs)
 
     def handle_work_horse_killed(self, job: RQJob, retpid: int, ret_val: int, rusage: Any) -> None:
         # The horse died under a live worker (OOM killer, SIGKILL); RQ retries it next.
         # Its retry policy was set by the horse (tasks.adopt_retry_policy): read it back.
         job.refresh()
-        tasks.worker_lost(job)
+        if _extraction(job):  # a webhook delivery has no record of its own to say it in
+            tasks.worker_lost(job)
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
 
@@ -130,7 +202,8 @@ class InlineServiceWorker(_Tuning, SimpleWorker):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **self.tuned(kwargs))
+        args, kwargs = self.tuned(args, kwargs)
+        super().__init__(*args, **kwargs)
 
 
 class AsyncServiceWorker(_Tuning, BaseWorker):
@@ -158,13 +231,15 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
     """
 
     concurrency: ClassVar[int] = 64
+    webhook_concurrency: ClassVar[int] = 16
     log_result_lifespan = False  # one log line less per job; RQ_RESULT_TTL_S says it once
     # RQ bounds callbacks with a death penalty; its default (SIGALRM) only works on the main
     # thread, and RQ's bookkeeping here runs on a thread of its own: RQ's timer-based one.
     death_penalty_class = TimerDeathPenalty
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **self.tuned(kwargs))
+        args, kwargs = self.tuned(args, kwargs)
+        super().__init__(*args, **kwargs)
         self._running: set[asyncio.Task[None]] = set()  # every job's task, from the moment it is taken
         self._tasks: dict[str, tuple[asyncio.Task[None], RQJob]] = {}  # by execution id, once it has one
         self._stopping: set[str] = set()  # job ids stopped on request
@@ -178,7 +253,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         # The registries' cleanup (abandoned jobs and their failure callbacks) builds its own
         # registries with the SIGALRM default: in this process, RQ's timer-based one too.
         BaseRegistry.death_penalty_class = TimerDeathPenalty  # type: ignore[assignment]
-        with _archiving(self.name):
+        with _background(self.name):
             return self._work_in_loop(burst, with_scheduler, **kwargs)
 
     def _work_in_loop(self, burst: bool, with_scheduler: bool, **kwargs: Any) -> bool:
@@ -198,26 +273,45 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         loop = self._loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        redis = async_client(tasks.context().redis_url, name="gqls-worker", max_connections=self.concurrency + 8)
+        redis = async_client(tasks.context().redis, name="gqls-worker", max_connections=self.concurrency + 8)
         tasks.shared_redis.set(redis)
         demand = Demand(redis)
         await demand.start()
         tasks.shared_demand.set(demand)
-        slots = asyncio.Semaphore(self.concurrency)
+        # Slots per queue: deliveries (WEBHOOK_CONCURRENCY) never take an LLM job's place.
+        slots = {q.name: asyncio.Semaphore(self.slots_for(q.name)) for q in self.queues}
+        freed = asyncio.Event()
         heartbeats = asyncio.create_task(self._keep_heartbeats())
         started = 0
         try:
             while not self._stop_requested:
-                await slots.acquire()
-                taken = await self._take(burst)
+                open_queues = [q for q in self._ordered_queues if not slots[q.name].locked()]
+                if not open_queues:
+                    freed.clear()
+                    await freed.wait()
+                    continue
+                # While a queue's slots are all taken, no blocking wait on the others: a
+                # blocked dequeue would not see that queue's slot free up.
+                every_queue = len(open_queues) == len(self.queues)
+                taken = await self._take(burst or not every_queue, open_queues)
                 if taken is None:
-                    slots.release()
-                    if burst:
+                    if every_queue and burst:
                         break
+                    if not every_queue:  # poll again soon, or at once when a slot frees
+                        freed.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(FULL_QUEUE_POLL_S):
+                                await freed.wait()
                     continue
                 job, queue = taken
                 started += 1
-                self._start(job, queue, slots)
+                await slots[queue.name].acquire()  # free: checked above, and only this loop takes
+
+                def release(semaphore: asyncio.Semaphore = slots[queue.name]) -> None:
+                    semaphore.release()
+                    freed.set()
+
+                self._start(job, queue, release)
             if self._running:
                 log.info("worker %s: finishing %d job(s) in flight", self.name, len(self._running))
             while self._running and not self._cold:
@@ -229,28 +323,32 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
             await tasks.context().provider.aclose()
         return started > 0
 
-    async def _take(self, burst: bool) -> tuple[RQJob, Queue] | None:
-        """The next job, waiting up to a second for one (so a stop request is seen soon).
+    def slots_for(self, queue_name: str) -> int:
+        return self.webhook_concurrency if queue_name.endswith(WEBHOOK_QUEUE_SUFFIX) else self.concurrency
+
+    async def _take(self, no_wait: bool, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
+        """The next job, waiting up to a second for one (so a stop request is seen soon),
+        unless `no_wait`.
         Redis unreachable: try again later; the jobs in flight carry on meanwhile."""
         try:
             if self.should_run_maintenance_tasks:
                 await self._bookkeeping(self.run_maintenance_tasks)
-            taken = await self._dequeue(None)
-            if taken is None and not burst:
+            taken = await self._dequeue(None, queues)
+            if taken is None and not no_wait:
                 if not self._running:
                     await self._bookkeeping(self.set_state, WorkerStatus.IDLE)
-                taken = await self._dequeue(1)
+                taken = await self._dequeue(1, queues)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.error("worker %s: could not reach Redis (%s); trying again in 1 s", self.name, exc)
             await asyncio.sleep(1)
             return None
         return taken
 
-    async def _dequeue(self, timeout: int | None) -> tuple[RQJob, Queue] | None:
+    async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
         def dequeue() -> tuple[RQJob, Queue] | None:
             try:
                 return self.queue_class.dequeue_any(
-                    self._ordered_queues,
+                    queues,
                     timeout,
                     connection=self.connection,
                     job_class=self.job_class,
@@ -263,24 +361,26 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
         assert self._loop is not None
         return await self._loop.run_in_executor(self._waiter, dequeue)
 
-    def _start(self, job: RQJob, queue: Queue, slots: asyncio.Semaphore) -> None:
-        job.timeout = self.job_timeout_s  # the worker's setting, as in _Tuning.execute_job
+    def _start(self, job: RQJob, queue: Queue, release: Callable[[], None]) -> None:
+        if _extraction(job):
+            job.timeout = self.job_timeout_s  # the worker's setting, as in _Tuning.execute_job
         job.redis_server_version = self.get_redis_server_version()
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
 
         async def run() -> None:
+            execution: Execution | None = None
             try:
-                execution = await self._bookkeeping(self._prepare, job)
-            except Exception:
-                log.exception("job %s: could not start its execution; abandoned-job detection will retry it", job.id)
-                slots.release()
-                return
-            self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
-            try:
+                try:
+                    execution = await self._bookkeeping(self._prepare, job)
+                except Exception:
+                    log.exception("job %s: could not start; abandoned-job detection will retry it", job.id)
+                    return
+                self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
                 await self._perform(job, queue, execution)
             finally:
-                self._tasks.pop(execution.id, None)
-                slots.release()
+                if execution is not None:
+                    self._tasks.pop(execution.id, None)
+                release()
 
         task = asyncio.create_task(run(), name=f"job {job.id}")
         self._running.add(task)
@@ -289,7 +389,7 @@ class AsyncServiceWorker(_Tuning, BaseWorker):
     def _prepare(self, job: RQJob) -> Execution:
         """What RQ does before a job runs, in one trip to the bookkeeping thread."""
         execution = self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=True)
         return execution
 
     async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
@@ -405,7 +505,6 @@ WORKER_CLASSES: dict[str, type[BaseWorker]] = {
 def run_workers(
     settings: Settings,
     *,
-    redis_url: str,
     num_workers: int = 1,
     concurrency: int | None = None,
     burst: bool = False,
@@ -414,12 +513,15 @@ def run_workers(
     warm_up = getattr(provider, "warm_up", None)
     if warm_up is not None:
         warm_up()  # load models/lexicons once; every work horse inherits them by fork
-    tasks.init(tasks.WorkerContext(settings=settings, provider=provider, redis_url=redis_url))
+    tasks.init(tasks.WorkerContext(settings=settings, provider=provider, redis=settings.redis_target))
     _Tuning.lost_after_s = settings.worker_lost_after_s
     _Tuning.job_timeout_s = settings.job_timeout_s
     AsyncServiceWorker.concurrency = concurrency or settings.worker_concurrency
+    AsyncServiceWorker.webhook_concurrency = settings.webhook_concurrency
     worker_class = WORKER_CLASSES[settings.worker_class]
-    connection = sync_client(redis_url)
+    # The LLM queue first: a worker of one job at a time (fork, simple) takes a delivery
+    # only when no LLM job waits.
+    queues = [settings.rq_queue, keys.webhook_queue(settings.rq_queue)]
     # Everything loaded so far lives as long as the process: keep the collector from
     # scanning it, so forked work horses don't copy the pages it would touch (measured:
     # about 3 ms less per job).
@@ -436,9 +538,9 @@ def run_workers(
         per_process,
     )
     if num_workers == 1:
-        worker_class([settings.rq_queue], connection=connection).work(with_scheduler=True, burst=burst)
+        worker_class(queues).work(with_scheduler=True, burst=burst)
     else:
         pool = WorkerPool(
-            [settings.rq_queue], connection=connection, num_workers=num_workers, worker_class=worker_class
+            queues, connection=sync_client(settings.redis_target), num_workers=num_workers, worker_class=worker_class
         )
         pool.start(burst=burst)

@@ -36,7 +36,7 @@ def _payload_problem(payload: Any, view: Any) -> str | None:
     ):
         if payload.get(name) is not None and not isinstance(payload[name], kind):
             return f"payload.{name} must be {what} or null"
-    if payload.get("operationName") is None and view.operation_counts(payload["query"]) > 1:
+    if payload.get("operationName") is None and len(view.operation_kinds(payload["query"])) > 1:
         return AMBIGUOUS  # Strawberry would run the first operation
     return None
 

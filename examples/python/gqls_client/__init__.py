@@ -1,7 +1,14 @@
 from .async_base_client import AsyncBaseClient
 from .base_model import BaseModel, Upload
 from .client import Client
-from .enums import JobErrorCode, JobStage, JobStatus, Sentiment
+from .enums import (
+    BatchStatus,
+    JobErrorCode,
+    JobStage,
+    JobStatus,
+    Sentiment,
+    WebhookStatus,
+)
 from .exceptions import (
     GraphQLClientError,
     GraphQLClientGraphQLError,
@@ -10,7 +17,7 @@ from .exceptions import (
     GraphQLClientInvalidResponseError,
 )
 from .get_job import GetJob, GetJobJob
-from .input_types import SubmitTextInput
+from .input_types import CreateBatchInput, SubmitTextInput
 from .job_updates import (
     JobUpdates,
     JobUpdatesJobUpdates,
@@ -24,7 +31,9 @@ from .submit_text import SubmitText, SubmitTextSubmitText, SubmitTextSubmitTextJ
 __all__ = [
     "AsyncBaseClient",
     "BaseModel",
+    "BatchStatus",
     "Client",
+    "CreateBatchInput",
     "GetJob",
     "GetJobJob",
     "GraphQLClientError",
@@ -47,4 +56,5 @@ __all__ = [
     "SubmitTextSubmitText",
     "SubmitTextSubmitTextJob",
     "Upload",
+    "WebhookStatus",
 ]

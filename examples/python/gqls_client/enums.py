@@ -1,6 +1,13 @@
 from enum import Enum
 
 
+class BatchStatus(str, Enum):
+    OPEN = "OPEN"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    CANCELED = "CANCELED"
+
+
 class JobErrorCode(str, Enum):
     INVALID_OUTPUT = "INVALID_OUTPUT"
     REFUSED = "REFUSED"
@@ -37,3 +44,10 @@ class Sentiment(str, Enum):
     POSITIVE = "POSITIVE"
     NEUTRAL = "NEUTRAL"
     NEGATIVE = "NEGATIVE"
+
+
+class WebhookStatus(str, Enum):
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    RETRYING = "RETRYING"
+    FAILED = "FAILED"

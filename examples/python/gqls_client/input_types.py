@@ -1,10 +1,20 @@
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import Field
 
 from .base_model import BaseModel
 
 
+class CreateBatchInput(BaseModel):
+    name: str
+    metadata: Optional[Any] = None
+    "Any JSON object, up to 4 KiB."
+    idempotency_key: Optional[str] = Field(alias="idempotencyKey", default=None)
+    "The same key gives back the same batch (a resumed upload finds its batch)."
+
+
 class SubmitTextInput(BaseModel):
     text: str
     idempotency_key: Optional[str] = Field(alias="idempotencyKey", default=None)
+    webhook_url: Optional[str] = Field(alias="webhookUrl", default=None)
+    "Where to POST a signed event (Standard Webhooks) when the job ends: FINISHED, FAILED or CANCELED. http(s) only, to a public address."

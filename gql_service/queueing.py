@@ -1,0 +1,84 @@
+"""The RQ job that runs an extraction, queued the same way by the API (a submission) and
+by the workers' reconciler (a job whose queue entry a failover lost)."""
+
+from __future__ import annotations
+
+from redis.asyncio.client import Pipeline as AsyncPipeline
+from rq import Callback, Queue
+from rq.job import Job as RQJob
+from rq.job import JobStatus as RQJobStatus
+from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
+from rq.utils import current_timestamp, now, utcformat
+
+from . import keys
+from .models import JobRecord
+from .settings import Settings
+
+MAX_BACKOFF_S = 300
+
+
+def retry_intervals(settings: Settings, retries: int) -> list[int]:
+    """RQ's waits before each retry: RETRY_BACKOFF_S, doubling, at most MAX_BACKOFF_S."""
+    return [min(int(settings.retry_backoff_s * 2**i), MAX_BACKOFF_S) for i in range(retries)]
+
+
+def enqueue_extraction(
+    queue: Queue, record: JobRecord, pipe: AsyncPipeline, settings: Settings, *, attempts_left: int | None = None
+) -> None:
+    """Queue the commands that put the job on RQ's queue onto `pipe` (a MULTI, usually).
+
+    `attempts_left`: a job that has run before (the reconciler's) gets only what is left of
+    LLM_MAX_ATTEMPTS; a new one gets its retry policy from the worker at its first attempt.
+    """
+    cap = settings.tenant_max_in_flight
+    rq_job = queue.create_job(
+        keys.TASK,
+        args=(record.id,),
+        job_id=record.id,
+        # RQ logs this when a worker takes the job: let the request id be in that line too.
+        description=f"extract {record.id} (request {record.request_id})",
+        result_ttl=settings.rq_result_ttl_s,
+        failure_ttl=settings.rq_result_ttl_s,
+        # No timeout or retry policy here: the worker applies its own settings (workers.py, tasks.py).
+        on_failure=Callback(keys.ON_FAILURE),
+        rate_limit=RateLimit(keys.tenant_slots(record.tenant), cap) if cap else None,
+    )
+    if attempts_left is not None:
+        rq_job.retries_left = max(attempts_left - 1, 0)
+        rq_job.retry_intervals = retry_intervals(settings, rq_job.retries_left)
+    if cap:
+        _enqueue_held(queue, rq_job, pipe, cap, since=record.created_at.timestamp())
+    else:
+        queue.enqueue_job(rq_job, pipeline=pipe)  # type: ignore[arg-type]
+
+
+def _enqueue_held(queue: Queue, rq_job: RQJob, pipe: AsyncPipeline, cap: int, *, since: float) -> None:
+    """Queue the commands of RQ's rate-limited enqueue (TENANT_MAX_IN_FLIGHT) on our MULTI.
+
+    RQ's concurrency `RateLimit` is what fair tenants need: a tenant's jobs over the cap wait
+    in a set of RQ's, oldest first, and RQ promotes the next one onto the queue whenever one
+    of the tenant's jobs ends (workers release the slot; a retry keeps it). RQ only refuses
+    to do this inside a caller's pipeline (it would run its promotion script through a
+    synchronous client): these are the same writes as RQ's `_enqueue_rate_limited_job`, with
+    the promotion script sent by EVAL, so the record, the idempotency key and the RQ job
+    still land in one transaction. Waiting jobs are ordered by their creation time to the
+    microsecond (RQ's own timestamp has whole seconds, so a batch would go in by id).
+    """
+    registry = RateLimitRegistry.from_job(rq_job)
+    rq_job.origin = queue.name
+    rq_job.set_status(RQJobStatus.RATE_LIMITED, pipeline=pipe)  # type: ignore[arg-type]
+    pipe.sadd(queue.redis_queues_keys, queue.key)
+    registry.register(cap, pipe)  # type: ignore[arg-type]
+    rq_job.save(pipeline=pipe)  # type: ignore[arg-type]
+    registry.add_to_rate_limited(rq_job.id, pipe, timestamp=since)  # type: ignore[arg-type]
+    pipe.eval(
+        ACQUIRE_AND_ENQUEUE_SCRIPT,
+        2,
+        registry.allowed_key,
+        registry.rate_limited_key,
+        cap,
+        current_timestamp(),
+        utcformat(now()),
+        Queue.redis_queue_namespace_prefix,
+        RQJob.redis_job_namespace_prefix,
+    )
