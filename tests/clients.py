@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -25,6 +28,9 @@ UPDATES = gql(
       }
     }"""
 )
+SUBMIT_WITH_KEY = """mutation($text: String!, $key: String) {
+  submitText(input: {text: $text, idempotencyKey: $key}) { job { id } deduplicated }
+}"""
 TEXT = "I loved the clinic. Dr. Rao was kind. Waiting time was 10 minutes at Springfield General Hospital in Boston."
 
 
@@ -57,3 +63,44 @@ async def follow(
             if first_seen is not None and (until_stage is None or events[-1]["stage"] == until_stage):
                 first_seen.set()
     return events
+
+
+@dataclass
+class SteadySubmitter:
+    """Submits jobs one after the other, as a client would, noting each outcome."""
+
+    svc: Service
+    ok: list[tuple[float, str]] = field(default_factory=list)
+    failed: list[tuple[float, str, str]] = field(default_factory=list)  # (when, code, message)
+    stop: threading.Event = field(default_factory=threading.Event)
+    interval_s: float = 0.02
+    _thread: threading.Thread | None = None
+
+    def start(self) -> SteadySubmitter:
+        self._thread = threading.Thread(target=self.run, name="steady-submitter", daemon=True)
+        self._thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                payload = {"query": SUBMIT_WITH_KEY, "variables": {"text": f"{TEXT} ({n})"}}
+                try:
+                    body = client.post(self.svc.http_url, json=payload).json()
+                except httpx.HTTPError as exc:  # the API itself is away
+                    self.failed.append((time.monotonic(), "HTTP", str(exc)))
+                else:
+                    now = time.monotonic()
+                    if body.get("errors"):
+                        error = body["errors"][0]
+                        self.failed.append((now, error.get("extensions", {}).get("code", "?"), error["message"]))
+                    else:
+                        self.ok.append((now, body["data"]["submitText"]["job"]["id"]))
+                time.sleep(self.interval_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,15 @@ from gql_service.settings import Settings
 
 from .openai_stub import OpenAIStub
 from .service import Service
+
+# The files that take longest, first: with two processes taking files in order, one drawn
+# last (the bench smoke run takes minutes) kept one process busy alone at the end.
+SLOWEST_FIRST = ("test_bench_smoke.py", "test_js_clients.py", "test_sentinel.py", "test_wheel.py", "test_install.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -120,8 +130,14 @@ def e2e_redis(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
 
 
+# The webhook secret of the shared service (README's receiver example verifies with it).
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"gql-service webhook test secret!").decode()
+
+
 @pytest.fixture(scope="module")
 def service(e2e_redis: str) -> Iterator[Service]:
-    """`gql-service serve` and a pool of two workers, offline provider."""
-    with Service(e2e_redis, workers=2) as svc:
+    """`gql-service serve` and a pool of two workers, offline provider; webhooks on, to
+    loopback receivers too."""
+    env = {"WEBHOOK_SECRET": WEBHOOK_SECRET, "WEBHOOK_ALLOW_PRIVATE": "true"}
+    with Service(e2e_redis, workers=2, env=env) as svc:
         yield svc

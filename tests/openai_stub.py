@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -141,6 +142,10 @@ class OpenAIStub:
         # As a provider does: more than this many requests in any 60 s are answered 429.
         self.enforce_rpm: int | None = None
         self.over_limit = 0  # requests answered 429 for it
+        # Hold every request until this many are open at once, then answer them (after
+        # latency_s): "all in flight together" however slowly a busy machine sends them.
+        self.hold_until_open: int | None = None
+        self._all_open: asyncio.Event | None = None  # made on the stub's own loop
         # Streamed answers: in this many content chunks, spread over this long.
         self.stream_chunks = 8
         self.stream_seconds = 0.0
@@ -173,6 +178,7 @@ class OpenAIStub:
             self.arrivals.clear()
             self.most_open_calls = self._open_calls = self.over_limit = 0
             self.enforce_rpm = None
+            self.hold_until_open, self._all_open = None, None
             self._generation += 1
             self.latency_s = 0.0
             self.stream_chunks, self.stream_seconds = 8, 0.0
@@ -186,7 +192,17 @@ class OpenAIStub:
             generation = self._generation
             self._open_calls += 1
             self.most_open_calls = max(self.most_open_calls, self._open_calls)
+            if self.hold_until_open is not None:
+                if self._all_open is None:
+                    self._all_open = asyncio.Event()
+                if self._open_calls >= self.hold_until_open:
+                    self._all_open.set()
+            all_open = self._all_open
         try:
+            if all_open is not None:
+                with contextlib.suppress(TimeoutError):  # a test that never sends them all fails on its own
+                    async with asyncio.timeout(120):
+                        await all_open.wait()
             return await self._answer(request)
         finally:
             with self._lock:

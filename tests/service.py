@@ -87,8 +87,16 @@ class Service:
         return proc
 
     def start(self) -> Service:
-        if self.workers:
-            self.start_worker()
+        try:
+            if self.workers:
+                self.start_worker()
+            self._start_api()
+        except BaseException:
+            self.stop()  # `with` calls no __exit__ when __enter__ fails: nothing may be left running
+            raise
+        return self
+
+    def _start_api(self) -> Proc:
         api = Proc("api", ["serve", "--port", str(self.port)], self.env)
         self.procs.append(api)
 
@@ -97,8 +105,16 @@ class Service:
                 raise RuntimeError(f"API exited:\n{api.output()}")
             return answers(f"http://127.0.0.1:{self.port}/healthz")
 
-        wait_until(healthy, what="the API to answer /healthz")
-        return self
+        # Seconds on a quiet machine; far more with the suite's other file running beside it.
+        wait_until(healthy, timeout_s=60, what="the API to answer /healthz")
+        return api
+
+    def restart_api(self, sig: int = signal.SIGKILL) -> Proc:
+        """Stop the API process (SIGKILL: every connection it held drops at once) and start
+        another on the same port."""
+        api = next(p for p in reversed(self.procs) if p.name == "api")
+        api.stop(sig)
+        return self._start_api()
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -110,5 +126,9 @@ class Service:
     def __enter__(self) -> Service:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.stop()
+        if exc_type is not None:  # pytest shows a failed test's output: what each process said
+            for proc in self.procs:
+                tail = proc.output().splitlines()[-60:]
+                print(f"--- {proc.name} {proc.log} (last {len(tail)} lines) ---", *tail, sep="\n")

@@ -24,7 +24,8 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     headings = (
         "## 1. submitText", "## 2. Subscription fan-out", "## 3. Worker pipeline", "## 4. End to end",
         "## 5. Scale-out", "## 6. Many LLM calls", "## 7. Streamed partial results",
-        "## 8. The PostgreSQL job history",
+        "## 8. The PostgreSQL job history", "## 9. Webhooks", "## 10. Redis behind Sentinel",
+        "## 11. Subscriptions over HTTP", "## 12. A file of", "## 13. Hostile queries",
     )  # fmt: skip
     for heading in headings:
         assert heading in report
@@ -39,4 +40,13 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert publishes["on"] == publishes["off"] < publishes["on, watched"], publishes
     archive = figures["history"]["archive"]
     assert archive["rows_per_s"] > 0 and archive["on"]["jobs"] == archive["off"]["jobs"] == archive["jobs"]
+    for hooks in figures["webhooks"]["rows"]:
+        assert hooks["deliveries_per_s"] > 0 and hooks["on"]["jobs"] == hooks["off"]["jobs"] == hooks["jobs"]
+    assert figures["bulk"]["cli"]["jobs_per_s"] > 0 and figures["bulk"]["by_hand"]["jobs_per_s"] > 0
+    streams = figures["http_streams"]["rows"]
+    assert all(row["kib_per_sub"] > 0 and row["one_p99_ms"] > 0 for row in streams.values())
+    assert all(row["p50_ms"] > 0 for row in figures["hostile"]["rows"].values())
+    sentinel = figures["sentinel"]
+    assert all(row["rps"] > 0 for row in sentinel["submit"].values())
+    assert all(0 < row["window_s"] < 30 and row["refused"] > 0 for row in sentinel["failover"].values())
     assert (tmp_path / "bench-fanout.png").stat().st_size > 0 and (tmp_path / "bench-workers.png").stat().st_size > 0

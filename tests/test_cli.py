@@ -22,9 +22,11 @@ from gql import Client, GraphQLRequest, gql
 from gql.transport.websockets import WebsocketsTransport
 from redis import Redis
 from rq import Queue, Worker
+from standardwebhooks import Webhook
 
 from gql_service import keys, store
 from gql_service.embedded_redis import free_port
+from gql_service.settings import load_settings
 
 from .service import answers
 
@@ -46,6 +48,15 @@ def test_bad_settings_stop_start_up_with_one_line_each(tmp_path: Path) -> None:
     assert len(lines) == 2
     assert any(line.startswith("gql-service: bad setting: JOB_TIMEOUT_S:") for line in lines)
     assert any(line.startswith("gql-service: bad setting: LLM_PROVIDER:") for line in lines)
+
+
+def test_webhook_secret_prints_a_secret_the_service_and_the_verifiers_accept(tmp_path: Path) -> None:
+    made = [run_cli("webhook-secret", cwd=tmp_path).stdout.strip() for _ in range(2)]
+    assert made[0] != made[1] and all(m.startswith("whsec_") for m in made)
+    Webhook(made[0])  # standardwebhooks takes it
+    assert load_settings(webhook_secret=made[0], _env_file=None).webhook_secret is not None  # and so does the service
+    bad = run_cli("worker", env={"WEBHOOK_SECRET": "not-a-secret"}, cwd=tmp_path)
+    assert bad.returncode == 2 and "WEBHOOK_SECRET" in bad.stderr and "not-a-secret" not in bad.stderr
 
 
 def test_openai_provider_without_a_key_is_refused(tmp_path: Path) -> None:

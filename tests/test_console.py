@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from .browser import Browser
+from .clients import post
 from .openai_stub import Fault, OpenAIStub
 from .service import Service
 
@@ -101,3 +102,26 @@ async def test_the_summary_is_seen_being_written_before_the_job_is_done(e2e_redi
     assert "STARTED" in writing["status"]
     assert final.startswith(writing["summary"]) and len(final) > len(writing["summary"])
     assert left is None  # the validated result replaces the partial one
+
+
+async def test_the_console_lists_batches_with_their_progress_live(e2e_redis: str) -> None:
+    env = {"RQ_QUEUE": "llm-console-batches", "OFFLINE_STREAM_DELAY_MS": "2"}
+    with Service(e2e_redis, workers=0, env=env) as svc:
+        made = post(svc, 'mutation { createBatch(input: {name: "Survey export"}) { id } }').json()
+        batch_id = made["data"]["createBatch"]["id"]
+        inputs = [{"text": f"Answer {n}: the new app is much faster."} for n in range(30)]
+        post(svc, "mutation($i: [SubmitTextInput!]!, $b: ID) { submitTexts(inputs: $i, batchId: $b) { job { id } } }",
+             i=inputs, b=batch_id)  # fmt: skip
+        post(svc, "mutation($id: ID!) { closeBatch(id: $id) { id } }", id=batch_id)
+        async with Browser() as browser:
+            await browser.goto(f"http://127.0.0.1:{svc.port}/")
+            row = f"document.querySelector('[data-testid=batch][data-id={batch_id}]')"
+            before = await browser.until(f"{row}?.querySelector('[data-testid=batch-counts]').textContent")
+            svc.start_worker(1)  # the page follows the batch as its jobs run
+            status = await browser.until(
+                f"(s => s === 'COMPLETED' ? s : null)({row}?.querySelector('[data-testid=batch-status]').textContent)"
+            )
+            after = await browser.evaluate(f"{row}.querySelector('[data-testid=batch-counts]').textContent")
+            width = await browser.evaluate(f"{row}.querySelector('.bar span').style.width")
+    assert before.startswith("0/30 ended") and status == "COMPLETED"
+    assert after.startswith("30/30 ended") and width == "100%"

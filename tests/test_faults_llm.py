@@ -6,9 +6,13 @@ order. Retries run at once (RETRY_BACKOFF_S=0); LLM_TIMEOUT_S is 1 s.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import psutil
 import pytest
 from redis import Redis
 
@@ -36,11 +40,36 @@ def llm_service(e2e_redis: str, openai_stub: OpenAIStub) -> Iterator[Service]:
 RunJob = Callable[..., Awaitable[list[dict[str, Any]]]]
 
 
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process and its children SIGSTOPped for the block (SIGCONT after)."""
+    parent = psutil.Process(pid)
+    tree = [parent, *parent.children(recursive=True)]
+    for proc in tree:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in tree:
+            proc.send_signal(signal.SIGCONT)
+
+
 @pytest.fixture
 def run_job(llm_service: Service, stub: OpenAIStub) -> RunJob:
     async def run(*faults: Fault, text: str = "I loved the clinic.") -> list[dict[str, Any]]:
+        """Every event of one job, from QUEUED: the worker is stopped until the subscription
+        has its first snapshot (on a busy machine a job submitted first had sometimes ended,
+        REPAIRING and RETRYING unseen, before its subscription opened)."""
         stub.script(*faults)
-        return await follow(llm_service, submit(llm_service, text))
+        seen = asyncio.Event()
+        with stopped(llm_service.procs[0].popen.pid):
+            following = asyncio.create_task(follow(llm_service, submit(llm_service, text), first_seen=seen))
+            snapshot = asyncio.create_task(seen.wait())
+            await asyncio.wait([following, snapshot], return_when=asyncio.FIRST_COMPLETED)
+            snapshot.cancel()
+        events = await following
+        assert events[0]["status"] == "QUEUED", events
+        return events
 
     return run
 
@@ -62,7 +91,7 @@ async def test_transient_errors_are_retried_then_fail_retryable(
     assert final["error"]["code"] == code and final["error"]["retryable"] is True
     assert final["attempts"] == 3 and len(stub.requests) == 3
     retrying = [e for e in events if e["status"] == "RETRYING"]
-    assert [e["attempts"] for e in retrying] == [1, 2]
+    assert [e["attempts"] for e in retrying] == [1, 2], events
     assert all(e["error"]["code"] == code for e in retrying)
 
 

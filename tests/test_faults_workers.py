@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -122,3 +123,95 @@ async def test_sigterm_to_a_worker_pool_finishes_its_jobs(e2e_redis: str, stub: 
         results = [await asyncio.wait_for(task, 30) for task, _ in followers]
         assert await asyncio.to_thread(svc.procs[0].popen.wait, 20) == 0
     assert [r[-1]["status"] for r in results] == ["FINISHED", "FINISHED"]
+
+
+@pytest.fixture
+def worker_context(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """What run_workers sets up in a worker process, here: the workers' context (an offline
+    provider, this test's Redis) and WORKER_LOST_AFTER_S; yields the settings."""
+    from gql_service import tasks, workers
+    from gql_service.llm.offline import OfflineProvider
+    from gql_service.settings import RedisTarget, Settings
+
+    settings = Settings(llm_provider="offline", _env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setattr(workers._Tuning, "lost_after_s", LOST_AFTER_S)
+    tasks.init(tasks.WorkerContext(settings, OfflineProvider(), RedisTarget(url=redis_url)))
+    yield settings
+    tasks._context = None
+
+
+@pytest.mark.parametrize("worker_class", ["async", "fork", "simple"])
+def test_rqs_pool_children_connect_and_dequeue_as_the_service_does(
+    worker_class: str, worker_context: Any, redis_url: str
+) -> None:
+    """RQ's worker pool builds its children's connection and passes its own Queue class: the
+    children must still dequeue through RQ's intermediate list (one queue at a time) and
+    connect through gql_service.redis_conn (its timeouts, retries and Sentinel)."""
+    from redis import BlockingConnectionPool, Redis
+    from rq import Queue
+
+    from gql_service import workers
+
+    rqs_own = Redis.from_url(redis_url)  # what RQ's pool hands a child
+    queues = [Queue(name, connection=rqs_own) for name in ("llm", "llm-webhooks")]
+    worker = workers.WORKER_CLASSES[worker_class](queues, connection=rqs_own, queue_class=Queue)
+    assert worker.queue_class is workers.OneQueueAtATime
+    assert all(isinstance(queue, workers.OneQueueAtATime) for queue in worker.queues)
+    assert worker.connection is not rqs_own
+    assert isinstance(worker.connection.connection_pool, BlockingConnectionPool)
+    assert all(queue.connection is worker.connection for queue in worker.queues)
+
+
+def test_a_job_lost_before_its_first_attempt_is_retried(worker_context: Any, sync_redis: Any) -> None:
+    """Taken by a worker that died (or lost its Redis in a failover) before the job's first
+    attempt set its retry policy: RQ's abandoned-job cleanup calls the failure callback, then
+    retries the job only if it has retries left. It spent none, so it must get them (it was
+    failed for good, WORKER_LOST at attempts 0, before: seen in the Sentinel failover test)."""
+    from rq import Queue
+    from rq.exceptions import AbandonedJobError
+
+    from gql_service import keys, store, tasks
+
+    from .records import create_job
+
+    create_job(sync_redis, "lost-early")
+    rq_job = Queue("llm", connection=sync_redis).enqueue(keys.TASK, "lost-early", job_id="lost-early")
+    assert rq_job.retries_left is None  # no attempt has run
+    tasks.on_failure(rq_job, sync_redis, AbandonedJobError, AbandonedJobError(), None)
+    record = store.get_job_sync(sync_redis, "lost-early")
+    assert record is not None and record.status.value == "RETRYING" and record.error is not None
+    assert record.error.code.value == "WORKER_LOST" and record.error.retryable
+    assert rq_job.retries_left == worker_context.llm_max_attempts - 1  # what RQ reads next, to retry it
+
+
+@pytest.mark.parametrize("worker_class", ["async", "fork", "simple"])
+def test_starting_a_job_never_shortens_the_workers_own_lifetime(
+    worker_class: str, worker_context: Any, sync_redis: Any
+) -> None:
+    """RQ sets the worker's key (what `rq info` and Worker.all read) and its executions to
+    expire with the job's heartbeat TTL when a job starts: WORKER_LOST_AFTER_S, 3 s here. A
+    loop busy for 3 s then made a live worker vanish from Worker.all (seen once on CI)."""
+    from rq import Queue
+
+    from gql_service import keys, workers
+
+    worker = workers.WORKER_CLASSES[worker_class](["llm"])
+    worker.register_birth()
+    job = Queue("llm", connection=sync_redis).enqueue(keys.TASK, "some-job")
+    execution = worker.prepare_execution(job)
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    assert 0 < sync_redis.ttl(execution.key) <= LOST_AFTER_S  # the job's own heartbeat stays short
+    lifetimes = sync_redis.ttl(worker.key), sync_redis.ttl(worker.executions_key)
+    assert min(lifetimes) > worker.worker_ttl, lifetimes
+
+
+def test_a_worker_killed_while_cleaning_holds_up_no_other_for_long(worker_context: Any, sync_redis: Any) -> None:
+    """The registries' cleanup (what notices a SIGKILLed worker's jobs) runs under a lock that
+    a killed worker cannot release: RQ's lasts 899 s, so 50 jobs of a worker SIGKILLed while
+    it cleaned sat STARTED long after WORKER_LOST_AFTER_S (seen once on CI)."""
+    from gql_service import workers
+
+    [queue] = workers.WORKER_CLASSES["async"](["llm"]).queues
+    assert queue.acquire_maintenance_lock()  # the worker that is then killed
+    assert not queue.acquire_maintenance_lock()  # still one cleaner at a time
+    assert 0 < sync_redis.ttl(queue.registry_cleaning_key) <= LOST_AFTER_S

@@ -4,7 +4,8 @@ A block is a fragment when the line before its fence is `<!-- fragment: why -->`
 quick-start commands themselves, diagrams, usage synopses, settings that need a real
 OpenAI key). Every other block is run by its language:
 
-* `bash`: with `gql-service` on the PATH (as after `source .venv/bin/activate`);
+* `bash`: with `gql-service` on the PATH (as after `source .venv/bin/activate`), in a
+  scratch directory, or in the repository's root when the line before says `<!-- cwd: root -->`;
 * `python`: with the project's Python;
 * `js`: with Node, importing the packages pinned in tests/readme/package.json;
 * `graphql`: each operation over HTTP, subscriptions over graphql-transport-ws.
@@ -31,6 +32,7 @@ from gql import Client, GraphQLRequest, gql
 from gql.transport.websockets import WebsocketsTransport
 
 from .clients import post, submit
+from .conftest import WEBHOOK_SECRET
 from .service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +48,7 @@ class Block:
     lang: str
     body: str
     fragment: str | None  # why it is not run
+    in_root: bool = False  # run in the repository's root, as a reader of the README would
 
     @property
     def name(self) -> str:
@@ -59,9 +62,11 @@ def readme_blocks() -> list[Block]:
         if lines[i].startswith("```"):
             start, lang = i, lines[i][3:].strip()
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-            marker = re.fullmatch(r"<!--\s*fragment:\s*(.+?)\s*-->", lines[i - 1].strip()) if i else None
+            before = lines[i - 1].strip() if i else ""
+            marker = re.fullmatch(r"<!--\s*fragment:\s*(.+?)\s*-->", before)
             body = "\n".join(lines[start + 1 : end]) + "\n"
-            blocks.append(Block(start + 1, lang, body, marker.group(1) if marker else None))
+            in_root = re.fullmatch(r"<!--\s*cwd:\s*root\s*-->", before) is not None
+            blocks.append(Block(start + 1, lang, body, marker.group(1) if marker else None, in_root))
             i = end
         i += 1
     return blocks
@@ -108,6 +113,7 @@ def test_readme_block_runs(block: Block, service: Service, tmp_path: Path, reque
     code = as_pasted(block.body, service, finished_jobs(service, 2))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("GQLS_URL", None)
+    env["WEBHOOK_SECRET"] = WEBHOOK_SECRET  # as a receiver is configured: the service's secret
     if block.lang == "graphql":
         run_graphql(code, service)
         return
@@ -115,6 +121,8 @@ def test_readme_block_runs(block: Block, service: Service, tmp_path: Path, reque
         (tmp_path / "texts.txt").write_text("The clinic was great.\nThe food was cold.\n")
         args = ["bash", "-euo", "pipefail", "-c", code]
         env["GQLS_URL"] = service.http_url
+        if block.in_root:
+            tmp_path = ROOT
     elif block.lang == "python":
         (tmp_path / "snippet.py").write_text(code)
         args = [sys.executable, "snippet.py"]

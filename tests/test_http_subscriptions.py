@@ -1,0 +1,175 @@
+"""Subscriptions over plain HTTP, against a live service with API keys: GraphQL over
+Server-Sent Events (distinct connections mode) and Apollo's multipart subscriptions. The
+same guarantees as the websocket path: the key, snapshot first, typed errors, the
+per-tenant bound, and a client that goes frees its subscription at once. (The reference
+clients, graphql-sse and Apollo Client, are run against it in tests/test_js_clients.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from .clients import SUBMIT, TEXT
+from .service import Service, wait_until
+
+KEY = "sk-http-streams"
+AUTH = {"authorization": f"Bearer {KEY}"}
+SSE = {"accept": "text/event-stream"}
+MULTIPART = {"accept": "multipart/mixed;subscriptionSpec=1.0,application/json"}
+UPDATES = "subscription($id: ID!) { jobUpdates(id: $id) { id status stage version } }"
+
+
+@pytest.fixture(scope="module")
+def svc(e2e_redis: str) -> Iterator[Service]:
+    env = {
+        "RQ_QUEUE": "llm-http-streams",
+        "API_KEYS": json.dumps({KEY: "acme", "sk-other-tenant": "globex"}),
+        "MAX_WATCHED_JOBS_PER_TENANT": "2",
+        "OFFLINE_STREAM_DELAY_MS": "20",
+    }
+    with Service(e2e_redis, workers=1, env=env) as service:
+        yield service
+
+
+def _submit(svc: Service) -> str:
+    body = httpx.post(svc.http_url, json={"query": SUBMIT, "variables": {"text": TEXT}}, headers=AUTH).json()
+    return str(body["data"]["submitText"]["job"]["id"])
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data:") and event is not None:
+            data = line.removeprefix("data:").strip()
+            yield event, json.loads(data) if data else None
+            event = None
+
+
+def test_sse_follows_a_job_from_its_snapshot_to_its_end(svc: Service) -> None:
+    job_id = _submit(svc)
+    with httpx.stream(
+        "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}}, headers={**SSE, **AUTH}, timeout=30
+    ) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = list(_sse_events(response.iter_lines()))
+    updates = [data["data"]["jobUpdates"] for kind, data in events if kind == "next"]
+    assert events[-1] == ("complete", None)
+    versions = [u["version"] for u in updates]
+    assert versions == sorted(set(versions)) and updates[-1]["stage"] == "DONE", updates
+
+
+def test_multipart_follows_a_job_to_its_end(svc: Service) -> None:
+    job_id = _submit(svc)
+    with httpx.stream(
+        "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}}, headers={**MULTIPART, **AUTH},
+        timeout=30,
+    ) as response:  # fmt: skip
+        assert response.headers["content-type"].startswith("multipart/mixed;boundary=graphql;subscriptionSpec=1.0")
+        body = response.read().decode()
+    payloads = [json.loads(part)["payload"] for part in re.findall(r'^(\{"payload".*)$', body, re.MULTILINE)]
+    assert payloads[-1]["data"]["jobUpdates"]["stage"] == "DONE" and body.rstrip().endswith("--graphql--")
+
+
+def test_a_stream_needs_the_api_key(svc: Service) -> None:
+    refused = httpx.post(svc.http_url, json={"query": UPDATES, "variables": {"id": "x"}}, headers=SSE)
+    assert refused.status_code == 401 and refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+def test_an_unknown_or_anothers_job_ends_the_stream_with_not_found(svc: Service) -> None:
+    theirs = _submit(svc)
+    for job_id, headers in (("no-such-job", AUTH), (theirs, {"authorization": "Bearer sk-other-tenant"})):
+        body = httpx.post(
+            svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}}, headers={**SSE, **headers}, timeout=30
+        ).text
+        events = list(_sse_events(iter(body.splitlines())))
+        [(kind, data), end] = events
+        assert kind == "next" and data["errors"][0]["extensions"]["code"] == "NOT_FOUND", events
+        assert end == ("complete", None)
+
+
+def test_requests_refused_before_the_stream_opens(svc: Service) -> None:
+    ambiguous = 'subscription A { jobUpdates(id: "x") { id } } subscription B { jobUpdates(id: "x") { id } }'
+    answer = httpx.post(svc.http_url, json={"query": ambiguous}, headers={**SSE, **AUTH})
+    assert answer.status_code == 400
+    assert answer.json()["errors"][0]["extensions"]["code"] == "OPERATION_RESOLUTION_FAILURE"
+    # Without a stream, a subscription is refused, not run as a query (a 200 with an internal error).
+    plain = httpx.post(svc.http_url, json={"query": UPDATES, "variables": {"id": "x"}}, headers=AUTH)
+    assert plain.status_code == 400 and "a subscription needs a stream" in plain.json()["errors"][0]["message"]
+    mutation = 'mutation { cancelJob(id: "x") { id } }'
+    refused = httpx.post(svc.http_url, json={"query": mutation}, headers={**MULTIPART, **AUTH})
+    assert "errors" in refused.text and "cancelJob" not in refused.text.split("errors")[0]
+
+
+def _open_streams(svc: Service) -> dict[str, float]:
+    metrics = httpx.get(f"http://127.0.0.1:{svc.port}/metrics").text
+    found = dict(re.findall(r'^gqls_http_subscription_streams\{transport="(\w+)"\} (\S+)$', metrics, re.MULTILINE))
+    active = re.search(r"^gqls_active_subscriptions (\S+)$", metrics, re.MULTILINE)
+    return {**{k: float(v) for k, v in found.items()}, "active": float(active[1]) if active else -1.0}
+
+
+def test_a_client_that_goes_frees_its_subscription_at_once_and_the_tenant_bound_holds(svc: Service) -> None:
+    parked = [_submit_parked(svc) for _ in range(3)]
+    body = {"query": UPDATES, "variables": {"id": parked[0]}}
+    with httpx.Client(timeout=30) as first, httpx.Client(timeout=30) as second:
+        streams = [
+            client.stream("POST", svc.http_url, json={**body, "variables": {"id": job}}, headers={**SSE, **AUTH})
+            for client, job in ((first, parked[0]), (second, parked[1]))
+        ]
+        # Each stream's events, kept: an iterator that is dropped closes its response.
+        events = [_sse_events(stream.__enter__().iter_lines()) for stream in streams]
+        assert [next(e)[1]["data"]["jobUpdates"]["status"] for e in events] == ["QUEUED", "QUEUED"]  # live
+        assert _open_streams(svc)["sse"] == 2
+        # MAX_WATCHED_JOBS_PER_TENANT is 2: a third is refused, with the code.
+        third = httpx.post(svc.http_url, json={**body, "variables": {"id": parked[2]}}, headers={**SSE, **AUTH})
+        assert '"RATE_LIMITED"' in third.text
+        for stream in streams:
+            stream.__exit__(None, None, None)
+    started = time.monotonic()
+    wait_until(lambda: _open_streams(svc)["sse"] == 0 and _open_streams(svc)["active"] == 0, timeout_s=5,
+               what="the streams to close")  # fmt: skip
+    assert time.monotonic() - started < 2
+    # ...and the tenant may watch two jobs again.
+    again = httpx.post(svc.http_url, json={**body, "variables": {"id": "no-such-job"}}, headers={**SSE, **AUTH})
+    assert '"NOT_FOUND"' in again.text
+
+
+def _submit_parked(svc: Service) -> str:
+    """A job no worker takes (a queue nobody serves): its subscription stays open."""
+    from redis import Redis
+
+    from gql_service import store
+    from gql_service.models import JobRecord
+
+    redis = Redis.from_url(svc.env["REDIS_URL"])
+    record = JobRecord(id=f"parked-{time.monotonic_ns()}", tenant="acme")
+    with redis.pipeline() as pipe:
+        store.create_job(pipe, record, text="parked", ttl_s=600)
+        pipe.execute()
+    redis.close()
+    return record.id
+
+
+def test_what_needs_no_stream_is_answered_in_json_when_the_client_takes_json(svc: Service) -> None:
+    """urql's fetchExchange names event streams and multipart beside JSON in every request's
+    Accept: its mutations and queries get plain JSON (it failed on an event stream); only a
+    client that takes nothing but a stream (graphql-sse's) gets one."""
+    urqls_accept = (
+        "application/graphql-response+json, application/graphql+json, application/json, text/event-stream, "
+        "multipart/mixed"
+    )
+    answer = httpx.post(svc.http_url, json={"query": SUBMIT, "variables": {"text": TEXT}},
+                        headers={"accept": urqls_accept, **AUTH})  # fmt: skip
+    assert answer.headers["content-type"].startswith("application/graphql-response+json"), answer.headers
+    assert answer.json()["data"]["submitText"]["job"]["id"]
+    streamed = httpx.post(svc.http_url, json={"query": SUBMIT, "variables": {"text": TEXT}}, headers={**SSE, **AUTH})
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    [(kind, data), end] = list(_sse_events(iter(streamed.text.splitlines())))
+    assert kind == "next" and data["data"]["submitText"]["job"]["id"] and end == ("complete", None)

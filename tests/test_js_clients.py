@@ -1,0 +1,126 @@
+"""The GraphQL clients front ends use, each the real npm package (examples/clients/), run
+in Node against a live service with API keys: Relay (relay-compiler compiles the app
+against schema.graphql; relay-runtime runs it over fetch and graphql-ws), urql (graphql-ws
+subscription exchange), Apollo Client with HttpLink alone (multipart subscriptions) and
+graphql-sse (Server-Sent Events), a reconnect after the server drops the stream included."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .clients import SUBMIT, TEXT, post
+from .service import Service
+
+CLIENTS = Path(__file__).resolve().parent.parent / "examples" / "clients"
+KEY = "sk-js-clients"
+ENV = {"API_KEYS": json.dumps({KEY: "acme"}), "OFFLINE_STREAM_DELAY_MS": "5"}
+
+
+def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=CLIENTS, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def installed() -> Path:
+    npm = shutil.which("npm")
+    assert npm, "Node.js and npm run the JavaScript clients"
+    done = run([npm, "ci", "--no-audit", "--no-fund"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return CLIENTS
+
+
+@pytest.fixture(scope="module")
+def svc(e2e_redis: str, installed: Path) -> Iterator[Service]:
+    with Service(e2e_redis, workers=1, env={"RQ_QUEUE": "llm-js-clients", **ENV}) as service:
+        yield service
+
+
+STAGES = ["QUEUED", "CALLING_LLM", "VALIDATING", "DONE"]
+
+
+def followed_to_done(line: str, prefix: str) -> bool:
+    """The stages a subscription saw: from its snapshot (wherever the job was by then) on to
+    DONE, in order, none missing."""
+    seen = line.removeprefix(prefix).split()
+    return line.startswith(prefix) and bool(seen) and seen == STAGES[STAGES.index(seen[0]) :]
+
+
+def node(svc: Service, script: str, *args: str) -> list[str]:
+    done = run(["node", script, svc.http_url, KEY, *args], timeout=90)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def test_relay_compiles_the_app_against_the_schema_and_runs_it(svc: Service) -> None:
+    generated = CLIENTS / "relay" / "__generated__"
+    for artifact in generated.glob("*.graphql.js"):
+        artifact.unlink()
+    compiled = run(["node_modules/.bin/relay-compiler"])
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    assert (generated / "JobsAppPaginationQuery.graphql.js").exists()  # from @refetchable
+    lines = node(svc, "relay/run.mjs")
+    assert followed_to_done(lines[0], "subscription: "), lines
+    assert lines[1] == "node: true FINISHED DONE POSITIVE", lines
+    assert lines[2] == "store record: Job FINISHED", lines  # the refetched object normalized by id
+    # Four jobs (the module's service is fresh), two a page, merged by @connection.
+    pages, distinct = lines[3].removeprefix("pages: ").split("; ")
+    assert pages.split()[-1] == "4" and pages.split()[0] == "2" and distinct == "4 distinct jobs", lines
+
+
+def test_relay_compiler_refuses_a_field_the_schema_lacks(installed: Path) -> None:
+    wrong = CLIENTS / "relay" / "Wrong.js"
+    wrong.write_text(
+        'import { graphql } from "relay-runtime";\ngraphql`query WrongQuery { job(id: "x") { noSuchField } }`;\n'
+    )
+    try:
+        checked = run(["node_modules/.bin/relay-compiler", "--validate"])
+    finally:
+        wrong.unlink()
+    assert checked.returncode != 0 and "noSuchField" in checked.stdout + checked.stderr
+
+
+def test_urql_queries_mutates_and_subscribes_over_graphql_ws(svc: Service) -> None:
+    lines = node(svc, "urql.mjs")
+    assert lines[0] == "mutation: QUEUED" and lines[2] == "query: FINISHED NEGATIVE", lines
+    assert followed_to_done(lines[1], "subscription: "), lines
+
+
+def test_apollo_client_subscribes_with_httplink_alone(svc: Service) -> None:
+    lines = node(svc, "apollo.mjs")
+    assert followed_to_done(lines[0], "subscription over multipart HTTP: ") and lines[1] == "query: FINISHED", lines
+
+
+def test_graphql_sse_follows_a_job_to_its_end(svc: Service) -> None:
+    lines = node(svc, "sse.mjs")
+    assert lines[-2:] == ["next FINISHED DONE v4", "complete"], lines
+    stages = " ".join(line.split()[2] for line in lines if line.startswith("next"))
+    assert followed_to_done(stages, ""), lines
+
+
+def test_graphql_sse_reconnects_after_the_server_drops_the_stream(e2e_redis: str, installed: Path) -> None:
+    with Service(e2e_redis, workers=0, env={"RQ_QUEUE": "llm-js-sse-drop", **ENV}) as svc:
+        answer = post(svc, SUBMIT, headers={"authorization": f"Bearer {KEY}"}, text=TEXT).json()
+        job_id = answer["data"]["submitText"]["job"]["id"]
+        client = subprocess.Popen(
+            ["node", "sse.mjs", svc.http_url, KEY, job_id], cwd=CLIENTS, stdout=subprocess.PIPE, text=True
+        )
+        assert client.stdout is not None
+        lines = [client.stdout.readline().strip(), client.stdout.readline().strip()]
+        assert lines == ["connected", "next QUEUED QUEUED v1"], lines
+        svc.restart_api()  # SIGKILL: the stream drops with the process
+        svc.start_worker(1)  # meanwhile the job runs to its end
+        started = time.monotonic()
+        lines += [line.strip() for line in client.stdout]
+        assert client.wait(30) == 0
+    assert "reconnected" in lines and lines[-1] == "complete", lines
+    after = [line for line in lines[lines.index("reconnected") :] if line.startswith("next")]
+    # The reopened stream starts with the job as it is now, then goes on to its end.
+    assert after and after[-1] == "next FINISHED DONE v4", lines
+    assert int(after[0].rsplit("v", 1)[1]) >= 1 and time.monotonic() - started < 30
