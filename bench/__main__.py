@@ -1,23 +1,43 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
-SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history.
+SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
+sentinel, http_streams, bulk, hostile.
+With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
+and the report says which run each section comes from.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from gql_service.embedded_redis import EmbeddedRedis
 from tests.openai_stub import OpenAIStub
 
-from . import async_worker, history, partials, report, scenarios
+from . import async_worker, bulk, history, hostile, http_streams, partials, report, scenarios, sentinel, webhooks
 from .harness import progress, raise_fd_limit
 
-ALL = ("submit", "fanout", "pipeline", "e2e", "scale_out", "async_worker", "partials", "history")
+ALL = (
+    "submit",
+    "fanout",
+    "pipeline",
+    "e2e",
+    "scale_out",
+    "async_worker",
+    "partials",
+    "history",
+    "webhooks",
+    "sentinel",
+    "http_streams",
+    "bulk",
+    "hostile",
+)
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -30,7 +50,16 @@ def main() -> None:
     only = set(args.only.split(","))
     sizes = scenarios.Sizes.smoke() if args.smoke else scenarios.Sizes.full()
     raise_fd_limit()
-    results: dict[str, object] = {"sizes": asdict(sizes)}
+    out = Path(args.out)
+    results: dict[str, Any] = {"sizes": asdict(sizes)}
+    kept = out.with_suffix(".json")
+    if only != set(ALL) and not args.smoke and kept.exists():
+        results = {k: v for k, v in json.loads(kept.read_text()).items() if k in (*ALL, "runs")}
+        results["sizes"] = asdict(sizes)
+    runs = results.setdefault("runs", {})
+    this_run = {"at": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC", "commit": _commit()}
+    for section in only & set(ALL):
+        runs[section] = this_run
     stub = OpenAIStub().start()
     try:
         with EmbeddedRedis(extra_args=("--maxclients", "20000")) as redis:
@@ -51,16 +80,34 @@ def main() -> None:
                 results["partials"] = partials.partial_results(redis.url, stub, sizes)
             if "history" in only:
                 results["history"] = history.job_history(redis.url, stub, sizes)
+            if "webhooks" in only:
+                results["webhooks"] = webhooks.webhooks(redis.url, stub, sizes)
+            if "http_streams" in only:
+                results["http_streams"] = http_streams.http_streams(redis.url, sizes)
+            if "bulk" in only:
+                results["bulk"] = bulk.bulk(redis.url, stub, sizes)
+            if "hostile" in only:
+                results["hostile"] = hostile.hostile_queries(redis.url, sizes)
+        if "sentinel" in only:
+            results["sentinel"] = sentinel.sentinel(sizes)
     finally:
         stub.stop()
     if NOTES.exists() and not args.smoke:
         results["notes"] = NOTES.read_text()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "./scripts/bench" + (" --smoke" if args.smoke else "")
     report.write(results, out, command=command, smoke=args.smoke)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     progress(f"wrote {out}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
 
 
 if __name__ == "__main__":

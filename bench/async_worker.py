@@ -33,11 +33,12 @@ SUBMIT_MANY = "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inp
 TEXT = "I loved the clinic. Dr. Rao was kind. Waiting time was 10 minutes at Springfield General Hospital."
 
 
-def _submit_texts(svc: Service, count: int) -> list[str]:
+def _submit_texts(svc: Service, count: int, webhook_url: str | None = None) -> list[str]:
     ids: list[str] = []
+    hook = {"webhookUrl": webhook_url} if webhook_url else {}
     with httpx.Client(timeout=30) as client:
         for start in range(0, count, 100):
-            inputs = [{"text": f"{TEXT} ({n})"} for n in range(start, min(count, start + 100))]
+            inputs = [{"text": f"{TEXT} ({n})", **hook} for n in range(start, min(count, start + 100))]
             body = client.post(svc.http_url, json={"query": SUBMIT_MANY, "variables": {"inputs": inputs}}).json()
             ids += [answer["job"]["id"] for answer in body["data"]["submitTexts"]]
     return ids
@@ -94,6 +95,7 @@ def run_workers(
     jobs: int,
     settings: dict[str, str] | None = None,
     until: Callable[[], bool] | None = None,
+    webhook_url: str | None = None,
 ) -> dict[str, Any]:
     """Queue `jobs`, start the workers, wait for every job to end (and then for `until`,
     noting when it held): the row of figures."""
@@ -104,7 +106,7 @@ def run_workers(
     with Service(redis_url, workers=0, env=env) as svc:
         # Queued first, then the workers start: what is measured is how fast they drain a
         # batch, not how fast one API process takes it in.
-        ids = _submit_texts(svc, jobs)
+        ids = _submit_texts(svc, jobs, webhook_url)
         worker = svc.start_worker(workers)
         wait_until(lambda: worker.output().count("Listening on") >= workers, timeout_s=90, what="the workers to listen")
         group = _Group(worker.popen.pid)
@@ -182,7 +184,7 @@ def _library(frame: str) -> str:
 
 
 def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("6/8 many calls in flight per worker process: async vs fork vs simple")
+    progress("6/13 many calls in flight per worker process: async vs fork vs simple")
     redis = Redis.from_url(redis_url)
     stub.latency_s = sizes.async_llm_s
     side_by_side = [

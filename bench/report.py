@@ -21,6 +21,27 @@ TARGETS = {
 }
 
 
+SECTION_NUMBERS = {
+    "submit": 1, "fanout": 2, "pipeline": 3, "e2e": 4, "scale_out": 5, "async_worker": 6, "partials": 7,
+    "history": 8, "webhooks": 9, "sentinel": 10, "http_streams": 11, "bulk": 12, "hostile": 13,
+}  # fmt: skip
+
+
+def _runs(results: dict[str, Any]) -> str:
+    """When (and at which commit) each section ran: `--only` keeps the others from before."""
+    by_run: dict[tuple[str, str], list[int]] = {}
+    for section, run in (results.get("runs") or {}).items():
+        if section in results and section in SECTION_NUMBERS:
+            by_run.setdefault((run["at"], run["commit"]), []).append(SECTION_NUMBERS[section])
+    if not by_run:
+        return f"run at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    parts = [
+        f"section{'s' if len(nums) > 1 else ''} {', '.join(map(str, sorted(nums)))} at {at} (commit {commit})"
+        for (at, commit), nums in sorted(by_run.items())
+    ]
+    return "; ".join(parts)
+
+
 def _mark(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -89,7 +110,7 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
         "# Benchmarks",
         "",
         "Written by `" + command + "`" + (" (smoke sizes: not for comparison)" if smoke else "") + ".",
-        f"Run on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {machine.describe()}.",
+        f"Run on {machine.describe()}; {_runs(results)}.",
         "Every process (Redis, the APIs, the workers, the load generator, the OpenAI-compatible stub) shares",
         "this machine, so absolute figures move from run to run; compare the ratios measured side by side.",
         "",
@@ -215,6 +236,21 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     hi = results.get("history")
     if hi:
         lines += _history(hi)
+    wh = results.get("webhooks")
+    if wh:
+        lines += _webhooks(wh)
+    sent = results.get("sentinel")
+    if sent:
+        lines += _sentinel(sent)
+    streams = results.get("http_streams")
+    if streams:
+        lines += _http_streams(streams)
+    bulk = results.get("bulk")
+    if bulk:
+        lines += _bulk(bulk)
+    hostile = results.get("hostile")
+    if hostile:
+        lines += _hostile(hostile)
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]
@@ -352,5 +388,134 @@ def _history(hi: dict[str, Any]) -> list[str]:
         "| --- | ---: | ---: |",
         f"| the first | {li['first_p50_ms']:.1f} | {li['first_p99_ms']:.1f} |",
         f"| deep (after a cursor anywhere in the history) | {li['deep_p50_ms']:.1f} | {li['deep_p99_ms']:.1f} |",
+        "",
+    ]
+
+
+def _webhooks(wh: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 9. Webhooks (`webhookUrl`)",
+        "",
+        f"{wh['jobs']} jobs queued, then one async worker drains them, without webhooks and with one on every job, in",
+        "the same run. With the LLM at 0 ms the worker is bound by its CPU, so the deliveries' cost shows in full;",
+        "at 1 s it is bound by the LLM, as in production. Deliveries/s is from the first event received to the last,",
+        "at a loopback receiver that verifies every signature (tests/webhook_receiver.py, in a process of its own).",
+        "",
+        "| LLM | concurrency | LLM jobs/s, off | on | ratio | CPU ms per job, off | on | deliveries/s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in wh["rows"]:
+        lines.append(
+            f"| {r['llm_ms']:.0f} ms | {r['concurrency']} | {r['off']['jobs_per_s']:.1f} | {r['on']['jobs_per_s']:.1f} | "
+            f"{r['ratio']:.2f}x | {r['off']['cpu_ms_per_job']:.2f} | {r['on']['cpu_ms_per_job']:.2f} | "
+            f"{r['deliveries_per_s']:.0f} |"
+        )
+    bound, cpu = wh["rows"][-1], wh["rows"][0]
+    lines += [
+        "",
+        f"Target: LLM jobs/s with webhooks within 10 % of without, with the LLM at {bound['llm_ms']:.0f} ms: "
+        f"{bound['ratio']:.2f}x, {_mark(bound['ratio'] >= 0.9)}. With the LLM at 0 ms ({cpu['ratio']:.2f}x) "
+        "each delivery's own CPU shows in full: it is an RQ job, with an LLM job's bookkeeping (dequeue, "
+        "execution, registries, result) around one HTTP call.",
+    ]
+    return [*lines, ""]
+
+
+def _sentinel(sent: dict[str, Any]) -> list[str]:
+    sub, fail = sent["submit"], sent["failover"]
+    names = {"direct": "straight to the primary (REDIS_URL)", "acked_0": "through Sentinel, REDIS_MIN_REPLICAS_ACKED=0",
+             "acked_1": "through Sentinel, REDIS_MIN_REPLICAS_ACKED=1"}  # fmt: skip
+    lines = [
+        "## 10. Redis behind Sentinel (a primary, one replica, three sentinels)",
+        "",
+        "submitText, one API process, the same load generator as section 1, alternating rounds:",
+        "",
+        "| API's Redis | requests/s | p50 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {names[k]} | {v['rps']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} |" for k, v in sub.items()),
+        "",
+        f"**REDIS_MIN_REPLICAS_ACKED=1 / 0: {sent['ratio']:.2f}x** (per round: "
+        + ", ".join(f"{x:.2f}" for x in sent["ratios"])
+        + "): the price of one WAIT round trip per submission.",
+        "",
+        "The failover window: a client submits every 20 ms; the primary is SIGKILLed; as soon as the sentinels",
+        "have promoted the replica, the old primary is restarted (empty) as its replica.",
+        "",
+        "| REDIS_MIN_REPLICAS_ACKED | replica promoted after | old primary back as a replica after "
+        "| first failed to first successful submit | submissions refused |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {k[-1]} | {v['promoted_s']:.2f} s | {v['replica_back_s']:.2f} s | {v['window_s']:.2f} s | {v['refused']} |"
+            for k, v in fail.items()
+        ),  # fmt: skip
+        "",
+        "With 1, the new primary has no replica to confirm a write until the old one is back: submissions are",
+        "refused (SERVICE_UNAVAILABLE) until then, rather than acknowledged and exposed to the next failover.",
+        "",
+    ]
+    return lines
+
+
+def _http_streams(streams: dict[str, Any]) -> list[str]:
+    rows, n = streams["rows"], streams["subscribers"]
+    ws, sse = rows["graphql-transport-ws"], rows["sse"]
+    return [
+        f"## 11. Subscriptions over HTTP: Server-Sent Events beside graphql-transport-ws ({n} subscriptions)",
+        "",
+        "As section 2, on a fresh API process for each transport: one subscription per connection (a websocket, or",
+        "an HTTP connection holding its event stream), all idle, then one job changing while the others idle, then",
+        "every job at once.",
+        "",
+        "| transport | KiB per idle subscription | API RSS (MiB) | one job changes p50 / p99 (ms) "
+        "| all change at once p50 / p99 (ms) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {name} | {r['kib_per_sub']:.1f} | {r['rss_mib']:.0f} | {r['one_p50_ms']:.2f} / {r['one_p99_ms']:.2f} "
+            f"| {r['all_p50_ms']:.0f} / {r['all_p99_ms']:.0f} |"
+            for name, r in rows.items()
+        ),
+        "",
+        f"SSE / websocket: {sse['kib_per_sub'] / ws['kib_per_sub']:.2f}x the memory per subscription, "
+        f"{sse['one_p99_ms'] / ws['one_p99_ms']:.2f}x the one-change p99.",
+        "",
+    ]
+
+
+def _bulk(b: dict[str, Any]) -> list[str]:
+    cli, hand = b["cli"], b["by_hand"]
+    return [
+        f"## 12. A file of {b['jobs']} texts to a file of results (LLM {b['llm_ms']:.0f} ms, one async worker, "
+        "concurrency 256)",
+        "",
+        "`gql-service submit --file texts.txt --output results.jsonl` (a batch, chunks of 100, the results read from",
+        "`endedJobs` as they end) beside a script doing the same by hand (`submitTexts` in chunks of 100, then",
+        "`nodes(ids:)` every half second for the jobs not ended yet), in the same run; each from its first request to",
+        "its last result.",
+        "",
+        "| way | wall time (s) | jobs/s |",
+        "| --- | ---: | ---: |",
+        f"| `submit --file --output` | {cli['wall_s']:.1f} | {cli['jobs_per_s']:.1f} |",
+        f"| `submitTexts` by hand, `nodes(ids:)` | {hand['wall_s']:.1f} | {hand['jobs_per_s']:.1f} |",
+        "",
+        f"CLI / by hand: {b['ratio']:.2f}x the jobs/s.",
+        "",
+    ]
+
+
+def _hostile(h: dict[str, Any]) -> list[str]:
+    rows = h["rows"]
+    return [
+        "## 13. Hostile queries (one API process, each shape of tests/test_hostile_queries.py)",
+        "",
+        f"{h['rounds']} rounds of one request of each shape in turn, each document made unique by a comment (no",
+        f"cache answers it), beside a plain `job` query in the same rounds: {h['plain_p50_ms']:.2f} ms p50.",
+        "",
+        "| shape | characters | answer | p50 ms | max ms | p50 / plain |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+        *(
+            f"| {name} | {r['chars']} | {'refused' if r['refused'] else 'answered'} | {r['p50_ms']:.2f} "
+            f"| {r['max_ms']:.2f} | {r['ratio']:.1f}x |"
+            for name, r in rows.items()
+        ),
         "",
     ]

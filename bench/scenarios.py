@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,13 @@ class Sizes:
     archive_jobs: int = 1000
     history_rows: int = 100_000
     list_requests: int = 200
+    webhook_jobs: int = 1000
+    sentinel_seconds: float = 5.0
+    sentinel_rounds: int = 3
+    stream_subscribers: int = 1000
+    bulk_jobs: int = 10_000
+    bulk_llm_s: float = 1.0
+    hostile_rounds: int = 50
 
     @classmethod
     def only_subscribers(cls, counts: tuple[int, ...]) -> Sizes:
@@ -70,30 +78,13 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(
-            0.5,
-            1,
-            4,
-            (10, 20),
-            5,
-            5,
-            (1, 2),
-            0.05,
-            2,
-            5,
-            20,
-            0.05,
-            (4, 16),
-            60,
-            3.0,
-            20,
-            False,
-            20,
-            40,
-            0.5,
-            20,
-            500,
-            20,
-        )
+            submit_seconds=0.5, submit_rounds=1, concurrency=4, subscribers=(10, 20), one_job_samples=5,
+            pipeline_jobs=5, worker_counts=(1, 2), slow_llm_s=0.05, rounds_per_worker=2, e2e_jobs=5,
+            async_jobs=20, async_llm_s=0.05, async_sweep=(8,), rpm=60, rpm_seconds=3.0, rpm_jobs=20,
+            profile=False, partial_subscribers=20, partial_chunks=40, partial_seconds=0.5, archive_jobs=20,
+            history_rows=500, list_requests=20, webhook_jobs=20, sentinel_seconds=0.5, sentinel_rounds=1,
+            stream_subscribers=20, bulk_jobs=50, bulk_llm_s=0.05, hostile_rounds=2,
+        )  # fmt: skip
 
 
 def offline_env(queue: str) -> dict[str, str]:
@@ -106,7 +97,7 @@ def stub_env(queue: str, stub: OpenAIStub) -> dict[str, str]:
 
 # -- 1. submitText against the REST baseline ----------------------------------------------
 def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress("1/8 submitText vs the REST baseline: starting both APIs (no workers)")
+    progress("1/13 submitText vs the REST baseline: starting both APIs (no workers)")
     rest_port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "RQ_QUEUE": "bench-rest"}
     rest = subprocess.Popen(
@@ -223,11 +214,14 @@ async def _wait_version(subs: Subscribers, job_ids: list[str], version: int, tim
         await asyncio.sleep(0.005)
 
 
-async def _fanout_one_size(svc: Service, redis: Redis, n: int, samples: int) -> dict[str, float]:
-    job_ids = park_jobs(redis, n, f"fan{n}")
+async def _fanout_one_size(
+    svc: Service, redis: Redis, n: int, samples: int, subscribers: Callable[[Service], Any] | None = None
+) -> dict[str, float]:
+    """`subscribers(svc)`: the clients (default: graphql-transport-ws, a socket each)."""
+    job_ids = park_jobs(redis, n, f"fan{n}-{time.monotonic_ns()}")
     pid = api_pid(svc)
     base_rss = rss_mib(pid)
-    subs = Subscribers(svc.ws_url)
+    subs = subscribers(svc) if subscribers else Subscribers(svc.ws_url)
     t0 = time.perf_counter()
     await subs.open(job_ids)
     opened_s = time.perf_counter() - t0
@@ -284,7 +278,7 @@ def svc_subscriptions(redis: Redis) -> int:
 
 
 def fanout(redis_url: str, sizes: Sizes) -> list[dict[str, float]]:
-    progress("2/8 subscription fan-out on one API process")
+    progress("2/13 subscription fan-out on one API process")
     redis = Redis.from_url(redis_url)
     rows = []
     # One tenant holds every subscription here: let it watch that many jobs.
@@ -385,7 +379,7 @@ def _scaling(
 
 def worker_pipeline(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
     """RQ's forking Worker (the default) and SimpleWorker (WORKER_CLASS=simple), side by side."""
-    progress("3/8 worker pipeline")
+    progress("3/13 worker pipeline")
     redis = Redis.from_url(redis_url)
     stub.latency_s = 0.0
     rtt_ms = _llm_round_trip_ms(stub)
@@ -419,7 +413,7 @@ async def _e2e_client(svc: Service, count: int, latencies: list[float]) -> None:
 def end_to_end(
     redis_url: str, stub: OpenAIStub, sizes: Sizes, llm_ms: float = 100.0, clients: int = 4
 ) -> dict[str, float]:
-    progress(f"4/8 end to end: submit -> DONE on a subscription, {clients} clients, LLM {llm_ms:.0f} ms")
+    progress(f"4/13 end to end: submit -> DONE on a subscription, {clients} clients, LLM {llm_ms:.0f} ms")
     stub.latency_s = llm_ms / 1000
     latencies: list[float] = []
     with Service(redis_url, workers=clients, env=stub_env("bench-e2e", stub)) as svc:
@@ -437,7 +431,7 @@ def end_to_end(
 
 # -- 5. scale-out -----------------------------------------------------------------------------
 def scale_out(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress("5/8 scale-out: two API processes and a worker pool on one Redis")
+    progress("5/13 scale-out: two API processes and a worker pool on one Redis")
     with Service(redis_url, workers=2, env=offline_env("bench-scale-out")) as a:
         b_port = free_port()
         b = Proc("api-b", ["serve", "--port", str(b_port)], a.env)
