@@ -92,7 +92,7 @@ class Service:
                 self.start_worker()
             self._start_api()
         except BaseException:
-            self.stop()  # `with` calls no __exit__ when __enter__ fails: nothing may be left running
+            self.__exit__(BaseException)  # `with` calls no __exit__ when __enter__ fails
             raise
         return self
 
@@ -127,7 +127,7 @@ class Service:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.stop()
+        self.stop()  # nothing may be left running
         if exc_type is not None:  # pytest shows a failed test's output: what each process said
             for proc in self.procs:
                 tail = proc.output().splitlines()[-60:]
