@@ -1,6 +1,7 @@
 """Redis clients, configured once: one server (REDIS_URL) or the primary that Sentinel names.
 
-* Short timeouts, so an outage fails fast instead of hanging.
+* Short timeouts, so an outage fails fast instead of hanging: the socket's own for the
+  synchronous clients; for the asyncio ones, the caller's deadline (asyncio.timeout) alone.
 * Two quick retries, so a connection left stale by a Redis restart is replaced silently.
 * A blocking pool with a bound: a burst of requests waits for a free connection instead
   of failing ("Too many connections") or opening hundreds of them.
@@ -44,12 +45,14 @@ def _target(where: Where) -> RedisTarget:
     return RedisTarget(url=where) if isinstance(where, str) else where
 
 
-def _pool_options(timeout_s: float | None, name: str | None, max_connections: int) -> dict[str, Any]:
+def _pool_options(
+    timeout_s: float | None, name: str | None, max_connections: int, *, socket_timeout: bool = True
+) -> dict[str, Any]:
     return {
         "max_connections": max_connections,
         "timeout": timeout_s,  # how long a request waits for a free connection
         "socket_connect_timeout": min(CONNECT_TIMEOUT_S, timeout_s or CONNECT_TIMEOUT_S),
-        "socket_timeout": timeout_s,
+        "socket_timeout": timeout_s if socket_timeout else None,
         "socket_keepalive": True,  # the kernel notices a peer that vanished without a FIN
         "health_check_interval": 30,
         "client_name": name,
@@ -117,9 +120,16 @@ def async_client(
     max_connections: int = 32,
     retries: int = RETRIES,
 ) -> AsyncRedis:
-    """`retries=0` for pub/sub: its owner must see every drop to resync (gql_service.broadcast)."""
+    """`retries=0` for pub/sub: its owner must see every drop to resync (gql_service.broadcast).
+
+    No socket timeout: every caller bounds its Redis work with asyncio.timeout
+    (jobs.redis_call), and with one redis-py wraps each write in asyncio.wait_for, which on
+    Python 3.11 can swallow that deadline's cancellation when the write completes in the
+    same instant. The request then went on through redis-py's retries and answered after
+    16 s instead of 1.5 (about one outage in ten, under load: see
+    tests/test_live_path_faults.py's hung-Redis test)."""
     target = _target(where)
-    options = _pool_options(timeout_s, name, max_connections)
+    options = _pool_options(timeout_s, name, max_connections, socket_timeout=False)
     retry = AsyncRetry(_backoff(), retries)
     if not target.sentinels:
         pool = AsyncBlockingConnectionPool.from_url(target.url, retry=retry, **options)

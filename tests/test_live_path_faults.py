@@ -9,8 +9,10 @@ so the moment of the end is chosen exactly: inside the gap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -28,8 +30,10 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from gql_service import keys, store
+from gql_service import keys, redis_conn, store
 from gql_service.embedded_redis import EmbeddedRedis, redis_server_binary
+from gql_service.errors import ServiceUnavailable
+from gql_service.jobs import redis_call
 from gql_service.models import JobRecord, JobStage, JobStatus, utcnow
 
 from . import records
@@ -296,3 +300,43 @@ def test_redis_connection_of_cancel_is_kept_not_cut(redis_url: str, sync_redis: 
         # The first cancel opens RQ's connection; later ones reuse it (the shared pool used
         # to be disconnected after every cancel, cutting whatever else was using it).
         assert received == before
+
+
+async def test_every_call_on_a_hung_redis_ends_at_its_deadline(own_redis: EmbeddedRedis) -> None:
+    """In-process, hundreds of times: a deadline that redis-py swallows shows as a call that
+    outlives it by its own retries (on Python 3.11, asyncio.wait_for around a socket write
+    can eat the cancellation; the live test above saw a request take 16 s instead of 1.5).
+    The deadlines vary, so they land anywhere in redis-py's reconnect-and-retry sequence."""
+    timeout_s, bursts = 0.2, 100
+    redis = redis_conn.async_client(own_redis.url, timeout_s=timeout_s, name="gqls-api", max_connections=2)
+    await redis.ping()
+    assert own_redis.process is not None
+    os.kill(own_redis.process.pid, signal.SIGSTOP)
+    deadlines = random.Random(7)
+
+    async def call(n: int) -> tuple[float, float]:
+        deadline_s = deadlines.uniform(0.02, 0.4)
+        started = time.monotonic()
+        with contextlib.suppress(ServiceUnavailable):
+            async with redis_call(deadline_s):
+                await redis.get(f"key-{n}")
+        return time.monotonic() - started, deadline_s
+
+    async def busy_neighbour() -> None:  # the API's other requests: loop turns of a millisecond
+        while True:
+            until = time.perf_counter() + 0.001
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0)
+
+    neighbour = asyncio.create_task(busy_neighbour())
+    try:
+        took: list[tuple[float, float]] = []
+        for burst in range(bursts):  # as many at once as the live test sends, over a pool of 2
+            took += await asyncio.gather(*(call(burst * 5 + n) for n in range(5)))
+    finally:
+        neighbour.cancel()
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+    await redis.aclose()
+    late = sorted(round(t - deadline, 2) for t, deadline in took if t > deadline + 0.5)
+    assert not late, f"{len(late)} of {len(took)} calls outlived their deadline, by (s): {late[-5:]}"
