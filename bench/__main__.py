@@ -21,7 +21,7 @@ from gql_service.embedded_redis import EmbeddedRedis
 from tests.openai_stub import OpenAIStub
 
 from . import async_worker, bulk, history, hostile, http_streams, partials, report, scenarios, sentinel, webhooks
-from .harness import progress, raise_fd_limit
+from .harness import Machine, progress, raise_fd_limit
 
 ALL = (
     "submit",
@@ -57,7 +57,8 @@ def main() -> None:
         results = {k: v for k, v in json.loads(kept.read_text()).items() if k in (*ALL, "runs")}
         results["sizes"] = asdict(sizes)
     runs = results.setdefault("runs", {})
-    this_run = {"at": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC", "commit": _commit()}
+    # The CPU too: `--only` reruns may land on another machine than the sections they keep.
+    this_run = {"at": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC", "commit": _commit(), "cpu": Machine().cpu}
     for section in only & set(ALL):
         runs[section] = this_run
     stub = OpenAIStub().start()

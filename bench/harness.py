@@ -95,5 +95,6 @@ class Machine:
         except OSError:
             self.cpu = "unknown"
 
-    def describe(self) -> str:
-        return f"{self.cores} cores ({self.cpu}), {self.memory_gib:.0f} GiB RAM, Python {self.python}, Linux"
+    def describe(self, *, cpu: bool = True) -> str:
+        model = f" ({self.cpu})" if cpu else ""
+        return f"{self.cores} cores{model}, {self.memory_gib:.0f} GiB RAM, Python {self.python}, Linux"

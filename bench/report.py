@@ -29,15 +29,16 @@ SECTION_NUMBERS = {
 
 def _runs(results: dict[str, Any]) -> str:
     """When (and at which commit) each section ran: `--only` keeps the others from before."""
-    by_run: dict[tuple[str, str], list[int]] = {}
+    by_run: dict[tuple[str, str, str], list[int]] = {}
     for section, run in (results.get("runs") or {}).items():
         if section in results and section in SECTION_NUMBERS:
-            by_run.setdefault((run["at"], run["commit"]), []).append(SECTION_NUMBERS[section])
+            where = f"commit {run['commit']}" + (f", {run['cpu']}" if run.get("cpu") else "")  # older runs: no CPU
+            by_run.setdefault((run["at"], run["commit"], where), []).append(SECTION_NUMBERS[section])
     if not by_run:
         return f"run at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
     parts = [
-        f"section{'s' if len(nums) > 1 else ''} {', '.join(map(str, sorted(nums)))} at {at} (commit {commit})"
-        for (at, commit), nums in sorted(by_run.items())
+        f"section{'s' if len(nums) > 1 else ''} {', '.join(map(str, sorted(nums)))} at {at} ({where})"
+        for (at, _, where), nums in sorted(by_run.items())
     ]
     return "; ".join(parts)
 
@@ -110,7 +111,7 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
         "# Benchmarks",
         "",
         "Written by `" + command + "`" + (" (smoke sizes: not for comparison)" if smoke else "") + ".",
-        f"Run on {machine.describe()}; {_runs(results)}.",
+        f"Run on {machine.describe(cpu=False)}; {_runs(results)}.",
         "Every process (Redis, the APIs, the workers, the load generator, the OpenAI-compatible stub) shares",
         "this machine, so absolute figures move from run to run; compare the ratios measured side by side.",
         "",
