@@ -229,7 +229,7 @@ async def post(url: str, body: str, headers: dict[str, str], *, timeout_s: float
             unreachable: httpx.TransportError | None = None
             for address in await addresses(target, allow_private=allow_private):
                 try:
-                    return await _post_to(address, target, body, headers)
+                    return await _post_to(address, target, body, headers, timeout_s=timeout_s)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                     unreachable = exc  # the next address, if any (IPv6 and IPv4, say)
             assert unreachable is not None
@@ -245,13 +245,18 @@ async def post(url: str, body: str, headers: dict[str, str], *, timeout_s: float
 
 
 MAX_ERROR_SHOWN = 200
+CONNECT_TIMEOUT_S = 5.0
 
 
-async def _post_to(address: str, target: Target, body: str, headers: dict[str, str]) -> Outcome:
+async def _post_to(address: str, target: Target, body: str, headers: dict[str, str], *, timeout_s: float) -> Outcome:
     pinned = target.url.copy_with(host=address)
     extensions = {"sni_hostname": target.host} if target.https else {}
+    # The attempt's own deadline (in `post`) bounds it all; httpx's default would cut every
+    # read at 5 s, whatever WEBHOOK_TIMEOUT_S says. A connect is cut sooner, so an address
+    # that does not answer leaves time for the next one.
+    timeout = httpx.Timeout(None, connect=min(CONNECT_TIMEOUT_S, timeout_s))
     async with (
-        httpx.AsyncClient(verify=_tls(), follow_redirects=False, trust_env=False) as client,
+        httpx.AsyncClient(verify=_tls(), follow_redirects=False, trust_env=False, timeout=timeout) as client,
         client.stream(
             "POST", pinned, content=body.encode(), headers={**headers, "host": target.netloc}, extensions=extensions
         ) as response,

@@ -4,6 +4,7 @@ processes, and the addresses a webhook may not reach."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
@@ -408,3 +409,13 @@ def test_rqs_own_worker_classes_deliver_too(worker_class: str, receiver: Receive
     [got] = receiver.events(f"by-{worker_class}")
     assert got.event is not None and got.event["data"]["id"] == job_id
     assert intermediate == []  # every dequeued job was taken out of RQ's intermediate list
+
+
+async def test_a_receiver_slower_than_httpxs_default_timeout_is_delivered_within_webhook_timeout_s(
+    receiver: Receiver,
+) -> None:
+    # WEBHOOK_TIMEOUT_S alone bounds an attempt: httpx's own default cut every read at 5 s.
+    receiver.script("slow", HANG)
+    asyncio.get_running_loop().call_later(5.5, receiver.release)  # the answer comes after 5.5 s
+    outcome = await webhooks.post(receiver.url("slow"), "{}", {}, timeout_s=10, allow_private=True)
+    assert outcome.delivered and outcome.status_code == 200, outcome
