@@ -79,29 +79,29 @@ class RequestError(HTTPException):
 
 
 class OperationKinds:
-    """The operations a document holds, name -> type ("query", "subscription", ...),
-    remembered for recent documents: clients send the same few documents again and again,
-    so this costs a parse only the first time. Keyed by digest, so the cache stays small
-    whatever the documents' size."""
+    """The operations a document holds, as (name, type) in order ("query", "subscription",
+    ...; not a dict: several may be anonymous), remembered for recent documents: clients send
+    the same few documents again and again, so this costs a parse only the first time. Keyed
+    by digest, so the cache stays small whatever the documents' size."""
 
     def __init__(self, maxsize: int = 256) -> None:
         self.maxsize = maxsize
-        self._kinds: OrderedDict[bytes, dict[str | None, str]] = OrderedDict()
+        self._kinds: OrderedDict[bytes, tuple[tuple[str | None, str], ...]] = OrderedDict()
 
-    def __call__(self, query: str) -> dict[str | None, str]:
+    def __call__(self, query: str) -> tuple[tuple[str | None, str], ...]:
         key = hashlib.blake2b(query.encode(errors="surrogatepass"), digest_size=16).digest()
         kinds = self._kinds.get(key)
         if kinds is None:
             try:
                 document = parse(query, no_location=True, max_tokens=MAX_TOKENS)
             except GraphQLError:
-                kinds = {}  # execution reports the syntax error as it does for any document
+                kinds = ()  # execution reports the syntax error as it does for any document
             else:
-                kinds = {
-                    node.name.value if node.name else None: node.operation.value
+                kinds = tuple(
+                    (node.name.value if node.name else None, node.operation.value)
                     for node in document.definitions
                     if isinstance(node, OperationDefinitionNode)
-                }
+                )
             self._kinds[key] = kinds
             if len(self._kinds) > self.maxsize:
                 self._kinds.popitem(last=False)
@@ -261,7 +261,7 @@ class GraphQLView(GraphQL[Context, None]):
         if name is None and len(kinds) > 1:
             # Strawberry would run the first of several operations; the spec asks for an error.
             raise RequestError(400, AMBIGUOUS, code="OPERATION_RESOLUTION_FAILURE")
-        kind = kinds.get(name) if name is not None else next(iter(kinds.values()), None)
+        kind = dict(kinds).get(name) if name is not None else (kinds[0][1] if kinds else None)
         streamed = self._get_stream_transport(request_data.protocol) is not None
         if streamed and kind != "subscription" and accepts_json(accept):
             # Strawberry streams whatever comes with a stream in its Accept: a query or a

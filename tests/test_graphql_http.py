@@ -103,11 +103,16 @@ def test_a_field_error_is_200_with_data_in_graphql_response_json(service: Servic
 # --- operations in the document -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("names", [("A", "B"), ("", "")], ids=["named", "anonymous"])
 @pytest.mark.parametrize("accept", [None, GRAPHQL_RESPONSE])
-def test_two_operations_without_operation_name_run_neither(service: Service, accept: str | None) -> None:
+def test_two_operations_without_operation_name_run_neither(
+    service: Service, accept: str | None, names: tuple[str, str]
+) -> None:
     key = uuid.uuid4().hex
-    document = f'mutation A {{ submitText(input: {{text: "hello", idempotencyKey: "{key}"}}) {{ deduplicated }} }}'
-    response = post(service, {"query": document + " query B { __typename }"}, accept=accept)
+    first, second = names
+    submit = f'submitText(input: {{text: "hello", idempotencyKey: "{key}"}}) {{ deduplicated }}'
+    document = f"mutation {first} {{ {submit} }}"
+    response = post(service, {"query": document + f" query {second} {{ __typename }}"}, accept=accept)
     error = request_error(response, 400, accept or "application/json")
     assert error["extensions"]["code"] == "OPERATION_RESOLUTION_FAILURE" and "operationName" in error["message"]
     # The mutation did not run: its idempotency key is still unused.
