@@ -41,6 +41,14 @@ def create_batch(pipe: AsyncPipeline, record: BatchRecord, *, ttl_s: int) -> Non
         pipe.expire(k, ttl_s)
 
 
+async def discard(redis: AsyncRedis, record: BatchRecord) -> None:
+    """Remove a batch that was never handed out (it lost its idempotency key's claim)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.batch(record.id), keys.batch_open(record.id))
+        pipe.zrem(keys.tenant_batches(record.tenant), record.id)
+        await pipe.execute()
+
+
 def add_jobs(pipe: AsyncPipeline, batch_id: str, jobs: dict[str, float], *, ttl_s: int) -> None:
     """Queue the commands that count new jobs (id -> created ms) into their batch, in the
     submission's MULTI, and tell its subscribers."""

@@ -55,22 +55,29 @@ class BatchService:
             id=f"{keys.BATCH_ID_PREFIX}{uuid.uuid4().hex}", tenant=tenant, name=name, metadata=metadata,
             created_at=utcnow(),
         )  # fmt: skip
-        ttl_s = self.settings.result_ttl_s
+        idem = keys.batch_idempotency(tenant, idempotency_key) if idempotency_key is not None else None
+        if idem is not None and (existing := await self._made_by(idem, tenant)) is not None:
+            return existing, True
         async with self.jobs._redis_call():
-            if idempotency_key is not None:
-                idem = keys.batch_idempotency(tenant, idempotency_key)
-                claimed = await self.redis.set(idem, record.id, nx=True, ex=self.settings.idempotency_ttl_s)
-                if not claimed:
-                    found: Any = await self.redis.get(idem)
-                    existing_id = found.decode() if found else ""
-                    existing = await self.get(existing_id, tenant=tenant)
-                    if existing is not None:
-                        return existing, True
-                    await self.redis.set(idem, record.id, ex=self.settings.idempotency_ttl_s)  # it expired
             async with self.redis.pipeline(transaction=True) as pipe:
-                batch_store.create_batch(pipe, record, ttl_s=ttl_s)
+                batch_store.create_batch(pipe, record, ttl_s=self.settings.result_ttl_s)
                 await pipe.execute()
+            # The key is claimed only once its batch exists, so whoever finds the key finds
+            # the batch: of two concurrent creations, the one that lost the claim gives way.
+            if idem is None or await self.redis.set(idem, record.id, nx=True, ex=self.settings.idempotency_ttl_s):
+                return record, False
+        if (existing := await self._made_by(idem, tenant)) is not None:
+            async with self.jobs._redis_call():
+                await batch_store.discard(self.redis, record)
+            return existing, True
+        async with self.jobs._redis_call():  # the key outlived its batch: it is ours now
+            await self.redis.set(idem, record.id, ex=self.settings.idempotency_ttl_s)
         return record, False
+
+    async def _made_by(self, idem: str, tenant: str) -> BatchRecord | None:
+        async with self.jobs._redis_call():
+            found: Any = await self.redis.get(idem)
+        return await self.get(found.decode(), tenant=tenant) if found else None
 
     async def close(self, batch_id: str, *, tenant: str) -> BatchRecord:
         await self._owned(batch_id, tenant)
@@ -174,13 +181,16 @@ class BatchService:
             position += len(ids)
         return page, position
 
-    async def ended_page(self, batch: BatchRecord, *, first: int, after: int) -> tuple[list[JobRecord], int]:
-        """The batch's ended jobs in the order they ended, from position `after`: the records,
-        and the position after the last (the next page's `after`)."""
+    async def ended_page(
+        self, batch: BatchRecord, *, first: int, after: int
+    ) -> tuple[list[tuple[JobRecord, int]], int]:
+        """The batch's ended jobs in the order they ended, from position `after`: each record
+        with its position (Redis's, else the history's; one gone from both is left out, its
+        position still counted), and the position after the last (the next page's `after`)."""
         async with self.jobs._redis_call():
             ids = await batch_store.ended_ids(self.redis, batch.id, start=after, count=first)
-            records = await store.get_jobs(self.redis, ids) if ids else []
-        return [r for r in records if r is not None], after + len(ids)
+        records = await self.jobs.get_many(ids, tenant=batch.tenant) if ids else []
+        return [(r, after + n) for n, r in enumerate(records) if r is not None], after + len(ids)
 
     # -- following ---------------------------------------------------------------------------
     async def updates(self, batch_id: str, *, tenant: str) -> AsyncGenerator[BatchRecord, None]:

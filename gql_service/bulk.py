@@ -38,7 +38,8 @@ ADD = (
 CLOSE = "mutation($id: ID!) { closeBatch(id: $id) { status } }"
 WATCH = (
     "query($id: ID!, $after: String) { batch(id: $id) { status counts { total queued running finished failed "
-    "canceled } endedJobs(first: 1000, after: $after) { edges { node { %s } } pageInfo { endCursor } } } }" % JOB_FIELDS
+    "canceled } endedJobs(first: 1000, after: $after) { edges { node { %s } } pageInfo { endCursor hasNextPage } } } }"
+    % JOB_FIELDS
 )
 
 
@@ -209,7 +210,9 @@ def _follow(
                 out.flush()
             after = page["pageInfo"]["endCursor"]
             counts = batch["counts"]
-            done = batch["status"] in ("COMPLETED", "CANCELED") and len(ended) >= counts["total"]
+            # Every end read (not len(ended) == total: a job whose record expired everywhere
+            # is never listed, and waiting for it would never end).
+            done = batch["status"] in ("COMPLETED", "CANCELED") and not page["pageInfo"]["hasNextPage"]
             progress.update(submitted=counts["total"], counts=counts, final=done)
             if done:
                 break

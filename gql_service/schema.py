@@ -260,14 +260,14 @@ class Batch(Node):
         ctx = _ctx(info)
         start = _page(first, after, most=MAX_ENDED_PAGE)
         records, next_start = await ctx.jobs.batches.ended_page(self.record, first=first, after=start)
-        edges = [
-            JobEdge(cursor=_position_cursor(start + n + 1), node=Job.from_record(r)) for n, r in enumerate(records)
-        ]
+        edges = [JobEdge(cursor=_position_cursor(at + 1), node=Job.from_record(r)) for r, at in records]
         # More have ended than this page holds: the next page has them. Either way endCursor
         # is where to read on, later, when more jobs have ended.
-        connection = _connection(edges, start, next_start if next_start < self.record.counts.ended else None)
-        connection.page_info.end_cursor = _position_cursor(next_start)
-        return connection
+        page_info = PageInfo(
+            has_next_page=next_start < self.record.counts.ended, end_cursor=_position_cursor(next_start),
+            has_previous_page=start > 0, start_cursor=edges[0].cursor if edges else None,
+        )  # fmt: skip
+        return JobConnection(edges=edges, page_info=page_info)
 
     @classmethod
     def from_record(cls, b: models.BatchRecord) -> Batch:

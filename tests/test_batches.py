@@ -14,6 +14,7 @@ from gql.transport.websockets import WebsocketsTransport
 from redis import Redis
 
 from gql_service import keys, store
+from gql_service.models import JobRecord, JobStage, JobStatus, utcnow
 from gql_service.schema import Context, schema
 
 from .clients import post
@@ -78,6 +79,37 @@ async def test_the_same_key_gives_back_the_same_batch_and_tenants_own_theirs(con
     assert (await run(other, "{ batches { edges { node { id } } } }")).data["batches"]["edges"] == []
     node = await run(context, "query($id: ID!) { node(id: $id) { id ... on Batch { name } } }", id=first["id"])
     assert node.data["node"] == {"id": first["id"], "name": "upload"}
+
+
+async def test_ended_jobs_pages_on_past_a_job_whose_record_is_gone(context: Context, sync_redis: Redis) -> None:
+    # Each edge's cursor is its own position in the ended list, whatever was left out before
+    # it; the CLI reads on until hasNextPage is false, not until it has `total` jobs.
+    batch_id = (await run(context, CREATE, name="gaps")).data["createBatch"]["id"]
+    added = (await run(context, ADD, inputs=inputs(3, "gap"), batch=batch_id)).data["submitTexts"]
+    await run(context, CLOSE, id=batch_id)
+    ids = [p["job"]["id"] for p in added]
+
+    def finished(job: JobRecord) -> JobRecord:
+        return job.model_copy(update={"status": JobStatus.FINISHED, "stage": JobStage.DONE, "finished_at": utcnow()})
+
+    for job_id in ids:
+        await store.update_job(context.jobs.redis, job_id, finished, ttl_s=60)
+    sync_redis.delete(keys.job(ids[1]))  # expired, and no history to find it in
+    query = (
+        "query($id: ID!) { batch(id: $id) { status endedJobs(first: 10) "
+        "{ edges { cursor node { id } } pageInfo { endCursor hasNextPage } } } }"
+    )
+    batch = (await run(context, query, id=batch_id)).data["batch"]
+    page = batch["endedJobs"]
+    assert batch["status"] == "COMPLETED" and [e["node"]["id"] for e in page["edges"]] == [ids[0], ids[2]]
+    assert page["edges"][-1]["cursor"] == page["pageInfo"]["endCursor"] and not page["pageInfo"]["hasNextPage"]
+
+
+async def test_concurrent_creations_with_one_key_make_one_batch(context: Context, sync_redis: Redis) -> None:
+    made = await asyncio.gather(*(run(context, CREATE, name="upload", key="same-file") for _ in range(10)))
+    ids = {m.data["createBatch"]["id"] for m in made}
+    assert len(ids) == 1, ids
+    assert sync_redis.zrange(keys.tenant_batches("public"), 0, -1) == [ids.pop().encode()]
 
 
 async def test_bad_batch_input_is_refused(context: Context) -> None:
