@@ -29,14 +29,14 @@ from redis.asyncio.client import Pipeline
 from rq import Callback, Queue, Retry, get_current_job
 from rq.job import Job as RQJob
 
-from . import keys, metrics, outbox, store, tasks, webhooks
+from . import keys, metrics, outbox, queueing, store, tasks, webhooks
 from .models import JobRecord, WebhookDelivery, WebhookStatus, utcnow
 from .redis_conn import async_client, sync_client
 from .settings import RedisTarget, Settings
 
 log = logging.getLogger(__name__)
 
-GROWTH = 5  # each wait five times the last: 8 attempts from 5 s span about 27 hours
+GROWTH = 5  # each wait five times the last: 8 attempts from 5 s span about 17 hours (with MAX_WAIT_S)
 MAX_WAIT_S = 12 * 3600
 JITTER = 0.2  # each wait is ±20 %, so deliveries that failed together don't retry together
 
@@ -60,10 +60,7 @@ class Relay(outbox.Drainer):
         self.settings = settings
 
     async def handle(self, entries: list[outbox.Entry], pipe: Pipeline) -> None:
-        if self.queue.redis_server_version is None:
-            # RQ would ask synchronously on its first enqueue; tell it from here.
-            version = str((await self.redis.info("server"))["redis_version"]).split(".")
-            self.queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
+        await queueing.prime(self.queue, self.redis)
         deliveries = []
         for entry_id, fields in entries:
             try:
@@ -174,7 +171,8 @@ def _count(state: WebhookDelivery, outcome: webhooks.Outcome, rq_job: RQJob) -> 
 
 def on_failure(rq_job: RQJob, connection: Redis, exc_type: type[BaseException] | None, *_: Any) -> None:
     """RQ's failure callback, for what an attempt could not record itself: its worker died
-    (abandoned) or RQ's hard stop cut it off. That attempt counts; RQ retries if any are left."""
+    (abandoned) or RQ's hard stop cut it off; the fork worker calls it for a dead work horse,
+    for which RQ runs no callback. That attempt counts; RQ retries if any are left."""
     if exc_type is NotDeliveredYet:
         return  # recorded by the attempt
     job_id, url = rq_job.args[0], rq_job.args[1]

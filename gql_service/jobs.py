@@ -244,12 +244,7 @@ class JobService:
         throughput over RQ's synchronous enqueue in a thread).
         """
         async with self._redis_call():
-            if self.queue.redis_server_version is None:
-                # RQ would read the server version synchronously on first enqueue; give it
-                # the answer from our own connection instead.
-                info = await self.acked_redis.info("server")
-                version = str(info["redis_version"]).split(".")
-                self.queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
+            await queueing.prime(self.queue, self.acked_redis)
             return await self._submit_many(jobs, batch_id)
 
     async def _submit_many(self, jobs: list[NewJob], batch_id: str | None) -> list[tuple[JobRecord, bool]]:

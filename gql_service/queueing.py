@@ -3,6 +3,7 @@ by the workers' reconciler (a job whose queue entry a failover lost)."""
 
 from __future__ import annotations
 
+from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from rq import Callback, Queue
 from rq.job import Job as RQJob
@@ -20,6 +21,14 @@ MAX_BACKOFF_S = 300
 def retry_intervals(settings: Settings, retries: int) -> list[int]:
     """RQ's waits before each retry: RETRY_BACKOFF_S, doubling, at most MAX_BACKOFF_S."""
     return [min(int(settings.retry_backoff_s * 2**i), MAX_BACKOFF_S) for i in range(retries)]
+
+
+async def prime(queue: Queue, redis: AsyncRedis) -> None:
+    """Tell `queue` the server's version from `redis`: RQ would otherwise ask for it with a
+    synchronous INFO on its first enqueue, blocking the event loop (with no deadline)."""
+    if queue.redis_server_version is None:
+        version = str((await redis.info("server"))["redis_version"]).split(".")
+        queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
 
 
 def enqueue_extraction(

@@ -152,7 +152,16 @@ class Reconciler:
             return 0
         log.warning("job %s: %s; queued again", record.id, lost)
         attempts_left = settings.llm_max_attempts - record.attempts
+        await queueing.prime(self.queue, self.redis)
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.multi()  # RQ's enqueue starts one itself unless it is in one already
+            if rq_status is not None:
+                # RQ's ended job under the same id: gone first, with the expiry RQ gave it
+                # when it ended and its place in the ended registries, so the job queued
+                # again is a new one and outlives that expiry.
+                pipe.delete(RQJob.key_for(record.id))
+                pipe.zrem(self.queue.failed_job_registry.key, record.id)
+                pipe.zrem(self.queue.finished_job_registry.key, record.id)
             queueing.enqueue_extraction(self.queue, done.record, pipe, settings, attempts_left=attempts_left)
             await pipe.execute()
         return 1

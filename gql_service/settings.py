@@ -20,7 +20,7 @@ class RedisTarget:
     With sentinels, `url` gives only the primary's username, password and database.
     """
 
-    url: str = DEFAULT_REDIS_URL
+    url: str = field(default=DEFAULT_REDIS_URL, repr=False)  # it may hold a password
     sentinels: tuple[tuple[str, int], ...] = ()
     master: str = "mymaster"
     sentinel_password: str | None = field(default=None, repr=False)
@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(10.0, gt=0, le=300)
     # The first retry waits about this long, each next one five times longer (with jitter).
     webhook_retry_base_s: float = Field(5.0, ge=1, le=3600)
-    # Attempts in all before a delivery is FAILED (the default 8 span about a day).
+    # Attempts in all before a delivery is FAILED (the default 8 span about 17 hours).
     webhook_max_attempts: int = Field(8, ge=1, le=20)
     # Allow webhook URLs that resolve to loopback, private or link-local addresses.
     webhook_allow_private: bool = False

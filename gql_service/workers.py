@@ -188,8 +188,10 @@ class ServiceWorker(_Tuning, Worker):
         # The horse died under a live worker (OOM killer, SIGKILL); RQ retries it next.
         # Its retry policy was set by the horse (tasks.adopt_retry_policy): read it back.
         job.refresh()
-        if _extraction(job):  # a webhook delivery has no record of its own to say it in
+        if _extraction(job):
             tasks.worker_lost(job)
+        else:  # a webhook delivery: RQ runs no failure callback for a dead horse, so count it here
+            deliveries.on_failure(job, self.connection, None)
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
 

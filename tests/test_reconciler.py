@@ -169,3 +169,20 @@ async def test_a_job_rq_holds_in_a_state_unknown_here_is_left_to_rq(
     sync_redis.hset(RQJob.key_for(record.id), "status", "some_future_state")
     await asyncio.sleep(0.01)
     assert await _reconciler(async_redis, sync_redis, settings).reconcile() == 0
+
+
+async def test_a_job_whose_rq_job_ended_is_queued_again_as_a_new_one(
+    jobs: JobService, async_redis: AsyncRedis, sync_redis: Redis, settings: Settings
+) -> None:
+    # The record's end was lost, RQ's was not: RQ's job is FAILED, expiring, in its registry.
+    record, _ = await jobs.submit("some text", idempotency_key=None, tenant="public", request_id=None)
+    queue = Queue(settings.rq_queue, connection=sync_redis)
+    sync_redis.lrem(queue.key, 0, record.id)
+    sync_redis.hset(RQJob.key_for(record.id), "status", "failed")
+    sync_redis.expire(RQJob.key_for(record.id), 3600)
+    sync_redis.zadd(queue.failed_job_registry.key, {record.id: 1})
+    await asyncio.sleep(0.01)
+    assert await _reconciler(async_redis, sync_redis, settings).reconcile() == 1
+    assert RQJob.fetch(record.id, connection=sync_redis).get_status() == "queued"
+    assert sync_redis.ttl(RQJob.key_for(record.id)) == -1  # not the hour RQ gave the failed one
+    assert record.id not in queue.failed_job_registry

@@ -21,7 +21,7 @@ from gql_service.jobs import JobService
 from gql_service.llm.offline import OfflineProvider
 from gql_service.pipeline import Attempt
 from gql_service.redis_conn import async_client
-from gql_service.settings import ReplicaAck, Settings
+from gql_service.settings import RedisTarget, ReplicaAck, Settings
 
 from .records import create_job
 
@@ -122,3 +122,9 @@ async def test_a_workers_unconfirmed_end_stands(
     assert "its end is not confirmed by the replicas" in caplog.text
     # The stages before the end were not waited for: one warning, for the end alone.
     assert caplog.text.count("not confirmed") == 1
+
+
+def test_a_redis_target_shows_no_password() -> None:
+    target = RedisTarget(url="redis://:hunter2@10.0.0.5:6379/0", sentinels=(("s1", 26379),), sentinel_password="pw2")
+    for shown in (str(target), repr(target), repr(RedisTarget(url="redis://:hunter2@h:1/0"))):
+        assert "hunter2" not in shown and "pw2" not in shown, shown
