@@ -16,9 +16,9 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 
 from . import batch_store, keys, store
-from .errors import BadUserInput, NotFound
-from .jobs import MAX_LIST_SCAN, JobService
-from .models import BatchRecord, BatchStatus, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, utcnow
+from .errors import BadUserInput, NotFound, ServiceUnavailable
+from .jobs import MAX_LIST_SCAN, JobService, canceling, count_canceled
+from .models import BatchRecord, BatchStatus, JobRecord, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +103,25 @@ class BatchService:
         return await self._owned(batch_id, tenant)
 
     async def _cancel_jobs(self, job_ids: list[str]) -> None:
-        error = JobError(code=JobErrorCode.CANCELED, message="canceled with its batch")
+        to_canceled = canceling("canceled with its batch")
 
-        def to_canceled(job: JobRecord) -> JobRecord:
-            update = {"status": JobStatus.CANCELED, "stage": JobStage.CANCELED, "error": error, "finished_at": utcnow()}
-            return job.model_copy(update=update)
-
-        async def one(record: JobRecord) -> str | None:
+        async def one(record: JobRecord) -> bool:
             done = await store.transition(
                 self.redis, record.id, to_canceled, ttl_s=self.settings.result_ttl_s,
                 archive=self.jobs.history is not None, last_seen=record,
             )  # fmt: skip
-            # A queued job is left on RQ's queue: a worker that takes it finds it CANCELED
-            # and does nothing. A running one is stopped, to save its LLM call.
-            return record.id if done.changed and record.status is JobStatus.STARTED else None
+            return done.changed
 
         async with self.jobs._redis_call():
             records = [r for r in await store.get_jobs(self.redis, job_ids) if r is not None and not r.terminal]
-            running = [j for j in await asyncio.gather(*(one(r) for r in records)) if j is not None]
+            changed = [r for r, ok in zip(records, await asyncio.gather(*(one(r) for r in records)), strict=True) if ok]
+        if changed:
+            with contextlib.suppress(ServiceUnavailable):  # a metric is not worth failing the cancel
+                async with self.jobs._redis_call():
+                    await count_canceled(self.redis, len(changed))
+        # A queued job is left on RQ's queue: a worker that takes it finds it CANCELED and
+        # does nothing. A running one is stopped, to save its LLM call.
+        running = [r.id for r in changed if r.status is JobStatus.STARTED]
         if running:
             await anyio.to_thread.run_sync(self._stop, running, abandon_on_cancel=True)
 

@@ -413,11 +413,7 @@ class JobService:
         if existing is None:
             raise NotFound(f"job {job_id} not found")
 
-        def to_canceled(job: JobRecord) -> JobRecord:
-            error = JobError(code=JobErrorCode.CANCELED, message="canceled by the client")
-            update = {"status": JobStatus.CANCELED, "stage": JobStage.CANCELED, "error": error, "finished_at": utcnow()}
-            return job.model_copy(update=update)
-
+        to_canceled = canceling("canceled by the client")
         unconfirmed: store.EndNotReplicated | None = None
         async with self._redis_call():
             try:
@@ -436,7 +432,7 @@ class JobService:
         if changed:
             with contextlib.suppress(ServiceUnavailable):  # a metric is not worth failing the cancel
                 async with self._redis_call():
-                    await self.redis.hincrby(keys.metrics("jobs"), "CANCELED|CANCELED", 1)
+                    await count_canceled(self.redis, 1)
             # The record is CANCELED first, so nothing the worker writes later can undo it;
             # stopping the RQ job only saves the work. RQ's API is synchronous: a thread,
             # abandoned (and ended by its socket timeout) if Redis hangs.
@@ -567,6 +563,21 @@ class _Window:
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def canceling(message: str) -> store.Change:
+    """The change that ends a job CANCELED (by its client, or with its batch)."""
+    error = JobError(code=JobErrorCode.CANCELED, message=message)
+
+    def to_canceled(job: JobRecord) -> JobRecord:
+        update = {"status": JobStatus.CANCELED, "stage": JobStage.CANCELED, "error": error, "finished_at": utcnow()}
+        return job.model_copy(update=update)
+
+    return to_canceled
+
+
+async def count_canceled(redis: AsyncRedis, n: int) -> None:
+    await redis.hincrby(keys.metrics("jobs"), "CANCELED|CANCELED", n)
 
 
 def created_ms(record: JobRecord) -> float:

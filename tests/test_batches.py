@@ -176,6 +176,8 @@ def test_cancel_batch_halfway_leaves_no_job_running(e2e_redis: str, stub: OpenAI
             return dict(post(svc, BATCH, id=batch_id).json()["data"]["batch"]["counts"])
 
         wait_until(lambda: counts()["finished"] >= 16, timeout_s=60, what="some jobs to finish")
+        redis = Redis.from_url(e2e_redis)
+        counted_before = int(redis.hget(keys.metrics("jobs"), "CANCELED|CANCELED") or 0)
         canceled = post(svc, "mutation($id: ID!) { cancelBatch(id: $id) { status } }", id=batch_id).json()
         assert canceled["data"]["cancelBatch"]["status"] == "CANCELED", canceled
         calls_at_cancel = len(stub.requests)
@@ -183,7 +185,7 @@ def test_cancel_batch_halfway_leaves_no_job_running(e2e_redis: str, stub: OpenAI
         final = post(svc, BATCH, id=batch_id).json()["data"]["batch"]
         time.sleep(1.0)  # any job still running would call the LLM again within this
         calls_after = len(stub.requests)
-        redis = Redis.from_url(e2e_redis)
+        counted = int(redis.hget(keys.metrics("jobs"), "CANCELED|CANCELED") or 0) - counted_before
         ids = [j.decode() for j in redis.zrange(keys.batch_jobs(batch_id), 0, -1)]
         statuses = {store.decode(redis.hget(keys.job(j), "d")).status.value for j in ids}  # type: ignore[arg-type]
         redis.close()
@@ -192,6 +194,7 @@ def test_cancel_batch_halfway_leaves_no_job_running(e2e_redis: str, stub: OpenAI
     assert final["status"] == "CANCELED" and frames[-1][1]["status"] == "CANCELED"
     assert c["queued"] == c["running"] == 0 and c["finished"] + c["failed"] + c["canceled"] == c["total"] == 200
     assert c["canceled"] > 100 and c["finished"] >= 16
+    assert counted == c["canceled"]  # in /metrics' gqls_jobs_finished too
     assert statuses <= {"FINISHED", "FAILED", "CANCELED"}, statuses  # every job has ended
     # The jobs running at the cancel were stopped: at most those few calls were still open.
     assert calls_after - calls_at_cancel <= 8
