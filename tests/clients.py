@@ -44,6 +44,11 @@ def submit(svc: Service, text: str = TEXT, headers: dict[str, str] | None = None
     return str(body["data"]["submitText"]["job"]["id"])
 
 
+# A guard against a hang, not a speed check: a worker process started while the whole suite
+# runs beside it took 30 s to import and take its first job on a 2-core CI machine.
+FOLLOW_GUARD_S = 90
+
+
 async def follow(
     svc: Service,
     job_id: str,
@@ -57,7 +62,7 @@ async def follow(
     when that stage arrives instead of on the first event."""
     transport = WebsocketsTransport(url=svc.ws_url, subprotocols=[protocol], init_payload=params or {})
     events = []
-    async with asyncio.timeout(30), Client(transport=transport) as session:
+    async with asyncio.timeout(FOLLOW_GUARD_S), Client(transport=transport) as session:
         async for data in session.subscribe(GraphQLRequest(UPDATES, variable_values={"id": job_id})):
             events.append(data["jobUpdates"])
             if first_seen is not None and (until_stage is None or events[-1]["stage"] == until_stage):
