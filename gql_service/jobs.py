@@ -398,10 +398,10 @@ class JobService:
             records = [r or archived.get(job_id) for job_id, r in zip(job_ids, records, strict=True)]
         return records
 
-    async def delivery(self, job_id: str) -> WebhookDelivery | None:
-        """How the job's webhook is getting on (None once its record has expired)."""
+    async def deliveries(self, job_ids: list[str]) -> list[WebhookDelivery | None]:
+        """How the jobs' webhooks are getting on (None once a record has expired)."""
         async with self._redis_call():
-            return (await store.get_deliveries(self.redis, [job_id]))[0]
+            return await store.get_deliveries(self.redis, job_ids)
 
     async def _archived(self, job_ids: list[str], tenant: str) -> dict[str, JobRecord]:
         assert self.history is not None

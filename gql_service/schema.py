@@ -6,12 +6,13 @@ import base64
 import contextlib
 import math
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
 import strawberry
 from graphql import GraphQLError
+from strawberry.dataloader import DataLoader
 from strawberry.extensions import AddValidationRules, MaxTokensLimiter, ParserCache, ValidationCache
 from strawberry.relay import PageInfo
 from strawberry.scalars import JSON
@@ -168,7 +169,7 @@ class Job(Node):
     async def webhook(self, info: Info) -> WebhookDelivery | None:
         if self.webhook_url is None:
             return None
-        delivery = await _ctx(info).jobs.delivery(str(self.id))
+        delivery = await _ctx(info).deliveries.load(str(self.id))
         return WebhookDelivery.from_model(delivery) if delivery else None
 
     @classmethod
@@ -366,6 +367,12 @@ class Context:
     tenant: str | None = "public"
     request_id: str | None = None
     connection_params: object = None  # a websocket's connection_init payload
+    # A page of jobs asking for `webhook` reads every delivery in one round trip. Not cached:
+    # a websocket's context lives as long as its connection, and deliveries change.
+    deliveries: DataLoader[str, models.WebhookDelivery | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deliveries = DataLoader(self.jobs.deliveries, cache=False)
 
 
 @dataclass(frozen=True)
@@ -373,6 +380,7 @@ class Caller:
     jobs: JobService
     tenant: str
     request_id: str | None
+    deliveries: DataLoader[str, models.WebhookDelivery | None]
 
 
 async def _raise(error: Exception) -> None:
@@ -384,7 +392,7 @@ def _ctx(info: Info) -> Caller:
     assert isinstance(ctx, Context)
     if ctx.tenant is None:
         raise Unauthenticated("a valid API key is required")
-    return Caller(jobs=ctx.jobs, tenant=ctx.tenant, request_id=ctx.request_id)
+    return Caller(jobs=ctx.jobs, tenant=ctx.tenant, request_id=ctx.request_id, deliveries=ctx.deliveries)
 
 
 @strawberry.type
