@@ -118,8 +118,9 @@ async def test_the_console_lists_batches_with_their_progress_live(e2e_redis: str
             row = f"document.querySelector('[data-testid=batch][data-id={batch_id}]')"
             before = await browser.until(f"{row}?.querySelector('[data-testid=batch-counts]').textContent")
             svc.start_worker(1)  # the page follows the batch as its jobs run
-            status = await browser.until(
-                f"(s => s === 'COMPLETED' ? s : null)({row}?.querySelector('[data-testid=batch-status]').textContent)"
+            status = await browser.until(  # the guard counts the worker's start: 20 s of imports under CI's load
+                f"(s => s === 'COMPLETED' ? s : null)({row}?.querySelector('[data-testid=batch-status]').textContent)",
+                timeout_s=90,
             )
             after = await browser.evaluate(f"{row}.querySelector('[data-testid=batch-counts]').textContent")
             width = await browser.evaluate(f"{row}.querySelector('.bar span').style.width")
