@@ -2,7 +2,7 @@
 
 import sys
 
-from gql_service.cli import main
+from gql_service.cli.commands import main
 
 if __name__ == "__main__":
     main(["worker", *sys.argv[1:]])

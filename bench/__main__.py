@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gql_service.embedded_redis import EmbeddedRedis
+from gql_service.cli.embedded_redis import EmbeddedRedis
 from tests.openai_stub import OpenAIStub
 
 from . import async_worker, bulk, history, hostile, http_streams, partials, report, scenarios, sentinel, webhooks

@@ -17,7 +17,7 @@ import psutil
 from redis import Redis
 
 from gql_service import store
-from gql_service.app import API_CLIENT_NAME
+from gql_service.api.app import API_CLIENT_NAME
 from gql_service.models import JobRecord
 
 START = time.monotonic()

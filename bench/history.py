@@ -21,10 +21,10 @@ import httpx
 import psycopg
 from redis import Redis
 
-from gql_service import migrate
-from gql_service.jobs import created_ms
+from gql_service.api.jobs import created_ms
+from gql_service.api.schema import encode_cursor
+from gql_service.cli import migrate
 from gql_service.models import JobRecord, JobStage, JobStatus
-from gql_service.schema import encode_cursor
 from tests.embedded_postgres import EmbeddedPostgres
 from tests.openai_stub import OpenAIStub
 from tests.service import Service

@@ -26,9 +26,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import keys, partials, store
-from gql_service.embedded_redis import EmbeddedRedis
-from gql_service.llm.openai_provider import OpenAIProvider, make_client
-from gql_service.pipeline import Attempt
+from gql_service.cli.embedded_redis import EmbeddedRedis
+from gql_service.worker.llm.openai_provider import OpenAIProvider, make_client
+from gql_service.worker.pipeline import Attempt
 from tests.openai_stub import OpenAIStub
 from tests.records import create_job
 from tests.service import Service

@@ -17,7 +17,7 @@ import websockets
 from redis import Redis
 
 from gql_service import store
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 from gql_service.models import JobRecord, JobStage, JobStatus
 from tests import records as job_records
 from tests.openai_stub import OpenAIStub
@@ -315,7 +315,7 @@ def _wait_all_terminal(redis: Redis, ids: list[str], timeout: float) -> list[Job
 
 
 def _llm_round_trip_ms(stub: OpenAIStub, samples: int = 50) -> float:
-    from gql_service.llm.openai_provider import OpenAIProvider, make_client
+    from gql_service.worker.llm.openai_provider import OpenAIProvider, make_client
 
     provider = OpenAIProvider(make_client(api_key="k", base_url=stub.base_url, timeout_s=10), model="bench")
     times = []

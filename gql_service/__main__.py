@@ -1,3 +1,3 @@
-from .cli import main
+from gql_service.cli.commands import main
 
 main()

@@ -16,8 +16,8 @@ from typing import Any
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 
-from . import keys, store
-from .models import BatchCounts, BatchRecord, TokenUsage
+from gql_service import keys, store
+from gql_service.models import BatchCounts, BatchRecord, TokenUsage
 
 _COUNTS = ("total", "queued", "running", "finished", "failed", "canceled")
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")

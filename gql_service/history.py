@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from .models import JobRecord, JobStatus
+from gql_service.models import JobRecord, JobStatus
 
 COLUMNS = (
     "id", "tenant", "status", "stage", "version", "created_at", "updated_at", "started_at", "finished_at",

@@ -8,10 +8,10 @@ PREFIX = "gqls"
 
 # The RQ task and its failure callback, by dotted name: the API enqueues by name and so
 # never imports the worker side (tasks, pipeline, providers).
-TASK = "gql_service.tasks.run_extraction"
-ON_FAILURE = "gql_service.tasks.on_failure"
-DELIVER_WEBHOOK = "gql_service.deliveries.deliver"
-WEBHOOK_LOST = "gql_service.deliveries.on_failure"
+TASK = "gql_service.worker.tasks.run_extraction"
+ON_FAILURE = "gql_service.worker.tasks.on_failure"
+DELIVER_WEBHOOK = "gql_service.worker.deliveries.deliver"
+WEBHOOK_LOST = "gql_service.worker.deliveries.on_failure"
 
 
 def job(job_id: str) -> str:
@@ -34,7 +34,7 @@ PARTIALS_WANTED = f"{PREFIX}:partials:wanted"
 
 
 # Every job that has not ended, by record key, scored by the time of its last change (ms):
-# written with the record (store.py), read by the reconciler (gql_service.reconciler).
+# written with the record (store.py), read by the reconciler (gql_service.worker.reconciler).
 LIVE_JOBS = f"{PREFIX}:jobs:live"
 # Held by the worker process that reconciles now, so that one does, cluster-wide.
 RECONCILE_LOCK = f"{PREFIX}:jobs:reconciling"
@@ -85,14 +85,14 @@ def batch_idempotency(tenant: str, key: str) -> str:
 
 
 # Ended jobs waiting to be written to the PostgreSQL history: a stream, drained by the
-# workers' archivers as one consumer group (gql_service.archiver).
+# workers' archivers as one consumer group (gql_service.worker.archiver).
 ARCHIVE_OUTBOX = f"{PREFIX}:archive:outbox"
 # Held by the archiver that runs the hourly retention, so that one does, cluster-wide.
 ARCHIVE_RETENTION_LOCK = f"{PREFIX}:archive:retention"
 
 
 # Ended jobs whose webhook is still to be queued for delivery: a stream, moved onto the
-# webhook queue by the workers' relays as one consumer group (gql_service.deliveries).
+# webhook queue by the workers' relays as one consumer group (gql_service.worker.deliveries).
 WEBHOOK_OUTBOX = f"{PREFIX}:webhooks:outbox"
 
 
@@ -139,7 +139,7 @@ def json_mode_only(endpoint: str) -> str:
 
 
 def llm_in_flight(endpoint: str) -> str:
-    """Leases of the LLM calls open now, cluster-wide (gql_service.provider_limits)."""
+    """Leases of the LLM calls open now, cluster-wide (gql_service.worker.provider_limits)."""
     return f"{PREFIX}:llm:in-flight:{_endpoint(endpoint)}"
 
 

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from . import keys
+from gql_service import keys
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -41,7 +41,7 @@ def _observe(pipe: Any, key: str, seconds: float) -> None:
 
 @dataclass
 class LimitWaits:
-    """What the shared provider limits cost one attempt (gql_service.provider_limits)."""
+    """What the shared provider limits cost one attempt (gql_service.worker.provider_limits)."""
 
     seconds: float = 0.0  # waiting for a call slot or for a pause to end
     rate_limited: int = 0  # 429s received

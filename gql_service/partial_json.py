@@ -14,7 +14,7 @@ from typing import Any
 
 import jiter
 
-from .models import MAX_SUMMARY_CHARS, Entity, PartialExtraction, Sentiment
+from gql_service.models import MAX_SUMMARY_CHARS, Entity, PartialExtraction, Sentiment
 
 # A number at the very end of the text may not be finished yet.
 _TRAILING_NUMBER = re.compile(rb"[-+0-9.eE]+\s*$")

@@ -26,9 +26,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from . import keys
-from .models import PartialExtraction
-from .partial_json import parse_partial
+from gql_service import keys
+from gql_service.models import PartialExtraction
+from gql_service.partial_json import parse_partial
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from rq.job import JobStatus as RQJobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
 from rq.utils import current_timestamp, now, utcformat
 
-from . import keys
-from .models import JobRecord
-from .settings import Settings
+from gql_service import keys
+from gql_service.models import JobRecord
+from gql_service.settings import Settings
 
 MAX_BACKOFF_S = 300
 

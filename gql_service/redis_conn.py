@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError, RedisError, ResponseError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
-from .settings import RedisTarget, ReplicaAck
+from gql_service.settings import RedisTarget, ReplicaAck
 
 CONNECT_TIMEOUT_S = 2.0
 RETRIES = 2

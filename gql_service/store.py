@@ -20,10 +20,10 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 
-from . import keys, redis_conn
-from .models import JobRecord, TokenUsage, WebhookDelivery, utcnow
-from .redis_conn import NotReplicated
-from .settings import ReplicaAck
+from gql_service import keys, redis_conn
+from gql_service.models import JobRecord, TokenUsage, WebhookDelivery, utcnow
+from gql_service.redis_conn import NotReplicated
+from gql_service.settings import ReplicaAck
 
 # Compare-and-set on the version: a concurrent writer makes us re-read and re-apply.
 # Each transition carries a unique id (ARGV[5], kept in field `x`): when a connection drops
@@ -33,13 +33,13 @@ from .settings import ReplicaAck
 #
 # With the archive on (DATABASE_URL), a transition to an ended state also adds the job to
 # the archive outbox (KEYS[4], ARGV[6] = '1'), in the same step: no ended job can miss it
-# (gql_service.archiver).
+# (gql_service.worker.archiver).
 #
 # A job with a webhook is added to the webhook outbox (KEYS[5], ARGV[7] = '1') by the
-# transition that ends it, likewise (gql_service.deliveries).
+# transition that ends it, likewise (gql_service.worker.deliveries).
 #
 # The jobs that have not ended are kept in a sorted set (KEYS[6]) by the time of their last
-# change, for the reconciler (gql_service.reconciler): a transition moves its job there, or
+# change, for the reconciler (gql_service.worker.reconciler): a transition moves its job there, or
 # out of it when the job ends (ARGV[8] = '1').
 #
 # A job of a batch (ARGV[10] its bucket before, ARGV[11] after, KEYS[7] the batch) moves

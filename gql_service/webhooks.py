@@ -1,7 +1,7 @@
 """Webhooks: which URLs may be called, what is sent, how it is signed, and the call itself.
 
 Used by the API (a `webhookUrl` is checked when it is submitted) and by the workers (the
-delivery, gql_service.deliveries). Signed per the Standard Webhooks specification with
+delivery, gql_service.worker.deliveries). Signed per the Standard Webhooks specification with
 its maintained implementation (`standardwebhooks`).
 
 A URL is refused when its host resolves to an address that is not public (loopback,
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from standardwebhooks import Webhook
 
-from .models import JobRecord, JobStatus
+from gql_service.models import JobRecord, JobStatus
 
 MAX_URL_CHARS = 2048
 MAX_RESPONSE_BYTES = 1024  # of a receiver's answer, read for the error message and no more

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import websockets
 
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 
 from .service import wait_until
 

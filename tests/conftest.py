@@ -12,12 +12,12 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from gql_service.api.jobs import JobService
+from gql_service.api.schema import Context
 from gql_service.broadcast import Broadcast
-from gql_service.embedded_redis import EmbeddedRedis
-from gql_service.jobs import JobService
-from gql_service.procs import become_subreaper
+from gql_service.cli.embedded_redis import EmbeddedRedis
+from gql_service.cli.procs import become_subreaper
 from gql_service.redis_conn import async_client
-from gql_service.schema import Context
 from gql_service.settings import Settings
 
 from .openai_stub import OpenAIStub

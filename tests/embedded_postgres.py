@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 
 
 def bin_dir() -> Path:

@@ -16,8 +16,8 @@ from types import TracebackType
 from redis import Redis
 from redis.exceptions import RedisError
 
-from gql_service.embedded_redis import EmbeddedRedis, free_port, redis_server_binary
-from gql_service.procs import child_preexec
+from gql_service.cli.embedded_redis import EmbeddedRedis, free_port, redis_server_binary
+from gql_service.cli.procs import child_preexec
 
 MASTER = "gqls-primary"
 DOWN_AFTER_MS = 1000  # how long the primary must be silent before the sentinels act

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 
 
 def wait_until(predicate, *, timeout_s: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

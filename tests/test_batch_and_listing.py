@@ -11,8 +11,8 @@ from typing import Any
 from redis import Redis
 
 from gql_service import store
+from gql_service.api.schema import Context, schema
 from gql_service.models import JobRecord, JobStage, JobStatus
-from gql_service.schema import Context, schema
 
 from .test_schema import RUN, codes, drive, run
 

@@ -14,8 +14,8 @@ from gql.transport.websockets import WebsocketsTransport
 from redis import Redis
 
 from gql_service import keys, store
+from gql_service.api.schema import Context, schema
 from gql_service.models import JobRecord, JobStage, JobStatus, utcnow
-from gql_service.schema import Context, schema
 
 from .clients import post
 from .openai_stub import OpenAIStub

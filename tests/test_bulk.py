@@ -17,7 +17,7 @@ import pytest
 from redis import Redis
 
 from gql_service import keys
-from gql_service.embedded_redis import EmbeddedRedis
+from gql_service.cli.embedded_redis import EmbeddedRedis
 
 from .clients import post
 from .service import Service

@@ -25,7 +25,7 @@ from rq import Queue, Worker
 from standardwebhooks import Webhook
 
 from gql_service import keys, store
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 from gql_service.settings import load_settings
 
 from .service import answers

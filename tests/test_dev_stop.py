@@ -27,7 +27,7 @@ import httpx
 import psutil
 import pytest
 
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 
 from .openai_stub import Fault, OpenAIStub
 from .service import answers, wait_until

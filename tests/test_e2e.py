@@ -150,7 +150,7 @@ def test_openai_provider_end_to_end(e2e_redis: str, openai_stub: OpenAIStub) -> 
 
 
 def test_readyz_fails_while_redis_is_unreachable_but_healthz_answers() -> None:
-    from gql_service.embedded_redis import free_port
+    from gql_service.cli.embedded_redis import free_port
 
     with Service(f"redis://127.0.0.1:{free_port()}/0", workers=0) as svc:
         base = f"http://127.0.0.1:{svc.port}"

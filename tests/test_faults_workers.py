@@ -129,9 +129,9 @@ async def test_sigterm_to_a_worker_pool_finishes_its_jobs(e2e_redis: str, stub: 
 def worker_context(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """What run_workers sets up in a worker process, here: the workers' context (an offline
     provider, this test's Redis) and WORKER_LOST_AFTER_S; yields the settings."""
-    from gql_service import tasks, workers
-    from gql_service.llm.offline import OfflineProvider
     from gql_service.settings import RedisTarget, Settings
+    from gql_service.worker import tasks, workers
+    from gql_service.worker.llm.offline import OfflineProvider
 
     settings = Settings(llm_provider="offline", _env_file=None)  # type: ignore[call-arg]
     monkeypatch.setattr(workers._Tuning, "lost_after_s", LOST_AFTER_S)
@@ -150,7 +150,7 @@ def test_rqs_pool_children_connect_and_dequeue_as_the_service_does(
     from redis import BlockingConnectionPool, Redis
     from rq import Queue
 
-    from gql_service import workers
+    from gql_service.worker import workers
 
     rqs_own = Redis.from_url(redis_url)  # what RQ's pool hands a child
     queues = [Queue(name, connection=rqs_own) for name in ("llm", "llm-webhooks")]
@@ -170,7 +170,8 @@ def test_a_job_lost_before_its_first_attempt_is_retried(worker_context: Any, syn
     from rq import Queue
     from rq.exceptions import AbandonedJobError
 
-    from gql_service import keys, store, tasks
+    from gql_service import keys, store
+    from gql_service.worker import tasks
 
     from .records import create_job
 
@@ -193,7 +194,8 @@ def test_starting_a_job_never_shortens_the_workers_own_lifetime(
     loop busy for 3 s then made a live worker vanish from Worker.all (seen once on CI)."""
     from rq import Queue
 
-    from gql_service import keys, workers
+    from gql_service import keys
+    from gql_service.worker import workers
 
     worker = workers.WORKER_CLASSES[worker_class](["llm"])
     worker.register_birth()
@@ -209,7 +211,7 @@ def test_a_worker_killed_while_cleaning_holds_up_no_other_for_long(worker_contex
     """The registries' cleanup (what notices a SIGKILLed worker's jobs) runs under a lock that
     a killed worker cannot release: RQ's lasts 899 s, so 50 jobs of a worker SIGKILLed while
     it cleaned sat STARTED long after WORKER_LOST_AFTER_S (seen once on CI)."""
-    from gql_service import workers
+    from gql_service.worker import workers
 
     [queue] = workers.WORKER_CLASSES["async"](["llm"]).queues
     assert queue.acquire_maintenance_lock()  # the worker that is then killed

@@ -20,7 +20,7 @@ from .browser import Browser
 from .service import Service
 
 API_KEY = "sk-playground-test"
-ASSETS = Path(__file__).resolve().parent.parent / "gql_service" / "static" / "graphiql"
+ASSETS = Path(__file__).resolve().parent.parent / "gql_service" / "api" / "static" / "graphiql"
 
 # CodeMirror editors of GraphiQL 3: the document, the open tool tab (Variables or Headers), the result.
 QUERY_EDITOR = ".graphiql-query-editor .CodeMirror"

@@ -20,8 +20,9 @@ from gql import Client, GraphQLRequest, gql
 from gql.transport.websockets import WebsocketsTransport
 from redis import Redis
 
-from gql_service import history, keys, migrate
-from gql_service.embedded_redis import EmbeddedRedis
+from gql_service import history, keys
+from gql_service.cli import migrate
+from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.models import JobRecord, JobStage, JobStatus
 
 from .clients import post, submit

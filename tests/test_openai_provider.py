@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gql_service.llm import LLMError, Repair
-from gql_service.llm.openai_provider import OpenAIProvider, make_client
 from gql_service.models import MAX_MODEL_CHARS, Extraction, JobErrorCode
+from gql_service.worker.llm import LLMError, Repair
+from gql_service.worker.llm.openai_provider import OpenAIProvider, make_client
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
 
@@ -102,7 +102,7 @@ async def test_hanging_endpoint_is_cut_at_the_timeout(stub: OpenAIStub) -> None:
 
 
 async def test_unreachable_endpoint_is_a_retryable_provider_error() -> None:
-    from gql_service.embedded_redis import free_port
+    from gql_service.cli.embedded_redis import free_port
 
     p = OpenAIProvider(make_client(api_key="k", base_url=f"http://127.0.0.1:{free_port()}/v1", timeout_s=2), model="m")
     with pytest.raises(LLMError) as info:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 
 from .clients import follow, submit
 from .service import Service, answers, wait_until

@@ -13,10 +13,10 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import keys, partials, store
-from gql_service.llm.openai_provider import OpenAIProvider, make_client
 from gql_service.models import Extraction, JobRecord, JobStatus
 from gql_service.partial_json import parse_partial
-from gql_service.pipeline import Attempt, RetryLater
+from gql_service.worker.llm.openai_provider import OpenAIProvider, make_client
+from gql_service.worker.pipeline import Attempt, RetryLater
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
 from .records import create_job

@@ -7,10 +7,10 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import keys, store
-from gql_service.llm.offline import OfflineProvider
-from gql_service.llm.openai_provider import OpenAIProvider, make_client
 from gql_service.models import MAX_ERROR_CHARS, MAX_MODEL_CHARS, JobError, JobErrorCode, JobRecord, JobStage, JobStatus
-from gql_service.pipeline import Attempt, InvalidOutput, RetryLater, validate
+from gql_service.worker.llm.offline import OfflineProvider
+from gql_service.worker.llm.openai_provider import OpenAIProvider, make_client
+from gql_service.worker.pipeline import Attempt, InvalidOutput, RetryLater, validate
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
 from .records import create_job

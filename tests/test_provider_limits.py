@@ -10,7 +10,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from gql_service.provider_limits import ProviderLimits
+from gql_service.worker.provider_limits import ProviderLimits
 
 from .clients import follow, submit
 from .openai_stub import Fault, OpenAIStub

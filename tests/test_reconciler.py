@@ -14,12 +14,13 @@ from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.job import Job as RQJob
 
-from gql_service import keys, reconciler, store
-from gql_service.embedded_redis import EmbeddedRedis
-from gql_service.jobs import JobService
+from gql_service import keys, store
+from gql_service.api.jobs import JobService
+from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.models import JobStage, JobStatus
-from gql_service.reconciler import Reconciler
 from gql_service.settings import Settings
+from gql_service.worker import reconciler
+from gql_service.worker.reconciler import Reconciler
 
 from .clients import follow, post, submit
 from .service import Service

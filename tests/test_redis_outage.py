@@ -14,7 +14,7 @@ import httpx
 from redis import Redis
 
 from gql_service import store
-from gql_service.embedded_redis import EmbeddedRedis, free_port
+from gql_service.cli.embedded_redis import EmbeddedRedis, free_port
 
 from .clients import SUBMIT, TEXT, follow, post, submit
 from .openai_stub import OpenAIStub

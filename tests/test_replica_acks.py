@@ -14,14 +14,14 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job as RQJob
 
 from gql_service import keys, store
+from gql_service.api.errors import ServiceUnavailable
+from gql_service.api.jobs import JobService
 from gql_service.broadcast import Broadcast
-from gql_service.embedded_redis import EmbeddedRedis
-from gql_service.errors import ServiceUnavailable
-from gql_service.jobs import JobService
-from gql_service.llm.offline import OfflineProvider
-from gql_service.pipeline import Attempt
+from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.redis_conn import async_client
 from gql_service.settings import RedisTarget, ReplicaAck, Settings
+from gql_service.worker.llm.offline import OfflineProvider
+from gql_service.worker.pipeline import Attempt
 
 from .records import create_job
 
@@ -116,7 +116,7 @@ async def test_a_workers_unconfirmed_end_stands(
     lost it would leave the job to the reconciler."""
     job = create_job(sync_redis, "unconfirmed")
     attempt = Attempt(async_redis, OfflineProvider(), job.id, ttl_s=60, ack=ReplicaAck(1, 100))
-    with caplog.at_level(logging.WARNING, logger="gql_service.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="gql_service.worker.pipeline"):
         final = await attempt.run(retries_left=0)
     assert final is not None and final.status.value == "FINISHED"
     assert "its end is not confirmed by the replicas" in caplog.text

@@ -11,8 +11,8 @@ import pytest
 from redis import Redis
 
 from gql_service import keys, store
+from gql_service.api.schema import Context, schema
 from gql_service.models import JobStage, JobStatus
-from gql_service.schema import Context, schema
 
 from . import records
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from gql_service.schema import schema
+from gql_service.api.schema import schema
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.graphql"
 

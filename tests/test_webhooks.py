@@ -20,11 +20,12 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from gql_service import deliveries, keys, store, webhooks
-from gql_service.embedded_redis import EmbeddedRedis
+from gql_service import keys, store, webhooks
+from gql_service.api.schema import Context, schema
+from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.models import JobRecord, JobStage, JobStatus
-from gql_service.schema import Context, schema
 from gql_service.settings import Settings
+from gql_service.worker import deliveries
 
 from .browser import Browser
 from .clients import post

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gql_service.embedded_redis import free_port
+from gql_service.cli.embedded_redis import free_port
 
 from .clients import SUBMIT, TEXT
 from .service import wait_until
@@ -76,8 +76,8 @@ def test_the_installed_package_is_the_wheel_and_carries_its_files(venv: Path) ->
     code = (
         "import importlib.resources as r, gql_service; print(gql_service.__file__); "
         "p = r.files('gql_service'); "
-        "print(all((p / f).is_file() for f in ('static/console.html', 'static/graphiql/graphiql.js', "
-        "'static/graphiql/graphiql.css', 'migrations/env.py', 'migrations/versions/0001_jobs.py')))"
+        "print(all((p / f).is_file() for f in ('api/static/console.html', 'api/static/graphiql/graphiql.js', "
+        "'api/static/graphiql/graphiql.css', 'migrations/env.py', 'migrations/versions/0001_jobs.py')))"
     )
     where, carries = outside(venv, "python", "-c", code).stdout.split()
     assert where.startswith(str(venv)) and carries == "True", (where, carries)
@@ -121,8 +121,8 @@ def test_dev_from_the_wheel_runs_a_job_to_done(dev: str) -> None:
 
 def test_the_console_and_the_playground_come_with_their_assets(dev: str) -> None:
     console = httpx.get(f"{dev}/")
-    assert console.status_code == 200 and console.text == (ROOT / "gql_service/static/console.html").read_text()
+    assert console.status_code == 200 and console.text == (ROOT / "gql_service/api/static/console.html").read_text()
     playground = httpx.get(f"{dev}/graphql", headers={"accept": "text/html"})
     assert playground.status_code == 200
     for asset in ("graphiql.js", "graphiql.css"):
-        assert (ROOT / "gql_service/static/graphiql" / asset).read_text() in playground.text
+        assert (ROOT / "gql_service/api/static/graphiql" / asset).read_text() in playground.text

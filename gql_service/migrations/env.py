@@ -1,4 +1,4 @@
-"""Alembic's entry point: run the migrations against the URL `gql_service.migrate` sets.
+"""Alembic's entry point: run the migrations against the URL `gql_service.cli.migrate` sets.
 
 The migrations are plain SQL (`op.execute`): there are no ORM models to compare with.
 """
@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 url = context.config.get_main_option("sqlalchemy.url")
-assert url, "gql_service.migrate sets the database URL"
+assert url, "gql_service.cli.migrate sets the database URL"
 engine = create_engine(url)
 with engine.connect() as connection:
     context.configure(connection=connection)

@@ -1,0 +1,86 @@
+"""What the API records about each GraphQL operation: Prometheus counters labelled by root
+field, and its errors in the log.
+
+Both take only what the schema bounds: a root field the schema does not have is labelled
+`invalid` (a client choosing label values could grow `/metrics` without limit), and a
+client's error is logged as its code and message, never with the document or variables
+(which hold the user's text).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import strawberry
+from graphql import GraphQLError, GraphQLSchema, OperationDefinitionNode
+from prometheus_client import Counter
+from strawberry.extensions import SchemaExtension
+from strawberry.types import ExecutionContext
+
+from gql_service.api.errors import ClientError, ServiceUnavailable
+from gql_service.metrics import REGISTRY
+
+log = logging.getLogger("gql_service.graphql")
+
+OPERATIONS = Counter(
+    "gqls_graphql_operations", "GraphQL operations by type and root field", ["type", "field"], registry=REGISTRY
+)
+ERRORS = Counter(
+    "gqls_graphql_errors", "GraphQL errors by type, root field and code", ["type", "field", "code"], registry=REGISTRY
+)
+_INTROSPECTION = frozenset({"__typename", "__schema", "__type"})
+
+
+def _labels(schema: GraphQLSchema, document: object) -> tuple[str, str]:
+    """(operation type, root field) of the first operation, each bounded by the schema."""
+    for definition in getattr(document, "definitions", ()):
+        if isinstance(definition, OperationDefinitionNode):
+            kind = definition.operation
+            root = schema.get_root_type(kind)
+            selections = definition.selection_set.selections
+            name = getattr(getattr(selections[0], "name", None), "value", None) if selections else None
+            known = root is not None and (name in root.fields or name in _INTROSPECTION)
+            return kind.value, name if known and name else "invalid"
+    return "invalid", "invalid"
+
+
+class OperationMetrics(SchemaExtension):
+    """Counts operations and their errors, labelled by root field."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        ctx = self.execution_context
+        kind, field = _labels(ctx.schema._schema, ctx.graphql_document)
+        OPERATIONS.labels(kind, field).inc()
+        errors = (ctx.result.errors if ctx.result else None) or ctx.pre_execution_errors or []
+        for error in errors:
+            ERRORS.labels(kind, field, error_code(error)).inc()
+
+
+def error_code(error: GraphQLError) -> str:
+    """The error's `extensions.code` (only the service sets one), else a generic code."""
+    code = (error.extensions or {}).get("code")
+    if isinstance(code, str):
+        return code
+    return "GRAPHQL_ERROR" if error.original_error is None else "INTERNAL_SERVER_ERROR"
+
+
+class Schema(strawberry.Schema):
+    """Logs a client's mistakes at INFO, an outage at WARNING, and only our own faults at
+    ERROR with their traceback (Strawberry logs every error at ERROR with the document)."""
+
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
+        for error in errors:
+            original, code = error.original_error, error_code(error)
+            path = ".".join(str(p) for p in error.path or ()) or "-"
+            if isinstance(original, ServiceUnavailable):
+                log.warning("%s at %s: %s", code, path, error.message)
+            elif original is None or isinstance(original, ClientError):
+                log.info("client error %s at %s: %s", code, path, error.message)
+            else:
+                log.error("%s at %s: %s", code, path, error.message, exc_info=original)
+
+
+# Strawberry's own logger would repeat each error at ERROR, with the document.
+logging.getLogger("strawberry.execution").disabled = True

@@ -1,0 +1,370 @@
+"""Strawberry's ASGI GraphQL view, configured for this service: JSON codec, context, auth at
+connection_init, the GraphQL over HTTP spec's media types, status codes and request errors,
+subscriptions over websockets (both protocols) and over HTTP (GraphQL over Server-Sent
+Events, distinct connections mode, and Apollo's multipart subscriptions), and the GraphiQL
+playground served from the package (no CDN)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from graphql import GraphQLError, GraphQLSyntaxError, OperationDefinitionNode, parse
+from prometheus_client import Gauge
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.subscriptions import (
+    GRAPHQL_SSE_PROTOCOL,
+    GRAPHQL_TRANSPORT_WS_PROTOCOL,
+    GRAPHQL_WS_PROTOCOL,
+    MULTIPART_SUBSCRIPTION_PROTOCOL,
+)
+from strawberry.types import ExecutionResult
+from strawberry.types.execution import PreExecutionError
+from strawberry.types.unset import UnsetType
+
+from gql_service import logs
+from gql_service.api.auth import ApiKeys
+from gql_service.api.media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
+from gql_service.api.schema import MAX_TOKENS, Context, schema
+from gql_service.api.ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
+from gql_service.metrics import REGISTRY
+from gql_service.settings import Settings
+
+MAX_REQUEST_ID_CHARS = 128
+SUBSCRIPTION_NEEDS_A_STREAM = (
+    "a subscription needs a stream: a websocket (graphql-transport-ws or graphql-ws), Server-Sent Events "
+    "(Accept: text/event-stream) or multipart HTTP (Accept: multipart/mixed;subscriptionSpec=1.0)"
+)
+HTTP_STREAMS = Gauge(
+    "gqls_http_subscription_streams", "Subscriptions open over HTTP, by transport", ["transport"], registry=REGISTRY
+)
+for _transport in ("sse", "multipart"):
+    HTTP_STREAMS.labels(_transport)  # shown at 0 from the start
+GRAPHIQL = Path(__file__).with_name("static") / "graphiql"
+# A request object or a batch; anything else ("hello", null, 42) is not a GraphQL request.
+_OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
+
+
+def request_id_of(request: Request | WebSocket) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given[:MAX_REQUEST_ID_CHARS] if given.strip() else uuid.uuid4().hex
+
+
+class RequestError(HTTPException):
+    """A request that never reaches execution, answered with a GraphQL-shaped JSON error."""
+
+    def __init__(
+        self, status_code: int, reason: str, *, code: str = "BAD_REQUEST", headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code, reason)
+        self.code = code
+        self.headers = headers or {}
+
+
+class OperationKinds:
+    """The operations a document holds, as (name, type) in order ("query", "subscription",
+    ...; not a dict: several may be anonymous), remembered for recent documents: clients send
+    the same few documents again and again, so this costs a parse only the first time. Keyed
+    by digest, so the cache stays small whatever the documents' size."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.maxsize = maxsize
+        self._kinds: OrderedDict[bytes, tuple[tuple[str | None, str], ...]] = OrderedDict()
+
+    def __call__(self, query: str) -> tuple[tuple[str | None, str], ...]:
+        key = hashlib.blake2b(query.encode(errors="surrogatepass"), digest_size=16).digest()
+        kinds = self._kinds.get(key)
+        if kinds is None:
+            try:
+                document = parse(query, no_location=True, max_tokens=MAX_TOKENS)
+            except GraphQLError:
+                kinds = ()  # execution reports the syntax error as it does for any document
+            else:
+                kinds = tuple(
+                    (node.name.value if node.name else None, node.operation.value)
+                    for node in document.definitions
+                    if isinstance(node, OperationDefinitionNode)
+                )
+            self._kinds[key] = kinds
+            if len(self._kinds) > self.maxsize:
+                self._kinds.popitem(last=False)
+        else:
+            self._kinds.move_to_end(key)
+        return kinds
+
+
+class Playground:
+    """The GraphiQL page with its script and stylesheet inlined: one response, nothing from
+    the internet, and the API's own settings (are keys needed?) in a JSON config element.
+    Assembled on the first request, so API processes that never serve it never read it."""
+
+    def __init__(self, *, api_keys: bool) -> None:
+        self.api_keys = api_keys
+
+    @cached_property
+    def body(self) -> bytes:
+        parts = {
+            "graphiql.css": (GRAPHIQL / "graphiql.css").read_text(encoding="utf-8"),
+            "graphiql.js": (GRAPHIQL / "graphiql.js").read_text(encoding="utf-8"),
+            "config": orjson.dumps({"apiKeys": self.api_keys}).decode(),
+        }
+        template = (GRAPHIQL / "index.html").read_text(encoding="utf-8")
+        # One pass over the template: what is inserted is never scanned for markers.
+        page = re.sub(r"/\* (graphiql\.css|graphiql\.js|config) \*/", lambda m: parts[m[1]], template)
+        return page.encode()
+
+    @cached_property
+    def gzipped(self) -> bytes:
+        return gzip.compress(self.body, compresslevel=6, mtime=0)  # 1.4 MB -> about 0.4 MB
+
+    @cached_property
+    def etag(self) -> str:
+        # Weak: the gzipped and the plain body are the same page.
+        return f'W/"{hashlib.blake2b(self.body, digest_size=16).hexdigest()}"'
+
+    def response(self, request: Request) -> Response:
+        headers = {"etag": self.etag, "cache-control": "no-cache", "vary": "accept-encoding"}
+        if self.etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return HTMLResponse(self.gzipped, headers={**headers, "content-encoding": "gzip"})
+        return HTMLResponse(self.body, headers=headers)
+
+
+def error_code(error: GraphQLError, result: ExecutionResult) -> str:
+    """A code for an error that has none, by where it arose."""
+    if isinstance(result, PreExecutionError):
+        if isinstance(error, GraphQLSyntaxError):
+            return "GRAPHQL_PARSE_FAILED"
+        if error.original_error is not None and not isinstance(error.original_error, GraphQLError):
+            return "INTERNAL_SERVER_ERROR"
+        return "GRAPHQL_VALIDATION_FAILED"
+    # Variables are coerced before any resolver runs: their errors have no path.
+    return "INTERNAL_SERVER_ERROR" if error.path is not None else "BAD_USER_INPUT"
+
+
+def is_request_error(response_data: GraphQLHTTPResponse) -> bool:
+    """Nothing was executed: the spec's request error (a field error carries a path)."""
+    errors = response_data.get("errors") or []
+    return (
+        response_data.get("data") is None
+        and bool(errors)
+        and all(isinstance(e, dict) and "path" not in e for e in errors)
+    )
+
+
+class GraphQLView(GraphQL[Context, None]):
+    graphql_transport_ws_handler_class = TransportWSHandler
+    graphql_ws_handler_class = LegacyWSHandler
+
+    def __init__(self, *, keys: ApiKeys, settings: Settings) -> None:
+        super().__init__(
+            schema,
+            graphql_ide="graphiql",
+            max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+            connection_init_wait_timeout=timedelta(seconds=settings.ws_init_timeout_s),
+            subscription_protocols=(
+                GRAPHQL_TRANSPORT_WS_PROTOCOL,
+                GRAPHQL_WS_PROTOCOL,
+                GRAPHQL_SSE_PROTOCOL,
+                MULTIPART_SUBSCRIPTION_PROTOCOL,
+            ),
+        )
+        self.keys = keys
+        self.operation_kinds = OperationKinds()
+        self.playground = Playground(api_keys=keys.enabled)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self.run(request)
+        except HTTPException as exc:
+            # Strawberry answers these in text/plain; a GraphQL client reads JSON errors.
+            response = self.request_error_response(request, exc)
+        await response(scope, receive, send)
+
+    def request_error_response(self, request: Request, exc: HTTPException) -> Response:
+        code, headers = (exc.code, exc.headers) if isinstance(exc, RequestError) else ("BAD_REQUEST", {})
+        if exc.status_code == 405 and not headers:
+            headers = {"allow": "GET, POST"}
+        # A request error has no `data` entry: nothing was executed.
+        body = {"errors": [{"message": exc.reason, "extensions": {"code": code}}]}
+        media_type = preferred_media_type(request.headers.get("accept", ""))
+        return Response(self.encode_json(body), exc.status_code, headers, media_type=content_type_of(media_type))
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        return self.playground.response(request)
+
+    def encode_json(self, data: object) -> str:
+        # str, not bytes: Strawberry sends bytes as binary websocket frames, which the
+        # GraphQL websocket protocols don't allow.
+        return orjson.dumps(data).decode()
+
+    def decode_json(self, data: str | bytes) -> object:
+        return orjson.loads(data)
+
+    async def get_sub_response(self, request: Request | WebSocket) -> Response:
+        sub_response = await super().get_sub_response(request)
+        # Remembered here for create_response, which only sees the sub-response.
+        sub_response.media_type = preferred_media_type(request.headers.get("accept", ""))
+        return sub_response
+
+    async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData | list[GraphQLRequestData]:
+        # Strawberry takes any JSON value for a request object and fails on it with a 500.
+        is_json_post = request.method == "POST" and JSON in (request.content_type or "")
+        if is_json_post and not _OBJECT_OR_ARRAY.match(await request.get_body()):
+            raise RequestError(400, "the request body must be a JSON object: {query, variables, operationName}")
+        return await super().parse_http_body(request)
+
+    async def execute_operation(  # noqa: PLR0917 (Strawberry's signature)
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        request_data: GraphQLRequestData | list[GraphQLRequestData],
+        context: Context,
+        root_value: None,
+        sub_response: Response,
+    ) -> Any:
+        if not isinstance(request_data, list):  # (batches are off)
+            self._check_operation(request_data, request.headers.get("accept", ""))
+        return await super().execute_operation(
+            request, request_adapter, request_data, context, root_value, sub_response
+        )
+
+    def _check_operation(self, request_data: GraphQLRequestData, accept: str) -> None:
+        """What Strawberry would not refuse before running it (or, for streams, before the
+        200 and the first event are sent), and whether to stream the answer at all."""
+        query, name = request_data.query, request_data.operation_name
+        if not isinstance(query, str) or not isinstance(name, str | None):
+            return  # Strawberry answers a malformed request itself (a 400)
+        kinds = self.operation_kinds(query)
+        if name is None and len(kinds) > 1:
+            # Strawberry would run the first of several operations; the spec asks for an error.
+            raise RequestError(400, AMBIGUOUS, code="OPERATION_RESOLUTION_FAILURE")
+        kind = dict(kinds).get(name) if name is not None else (kinds[0][1] if kinds else None)
+        streamed = self._get_stream_transport(request_data.protocol) is not None
+        if streamed and kind != "subscription" and accepts_json(accept):
+            # Strawberry streams whatever comes with a stream in its Accept: a query or a
+            # mutation from a client that takes JSON too (urql's) gets JSON, as it prefers.
+            request_data.protocol = "http"
+        elif not streamed and kind == "subscription":
+            # Strawberry would run it as a query: a 200 with an internal error for its field.
+            raise RequestError(400, SUBSCRIPTION_NEEDS_A_STREAM)
+
+    async def execute_single(  # noqa: PLR0917 (Strawberry's signature)
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        try:
+            return await super().execute_single(
+                request, request_adapter, sub_response, context, root_value, request_data
+            )
+        except HTTPException as exc:
+            if isinstance(exc.__cause__, CannotGetOperationTypeError):
+                raise RequestError(400, exc.reason, code="OPERATION_RESOLUTION_FAILURE") from exc
+            if isinstance(exc.__cause__, InvalidOperationTypeError):
+                # The spec: a mutation over GET is 405, and nothing runs.
+                raise RequestError(405, exc.reason, headers={"allow": "POST"}) from exc
+            raise
+
+    async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+        response_data = await super().process_result(request, result)
+        if result.errors and response_data.get("errors"):
+            # Every error carries a code a client can act on, not only the ones we raise.
+            formatted: list[object] = []
+            for error, shown in zip(result.errors, response_data["errors"] or [], strict=True):
+                if isinstance(shown, dict) and "code" not in (shown.get("extensions") or {}):
+                    shown = {
+                        **shown,
+                        "extensions": {**(shown.get("extensions") or {}), "code": error_code(error, result)},
+                    }
+                formatted.append(shown)
+            response_data["errors"] = formatted
+        return response_data
+
+    async def create_streaming_response(
+        self,
+        request: Request | WebSocket,
+        stream: Callable[[], AsyncIterator[str]],
+        sub_response: Response,
+        headers: Mapping[str, str],
+    ) -> Response:
+        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+        transport = "sse" if content_type.startswith("text/event-stream") else "multipart"
+
+        async def counted() -> AsyncIterator[str]:
+            # Ends when the client goes: Starlette cancels the stream at the disconnect, and
+            # the subscription's own `finally` blocks release its channels at once.
+            HTTP_STREAMS.labels(transport).inc()
+            try:
+                async for chunk in stream():
+                    yield chunk
+            finally:
+                HTTP_STREAMS.labels(transport).dec()
+
+        return await super().create_streaming_response(request, counted, sub_response, headers)
+
+    def create_response(
+        self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
+    ) -> Response:
+        if sub_response.media_type != GRAPHQL_RESPONSE_JSON:
+            return super().create_response(response_data, sub_response)
+        status = None
+        if isinstance(response_data, dict) and is_request_error(response_data):
+            # The spec for this media type: no `data` when nothing ran, and a 4xx (5xx if ours).
+            codes = {
+                e.get("extensions", {}).get("code") for e in response_data.get("errors") or [] if isinstance(e, dict)
+            }
+            status = 500 if "INTERNAL_SERVER_ERROR" in codes else 400
+            response_data = GraphQLHTTPResponse(errors=response_data.get("errors"))
+        response = super().create_response(response_data, sub_response)
+        response.headers["content-type"] = content_type_of(GRAPHQL_RESPONSE_JSON)
+        if status is not None and not sub_response.status_code:
+            response.status_code = status
+        return response
+
+    async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
+        rid = request_id_of(request)
+        logs.request_id.set(rid)  # every log line of this request carries it
+        if isinstance(response, Response):
+            response.headers["x-request-id"] = rid
+            # RequireApiKey has checked the key already; without keys everyone is "public".
+            tenant = request.scope.get("state", {}).get("tenant") or self.keys.tenant(None)
+        else:
+            # Decided at connection_init (on_ws_connect); an upgrade header may already carry it.
+            tenant = self.keys.tenant(request.headers.get("authorization")) if self.keys.enabled else "public"
+        return Context(jobs=request.app.state.jobs, tenant=tenant, request_id=rid)
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        if self.keys.enabled and context.tenant is None:
+            tenant = self.keys.tenant_from_params(context.connection_params)
+            if tenant is None:
+                # graphql-transport-ws closes with 4403 Forbidden; legacy graphql-ws sends connection_error.
+                raise ConnectionRejectionError({"message": "a valid API key is required"})
+            context.tenant = tenant
+        return await super().on_ws_connect(context)

@@ -1,0 +1,1 @@
+"""The `gql-service` command: running the service, a small client, embedded Redis, child processes."""

@@ -1,5 +1,0 @@
-"""LLM providers behind one small interface (DESIGN decision 5)."""
-
-from .base import Completion, FallsBackToJsonMode, LLMError, OnText, Provider, Repair
-
-__all__ = ["Completion", "FallsBackToJsonMode", "LLMError", "OnText", "Provider", "Repair"]

@@ -1,0 +1,1 @@
+"""The worker side: RQ worker classes, the extraction task and pipeline, providers, outbox consumers."""

@@ -1,0 +1,305 @@
+"""One extraction attempt, stage by stage, each stage a published transition.
+
+CALLING_LLM -> VALIDATING (-> REPAIRING -> VALIDATING) -> DONE, or FAILED with a JobError.
+Transient LLM errors leave the job RETRYING and re-raise so that RQ schedules the next
+attempt; everything else ends the job here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gql_service import logs, metrics, store
+from gql_service.models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
+from gql_service.partials import PartialStream
+from gql_service.settings import ReplicaAck
+from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
+from gql_service.worker.provider_limits import ProviderLimits
+
+log = logging.getLogger(__name__)
+
+
+# A call told to come back later (429 Retry-After) tries again this many times within its
+# attempt, if told to wait no more than MAX_PAUSE_S (longer waits would run into the job's
+# timeout); otherwise the 429 counts like any other (RETRYING, a new attempt with backoff).
+MAX_PAUSES_PER_CALL = 5
+MAX_PAUSE_S = 60.0
+# How long a transition waits for an unreachable Redis before the attempt gives up (and RQ
+# retries the job, or abandoned-job detection does once Redis is back).
+REDIS_OUTAGE_WAIT_S = 30.0
+
+
+class RetryLater(Exception):
+    """Raised to hand a transiently failed attempt back to RQ's retry schedule."""
+
+
+class InvalidOutput(Exception):
+    pass
+
+
+def validate(content: str) -> Extraction:
+    """Parse and validate model output; the message says what to fix, in a few words."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise InvalidOutput(f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+    try:
+        return Extraction.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'object'}: {err['msg']}" for err in exc.errors()[:10]
+        )
+        raise InvalidOutput(problems) from None
+
+
+class Attempt:
+    """Runs one attempt of one job; every state change goes through `store.transition`."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        provider: Provider,
+        job_id: str,
+        *,
+        ttl_s: int,
+        limits: ProviderLimits | None = None,
+        partials: PartialStream | None = None,
+        archive: bool = False,
+        ack: ReplicaAck | None = None,
+    ) -> None:
+        self.redis = redis
+        self.archive = archive  # the end of the job goes to the history (DATABASE_URL)
+        self.ack = ack  # the end of the job waits for replicas (REDIS_MIN_REPLICAS_ACKED)
+        self.provider = provider
+        self.limits = limits
+        self.partials = partials
+        self.job_id = job_id
+        self.ttl_s = ttl_s
+        self.usage = TokenUsage()  # over every attempt, as the record shows it
+        # For the metrics: this attempt's tokens, LLM calls, and time in each stage.
+        self.spent = TokenUsage()
+        self.llm_seconds: list[float] = []
+        self.waits = metrics.LimitWaits()
+        self.stage_seconds: list[tuple[str, float]] = []
+        self._stage: tuple[JobStage, float] | None = None
+        self.last: JobRecord | None = None
+        self._watchers = 0  # subscribers of interim frames when the last transition was written
+
+    def _entered(self, record: JobRecord) -> None:
+        now = time.monotonic()
+        if self._stage is not None and self._stage[0] is not record.stage:
+            self.stage_seconds.append((self._stage[0].value, now - self._stage[1]))
+        if self._stage is None or self._stage[0] is not record.stage:
+            self._stage = (record.stage, now)
+        self.last = record
+
+    async def _set(self, **changes: object) -> JobRecord | None:
+        def change(job: JobRecord) -> JobRecord:
+            return job.model_copy(update=changes)
+
+        done = await self._write(change, self.last)
+        record, changed = done.record, done.changed
+        if changed and record is not None:
+            # The start and the end at INFO; the stages between at DEBUG (a worker running
+            # hundreds of jobs at once would spend a few percent of its CPU on them).
+            level = logging.INFO if record.terminal else logging.DEBUG
+            log.log(
+                level, "job %s: %s / %s (v%d)", self.job_id, record.status.value, record.stage.value, record.version
+            )
+            self._entered(record)
+        return record if changed else None
+
+    async def _write(self, change: store.Change, last_seen: JobRecord | None) -> store.Transition:
+        """A transition of this job, written once Redis answers: through a short outage (a
+        restart, a failover) the job carries on where it was instead of failing."""
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                done = await _transition(
+                    self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, ack=self.ack,
+                    last_seen=last_seen,
+                )  # fmt: skip
+                self._watchers = done.partial_watchers
+                return done
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if waited >= REDIS_OUTAGE_WAIT_S:
+                    raise
+                if not waited:
+                    log.warning("job %s: Redis is unreachable (%s); waiting to write its next stage", self.job_id, exc)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 2.0)
+
+    def _add_usage(self, usage: TokenUsage) -> None:
+        self.usage = self.usage + usage
+        self.spent = self.spent + usage
+
+    async def _ask(self, text: str, repair: Repair | None = None) -> Completion:
+        for pauses in range(MAX_PAUSES_PER_CALL + 1):
+            try:
+                completion = await self._call(text, repair)
+            except LLMError as exc:
+                self._add_usage(exc.usage)
+                if exc.code is JobErrorCode.RATE_LIMITED:
+                    self.waits.rate_limited += 1
+                wait = exc.retry_after_s
+                if self.limits is None or wait is None or wait > MAX_PAUSE_S or pauses == MAX_PAUSES_PER_CALL:
+                    raise
+                # The endpoint said when to come back: every worker waits that long, and
+                # this call tries again then, without spending an attempt.
+                await self.limits.pause(wait)
+                self.waits.pauses += 1
+                continue
+            self._add_usage(completion.usage)
+            return completion
+        raise AssertionError("unreachable")
+
+    async def _call(self, text: str, repair: Repair | None) -> Completion:
+        if self.limits is None:
+            return await self._extract(text, repair)
+        estimate = prompt.estimated_tokens(text, repair)
+        self.waits.seconds += await self.limits.wait_out_pause()
+        self.waits.seconds += await self.limits.take_budget(estimate)
+        async with self.limits.slot() as waited:
+            self.waits.seconds += waited
+            completion = await self._extract(text, repair)
+        await self.limits.charge_tokens(estimate, completion.usage.total_tokens)
+        return completion
+
+    async def _extract(self, text: str, repair: Repair | None) -> Completion:
+        """One LLM call, timed; its answer streams to the interim frames while it is written."""
+        partials = self.partials
+        if partials is not None and self.last is not None:
+            partials.begin(self.last.version, watchers=self._watchers)
+        started = time.monotonic()
+        try:
+            on_text = partials.feed if partials is not None else None
+            return await self.provider.extract(text, repair=repair, on_text=on_text)
+        finally:
+            self.llm_seconds.append(time.monotonic() - started)
+            if partials is not None:
+                await partials.end()
+
+    async def run(self, *, retries_left: int) -> JobRecord | None:
+        try:
+            return await self._run(retries_left=retries_left)
+        finally:
+            await self._record_metrics()
+
+    async def _record_metrics(self) -> None:
+        if self.last is None:
+            return  # nothing ran
+        final = None
+        if self.last.terminal:
+            final = (self.last.status.value, self.last.error.code.value if self.last.error else "")
+        try:
+            await metrics.record_attempt(
+                self.redis,
+                final=final,
+                stage_seconds=self.stage_seconds,
+                llm_seconds=self.llm_seconds,
+                prompt_tokens=self.spent.prompt_tokens,
+                completion_tokens=self.spent.completion_tokens,
+                waits=self.waits,
+            )
+        except Exception:  # metrics must never fail a job
+            log.exception("job %s: could not record metrics", self.job_id)
+
+    async def _run(self, *, retries_left: int) -> JobRecord | None:
+        current, text = await store.get_job_and_text(self.redis, self.job_id)
+        started = await self._start(current) if current is not None else None
+        if started is None:
+            log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
+            return None
+        logs.request_id.set(started.request_id)  # worker log lines about this job carry it
+        log.info("job %s: attempt %d with %s", self.job_id, started.attempts, self.provider.model)
+        self.usage = started.usage or TokenUsage()
+        try:
+            completion = await self._ask(text)
+            await self._set(stage=JobStage.VALIDATING, usage=self.usage)
+            try:
+                result = validate(completion.content)
+            except InvalidOutput as first:
+                log.info("job %s: invalid output (%s); asking for a repair", self.job_id, first)
+                await self._set(stage=JobStage.REPAIRING)
+                completion = await self._ask(text, Repair(completion.content, str(first)))
+                await self._set(stage=JobStage.VALIDATING, usage=self.usage)
+                result = validate(completion.content)
+        except InvalidOutput as exc:
+            return await self._fail(
+                JobError(code=JobErrorCode.INVALID_OUTPUT, message=f"invalid output after repair: {exc}")
+            )
+        except LLMError as exc:
+            error = JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
+            if exc.retryable and retries_left > 0:
+                await self._set(status=JobStatus.RETRYING, stage=JobStage.QUEUED, error=error, usage=self.usage)
+                raise RetryLater(str(exc)) from exc
+            return await self._fail(error)
+        return await self._set(
+            status=JobStatus.FINISHED,
+            stage=JobStage.DONE,
+            result=result,
+            error=None,
+            usage=self.usage,
+            model=completion.model,
+            finished_at=utcnow(),
+        )
+
+    async def _start(self, current: JobRecord) -> JobRecord | None:
+        def change(job: JobRecord) -> JobRecord:
+            return job.model_copy(
+                update={
+                    "status": JobStatus.STARTED,
+                    "stage": JobStage.CALLING_LLM,
+                    "attempts": job.attempts + 1,
+                    "started_at": job.started_at or utcnow(),
+                    "model": self.provider.model,
+                }
+            )
+
+        done = await self._write(change, current)
+        if done.changed and done.record is not None:
+            self._entered(done.record)
+        return done.record if done.changed else None
+
+    async def _fail(self, error: JobError) -> JobRecord | None:
+        log.warning("job %s failed: %s: %s", self.job_id, error.code.value, error.message)
+        return await self._set(
+            status=JobStatus.FAILED, stage=JobStage.FAILED, error=error, usage=self.usage, finished_at=utcnow()
+        )
+
+
+async def _transition(redis: Redis, job_id: str, change: store.Change, **options: Any) -> store.Transition:
+    """`store.transition`; an end that replicas did not confirm in time stands all the same.
+
+    There is no client waiting to be told SERVICE_UNAVAILABLE: the end is on the primary,
+    and should a failover lose it, the job's record is back where it was before and the
+    reconciler queues the job again (gql_service.worker.reconciler)."""
+    try:
+        return await store.transition(redis, job_id, change, **options)
+    except store.EndNotReplicated as exc:
+        log.warning("job %s: its end is not confirmed by the replicas (%s)", job_id, exc)
+        return exc.done
+
+
+async def fail_job(
+    redis: Redis, job_id: str, error: JobError, *, ttl_s: int, archive: bool = False, ack: ReplicaAck | None = None
+) -> JobRecord | None:
+    """End a job as FAILED from outside an attempt (crash handlers, enqueue failures)."""
+
+    def change(job: JobRecord) -> JobRecord:
+        return job.model_copy(
+            update={"status": JobStatus.FAILED, "stage": JobStage.FAILED, "error": error, "finished_at": utcnow()}
+        )
+
+    done = await _transition(redis, job_id, change, ttl_s=ttl_s, archive=archive, ack=ack)
+    return done.record

@@ -1,0 +1,168 @@
+"""Limits on LLM calls shared by every worker process on every host, kept in Redis.
+
+* `LLM_MAX_IN_FLIGHT`: at most this many calls open at once, cluster-wide. A call holds a
+  lease (a member of a sorted set scored by its expiry), taken and released by Lua so the
+  count and the check are one step. A lease outlives a killed process only until it
+  expires (the call's timeout plus a margin), so a crash never shrinks the pool for good.
+* `LLM_RPM` / `LLM_TPM`: requests and tokens per minute, kept in Redis by the `limits`
+  library and shared by every process. Requests use its moving window (exact: one entry per
+  request); tokens its sliding window counter (two counters, whatever the budget: a moving
+  window would keep one entry per token), which weighs the previous minute as if spread
+  evenly, so a burst at a minute's end can be over- or under-counted a little. Requests are also spread
+  over the minute (at most RPM/60 a second), because providers enforce a minute's budget
+  over shorter periods too, and a burst of a whole minute's calls at once draws 429s. The
+  minute window is 61 s: a second of margin, so that network delay and clock skew never
+  let the provider count one call more in its own minute than we did in ours. Tokens are
+  estimated before the call (prompt characters / 4, plus an allowance for the answer) and
+  the excess charged after with the reported usage; the moving window cannot refund, so
+  an answer shorter than the allowance costs the difference for that minute.
+* A 429 with `Retry-After` pauses the provider for every worker until then, instead of
+  each worker retrying into the wall on its own schedule.
+
+Waiting for a slot or for a pause to end is not an attempt: it happens inside the attempt,
+before the call, and does not count against `LLM_MAX_ATTEMPTS`. With no limit set and no
+pause in force, a call costs one Redis round trip (the pause check).
+
+Waiting jobs of one process line up behind one of them (an asyncio lock per limit), so a
+process polls Redis once per freed slot, not once per waiting job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
+from redis.asyncio import Redis
+
+from gql_service import keys
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] the leases; ARGV: now (ms), lease expiry (ms), limit, lease id.
+_ACQUIRE_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) - tonumber(ARGV[1]))
+  return 1
+end
+return 0
+"""
+POLL_S = 0.05  # how often a waiting call looks for a free slot again
+WINDOW_S = 61  # the minute of LLM_RPM / LLM_TPM, with a second of margin (see above)
+
+# Per event loop: the limiter over its Redis client, and the line each limit's waiters form.
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, str], RateLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
+_lines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class ProviderLimits:
+    redis: Redis
+    endpoint: str  # the provider's endpoint and model: limits belong to it
+    max_in_flight: int | None
+    call_timeout_s: float
+    rpm: int | None = None
+    tpm: int | None = None
+
+    async def take_budget(self, tokens: int) -> float:
+        """Wait until this minute's LLM_RPM / LLM_TPM budget has room for one call of about
+        `tokens` tokens, and take it; returns the seconds waited."""
+        waited = 0.0
+        if self.rpm is not None:
+            per_second = RateLimitItemPerSecond(math.ceil(self.rpm / 60), 1)
+            waited += await self._take("requests", per_second)
+            waited += await self._take("requests", RateLimitItemPerSecond(self.rpm, WINDOW_S))
+        if self.tpm is not None:
+            waited += await self._take("tokens", self._tokens(), min(tokens, self.tpm))
+        return waited
+
+    async def charge_tokens(self, estimated: int, used: int) -> None:
+        """Charge what a call used beyond its estimate (if the minute still has room)."""
+        if self.tpm is not None and used > estimated:
+            extra = min(used - estimated, self.tpm)
+            await self._limiter("tokens").hit(self._tokens(), self._ident("tokens"), cost=extra)
+
+    def _tokens(self) -> RateLimitItem:
+        return RateLimitItemPerSecond(self.tpm or 1, WINDOW_S)
+
+    def _ident(self, kind: str) -> str:
+        return keys.llm_budget(self.endpoint, kind)
+
+    def _limiter(self, kind: str) -> RateLimiter:
+        per_loop = _limiters.setdefault(asyncio.get_running_loop(), {})
+        key = (id(self.redis.connection_pool), kind)
+        if key not in per_loop:
+            storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
+                key_prefix="",
+            )
+            strategy = MovingWindowRateLimiter if kind == "requests" else SlidingWindowCounterRateLimiter
+            per_loop[key] = strategy(storage)
+        return per_loop[key]
+
+    async def _take(self, kind: str, item: RateLimitItem, cost: int = 1) -> float:
+        limiter, ident = self._limiter(kind), self._ident(kind)
+        started = time.monotonic()
+        line = _lines.setdefault(asyncio.get_running_loop(), {}).setdefault(f"{ident}:{item}", asyncio.Lock())
+        async with line:
+            while not await limiter.hit(item, ident, cost=cost):
+                stats = await limiter.get_window_stats(item, ident)
+                # Jitter: the first in line in each process don't all ask at the same instant.
+                await asyncio.sleep(max(stats.reset_time - time.time(), POLL_S) + random.uniform(0, POLL_S))
+        return time.monotonic() - started
+
+    async def wait_out_pause(self) -> float:
+        """Sleep until no pause is in force; returns the seconds waited."""
+        waited = 0.0
+        while (left_ms := await self.redis.pttl(keys.llm_paused(self.endpoint))) > 0:
+            await asyncio.sleep(left_ms / 1000)
+            waited += left_ms / 1000
+        return waited
+
+    async def pause(self, seconds: float) -> None:
+        """Pause every worker's calls to this provider for `seconds` (never shortening one)."""
+        key = keys.llm_paused(self.endpoint)
+        ms = max(1, int(seconds * 1000))
+        if await self.redis.pttl(key) < ms:
+            await self.redis.set(key, 1, px=ms)
+            log.warning("LLM endpoint asked us to wait: every worker pauses its calls for %.1f s", seconds)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold one of the cluster's LLM_MAX_IN_FLIGHT call slots for the duration; gives the
+        seconds spent waiting for it."""
+        if self.max_in_flight is None:
+            yield 0.0
+            return
+        key = keys.llm_in_flight(self.endpoint)
+        lease = uuid.uuid4().hex
+        acquire = self.redis.register_script(_ACQUIRE_LUA)
+        lease_ms = int((self.call_timeout_s + 30) * 1000)
+        started = time.monotonic()
+        while True:
+            now_ms = int(time.time() * 1000)
+            if await acquire(keys=[key], args=[now_ms, now_ms + lease_ms, self.max_in_flight, lease]):
+                break
+            # Polling, not a blocking pop: a lease must expire on its own when its holder is
+            # killed, which a token list would not do.
+            await asyncio.sleep(POLL_S)
+        try:
+            yield time.monotonic() - started
+        finally:
+            await self.redis.zrem(key, lease)

@@ -1,0 +1,241 @@
+"""The RQ job function and the worker resources it runs with.
+
+`run_extraction(job_id)` is a coroutine function, and the one implementation every worker
+class runs: the async worker awaits it on its event loop beside the other jobs in flight;
+RQ's fork and simple workers run it with `asyncio.run` (RQ does that for any coroutine
+job), a new loop per job. The provider and settings are created once per worker process by
+`init()` before it starts working (arq-style start-up resources), so forks inherit them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
+from rq import get_current_job
+from rq.exceptions import AbandonedJobError
+from rq.job import Job as RQJob
+from rq.timeouts import JobTimeoutException
+
+from gql_service import metrics, queueing, store
+from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
+from gql_service.partials import Demand, PartialStream
+from gql_service.redis_conn import async_client
+from gql_service.settings import RedisTarget, Settings, load_settings
+from gql_service.worker.llm import FallsBackToJsonMode, Provider
+from gql_service.worker.pipeline import Attempt, RetryLater, fail_job
+from gql_service.worker.provider_limits import ProviderLimits
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    settings: Settings
+    provider: Provider
+    redis: RedisTarget
+
+
+_context: WorkerContext | None = None
+
+# The async worker's one Redis client and its ear for interim-frame subscribers, shared by
+# every job on its event loop. Unset (RQ's fork and simple workers, a new event loop per
+# job), a job opens its own.
+shared_redis: ContextVar[AsyncRedis | None] = ContextVar("shared_redis", default=None)
+shared_demand: ContextVar[Demand | None] = ContextVar("shared_demand", default=None)
+
+
+def init(context: WorkerContext) -> None:
+    global _context
+    _context = context
+
+
+def context() -> WorkerContext:
+    # A worker started by plain `rq worker` still works: build the context on first use.
+    if _context is None:
+        from gql_service.worker.llm.factory import make_provider
+
+        settings = load_settings()
+        init(WorkerContext(settings, make_provider(settings), settings.redis_target))
+    assert _context is not None
+    return _context
+
+
+async def run_extraction(job_id: str) -> str | None:
+    ctx = context()
+    rq_job = get_current_job()
+    assert rq_job is not None, "run_extraction runs inside an RQ worker"
+    redis = shared_redis.get()
+    if redis is not None:
+        return await _extract(ctx, redis, rq_job, job_id, shared_demand.get())
+    redis = async_client(ctx.redis, name="gqls-worker")
+    demand = Demand(redis)
+    try:
+        await demand.start()
+        return await _extract(ctx, redis, rq_job, job_id, demand)
+    finally:
+        await demand.stop()
+        await redis.aclose()
+        await ctx.provider.aclose()  # this event loop ends with the job
+
+
+# The attempt's own deadline comes this much before JOB_TIMEOUT_S, so that the job records
+# its TIMEOUT itself; the worker's hard stop at JOB_TIMEOUT_S is the backstop (on_failure).
+TIMEOUT_MARGIN_S = 1.0
+
+
+async def _extract(
+    ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id: str, demand: Demand | None
+) -> str | None:
+    await adopt_retry_policy(redis, rq_job, ctx.settings)
+    ttl_s = ctx.settings.result_ttl_s
+    limits = ProviderLimits(
+        redis,
+        endpoint=ctx.provider.endpoint,
+        max_in_flight=ctx.settings.llm_max_in_flight,
+        call_timeout_s=ctx.settings.llm_timeout_s,
+        rpm=ctx.settings.llm_rpm,
+        tpm=ctx.settings.llm_tpm,
+    )
+    partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
+    archive, ack = ctx.settings.database_url is not None, ctx.settings.replica_ack
+    attempt = Attempt(
+        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, archive=archive, ack=ack
+    )
+    timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
+    deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
+    try:
+        async with _json_mode_memory(redis, ctx.provider), asyncio.timeout(deadline_s):
+            record = await attempt.run(retries_left=rq_job.retries_left or 0)
+    except (RetryLater, RedisError):
+        # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
+        # detection does, once Redis answers) rather than it ending as an internal error.
+        raise
+    except TimeoutError:
+        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s, archive=archive, ack=ack)
+        return None
+    except Exception as exc:
+        # A bug mid-job: the record must not stay STARTED.
+        log.exception("job %s crashed", job_id)
+        error = JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}")
+        await fail_job(redis, job_id, error, ttl_s=ttl_s, archive=archive, ack=ack)
+        return None
+    return record.status.value if record else None
+
+
+def _timed_out() -> JobError:
+    return JobError(code=JobErrorCode.TIMEOUT, message="the job ran past JOB_TIMEOUT_S")
+
+
+async def adopt_retry_policy(redis: AsyncRedis, rq_job: RQJob, settings: Settings) -> None:
+    """At a job's first attempt, the worker's LLM_MAX_ATTEMPTS and RETRY_BACKOFF_S become its
+    RQ retry policy: they are set where jobs run, not on the API that queued them."""
+    if rq_job.retries_left is not None:
+        return  # decided at an earlier attempt
+    retries = max(settings.llm_max_attempts - 1, 0)
+    intervals = queueing.retry_intervals(settings, retries)
+    rq_job.retries_left, rq_job.retry_intervals = retries, intervals
+    # Saved at once: if this process dies, abandoned-job detection reads it from Redis.
+    await redis.hset(rq_job.key, mapping={"retries_left": retries, "retry_intervals": json.dumps(intervals)})
+
+
+JSON_MODE_MEMORY_S = 24 * 3600
+
+
+@asynccontextmanager
+async def _json_mode_memory(redis: AsyncRedis, provider: Provider) -> AsyncIterator[None]:
+    """Share "this endpoint refuses JSON schemas" with every job and worker, so each job
+    doesn't pay a refused call first (a work horse's own flip dies with it)."""
+    if not isinstance(provider, FallsBackToJsonMode):
+        yield
+        return
+    provider.json_schema = not await store.json_mode_only(redis, provider.endpoint)
+    learnt_here = provider.json_schema
+    try:
+        yield
+    finally:
+        if learnt_here and not provider.json_schema:
+            await store.remember_json_mode_only(redis, provider.endpoint, ttl_s=JSON_MODE_MEMORY_S)
+
+
+def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
+    """Run `work` from RQ's synchronous hooks (callbacks, the fork worker's monitor)."""
+
+    async def main() -> T:
+        redis = async_client(context().redis, name="gqls-worker")
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def worker_lost(rq_job: RQJob) -> JobRecord | None:
+    """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
+    settings = context().settings
+    ttl_s, archive, ack = settings.result_ttl_s, settings.database_url is not None, settings.replica_ack
+    if rq_job.retries_left is None:
+        # Lost before its first attempt set the retry policy (a worker killed, or a failover,
+        # between taking the job and starting it): it has spent nothing, so it gets the
+        # worker's policy now. RQ reads retries_left off this very object right after this
+        # callback, and retries the job (it failed such a job for good before: attempts 0).
+        retries = max(settings.llm_max_attempts - 1, 0)
+        rq_job.retries_left, rq_job.retry_intervals = retries, queueing.retry_intervals(settings, retries)
+    retries_left = rq_job.retries_left
+    log.warning("job %s: its worker was lost; %d retries left", rq_job.id, retries_left)
+
+    async def write(redis: AsyncRedis) -> JobRecord | None:
+        if retries_left > 0:
+            error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died", retryable=True)
+
+            def to_retrying(job: JobRecord) -> JobRecord:
+                return job.model_copy(update={"status": JobStatus.RETRYING, "stage": JobStage.QUEUED, "error": error})
+
+            record, _ = await store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
+            return record
+        error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
+        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s, archive=archive, ack=ack)
+        lost = ("FAILED", "WORKER_LOST")
+        await metrics.record_attempt(
+            redis, final=lost, stage_seconds=(), llm_seconds=(), prompt_tokens=0, completion_tokens=0
+        )
+        return record
+
+    return _run(write)
+
+
+def on_failure(
+    rq_job: RQJob,
+    connection: Redis,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+    *_: Any,
+) -> None:
+    """RQ's failure callback. Every failure the task could see was already written to the
+    record by the task itself; here come the ones it could not: its whole worker died
+    (abandoned), or the worker's hard stop at JOB_TIMEOUT_S cut it off."""
+    if exc_type is AbandonedJobError or isinstance(exc, AbandonedJobError):
+        worker_lost(rq_job)
+    elif exc_type is JobTimeoutException or isinstance(exc, JobTimeoutException):
+        rq_job.retries_left = 0  # a timeout ends the job, as when the task records it itself
+        settings = context().settings
+        archive = settings.database_url is not None
+        _run(
+            lambda redis: fail_job(
+                redis, rq_job.id, _timed_out(), ttl_s=settings.result_ttl_s, archive=archive, ack=settings.replica_ack
+            )
+        )
