@@ -1,0 +1,103 @@
+"""The mutations: submitting texts, cancelling, and batches."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import strawberry
+from strawberry.types import Info
+
+from gql_service.api.errors import BadUserInput
+from gql_service.api.jobs import NewJob
+from gql_service.api.schema.context import _ctx
+from gql_service.api.schema.queries import MAX_BATCH
+from gql_service.api.schema.types import Batch, CreateBatchInput, Job, SubmitTextInput, SubmitTextPayload
+
+
+async def _raise(error: Exception) -> None:
+    raise error
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Queue text for extraction; returns at once with the new (or deduplicated) job.")
+    async def submit_text(self, info: Info, input: SubmitTextInput) -> SubmitTextPayload:
+        ctx = _ctx(info)
+        record, deduplicated = await ctx.jobs.submit(
+            input.text, idempotency_key=input.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id,
+            webhook_url=input.webhook_url,
+        )  # fmt: skip
+        return SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
+
+    @strawberry.mutation(
+        description=f"Queue up to {MAX_BATCH} texts in one round trip. A bad item is null in the answer, "
+        "with a BAD_USER_INPUT error at its index; the good items are still submitted."
+    )
+    async def submit_texts(
+        self,
+        info: Info,
+        inputs: list[SubmitTextInput],
+        batch_id: Annotated[
+            strawberry.ID | None,
+            strawberry.argument(description="Add the jobs to this open batch (createBatch); any number of calls."),
+        ] = None,
+    ) -> list[SubmitTextPayload | None]:
+        ctx = _ctx(info)
+        if len(inputs) > MAX_BATCH:
+            raise BadUserInput(f"at most {MAX_BATCH} inputs per call, got {len(inputs)}")
+        batch = str(batch_id) if batch_id is not None else None
+        if batch is not None:
+            await ctx.jobs.batches.check_owned(batch, tenant=ctx.tenant)
+        accepted: list[tuple[int, NewJob]] = []
+        errors: dict[int, BadUserInput] = {}
+        refused = await ctx.jobs.refused_webhooks({i.webhook_url for i in inputs if i.webhook_url is not None})
+        for index, item in enumerate(inputs):
+            try:
+                if item.webhook_url in refused:
+                    raise refused[item.webhook_url]
+                job = ctx.jobs.new_job(
+                    item.text, idempotency_key=item.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id,
+                    webhook_url=item.webhook_url, batch_id=batch,
+                )  # fmt: skip
+                accepted.append((index, job))
+            except BadUserInput as exc:
+                errors[index] = BadUserInput(f"inputs[{index}]: {exc.message}", index=index)
+        submitted = await ctx.jobs.submit_many([job for _, job in accepted], batch_id=batch) if accepted else []
+        answers: list[Any] = [None] * len(inputs)
+        for (index, _), (record, deduplicated) in zip(accepted, submitted, strict=True):
+            answers[index] = SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
+        for index, error in errors.items():
+            answers[index] = _raise(error)  # graphql-core places the error at [submitTexts, index]
+        return answers
+
+    @strawberry.mutation(
+        description="Cancel a queued or running job; it becomes CANCELED and never turns DONE later. "
+        "Cancelling a finished or failed job is a BAD_USER_INPUT error; cancelling a canceled one returns it."
+    )
+    async def cancel_job(self, info: Info, id: strawberry.ID) -> Job:
+        ctx = _ctx(info)
+        return Job.from_record(await ctx.jobs.cancel(str(id), tenant=ctx.tenant))
+
+    @strawberry.mutation(description="A new, open batch: add jobs with submitTexts(batchId:), then closeBatch.")
+    async def create_batch(self, info: Info, input: CreateBatchInput) -> Batch:
+        ctx = _ctx(info)
+        record, _ = await ctx.jobs.batches.create(
+            name=input.name,
+            metadata=input.metadata,  # type: ignore[arg-type]  # the JSON scalar; create() checks it is an object
+            idempotency_key=input.idempotency_key,
+            tenant=ctx.tenant,
+        )
+        return Batch.from_record(record)
+
+    @strawberry.mutation(
+        description="No more jobs for this batch: it is RUNNING until every job has ended, then COMPLETED. "
+        "Closing a closed batch returns it."
+    )
+    async def close_batch(self, info: Info, id: strawberry.ID) -> Batch:
+        ctx = _ctx(info)
+        return Batch.from_record(await ctx.jobs.batches.close(str(id), tenant=ctx.tenant))
+
+    @strawberry.mutation(description="Close the batch and cancel every job of it that has not ended.")
+    async def cancel_batch(self, info: Info, id: strawberry.ID) -> Batch:
+        ctx = _ctx(info)
+        return Batch.from_record(await ctx.jobs.batches.cancel(str(id), tenant=ctx.tenant))

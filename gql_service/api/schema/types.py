@@ -1,0 +1,315 @@
+"""The GraphQL types: mirrors of the job and batch records, their connections and inputs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import strawberry
+from strawberry.relay import PageInfo
+from strawberry.scalars import JSON
+from strawberry.types import Info
+
+from gql_service import models
+from gql_service.api.jobs import Interim
+from gql_service.api.schema.context import _ctx
+from gql_service.api.schema.pagination import _page, _position_cursor
+
+JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
+JobStage = strawberry.enum(models.JobStage, description="What the worker is doing right now.")
+Sentiment = strawberry.enum(models.Sentiment)
+JobErrorCode = strawberry.enum(models.JobErrorCode)
+WebhookStatus = strawberry.enum(models.WebhookStatus, description="Where a webhook's delivery is.")
+BatchStatus = strawberry.enum(
+    models.BatchStatus,
+    description="OPEN takes more jobs; RUNNING is closed with jobs not ended; COMPLETED is closed with every job "
+    "ended; CANCELED takes no more and its jobs not ended are CANCELED.",
+)
+
+
+MAX_ENDED_PAGE = 1000
+
+
+@strawberry.type
+class Entity:
+    type: str
+    value: str
+    confidence: float
+
+
+@strawberry.type(description="The validated structure the LLM extracted from the text.")
+class Extraction:
+    summary: str = strawberry.field(description="At most 40 words.")
+    sentiment: Sentiment  # type: ignore[valid-type]
+    tags: list[str] = strawberry.field(description="1 to 5 short tags.")
+    entities: list[Entity] = strawberry.field(description="Confidence in [0, 1].")
+    language: str = strawberry.field(description="ISO 639-1 code.")
+    toxicity_score: float = strawberry.field(description="In [0, 1].")
+
+    @classmethod
+    def from_model(cls, m: models.Extraction) -> Extraction:
+        return cls(
+            summary=m.summary,
+            sentiment=m.sentiment,
+            tags=list(m.tags),
+            entities=[Entity(type=e.type, value=e.value, confidence=e.confidence) for e in m.entities],
+            language=m.language,
+            toxicity_score=m.toxicity_score,
+        )
+
+
+@strawberry.type(
+    description="The extraction as far as the model has written it: each field once it has arrived "
+    "(the summary while it is being written), lists with their complete items so far."
+)
+class PartialExtraction:
+    summary: str | None
+    sentiment: Sentiment | None  # type: ignore[valid-type]
+    tags: list[str] | None
+    entities: list[Entity] | None
+    language: str | None
+    toxicity_score: float | None
+
+    @classmethod
+    def from_model(cls, m: models.PartialExtraction) -> PartialExtraction:
+        return cls(
+            summary=m.summary,
+            sentiment=m.sentiment,
+            tags=m.tags,
+            entities=[Entity(type=e.type, value=e.value, confidence=e.confidence) for e in m.entities]
+            if m.entities is not None
+            else None,
+            language=m.language,
+            toxicity_score=m.toxicity_score,
+        )
+
+
+@strawberry.type
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@strawberry.type
+class JobError:
+    code: JobErrorCode  # type: ignore[valid-type]
+    message: str
+    retryable: bool
+
+
+@strawberry.type(description="The webhook announcing a job's end, and how its delivery is getting on.")
+class WebhookDelivery:
+    url: str
+    status: WebhookStatus  # type: ignore[valid-type]
+    attempts: int = strawberry.field(description="Attempts made so far.")
+    last_status_code: int | None = strawberry.field(description="The HTTP status of the last attempt's answer.")
+    last_error: str | None = strawberry.field(description="Why the last attempt did not count, if it did not.")
+    next_attempt_at: datetime | None = strawberry.field(description="When the next attempt is due (RETRYING).")
+    delivered_at: datetime | None
+
+    @classmethod
+    def from_model(cls, m: models.WebhookDelivery) -> WebhookDelivery:
+        return cls(
+            url=m.url, status=m.status, attempts=m.attempts, last_status_code=m.last_status_code,
+            last_error=m.last_error, next_attempt_at=m.next_attempt_at, delivered_at=m.delivered_at,
+        )  # fmt: skip
+
+
+@strawberry.interface(
+    description="An object with an id unique across the whole schema, which `node(id:)` fetches again "
+    "(Relay's Object Identification). Ids are the service's own, as `job(id:)` takes them."
+)
+class Node:
+    id: strawberry.ID
+
+
+@strawberry.type
+class Job(Node):
+    status: JobStatus  # type: ignore[valid-type]
+    stage: JobStage  # type: ignore[valid-type]
+    version: int = strawberry.field(description="Increases by one on every change.")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    model: str | None
+    result: Extraction | None
+    error: JobError | None
+    usage: TokenUsage | None
+    request_id: str | None
+    partial: PartialExtraction | None = strawberry.field(
+        default=None,
+        description="On interim frames of a `partial: true` subscription, while the stage is CALLING_LLM "
+        "or REPAIRING: the answer as far as it is written. Null otherwise.",
+    )
+    partial_seq: int | None = strawberry.field(
+        default=None,
+        description="On interim frames: increases within an attempt. Frames carry the job's current "
+        "`version` (they are not new versions): order them by (version, partialSeq).",
+    )
+    webhook_url: strawberry.Private[str | None] = None
+
+    @strawberry.field(
+        description="The webhook given with `webhookUrl`, and its delivery; null without one (or once the "
+        "job's record has expired from Redis, after RESULT_TTL_S)."
+    )
+    async def webhook(self, info: Info) -> WebhookDelivery | None:
+        if self.webhook_url is None:
+            return None
+        delivery = await _ctx(info).deliveries.load(str(self.id))
+        return WebhookDelivery.from_model(delivery) if delivery else None
+
+    @classmethod
+    def from_update(cls, update: models.JobRecord | Interim) -> Job:
+        """A record as it is, or an interim frame: the record with the partial answer."""
+        if isinstance(update, Interim):
+            job = cls.from_record(update.record)
+            job.partial, job.partial_seq = PartialExtraction.from_model(update.partial), update.seq
+            return job
+        return cls.from_record(update)
+
+    @classmethod
+    def from_record(cls, r: models.JobRecord) -> Job:
+        return cls(
+            id=strawberry.ID(r.id),
+            status=r.status,
+            stage=r.stage,
+            version=r.version,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+            attempts=r.attempts,
+            model=r.model,
+            result=Extraction.from_model(r.result) if r.result else None,
+            error=JobError(code=r.error.code, message=r.error.message, retryable=r.error.retryable)
+            if r.error
+            else None,
+            usage=TokenUsage(**r.usage.model_dump()) if r.usage else None,
+            request_id=r.request_id,
+            webhook_url=r.webhook_url,
+        )
+
+
+@strawberry.type
+class JobEdge:
+    cursor: str
+    node: Job
+
+
+@strawberry.type(description="A page of jobs, newest first (Relay connection).")
+class JobConnection:
+    edges: list[JobEdge]
+    page_info: PageInfo
+
+
+@strawberry.type(description="A batch's jobs by status; they add up to `total` at every moment.")
+class BatchCounts:
+    total: int
+    queued: int = strawberry.field(description="QUEUED, or RETRYING (waiting for the next attempt).")
+    running: int
+    finished: int
+    failed: int
+    canceled: int
+
+
+@strawberry.type(description="Jobs submitted together (`submitTexts(batchId:)`), counted as they go.")
+class Batch(Node):
+    name: str
+    status: BatchStatus  # type: ignore[valid-type]
+    metadata: JSON
+    version: int = strawberry.field(description="Increases on every change of the batch or its counts.")
+    created_at: datetime
+    closed_at: datetime | None
+    completed_at: datetime | None
+    counts: BatchCounts
+    usage: TokenUsage = strawberry.field(description="Summed over the jobs that have ended.")
+    record: strawberry.Private[models.BatchRecord]
+
+    @strawberry.field(description="The batch's jobs in the order they were added (1-100 a page).")
+    async def jobs(
+        self,
+        info: Info,
+        first: int = 20,
+        after: str | None = None,
+        status: JobStatus | None = None,  # type: ignore[valid-type]
+    ) -> JobConnection:
+        ctx = _ctx(info)
+        start = _page(first, after)
+        page, next_start = await ctx.jobs.batches.jobs_page(self.record, first=first, after=start, status=status)
+        edges = [JobEdge(cursor=_position_cursor(n + 1), node=Job.from_record(r)) for r, n in page]
+        return _connection(edges, start, next_start)
+
+    @strawberry.field(
+        description="The batch's jobs that have ended, in the order they ended: read on from the last "
+        "`endCursor` to get each result once, as it comes (1-1000 a page)."
+    )
+    async def ended_jobs(self, info: Info, first: int = 100, after: str | None = None) -> JobConnection:
+        ctx = _ctx(info)
+        start = _page(first, after, most=MAX_ENDED_PAGE)
+        records, next_start = await ctx.jobs.batches.ended_page(self.record, first=first, after=start)
+        edges = [JobEdge(cursor=_position_cursor(at + 1), node=Job.from_record(r)) for r, at in records]
+        # More have ended than this page holds: the next page has them. Either way endCursor
+        # is where to read on, later, when more jobs have ended.
+        page_info = PageInfo(
+            has_next_page=next_start < self.record.counts.ended, end_cursor=_position_cursor(next_start),
+            has_previous_page=start > 0, start_cursor=edges[0].cursor if edges else None,
+        )  # fmt: skip
+        return JobConnection(edges=edges, page_info=page_info)
+
+    @classmethod
+    def from_record(cls, b: models.BatchRecord) -> Batch:
+        return cls(
+            id=strawberry.ID(b.id), name=b.name, status=b.status, metadata=b.metadata,  # type: ignore[arg-type]
+            version=b.version,
+            created_at=b.created_at, closed_at=b.closed_at, completed_at=b.completed_at,
+            counts=BatchCounts(**b.counts.model_dump()), usage=TokenUsage(**b.usage.model_dump()), record=b,
+        )  # fmt: skip
+
+
+@strawberry.type
+class BatchEdge:
+    cursor: str
+    node: Batch
+
+
+@strawberry.type(description="A page of batches, newest first (Relay connection).")
+class BatchConnection:
+    edges: list[BatchEdge]
+    page_info: PageInfo
+
+
+@strawberry.input
+class CreateBatchInput:
+    name: str
+    metadata: JSON | None = strawberry.field(default=None, description="Any JSON object, up to 4 KiB.")
+    idempotency_key: str | None = strawberry.field(
+        default=None, description="The same key gives back the same batch (a resumed upload finds its batch)."
+    )
+
+
+def _connection(edges: list[JobEdge], start: int, next_start: int | None) -> JobConnection:
+    end_cursor = _position_cursor(next_start) if next_start is not None else (edges[-1].cursor if edges else None)
+    page_info = PageInfo(
+        has_next_page=next_start is not None, end_cursor=end_cursor, has_previous_page=start > 0,
+        start_cursor=edges[0].cursor if edges else None,
+    )  # fmt: skip
+    return JobConnection(edges=edges, page_info=page_info)
+
+
+@strawberry.input
+class SubmitTextInput:
+    text: str
+    idempotency_key: str | None = None
+    webhook_url: str | None = strawberry.field(
+        default=None,
+        description="Where to POST a signed event (Standard Webhooks) when the job ends: FINISHED, FAILED "
+        "or CANCELED. http(s) only, to a public address.",
+    )
+
+
+@strawberry.type
+class SubmitTextPayload:
+    job: Job
+    deduplicated: bool
