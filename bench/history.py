@@ -21,7 +21,7 @@ import httpx
 import psycopg
 from redis import Redis
 
-from gql_service.api.jobs import created_ms
+from gql_service.api.listing import created_ms
 from gql_service.api.schema import encode_cursor
 from gql_service.cli import migrate
 from gql_service.models import JobRecord, JobStage, JobStatus

@@ -31,8 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from gql_service import keys, redis_conn, store
+from gql_service.api.calls import redis_call
 from gql_service.api.errors import ServiceUnavailable
-from gql_service.api.jobs import redis_call
 from gql_service.cli.embedded_redis import EmbeddedRedis, redis_server_binary
 from gql_service.models import JobRecord, JobStage, JobStatus, utcnow
 

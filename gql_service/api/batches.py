@@ -16,8 +16,10 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 
 from gql_service import batch_store, keys, store
+from gql_service.api.calls import redis_call
 from gql_service.api.errors import BadUserInput, NotFound, ServiceUnavailable
-from gql_service.api.jobs import MAX_LIST_SCAN, JobService, canceling, count_canceled
+from gql_service.api.jobs import JobService, canceling, count_canceled
+from gql_service.api.listing import MAX_LIST_SCAN
 from gql_service.models import BatchRecord, BatchStatus, JobRecord, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ class BatchService:
         idem = keys.batch_idempotency(tenant, idempotency_key) if idempotency_key is not None else None
         if idem is not None and (existing := await self._made_by(idem, tenant)) is not None:
             return existing, True
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             async with self.redis.pipeline(transaction=True) as pipe:
                 batch_store.create_batch(pipe, record, ttl_s=self.settings.result_ttl_s)
                 await pipe.execute()
@@ -67,21 +69,21 @@ class BatchService:
             if idem is None or await self.redis.set(idem, record.id, nx=True, ex=self.settings.idempotency_ttl_s):
                 return record, False
         if (existing := await self._made_by(idem, tenant)) is not None:
-            async with self.jobs._redis_call():
+            async with redis_call(self.settings.redis_timeout_s):
                 await batch_store.discard(self.redis, record)
             return existing, True
-        async with self.jobs._redis_call():  # the key outlived its batch: it is ours now
+        async with redis_call(self.settings.redis_timeout_s):  # the key outlived its batch: it is ours now
             await self.redis.set(idem, record.id, ex=self.settings.idempotency_ttl_s)
         return record, False
 
     async def _made_by(self, idem: str, tenant: str) -> BatchRecord | None:
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             found: Any = await self.redis.get(idem)
         return await self.get(found.decode(), tenant=tenant) if found else None
 
     async def close(self, batch_id: str, *, tenant: str) -> BatchRecord:
         await self._owned(batch_id, tenant)
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             await batch_store.close(self.redis, batch_id, now=utcnow())
         return await self._owned(batch_id, tenant)
 
@@ -90,11 +92,11 @@ class BatchService:
         batch = await self._owned(batch_id, tenant)
         if batch.status is BatchStatus.COMPLETED:
             raise BadUserInput(f"batch {batch_id} is already COMPLETED")
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             await batch_store.close(self.redis, batch_id, now=utcnow(), cancel=True)
         start = 0
         while True:  # the batch takes no more jobs now: this list only shrinks in what it leaves
-            async with self.jobs._redis_call():
+            async with redis_call(self.settings.redis_timeout_s):
                 job_ids = await batch_store.job_ids(self.redis, batch_id, start=start, count=CANCEL_CHUNK)
             if not job_ids:
                 break
@@ -112,12 +114,12 @@ class BatchService:
             )  # fmt: skip
             return done.changed
 
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             records = [r for r in await store.get_jobs(self.redis, job_ids) if r is not None and not r.terminal]
             changed = [r for r, ok in zip(records, await asyncio.gather(*(one(r) for r in records)), strict=True) if ok]
         if changed:
             with contextlib.suppress(ServiceUnavailable):  # a metric is not worth failing the cancel
-                async with self.jobs._redis_call():
+                async with redis_call(self.settings.redis_timeout_s):
                     await count_canceled(self.redis, len(changed))
         # A queued job is left on RQ's queue: a worker that takes it finds it CANCELED and
         # does nothing. A running one is stopped, to save its LLM call.
@@ -135,7 +137,7 @@ class BatchService:
         return (await self.get_many([batch_id], tenant=tenant))[0]
 
     async def get_many(self, batch_ids: list[str], *, tenant: str) -> list[BatchRecord | None]:
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             found = await batch_store.get_batches(self.redis, batch_ids)
         return [b if b is not None and b.tenant == tenant else None for b in found]
 
@@ -154,7 +156,7 @@ class BatchService:
         self, *, tenant: str, first: int, after: tuple[float, str] | None
     ) -> tuple[list[tuple[BatchRecord, float]], bool]:
         """A page of the tenant's batches, newest first, and whether there are more."""
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             rows = await batch_store.tenant_batch_ids(self.redis, tenant, before=after, count=first + 1)
             found = await batch_store.get_batches(self.redis, [batch_id for batch_id, _ in rows[:first]])
         page = [(b, ms) for b, (_, ms) in zip(found, rows, strict=False) if b is not None]
@@ -169,7 +171,7 @@ class BatchService:
         page: list[tuple[JobRecord, int]] = []
         position = after
         while len(page) < first and position - after < MAX_LIST_SCAN:
-            async with self.jobs._redis_call():
+            async with redis_call(self.settings.redis_timeout_s):
                 ids = await batch_store.job_ids(self.redis, batch.id, start=position, count=max(first, 50))
                 records = await store.get_jobs(self.redis, ids) if ids else []
             if not ids:
@@ -188,7 +190,7 @@ class BatchService:
         """The batch's ended jobs in the order they ended, from position `after`: each record
         with its position (Redis's, else the history's; one gone from both is left out, its
         position still counted), and the position after the last (the next page's `after`)."""
-        async with self.jobs._redis_call():
+        async with redis_call(self.settings.redis_timeout_s):
             ids = await batch_store.ended_ids(self.redis, batch.id, start=after, count=first)
         records = await self.jobs.get_many(ids, tenant=batch.tenant) if ids else []
         return [(r, after + n) for n, r in enumerate(records) if r is not None], after + len(ids)
@@ -201,7 +203,7 @@ class BatchService:
         with self.jobs.slots.watching(tenant, 1):
             async with contextlib.AsyncExitStack() as stack:
                 # Subscribed (and confirmed) before the snapshot is read: nothing falls between.
-                async with self.jobs._redis_call():
+                async with redis_call(self.settings.redis_timeout_s):
                     events = await stack.enter_async_context(
                         self.jobs.broadcast.subscribe(channel, latest_only=[channel])
                     )

@@ -47,7 +47,7 @@ class Mutation:
             raise BadUserInput(f"at most {MAX_BATCH} inputs per call, got {len(inputs)}")
         batch = str(batch_id) if batch_id is not None else None
         if batch is not None:
-            await ctx.jobs.batches.check_owned(batch, tenant=ctx.tenant)
+            await ctx.batches.check_owned(batch, tenant=ctx.tenant)
         accepted: list[tuple[int, NewJob]] = []
         errors: dict[int, BadUserInput] = {}
         refused = await ctx.jobs.refused_webhooks({i.webhook_url for i in inputs if i.webhook_url is not None})
@@ -81,7 +81,7 @@ class Mutation:
     @strawberry.mutation(description="A new, open batch: add jobs with submitTexts(batchId:), then closeBatch.")
     async def create_batch(self, info: Info, input: CreateBatchInput) -> Batch:
         ctx = _ctx(info)
-        record, _ = await ctx.jobs.batches.create(
+        record, _ = await ctx.batches.create(
             name=input.name,
             metadata=input.metadata,  # type: ignore[arg-type]  # the JSON scalar; create() checks it is an object
             idempotency_key=input.idempotency_key,
@@ -95,9 +95,9 @@ class Mutation:
     )
     async def close_batch(self, info: Info, id: strawberry.ID) -> Batch:
         ctx = _ctx(info)
-        return Batch.from_record(await ctx.jobs.batches.close(str(id), tenant=ctx.tenant))
+        return Batch.from_record(await ctx.batches.close(str(id), tenant=ctx.tenant))
 
     @strawberry.mutation(description="Close the batch and cancel every job of it that has not ended.")
     async def cancel_batch(self, info: Info, id: strawberry.ID) -> Batch:
         ctx = _ctx(info)
-        return Batch.from_record(await ctx.jobs.batches.cancel(str(id), tenant=ctx.tenant))
+        return Batch.from_record(await ctx.batches.cancel(str(id), tenant=ctx.tenant))

@@ -72,7 +72,7 @@ class Query:
     @strawberry.field(description="A batch by id; null when it does not exist (or has expired).")
     async def batch(self, info: Info, id: strawberry.ID) -> Batch | None:
         ctx = _ctx(info)
-        record = await ctx.jobs.batches.get(str(id), tenant=ctx.tenant)
+        record = await ctx.batches.get(str(id), tenant=ctx.tenant)
         return Batch.from_record(record) if record else None
 
     @strawberry.field(description="Your batches, newest first, in pages of `first` (1-100).")
@@ -80,7 +80,7 @@ class Query:
         ctx = _ctx(info)
         if not 1 <= first <= MAX_PAGE:
             raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
-        page, more = await ctx.jobs.batches.page(
+        page, more = await ctx.batches.page(
             tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None
         )
         edges = [BatchEdge(cursor=encode_cursor(ms, b.id), node=Batch.from_record(b)) for b, ms in page]
@@ -115,7 +115,7 @@ async def _nodes(info: Info, ids: list[strawberry.ID]) -> list[Node | None]:
         records = await ctx.jobs.get_many(job_ids, tenant=ctx.tenant)
         found |= {r.id: Job.from_record(r) for r in records if r is not None}
     if batch_ids:
-        batches = await ctx.jobs.batches.get_many(batch_ids, tenant=ctx.tenant)
+        batches = await ctx.batches.get_many(batch_ids, tenant=ctx.tenant)
         found |= {b.id: Batch.from_record(b) for b in batches if b is not None}
     return [found.get(i) for i in wanted]
 

@@ -36,7 +36,7 @@ class Subscription:
     )
     async def batch_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Batch, None]:
         ctx = _ctx(info)
-        async with contextlib.aclosing(ctx.jobs.batches.updates(str(id), tenant=ctx.tenant)) as updates:
+        async with contextlib.aclosing(ctx.batches.updates(str(id), tenant=ctx.tenant)) as updates:
             async for record in updates:
                 yield Batch.from_record(record)
 

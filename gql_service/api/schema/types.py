@@ -10,7 +10,7 @@ from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from gql_service import models
-from gql_service.api.jobs import Interim
+from gql_service.api.follow import Interim
 from gql_service.api.schema.context import _ctx
 from gql_service.api.schema.pagination import _page, _position_cursor
 
@@ -237,7 +237,7 @@ class Batch(Node):
     ) -> JobConnection:
         ctx = _ctx(info)
         start = _page(first, after)
-        page, next_start = await ctx.jobs.batches.jobs_page(self.record, first=first, after=start, status=status)
+        page, next_start = await ctx.batches.jobs_page(self.record, first=first, after=start, status=status)
         edges = [JobEdge(cursor=_position_cursor(n + 1), node=Job.from_record(r)) for r, n in page]
         return _connection(edges, start, next_start)
 
@@ -248,7 +248,7 @@ class Batch(Node):
     async def ended_jobs(self, info: Info, first: int = 100, after: str | None = None) -> JobConnection:
         ctx = _ctx(info)
         start = _page(first, after, most=MAX_ENDED_PAGE)
-        records, next_start = await ctx.jobs.batches.ended_page(self.record, first=first, after=start)
+        records, next_start = await ctx.batches.ended_page(self.record, first=first, after=start)
         edges = [JobEdge(cursor=_position_cursor(at + 1), node=Job.from_record(r)) for r, at in records]
         # More have ended than this page holds: the next page has them. Either way endCursor
         # is where to read on, later, when more jobs have ended.
