@@ -130,11 +130,11 @@ def worker_context(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     """What run_workers sets up in a worker process, here: the workers' context (an offline
     provider, this test's Redis) and WORKER_LOST_AFTER_S; yields the settings."""
     from gql_service.settings import RedisTarget, Settings
-    from gql_service.worker import tasks, workers
+    from gql_service.worker import tasks, tuning
     from gql_service.worker.llm.offline import OfflineProvider
 
     settings = Settings(llm_provider="offline", _env_file=None)  # type: ignore[call-arg]
-    monkeypatch.setattr(workers._Tuning, "lost_after_s", LOST_AFTER_S)
+    monkeypatch.setattr(tuning.Tuning, "lost_after_s", LOST_AFTER_S)
     tasks.init(tasks.WorkerContext(settings, OfflineProvider(), RedisTarget(url=redis_url)))
     yield settings
     tasks._context = None
@@ -150,13 +150,13 @@ def test_rqs_pool_children_connect_and_dequeue_as_the_service_does(
     from redis import BlockingConnectionPool, Redis
     from rq import Queue
 
-    from gql_service.worker import workers
+    from gql_service.worker import tuning, workers
 
     rqs_own = Redis.from_url(redis_url)  # what RQ's pool hands a child
     queues = [Queue(name, connection=rqs_own) for name in ("llm", "llm-webhooks")]
     worker = workers.WORKER_CLASSES[worker_class](queues, connection=rqs_own, queue_class=Queue)
-    assert worker.queue_class is workers.OneQueueAtATime
-    assert all(isinstance(queue, workers.OneQueueAtATime) for queue in worker.queues)
+    assert worker.queue_class is tuning.OneQueueAtATime
+    assert all(isinstance(queue, tuning.OneQueueAtATime) for queue in worker.queues)
     assert worker.connection is not rqs_own
     assert isinstance(worker.connection.connection_pool, BlockingConnectionPool)
     assert all(queue.connection is worker.connection for queue in worker.queues)

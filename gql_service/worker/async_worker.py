@@ -1,0 +1,329 @@
+"""The async worker class: many jobs at once on one asyncio event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
+
+import redis.exceptions
+import uvloop
+from rq import Queue
+from rq.command import parse_payload
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution
+from rq.job import Job as RQJob
+from rq.job import _current_job  # private: see AsyncServiceWorker's docstring
+from rq.registry import BaseRegistry
+from rq.timeouts import JobTimeoutException, TimerDeathPenalty
+from rq.utils import now
+from rq.worker import BaseWorker, WorkerStatus
+
+from gql_service import keys
+from gql_service.partials import Demand
+from gql_service.redis_conn import async_client
+from gql_service.worker import tasks
+from gql_service.worker.tuning import Tuning, background, is_extraction
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WEBHOOK_QUEUE_SUFFIX = keys.webhook_queue("")
+FULL_QUEUE_POLL_S = 0.05
+
+
+class AsyncServiceWorker(Tuning, BaseWorker):
+    """WORKER_CLASS=async: up to `concurrency` jobs at once on one asyncio event loop.
+
+    Built on RQ 3.0's executions: each running job has its own `Execution` (created by
+    `prepare_execution`, heartbeaten by `maintain_heartbeats`, ended by RQ's
+    `_finalize_success` / `_finalize_failure`), so the started-job registry, abandoned-job
+    detection, `Retry`, failure callbacks and `rq info` hold for every job in flight. What
+    RQ's synchronous API does (those calls, and the blocking dequeue) runs in two threads
+    of its own, never on the event loop: one for bookkeeping, in order, and one that waits
+    for work.
+
+    Where RQ's public API could not serve:
+    * `Job.perform()` runs a coroutine with `asyncio.run`, which cannot nest in a running
+      loop: the worker awaits `job.func` itself and sets RQ's current-job context variable
+      (`rq.job._current_job`, private) in each job's task, so `get_current_job()` works.
+    * RQ's `stop-job` command looks only at one current job; `handle_payload` maps it to the
+      job's execution, and `request_stop_execution` cancels that job's task alone.
+    * RQ's work loop runs one job at a time and its signal handlers assume a work horse:
+      `work()` is this class's own loop, around RQ's bootstrap, maintenance and teardown.
+    * RQ bounds callbacks with SIGALRM, which works on the main thread only; its registries'
+      cleanup builds registries with that default, so this process sets RQ's timer-based
+      death penalty on `BaseRegistry` too.
+    """
+
+    concurrency: ClassVar[int] = 64
+    webhook_concurrency: ClassVar[int] = 16
+    log_result_lifespan = False  # one log line less per job; RQ_RESULT_TTL_S says it once
+    # RQ bounds callbacks with a death penalty; its default (SIGALRM) only works on the main
+    # thread, and RQ's bookkeeping here runs on a thread of its own: RQ's timer-based one.
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        args, kwargs = self.tuned(args, kwargs)
+        super().__init__(*args, **kwargs)
+        self._running: set[asyncio.Task[None]] = set()  # every job's task, from the moment it is taken
+        self._tasks: dict[str, tuple[asyncio.Task[None], RQJob]] = {}  # by execution id, once it has one
+        self._stopping: set[str] = set()  # job ids stopped on request
+        self._cold = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._books = ThreadPoolExecutor(1, thread_name_prefix="rq-bookkeeping")
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="rq-dequeue")
+
+    # -- RQ's entry point ------------------------------------------------------------------
+    def work(self, burst: bool = False, with_scheduler: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
+        # The registries' cleanup (abandoned jobs and their failure callbacks) builds its own
+        # registries with the SIGALRM default: in this process, RQ's timer-based one too.
+        BaseRegistry.death_penalty_class = TimerDeathPenalty  # type: ignore[assignment]
+        with background(self.name):
+            return self._work_in_loop(burst, with_scheduler, **kwargs)
+
+    def _work_in_loop(self, burst: bool, with_scheduler: bool, **kwargs: Any) -> bool:
+        self.bootstrap(kwargs.get("logging_level"))
+        if with_scheduler:
+            self._start_scheduler(burst, kwargs.get("logging_level"))
+        try:
+            # uvloop (uvicorn's loop, already installed): less CPU per socket operation.
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(self._work(burst))
+        finally:
+            self.teardown()
+            self._books.shutdown(wait=False)
+            self._waiter.shutdown(wait=False)
+
+    async def _work(self, burst: bool) -> bool:
+        loop = self._loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        redis = async_client(tasks.context().redis, name="gqls-worker", max_connections=self.concurrency + 8)
+        tasks.shared_redis.set(redis)
+        demand = Demand(redis)
+        await demand.start()
+        tasks.shared_demand.set(demand)
+        # Slots per queue: deliveries (WEBHOOK_CONCURRENCY) never take an LLM job's place.
+        slots = {q.name: asyncio.Semaphore(self.slots_for(q.name)) for q in self.queues}
+        freed = asyncio.Event()
+        heartbeats = asyncio.create_task(self._keep_heartbeats())
+        started = 0
+        try:
+            while not self._stop_requested:
+                open_queues = [q for q in self._ordered_queues if not slots[q.name].locked()]
+                if not open_queues:
+                    freed.clear()
+                    await freed.wait()
+                    continue
+                # While a queue's slots are all taken, no blocking wait on the others: a
+                # blocked dequeue would not see that queue's slot free up.
+                every_queue = len(open_queues) == len(self.queues)
+                taken = await self._take(burst or not every_queue, open_queues)
+                if taken is None:
+                    if every_queue and burst:
+                        break
+                    if not every_queue:  # poll again soon, or at once when a slot frees
+                        freed.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(FULL_QUEUE_POLL_S):
+                                await freed.wait()
+                    continue
+                job, queue = taken
+                started += 1
+                await slots[queue.name].acquire()  # free: checked above, and only this loop takes
+
+                def release(semaphore: asyncio.Semaphore = slots[queue.name]) -> None:
+                    semaphore.release()
+                    freed.set()
+
+                self._start(job, queue, release)
+            if self._running:
+                log.info("worker %s: finishing %d job(s) in flight", self.name, len(self._running))
+            while self._running and not self._cold:
+                await asyncio.wait(list(self._running))
+        finally:
+            heartbeats.cancel()
+            await demand.stop()
+            await redis.aclose()
+            await tasks.context().provider.aclose()
+        return started > 0
+
+    def slots_for(self, queue_name: str) -> int:
+        return self.webhook_concurrency if queue_name.endswith(WEBHOOK_QUEUE_SUFFIX) else self.concurrency
+
+    async def _take(self, no_wait: bool, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
+        """The next job, waiting up to a second for one (so a stop request is seen soon),
+        unless `no_wait`.
+        Redis unreachable: try again later; the jobs in flight carry on meanwhile."""
+        try:
+            if self.should_run_maintenance_tasks:
+                await self._bookkeeping(self.run_maintenance_tasks)
+            taken = await self._dequeue(None, queues)
+            if taken is None and not no_wait:
+                if not self._running:
+                    await self._bookkeeping(self.set_state, WorkerStatus.IDLE)
+                taken = await self._dequeue(1, queues)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.error("worker %s: could not reach Redis (%s); trying again in 1 s", self.name, exc)
+            await asyncio.sleep(1)
+            return None
+        return taken
+
+    async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
+        def dequeue() -> tuple[RQJob, Queue] | None:
+            try:
+                return self.queue_class.dequeue_any(
+                    queues,
+                    timeout,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                return None
+
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._waiter, dequeue)
+
+    def _start(self, job: RQJob, queue: Queue, release: Callable[[], None]) -> None:
+        if is_extraction(job):
+            job.timeout = self.job_timeout_s  # the worker's setting, as in Tuning.execute_job
+        job.redis_server_version = self.get_redis_server_version()
+        self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
+
+        async def run() -> None:
+            execution: Execution | None = None
+            try:
+                try:
+                    execution = await self._bookkeeping(self._prepare, job)
+                except Exception:
+                    log.exception("job %s: could not start; abandoned-job detection will retry it", job.id)
+                    return
+                self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
+                await self._perform(job, queue, execution)
+            finally:
+                if execution is not None:
+                    self._tasks.pop(execution.id, None)
+                release()
+
+        task = asyncio.create_task(run(), name=f"job {job.id}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _prepare(self, job: RQJob) -> Execution:
+        """What RQ does before a job runs, in one trip to the bookkeeping thread."""
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+        return execution
+
+    async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
+        """RQ's `perform_job`, with the job awaited instead of called."""
+        try:
+            job.started_at = now()
+            _current_job.set(job)  # this task's own context
+            try:
+                async with asyncio.timeout(job.timeout or self.queue_class.DEFAULT_TIMEOUT):
+                    result = await self._call(job)
+            except TimeoutError:
+                raise JobTimeoutException(f"Task exceeded maximum timeout value ({job.timeout} seconds)") from None
+        except asyncio.CancelledError:
+            if self._cold:
+                raise  # a cold stop: left to abandoned-job detection, which retries the job
+            # Stopped on request (cancelJob): RQ marks it STOPPED and does not retry it.
+            stopped = job.id in self._stopping
+            self._stopping.discard(job.id)
+            await self._finalize(self._finalize_failure, job, queue, execution, sys.exc_info(), stopped=stopped)
+        except Exception:
+            await self._finalize(self._finalize_failure, job, queue, execution, sys.exc_info())
+        else:
+            await self._finalize(self._finalize_success, job, queue, execution, result)
+
+    async def _call(self, job: RQJob) -> Any:
+        func = job.func
+        if inspect.iscoroutinefunction(func):
+            return await func(*job.args, **job.kwargs)
+        return await asyncio.to_thread(job.perform)  # a plain function must not block the loop
+
+    async def _finalize(self, finalize: Any, *args: Any, stopped: bool = False) -> None:
+        def run() -> None:
+            if stopped:
+                self._stopped_job_id = args[0].id  # read by RQ's handle_job_failure
+            finalize(*args)
+
+        try:
+            await asyncio.shield(self._bookkeeping(run))
+        except Exception:
+            # Redis gone mid-write, say: the execution's heartbeats stop with it, so
+            # abandoned-job detection retries the job. One job never ends the worker.
+            log.exception("job %s: could not record how it ended", args[0].id)
+
+    async def _bookkeeping(self, fn: Any, *args: Any) -> Any:
+        """Run RQ's synchronous API off the loop, in order, with the caller's context (the
+        job's request id in RQ's log lines)."""
+        assert self._loop is not None
+        context = contextvars.copy_context()
+        return await self._loop.run_in_executor(self._books, functools.partial(context.run, fn, *args))
+
+    async def _keep_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.job_monitoring_interval)
+            running = [(job, self.executions.get(eid)) for eid, (_, job) in list(self._tasks.items())]
+            try:
+                if not running:
+                    await self._bookkeeping(self.heartbeat)
+                for job, execution in running:
+                    if execution is not None:
+                        await self._bookkeeping(self.maintain_heartbeats, job, execution)
+            except Exception as exc:  # Redis away, say: the next beat tries again
+                log.error("worker %s: heartbeat failed (%s)", self.name, exc)
+
+    # -- stopping -------------------------------------------------------------------------
+    def _on_signal(self, signum: int) -> None:
+        if not self._stop_requested:
+            self.log.info(
+                "Worker %s: warm shut down requested (%s); finishing %d job(s) in flight. Signal again to stop now.",
+                self.name,
+                signal.Signals(signum).name,
+                len(self._running),
+            )
+            self._stop_requested = True
+            self._shutdown_requested_date = now()
+            if self.scheduler:
+                self.stop_scheduler()
+            return
+        self.log.warning("Worker %s: cold shut down; %d job(s) left to be retried", self.name, len(self._running))
+        self._cold = True
+        for task in self._running:
+            task.cancel()
+
+    def handle_payload(self, message: Any) -> None:
+        payload = parse_payload(message)
+        if payload.get("command") == "stop-job":
+            # RQ's handler knows one current job; this worker has many.
+            for execution_id, (_, job) in list(self._tasks.items()):
+                if job.id == payload.get("job_id"):
+                    self.request_stop_execution(execution_id)
+                    return
+            self.log.warning("Worker %s: not working on job %s, command ignored", self.name, payload.get("job_id"))
+            return
+        super().handle_payload(message)
+
+    def request_stop_execution(self, execution_id: str) -> None:
+        """Stop one running job (called from RQ's pub/sub thread)."""
+        running = self._tasks.get(execution_id)
+        if running is None or self._loop is None:
+            self.log.warning("Worker %s: not running execution %s, command ignored", self.name, execution_id)
+            return
+        task, job = running
+        self._stopping.add(job.id)
+        self._loop.call_soon_threadsafe(task.cancel)
