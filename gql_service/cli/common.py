@@ -1,0 +1,84 @@
+"""What every `gql-service` command shares: one-line failures, settings, checks before start."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from gql_service import logs
+from gql_service.settings import RedisTarget, Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("gql_service")
+
+EXIT_USAGE = 2  # bad input or settings, as in the client's exit codes (gql_service.cli.client)
+# How long `dev` lets its children stop cleanly before it kills whatever is left of them.
+
+
+def fail(message: str) -> SystemExit:
+    print(f"gql-service: {message}", file=sys.stderr)
+    return SystemExit(EXIT_USAGE)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        for line in str(exc).splitlines():
+            print(f"gql-service: bad setting: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    logs.configure(settings.log_format, settings.log_level)
+    return settings
+
+
+def require_redis(target: RedisTarget, timeout_s: float) -> None:
+    """One clear line instead of RQ's traceback when Redis is not there."""
+    from redis import RedisError
+
+    from gql_service.redis_conn import sync_client
+
+    setting = "REDIS_SENTINELS and REDIS_SENTINEL_MASTER" if target.sentinels else "REDIS_URL"
+    try:
+        client = sync_client(target, timeout_s=timeout_s, max_connections=1)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (RedisError, OSError, ValueError) as exc:
+        raise fail(f"cannot reach Redis at {target} ({exc}); check {setting}") from None
+
+
+def require_free_port(host: str, port: int, what: str) -> None:
+    """Fail before starting anything, rather than after Redis and workers are up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn and redis-server bind: a port in TIME_WAIT is free for them too.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise fail(f"{host}:{port} is already in use (another gql-service?); choose another {what}") from None
+            raise fail(f"cannot listen on {host}:{port} ({exc.strerror}); check {what}") from None
+
+
+def migrate_history(database_url: str) -> None:
+    import sqlalchemy.exc
+
+    from gql_service.cli import migrate
+
+    try:
+        migrate.upgrade(database_url)
+    except sqlalchemy.exc.OperationalError as exc:
+        raise fail(f"cannot reach the job history's PostgreSQL: {str(exc.orig).strip()}") from None
+    log.info("migrate: the job history's schema is up to date")
+
+
+def quiet_client_logs() -> None:
+    # A command-line client prints its own progress; httpx's per-request INFO lines are noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
