@@ -107,6 +107,21 @@ def test_an_ended_job_is_read_from_the_history_once_redis_has_forgotten_it(
     assert cancel.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
 
 
+def test_the_first_history_read_after_a_postgres_restart_answers(
+    archived_service: Service, postgres: EmbeddedPostgres, e2e_redis: str
+) -> None:
+    # The API's pool kept the connection of the read before the restart: the server closed
+    # it, and nothing has been read from it since. The next read must not be handed it.
+    job_id = submit(archived_service, "The clinic was closed on Sunday.", headers=AS_A)
+    live = finished(archived_service, job_id, AS_A)
+    wait_until(lambda: job_id in rows(postgres, job_id), timeout_s=30, what="the job's row")
+    forget_in_redis(Redis.from_url(e2e_redis), job_id)
+    assert post(archived_service, JOB, headers=AS_A, id=job_id).json() == {"data": {"job": live}}
+    postgres.restart()
+    answer = post(archived_service, JOB, headers=AS_A, id=job_id).json()
+    assert answer == {"data": {"job": live}}, answer
+
+
 @pytest.fixture
 def own_redis() -> Iterator[str]:
     """A Redis of the test's own: the module's service drains the shared one's outbox."""

@@ -130,9 +130,13 @@ def create_app(settings: Settings) -> Starlette:
         history = None
         if settings.database_url:
             # Opened in the background: the API starts, and submits, while PostgreSQL is down.
+            # Each connection is checked as it leaves the pool (an empty query: one round trip
+            # per history read): an idle one that died with the server (a restart, a
+            # failover) is replaced, not handed to a read that would fail with it.
             history = AsyncConnectionPool(
                 settings.database_url, min_size=1, max_size=4, open=False, timeout=settings.redis_timeout_s,
                 kwargs={"connect_timeout": max(1, int(settings.redis_timeout_s))},
+                check=AsyncConnectionPool.check_connection,
             )  # fmt: skip
             await history.open(wait=False)
         app.state.jobs = JobService(
