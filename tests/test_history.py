@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -120,6 +121,36 @@ def test_the_first_history_read_after_a_postgres_restart_answers(
     postgres.restart()
     answer = post(archived_service, JOB, headers=AS_A, id=job_id).json()
     assert answer == {"data": {"job": live}}, answer
+
+
+def test_the_first_history_read_after_a_restart_answers_when_the_pool_had_grown(
+    archived_service: Service, postgres: EmbeddedPostgres, e2e_redis: str
+) -> None:
+    # Concurrent reads grow the API's pool: after the restart it holds several dead
+    # connections, and the read must not spend its timeout checking them one at a time.
+    job_id = submit(archived_service, "The waiting room was full on Monday.", headers=AS_A)
+    live = finished(archived_service, job_id, AS_A)
+    wait_until(lambda: job_id in rows(postgres, job_id), timeout_s=30, what="the job's row")
+    forget_in_redis(Redis.from_url(e2e_redis), job_id)
+
+    def grown() -> bool:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: post(archived_service, JOB, headers=AS_A, id=job_id).json(), range(64)))
+        assert all(answer == {"data": {"job": live}} for answer in answers), answers
+        return other_connections(postgres) >= 4  # the worker's archiver's, and 3 or more of the API's
+
+    wait_until(grown, timeout_s=30, what="the API's pool to grow")
+    postgres.restart()
+    answer = post(archived_service, JOB, headers=AS_A, id=job_id).json()
+    assert answer == {"data": {"job": live}}, answer
+
+
+def other_connections(pg: EmbeddedPostgres) -> int:
+    with psycopg.connect(pg.url) as conn:
+        found = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone()
+        return int(found[0]) if found else 0
 
 
 @pytest.fixture
