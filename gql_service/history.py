@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -46,6 +47,29 @@ def row(record: JobRecord, text: str | None) -> dict[str, Any]:
         "usage": Jsonb(data["usage"]) if record.usage else None,
         "text": text,
     }
+
+
+def pool(url: str, *, timeout_s: float) -> AsyncConnectionPool[Any]:
+    """A pool of connections for reading the history (not opened yet). Each connection is
+    checked as it leaves the pool (an empty query: one round trip per history read): one
+    that died with the server (a restart, a failover) is replaced, not handed to a read
+    that would fail with it."""
+
+    async def check(conn: AsyncConnection[Any]) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            # The others idle beside it most likely died with it: they are all tested now.
+            # Left to the checkout, they would be tried one at a time with its backoff
+            # (at once, then after 1 s, then 2 s), and a third dead one outlasts the read.
+            await connections.check()
+            raise
+
+    connections: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        url, min_size=1, max_size=4, open=False, timeout=timeout_s, check=check,
+        kwargs={"connect_timeout": max(1, int(timeout_s))},
+    )  # fmt: skip
+    return connections
 
 
 def record_of(found: dict[str, Any]) -> JobRecord:

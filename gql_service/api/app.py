@@ -16,10 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 from rq import Queue
 from starlette.applications import Starlette
@@ -28,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from gql_service import history as history_db
 from gql_service import keys, logs, metrics
 from gql_service.api.auth import ApiKeys, RequireApiKey
 from gql_service.api.jobs import JobService
@@ -132,7 +130,7 @@ def create_app(settings: Settings) -> Starlette:
         history = None
         if settings.database_url:
             # Opened in the background: the API starts, and submits, while PostgreSQL is down.
-            history = history_pool(settings.database_url, timeout_s=settings.redis_timeout_s)
+            history = history_db.pool(settings.database_url, timeout_s=settings.redis_timeout_s)
             await history.open(wait=False)
         app.state.jobs = JobService(
             redis=redis, sync_redis=sync_redis, broadcast=broadcast, settings=settings, history=history,
@@ -164,28 +162,6 @@ def create_app(settings: Settings) -> Starlette:
         Middleware(RequireApiKey, keys=keys),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
-
-
-def history_pool(url: str, *, timeout_s: float) -> AsyncConnectionPool[Any]:
-    """The history's pool (not opened). Each connection is checked as it leaves the pool (an
-    empty query: one round trip per history read): one that died with the server (a
-    restart, a failover) is replaced, not handed to a read that would fail with it."""
-
-    async def check(conn: AsyncConnection[Any]) -> None:
-        try:
-            await AsyncConnectionPool.check_connection(conn)
-        except psycopg.Error:
-            # The others idle beside it most likely died with it: they are all tested now.
-            # Left to the checkout, they would be tried one at a time with its backoff
-            # (at once, then after 1 s, then 2 s), and a third dead one outlasts the read.
-            await pool.check()
-            raise
-
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        url, min_size=1, max_size=4, open=False, timeout=timeout_s, check=check,
-        kwargs={"connect_timeout": max(1, int(timeout_s))},
-    )  # fmt: skip
-    return pool
 
 
 def _give_large_buffers_back() -> None:
