@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, gt=0)
     # A job whose worker died is noticed this long after its last heartbeat, then retried.
     worker_lost_after_s: int = Field(60, ge=3)
+    # A worker started while Redis can't be reached waits this long for it (a log line per
+    # attempt), then exits 2: Redis and workers often start together under a supervisor.
+    worker_start_timeout_s: float = Field(120.0, ge=0)
     # async: many jobs at once per process on one event loop; fork: a work horse process per
     # job (RQ's Worker); simple: one job at a time in the worker itself (RQ's SimpleWorker).
     worker_class: Literal["async", "fork", "simple"] = "async"

@@ -101,7 +101,7 @@ def test_submit_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 def test_worker_without_redis_is_one_clear_line(tmp_path: Path) -> None:
     url = f"redis://:hunter22@127.0.0.1:{free_port()}/0"
-    result = run_cli("worker", env={"REDIS_URL": url}, cwd=tmp_path)
+    result = run_cli("worker", env={"REDIS_URL": url, "WORKER_START_TIMEOUT_S": "0"}, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gql-service: cannot reach Redis at redis://:***@127.0.0.1:")
@@ -219,3 +219,49 @@ def test_python_worker_py_runs_a_queued_job(redis_url: str, sync_redis: Redis) -
     assert done is not None and done.stage.value == "DONE" and done.result is not None
     # Kept for RESULT_TTL_S (7 days by default), far beyond RQ's own 500 s.
     assert sync_redis.ttl(keys.job(record.id)) > 7 * 24 * 3600 - 60
+
+
+def test_a_worker_started_before_redis_waits_for_it_then_works(tmp_path: Path) -> None:
+    """Redis and the workers often start together: a worker that comes up first says so, one
+    line per attempt, and starts working as soon as Redis answers (no traceback, no exit)."""
+    from gql_service.cli.embedded_redis import EmbeddedRedis
+
+    from .service import wait_until
+
+    redis = EmbeddedRedis()  # its port, with nothing listening on it yet
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "REDIS_"))}
+    env |= {"REDIS_URL": redis.url, "RQ_QUEUE": "llm-late-redis", "WORKER_START_TIMEOUT_S": "60"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "gql_service", "worker"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stderr is not None
+        first = worker.stderr.readline()  # blocks until the worker has tried once
+        assert "does not answer" in first and "attempt 1, waiting for it" in first, first
+        redis.start()
+        with Redis.from_url(redis.url) as client:
+            wait_until(
+                lambda: len(Worker.all(queue=Queue("llm-late-redis", connection=client))) == 1,
+                timeout_s=90,
+                what="the worker to register once Redis is up",
+            )
+        assert worker.poll() is None
+    finally:
+        worker.send_signal(signal.SIGINT)
+        try:
+            _, rest = worker.communicate(timeout=30)
+        finally:
+            redis.stop()
+    assert "Traceback" not in rest
+
+
+def test_a_worker_gives_up_on_redis_after_its_start_timeout_with_one_line(tmp_path: Path) -> None:
+    url = f"redis://:hunter22@127.0.0.1:{free_port()}/0"
+    result = run_cli("worker", env={"REDIS_URL": url, "WORKER_START_TIMEOUT_S": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "attempt 1, waiting for it" in lines[0] and "hunter22" not in result.stderr
+    assert lines[-1].startswith("gql-service: cannot reach Redis at") and "check REDIS_URL" in lines[-1]
+    assert "Traceback" not in result.stderr
+    burst = run_cli("worker", "--burst", env={"REDIS_URL": url})
+    assert burst.returncode == 2 and burst.stderr.strip().splitlines() == [burst.stderr.strip()]

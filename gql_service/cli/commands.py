@@ -50,7 +50,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from gql_service.worker.workers import run_workers
 
     settings = settings_or_exit()
-    require_redis(settings.redis_target, settings.redis_timeout_s)
+    # A burst run is a one-off: it says at once that Redis is not there.
+    wait_s = 0.0 if args.burst else settings.worker_start_timeout_s
+    require_redis(settings.redis_target, settings.redis_timeout_s, wait_s=wait_s)
     # Until RQ installs its own handlers (after the warm-up and, for a pool, after forking
     # its workers), SIGTERM is an interruption like Ctrl-C, so the `finally` below runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -6,6 +6,7 @@ import errno
 import logging
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from gql_service import logs
@@ -36,19 +37,36 @@ def settings_or_exit() -> Settings:
     return settings
 
 
-def require_redis(target: RedisTarget, timeout_s: float) -> None:
-    """One clear line instead of RQ's traceback when Redis is not there."""
-    from redis import RedisError
+def require_redis(target: RedisTarget, timeout_s: float, *, wait_s: float = 0.0) -> None:
+    """One clear line instead of RQ's traceback when Redis is not there; with `wait_s`,
+    tried again (a line per attempt) until it answers or `wait_s` has passed."""
+    from redis import ConnectionError, RedisError
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 
     from gql_service.redis_conn import sync_client
 
     setting = "REDIS_SENTINELS and REDIS_SENTINEL_MASTER" if target.sentinels else "REDIS_URL"
-    try:
+    deadline = time.monotonic() + wait_s
+
+    def ping() -> None:
         client = sync_client(target, timeout_s=timeout_s, max_connections=1)
         try:
             client.ping()
+        except OSError as exc:  # a refused connect, as redis-py's own retry policy sees it
+            raise ConnectionError(str(exc)) from exc
         finally:
             client.close()
+
+    def waiting(error: Exception, attempt: int) -> None:
+        if time.monotonic() >= deadline:
+            raise error
+        log.warning("Redis at %s does not answer (%s); attempt %d, waiting for it", target, error, attempt)
+
+    # Unbounded retries: the deadline, checked after each failure, is the bound.
+    retry = Retry(ExponentialBackoff(cap=5.0, base=0.5), retries=-1)
+    try:
+        retry.call_with_retry(ping, waiting, with_failure_count=True)
     except (RedisError, OSError, ValueError) as exc:
         raise fail(f"cannot reach Redis at {target} ({exc}); check {setting}") from None
 
