@@ -86,6 +86,10 @@ class JobService:
             raise BadUserInput("text must not be empty")
         if len(text) > self.settings.max_text_chars:
             raise BadUserInput(f"text is {len(text)} characters long; the limit is {self.settings.max_text_chars}")
+        if "\x00" in text:
+            # PostgreSQL's text can't hold it (the history would refuse the job), and no
+            # real document has one: refused here, where the client can still act on it.
+            raise BadUserInput("text must not contain NUL (\\u0000) characters")
 
     async def check_webhook(self, url: str | None) -> None:
         """Whether `url` may be a job's webhook (http(s), a public address); BadUserInput if not."""
