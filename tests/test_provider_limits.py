@@ -10,6 +10,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
+from gql_service import keys
 from gql_service.worker.provider_limits import ProviderLimits
 
 from .clients import follow, submit
@@ -110,3 +111,15 @@ async def test_llm_tpm_holds_a_call_the_minute_cannot_afford_and_charges_what_wa
     await charged.charge_tokens(300, 900)
     assert await _waits(charged.take_budget(200))
     assert not await _waits(control.take_budget(200))
+
+
+async def test_a_pause_is_only_ever_extended_even_by_concurrent_429s(async_redis: AsyncRedis) -> None:
+    """Many workers answered 429 at once, with short and long Retry-After: the longest wins.
+    (Read-then-set in two round trips let a short one overwrite a long one.)"""
+    limits = [
+        ProviderLimits(async_redis, endpoint="pause-race", max_in_flight=None, call_timeout_s=5) for _ in range(2)
+    ]
+    for _ in range(20):
+        await async_redis.delete(keys.llm_paused("pause-race"))
+        await asyncio.gather(*(limits[n % 2].pause(30.0 if n % 2 else 1.0) for n in range(40)))
+        assert await async_redis.pttl(keys.llm_paused("pause-race")) > 20_000

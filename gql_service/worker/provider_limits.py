@@ -69,6 +69,14 @@ _limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, 
 _lines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
 
 
+# Sets the pause to ARGV[1] ms unless one at least that long is already in force.
+_EXTEND_PAUSE_LUA = """
+if redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class ProviderLimits:
     redis: Redis
@@ -137,10 +145,10 @@ class ProviderLimits:
 
     async def pause(self, seconds: float) -> None:
         """Pause every worker's calls to this provider for `seconds` (never shortening one)."""
-        key = keys.llm_paused(self.endpoint)
         ms = max(1, int(seconds * 1000))
-        if await self.redis.pttl(key) < ms:
-            await self.redis.set(key, 1, px=ms)
+        # Compare and extend in one step: two workers' 429s at once must not let the
+        # shorter pause overwrite the longer one.
+        if await self.redis.eval(_EXTEND_PAUSE_LUA, 1, keys.llm_paused(self.endpoint), ms):
             log.warning("LLM endpoint asked us to wait: every worker pauses its calls for %.1f s", seconds)
 
     @asynccontextmanager
