@@ -241,12 +241,14 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 raise  # a cold stop: left to abandoned-job detection, which retries the job
             # Stopped on request (cancelJob): RQ marks it STOPPED and does not retry it.
             stopped = job.id in self._stopping
-            self._stopping.discard(job.id)
             await self._finalize(self._finalize_failure, job, queue, execution, sys.exc_info(), stopped=stopped)
         except Exception:
             await self._finalize(self._finalize_failure, job, queue, execution, sys.exc_info())
         else:
             await self._finalize(self._finalize_success, job, queue, execution, result)
+        finally:
+            # A stop request that raced the job's end (it finished first) is forgotten too.
+            self._stopping.discard(job.id)
 
     async def _call(self, job: RQJob) -> Any:
         func = job.func
