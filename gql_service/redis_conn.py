@@ -242,3 +242,32 @@ def pipeline(
 def check_replicated(pipe: AsyncPipeline) -> None:
     if isinstance(pipe, _Waiting):
         pipe.check()
+
+
+# -- writes applied once, whatever the network does ---------------------------------------
+# redis-py sends a MULTI/EXEC (or a script) again when its connection drops before the reply:
+# if Redis had run it, it runs twice (a job queued twice, a batch counted twice). Guarded, the
+# commands run only while `guard` (a key they create, named by a token made once per logical
+# write and the same on every retry) does not exist yet: a repeat is a no-op.
+_ONCE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local at = 1
+while at <= #ARGV do
+  local n = tonumber(ARGV[at])
+  redis.call(unpack(ARGV, at + 1, at + n))
+  at = at + n + 1
+end
+return 1
+"""
+
+
+def run_once(pipe: AsyncPipeline, guard: str) -> None:
+    """Turn the commands queued on `pipe` into one script that runs them all only if `guard`
+    does not exist; one of them must create it. (Reads redis-py's queued commands: this
+    module is where the service relies on redis-py's internals; tests/test_redis_conn.py pins
+    them.)"""
+    flat: list[Any] = []
+    for args, _options in pipe.command_stack:
+        flat += [len(args), *args]
+    pipe.command_stack = []
+    pipe.eval(_ONCE_LUA, 1, guard, *flat)

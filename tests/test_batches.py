@@ -198,3 +198,19 @@ def test_cancel_batch_halfway_leaves_no_job_running(e2e_redis: str, stub: OpenAI
     assert statuses <= {"FINISHED", "FAILED", "CANCELED"}, statuses  # every job has ended
     # The jobs running at the cancel were stopped: at most those few calls were still open.
     assert calls_after - calls_at_cancel <= 8
+
+
+async def test_a_key_reused_in_another_batch_is_that_items_error_and_adds_nothing(context: Context) -> None:
+    """The same idempotency key in a second batch once returned the first batch's job and
+    left the second batch at total 0; now it is refused at that item, the others are added."""
+    first = (await run(context, CREATE, name="first")).data["createBatch"]["id"]
+    second = (await run(context, CREATE, name="second")).data["createBatch"]["id"]
+    assert (await run(context, ADD, inputs=inputs(2, "k"), batch=first)).errors is None
+    added = await run(
+        context, ADD, inputs=[*inputs(1, "k"), {"text": "fresh", "idempotencyKey": "fresh"}], batch=second
+    )
+    assert [e.extensions["code"] for e in added.errors] == ["IDEMPOTENCY_KEY_REUSED"]
+    assert added.errors[0].path == ["submitTexts", 0] and added.errors[0].message.startswith("inputs[0]: ")
+    assert added.data["submitTexts"][0] is None and added.data["submitTexts"][1]["deduplicated"] is False
+    counts = [(await run(context, BATCH, id=b)).data["batch"]["counts"]["total"] for b in (first, second)]
+    assert counts == [2, 1]

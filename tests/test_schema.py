@@ -261,3 +261,24 @@ async def test_a_subscription_closed_between_two_frames_lets_go_at_once(context:
     await stream.aclose()  # type: ignore[union-attr]
     assert context.jobs.broadcast.subscriber_count == 0
     assert context.jobs.slots.watched[context.tenant] == 0
+
+
+async def test_an_idempotency_key_reused_for_another_text_is_refused_and_queues_nothing(
+    context: Context, sync_redis: Redis
+) -> None:
+    first = await submit(context, text="The first text.", key="order-7")
+    reused = await run(context, SUBMIT, text="A different text.", key="order-7")
+    assert codes(reused) == ["IDEMPOTENCY_KEY_REUSED"] and reused.data is None
+    assert "different request" in reused.errors[0].message
+    same = await submit(context, text="The first text.", key="order-7")
+    assert same["deduplicated"] is True and same["job"]["id"] == first["job"]["id"]
+    assert sync_redis.llen("rq:queue:llm") == 1
+
+
+async def test_a_key_written_before_fingerprints_still_deduplicates(context: Context, sync_redis: Redis) -> None:
+    """Keys stored by the previous version hold the job id alone: a repeat is answered as before."""
+    first = await submit(context, text="Older text.", key="legacy")
+    idem = keys.idempotency("public", "legacy")
+    sync_redis.set(idem, first["job"]["id"])
+    again = await submit(context, text="Any text at all.", key="legacy")
+    assert again["deduplicated"] is True and again["job"]["id"] == first["job"]["id"]

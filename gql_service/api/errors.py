@@ -30,3 +30,10 @@ class ServiceUnavailable(ClientError):
 
 class RateLimited(ClientError):
     code = "RATE_LIMITED"
+
+
+class IdempotencyKeyReused(ClientError):
+    """An idempotency key given again with a different request (Stripe's and the IETF
+    Idempotency-Key draft's rule): refused, never silently answered with the first job."""
+
+    code = "IDEMPOTENCY_KEY_REUSED"

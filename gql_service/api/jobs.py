@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator
@@ -25,7 +26,7 @@ from rq.job import JobStatus as RQJobStatus
 
 from gql_service import batch_store, history, keys, queueing, redis_conn, store, webhooks
 from gql_service.api.calls import history_call, redis_call
-from gql_service.api.errors import BadUserInput, NotFound, ServiceUnavailable
+from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound, ServiceUnavailable
 from gql_service.api.follow import Following, Interim
 from gql_service.api.listing import Listing, created_ms
 from gql_service.api.tenants import TenantSlots
@@ -44,6 +45,23 @@ class NewJob:
     record: JobRecord
     text: str
     idem: str | None  # the idempotency key's Redis key
+    # What the key stands for (text, webhook, batch): a repeat must ask for the same.
+    fingerprint: str = ""
+
+    @property
+    def idem_value(self) -> str:
+        return f"{self.record.id} {self.fingerprint}"
+
+
+def fingerprint(text: str, webhook_url: str | None, batch_id: str | None) -> str:
+    return hashlib.sha256(f"{webhook_url or ''}\0{batch_id or ''}\0{text}".encode()).hexdigest()[:32]
+
+
+def _reused() -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        "this idempotencyKey was used for a different request (text, webhookUrl or batch); "
+        "use a new key for a new request"
+    )
 
 
 class JobService:
@@ -137,8 +155,10 @@ class JobService:
         record = JobRecord(
             id=uuid.uuid4().hex, tenant=tenant, request_id=request_id, webhook_url=webhook_url, batch_id=batch_id
         )
-        idem = keys.idempotency(tenant, idempotency_key) if idempotency_key else None
-        return NewJob(record=record, text=text, idem=idem)
+        if not idempotency_key:
+            return NewJob(record=record, text=text, idem=None)
+        key = keys.idempotency(tenant, idempotency_key)
+        return NewJob(record=record, text=text, idem=key, fingerprint=fingerprint(text, webhook_url, batch_id))
 
     async def submit(
         self,
@@ -153,11 +173,22 @@ class JobService:
         job = self.new_job(
             text, idempotency_key=idempotency_key, tenant=tenant, request_id=request_id, webhook_url=webhook_url
         )
-        return (await self.submit_many([job]))[0]
+        [outcome] = await self.submit_many([job])
+        if isinstance(outcome, ClientError):
+            raise outcome
+        return outcome
 
-    async def submit_many(self, jobs: list[NewJob], *, batch_id: str | None = None) -> list[tuple[JobRecord, bool]]:
+    async def submit_many(
+        self, jobs: list[NewJob], *, batch_id: str | None = None
+    ) -> list[tuple[JobRecord, bool] | ClientError]:
         """Every job (QUEUED, v1) + its RQ job + its idempotency key in one MULTI/EXEC; with
         `batch_id` (the jobs' records name it), counted into that batch in the same MULTI.
+        A job whose idempotency key was used for another request is that job's
+        IDEMPOTENCY_KEY_REUSED error, in its place in the answer.
+
+        Applied once: the commands run as one script guarded by the first new job's record
+        (redis_conn.run_once), so a reply lost on the way back (redis-py then sends it all
+        again) queues nothing twice.
 
         RQ writes its job into whatever pipeline it is given without reading anything, and an
         asyncio pipeline in MULTI mode buffers commands synchronously, so RQ's enqueue runs
@@ -168,7 +199,9 @@ class JobService:
             await queueing.prime(self.queue, self.acked_redis)
             return await self._submit_many(jobs, batch_id)
 
-    async def _submit_many(self, jobs: list[NewJob], batch_id: str | None) -> list[tuple[JobRecord, bool]]:
+    async def _submit_many(
+        self, jobs: list[NewJob], batch_id: str | None
+    ) -> list[tuple[JobRecord, bool] | ClientError]:
         idem_keys = sorted({j.idem for j in jobs if j.idem})
         # A batch takes jobs until it is closed: its open flag is watched, so a close that
         # comes between this check and the MULTI makes the MULTI fail and the check run again.
@@ -176,7 +209,7 @@ class JobService:
         async with redis_conn.pipeline(self.acked_redis, self.settings.replica_ack) as pipe:
             while True:
                 try:
-                    existing: dict[str, JobRecord] = {}
+                    existing: dict[str, tuple[JobRecord, str | None]] = {}  # idem key -> (job, fingerprint)
                     batch_open = True
                     if watched:
                         # Optimistic lock: of concurrent duplicates, exactly one EXEC succeeds.
@@ -188,26 +221,36 @@ class JobService:
                     if idem_keys:
                         for key, value in zip(idem_keys, await pipe.mget(idem_keys), strict=True):
                             if value is not None:
-                                found = await store.get_job(pipe, value.decode() if isinstance(value, bytes) else value)
+                                # "<job id> <fingerprint>" (a key written before fingerprints: the id alone)
+                                job_id, _, known = (value.decode() if isinstance(value, bytes) else value).partition(
+                                    " "
+                                )
+                                found = await store.get_job(pipe, job_id)
                                 if found is not None:
-                                    existing[key] = found
+                                    existing[key] = (found, known or None)
                     pipe.multi()
-                    results: list[tuple[JobRecord, bool]] = []
+                    results: list[tuple[JobRecord, bool] | ClientError] = []
+                    new: list[NewJob] = []
                     for job in jobs:
                         if job.idem and job.idem in existing:
-                            results.append((existing[job.idem], True))
+                            prior, prior_fingerprint = existing[job.idem]
+                            same = prior_fingerprint in (None, job.fingerprint)
+                            results.append((prior, True) if same else _reused())
                             continue
                         self._queue_job(pipe, job)
+                        new.append(job)
                         if job.idem:
-                            existing[job.idem] = job.record  # a repeat within the batch
+                            existing[job.idem] = (job.record, job.fingerprint)  # a repeat within the batch
                         results.append((job.record, False))
-                    added = {r.id: created_ms(r) for r, dedup in results if not dedup}
+                    added = {job.record.id: created_ms(job.record) for job in new}
                     if batch_id and added:
                         if not batch_open:
                             await pipe.reset()
                             raise BadUserInput(f"batch {batch_id} is closed: it takes no more jobs")  # (repeats do)
                         batch_store.add_jobs(pipe, batch_id, added, ttl_s=self.settings.result_ttl_s)
-                    if self.settings.replica_ack is not None and all(dedup for _, dedup in results):
+                    if new:
+                        redis_conn.run_once(pipe, keys.job(new[0].record.id))
+                    elif self.settings.replica_ack is not None:
                         # Repeats answer only once the jobs they found are on the replicas
                         # too: a write of their own (the keys' TTLs, refreshed) for the WAIT
                         # to count from, as Redis counts a connection's own writes.
@@ -227,7 +270,7 @@ class JobService:
         store.create_job(pipe, job.record, text=job.text, ttl_s=ttl_s)
         store.index_job(pipe, job.record, ttl_s=ttl_s)
         if job.idem:
-            pipe.set(job.idem, job.record.id, ex=self.settings.idempotency_ttl_s)
+            pipe.set(job.idem, job.idem_value, ex=self.settings.idempotency_ttl_s)
         queueing.enqueue_extraction(self.queue, job.record, pipe, self.settings)
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:

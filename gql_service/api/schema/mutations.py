@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import strawberry
 from strawberry.types import Info
 
-from gql_service.api.errors import BadUserInput
+from gql_service.api.errors import BadUserInput, ClientError
 from gql_service.api.jobs import NewJob
 from gql_service.api.schema.context import _ctx
 from gql_service.api.schema.queries import MAX_BATCH
@@ -49,7 +49,7 @@ class Mutation:
         if batch is not None:
             await ctx.batches.check_owned(batch, tenant=ctx.tenant)
         accepted: list[tuple[int, NewJob]] = []
-        errors: dict[int, BadUserInput] = {}
+        errors: dict[int, ClientError] = {}
         refused = await ctx.jobs.refused_webhooks({i.webhook_url for i in inputs if i.webhook_url is not None})
         for index, item in enumerate(inputs):
             try:
@@ -64,8 +64,11 @@ class Mutation:
                 errors[index] = BadUserInput(f"inputs[{index}]: {exc.message}", index=index)
         submitted = await ctx.jobs.submit_many([job for _, job in accepted], batch_id=batch) if accepted else []
         answers: list[Any] = [None] * len(inputs)
-        for (index, _), (record, deduplicated) in zip(accepted, submitted, strict=True):
-            answers[index] = SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
+        for (index, _), outcome in zip(accepted, submitted, strict=True):
+            if isinstance(outcome, ClientError):
+                errors[index] = type(outcome)(f"inputs[{index}]: {outcome.message}", index=index)
+            else:
+                answers[index] = SubmitTextPayload(job=Job.from_record(outcome[0]), deduplicated=outcome[1])
         for index, error in errors.items():
             answers[index] = _raise(error)  # graphql-core places the error at [submitTexts, index]
         return answers
