@@ -26,10 +26,10 @@ from gql_service.redis_conn import NotReplicated
 from gql_service.settings import ReplicaAck
 
 # Compare-and-set on the version: a concurrent writer makes us re-read and re-apply.
-# Each transition carries a unique id (ARGV[5], kept in field `x`): when a connection drops
-# after Redis ran the script but before its reply arrived, redis-py sends the same call
-# again, and that repeat must report success, not re-apply the change (attempts counted
-# twice).
+# Each logical transition carries a token (ARGV[5], kept in field `x`), made once and the
+# same on every retry: when a connection drops after Redis ran the script but before its
+# reply arrived, a repeat (redis-py's own, or the caller's after a re-read) finds its token
+# and reports the state it wrote (outcome 2), never applying the change twice.
 #
 # With the archive on (DATABASE_URL), a transition to an ended state also adds the job to
 # the archive outbox (KEYS[4], ARGV[6] = '1'), in the same step: no ended job can miss it
@@ -54,7 +54,7 @@ _CAS_LUA = """
 local v, x = unpack(redis.call('HMGET', KEYS[1], 'v', 'x'))
 if not v then return {-1, 0} end
 local watchers = redis.call('PUBSUB', 'NUMSUB', KEYS[3])[2]
-if v == ARGV[2] and x == ARGV[5] then return {1, watchers} end
+if x == ARGV[5] then return {2, watchers, redis.call('HGET', KEYS[1], 'd')} end
 if v ~= ARGV[1] then return {0, 0} end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -196,7 +196,9 @@ def _next(current: JobRecord, change: Change) -> JobRecord | None:
     return changed.model_copy(update={"version": current.version + 1, "updated_at": utcnow()})
 
 
-def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int, *, archive: bool = False) -> tuple[list[str], list[Any]]:
+def _cas_args(
+    current: JobRecord, new: JobRecord, ttl_s: int, token: str, *, archive: bool = False
+) -> tuple[list[str], list[Any]]:
     announce = new.terminal and new.webhook_url is not None
     batch = new.batch_id or ""
     usage = new.usage or TokenUsage()
@@ -217,7 +219,7 @@ def _cas_args(current: JobRecord, new: JobRecord, ttl_s: int, *, archive: bool =
             new.version,
             encode(new),
             ttl_s,
-            uuid.uuid4().hex,
+            token,
             int(archive and new.terminal),
             int(announce),
             int(new.terminal),
@@ -249,7 +251,7 @@ class EndNotReplicated(NotReplicated):
 
 
 def _wrote(results: list[Any]) -> bool:
-    return bool(results and results[0][0] == 1)  # the CAS script's outcome
+    return bool(results and results[0][0] in (1, 2))  # the CAS script's outcome: written (now or before)
 
 
 async def update_job(
@@ -276,8 +278,13 @@ async def transition(
     archive: bool = False,
     ack: ReplicaAck | None = None,
     last_seen: JobRecord | None = None,
+    token: str | None = None,
 ) -> Transition:
     """`update_job`, and how many want the job's interim frames.
+
+    `token`: this logical transition's, made by the caller once and given again when it
+    tries the same step again (a reply lost past redis-py's retries): a transition that
+    already landed is reported as written, with the state it wrote, never applied twice.
 
     `archive`: the history is on; a change that ends the job queues it for the archive.
     `ack`: a change that ends the job waits for replicas to have it (EndNotReplicated if
@@ -287,29 +294,47 @@ async def transition(
     the version check refuses it and the change is applied to a fresh read.
     """
     script = redis.register_script(_CAS_LUA)
+    token = token or uuid.uuid4().hex
     while True:
-        current, last_seen = last_seen or await get_job(redis, job_id), None
+        current: JobRecord | None
+        if last_seen is not None:
+            current, last_seen = last_seen, None
+        else:
+            current, landed = await _read_with_token(redis, job_id)
+            if current is not None and landed == token:
+                return Transition(current, True)  # this very step, written by an earlier try
         if current is None:
             return Transition(None, False)
         new = _next(current, change)
         if new is None:
             return Transition(current, False)
-        keys_, args = _cas_args(current, new, ttl_s, archive=archive)
+        keys_, args = _cas_args(current, new, ttl_s, token, archive=archive)
         if ack is None or not new.terminal:
-            outcome, watchers = await script(keys=keys_, args=args)
+            outcome, watchers, *stored = await script(keys=keys_, args=args)
         else:
             async with redis_conn.pipeline(redis, ack, transaction=False, wait_if=_wrote) as pipe:
                 await script(keys=keys_, args=args, client=pipe)
-                [(outcome, watchers)] = await pipe.execute()
-            if outcome == 1:
+                [(outcome, watchers, *stored)] = await pipe.execute()
+        if outcome == 2:
+            new = decode(stored[0])
+        if outcome in (1, 2):
+            done = Transition(new, True, int(watchers))
+            if ack is not None and new.terminal:
                 try:
                     redis_conn.check_replicated(pipe)
                 except NotReplicated as exc:
-                    raise EndNotReplicated(str(exc), Transition(new, True, int(watchers))) from None
-        if outcome == 1:
-            return Transition(new, True, int(watchers))
+                    raise EndNotReplicated(str(exc), done) from None
+            return done
         if outcome == -1:
             return Transition(None, False)
+
+
+async def _read_with_token(redis: AsyncRedis, job_id: str) -> tuple[JobRecord | None, str | None]:
+    """The record, and the token of the transition that wrote it last."""
+    raw, token = await redis.hmget(keys.job(job_id), ["d", "x"])
+    if raw is None:
+        return None, None
+    return decode(raw), token.decode() if isinstance(token, bytes) else token
 
 
 # -- a job's webhook delivery, in field `w` of its record's hash ---------------------------

@@ -87,11 +87,35 @@ def test_a_transition_sent_twice_is_applied_once(sync_redis: Redis) -> None:
     assert current is not None
     new = current.model_copy(update={"version": 2, "attempts": current.attempts + 1})
     script = sync_redis.register_script(store._CAS_LUA)
-    keys_, args = store._cas_args(current, new, TTL)
+    keys_, args = store._cas_args(current, new, TTL, "token-1")
     assert script(keys=keys_, args=args) == [1, 0]
-    assert script(keys=keys_, args=args) == [1, 0]  # the retry: reported applied...
+    outcome, watchers, stored = script(keys=keys_, args=args)  # the retry: reported applied...
+    assert (outcome, watchers, store.decode(stored)) == (2, 0, new)
     after = store.get_job_sync(sync_redis, "j1")
     assert after is not None and (after.version, after.attempts) == (2, 1)  # ...and applied once
     # A different transition from the same stale version is still refused.
-    other_keys, other_args = store._cas_args(current, new, TTL)
+    other_keys, other_args = store._cas_args(current, new, TTL, "token-2")
     assert script(keys=other_keys, args=other_args) == [0, 0]
+
+
+async def test_a_step_tried_again_after_its_reply_was_lost_lands_once(
+    async_redis: AsyncRedis, sync_redis: Redis
+) -> None:
+    """A worker whose transition landed but whose reply was lost past redis-py's retries
+    tries the same step again, with the same token, from a fresh read: reported written,
+    with the state it wrote, and applied once (attempts were counted twice before)."""
+    create(sync_redis, "j9")
+
+    def attempt(job: JobRecord) -> JobRecord:
+        return job.model_copy(update={"attempts": job.attempts + 1, "status": JobStatus.STARTED})
+
+    first = await store.transition(async_redis, "j9", attempt, ttl_s=TTL, token="step-1")
+    again = await store.transition(async_redis, "j9", attempt, ttl_s=TTL, token="step-1")
+    assert first.changed and again.changed and again.record == first.record
+    assert again.record is not None and (again.record.version, again.record.attempts) == (2, 1)
+    # With the state it last saw (the worker's fast path) it is the script that notices.
+    assert first.record is not None
+    stale = await store.transition(async_redis, "j9", attempt, ttl_s=TTL, token="step-1", last_seen=first.record)
+    assert stale.changed and stale.record == first.record
+    other = await store.transition(async_redis, "j9", attempt, ttl_s=TTL, token="step-2")
+    assert other.record is not None and other.record.attempts == 2

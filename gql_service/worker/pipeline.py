@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 from pydantic import ValidationError
@@ -122,11 +123,12 @@ class Attempt:
         """A transition of this job, written once Redis answers: through a short outage (a
         restart, a failover) the job carries on where it was instead of failing."""
         delay, waited = 0.1, 0.0
+        token = uuid.uuid4().hex  # this step's: the same on every try, so it lands once
         while True:
             try:
                 done = await _transition(
                     self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, ack=self.ack,
-                    last_seen=last_seen,
+                    last_seen=last_seen, token=token,
                 )  # fmt: skip
                 self._watchers = done.partial_watchers
                 return done
