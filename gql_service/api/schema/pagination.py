@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Sequence
+from typing import Protocol
+
+from strawberry.relay import PageInfo
 
 from gql_service.api.errors import BadUserInput
 
@@ -42,3 +46,19 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     if not math.isfinite(position[0]) or not position[1]:
         raise BadUserInput("after is not a cursor this API gave out")
     return position
+
+
+class Edge(Protocol):
+    cursor: str
+
+
+def page_info(edges: Sequence[Edge], *, has_next: bool, has_previous: bool, end_cursor: str | None = None) -> PageInfo:
+    """Relay's PageInfo of a forward page (first/after). `end_cursor` where the next page
+    starts when that is not the last edge (a filtered page that ended early, a list read
+    on as it grows)."""
+    return PageInfo(
+        has_next_page=has_next,
+        has_previous_page=has_previous,
+        start_cursor=edges[0].cursor if edges else None,
+        end_cursor=end_cursor if end_cursor is not None else (edges[-1].cursor if edges else None),
+    )

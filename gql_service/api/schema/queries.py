@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 
 import strawberry
-from strawberry.relay import PageInfo
 from strawberry.types import Info
 
 from gql_service import keys
 from gql_service.api.errors import BadUserInput
+from gql_service.api.schema import pagination
 from gql_service.api.schema.context import _ctx
 from gql_service.api.schema.pagination import MAX_PAGE, decode_cursor, encode_cursor
 from gql_service.api.schema.types import (
@@ -59,13 +59,10 @@ class Query:
         edges = [JobEdge(cursor=encode_cursor(ms, r.id), node=Job.from_record(r)) for r, ms in page]
         # With a status filter a page can end early, even empty, with more to come: its
         # endCursor then points past the jobs it looked at, not at its last edge.
-        end_cursor = encode_cursor(*next_start) if next_start else (edges[-1].cursor if edges else None)
-        page_info = PageInfo(
-            has_next_page=next_start is not None,
-            end_cursor=end_cursor,
-            # Forward only (first/after): a page after a cursor has jobs before it.
-            has_previous_page=after is not None,
-            start_cursor=edges[0].cursor if edges else None,
+        end_cursor = encode_cursor(*next_start) if next_start else None
+        # Forward only (first/after): a page after a cursor has jobs before it.
+        page_info = pagination.page_info(
+            edges, has_next=next_start is not None, has_previous=after is not None, end_cursor=end_cursor
         )
         return JobConnection(edges=edges, page_info=page_info)
 
@@ -84,10 +81,7 @@ class Query:
             tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None
         )
         edges = [BatchEdge(cursor=encode_cursor(ms, b.id), node=Batch.from_record(b)) for b, ms in page]
-        page_info = PageInfo(
-            has_next_page=more, end_cursor=edges[-1].cursor if edges else None, has_previous_page=after is not None,
-            start_cursor=edges[0].cursor if edges else None,
-        )  # fmt: skip
+        page_info = pagination.page_info(edges, has_next=more, has_previous=after is not None)
         return BatchConnection(edges=edges, page_info=page_info)
 
     @strawberry.field(description="The object with this id (Relay's refetch); null when it does not exist.")

@@ -11,6 +11,7 @@ from strawberry.types import Info
 
 from gql_service import models
 from gql_service.api.follow import Interim
+from gql_service.api.schema import pagination
 from gql_service.api.schema.context import _ctx
 from gql_service.api.schema.pagination import _page, _position_cursor
 
@@ -252,9 +253,9 @@ class Batch(Node):
         edges = [JobEdge(cursor=_position_cursor(at + 1), node=Job.from_record(r)) for r, at in records]
         # More have ended than this page holds: the next page has them. Either way endCursor
         # is where to read on, later, when more jobs have ended.
-        page_info = PageInfo(
-            has_next_page=next_start < self.record.counts.ended, end_cursor=_position_cursor(next_start),
-            has_previous_page=start > 0, start_cursor=edges[0].cursor if edges else None,
+        page_info = pagination.page_info(
+            edges, has_next=next_start < self.record.counts.ended, has_previous=start > 0,
+            end_cursor=_position_cursor(next_start),
         )  # fmt: skip
         return JobConnection(edges=edges, page_info=page_info)
 
@@ -290,11 +291,10 @@ class CreateBatchInput:
 
 
 def _connection(edges: list[JobEdge], start: int, next_start: int | None) -> JobConnection:
-    end_cursor = _position_cursor(next_start) if next_start is not None else (edges[-1].cursor if edges else None)
-    page_info = PageInfo(
-        has_next_page=next_start is not None, end_cursor=end_cursor, has_previous_page=start > 0,
-        start_cursor=edges[0].cursor if edges else None,
-    )  # fmt: skip
+    end_cursor = _position_cursor(next_start) if next_start is not None else None
+    page_info = pagination.page_info(
+        edges, has_next=next_start is not None, has_previous=start > 0, end_cursor=end_cursor
+    )
     return JobConnection(edges=edges, page_info=page_info)
 
 
