@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis import BlockingConnectionPool, Redis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
@@ -24,9 +26,10 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelManagedConnection
-from redis.backoff import ExponentialBackoff
+from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
@@ -169,6 +172,57 @@ def sync_client(
         **options,
     )
     return redis
+
+
+# -- waiting out an outage -----------------------------------------------------------------
+T = TypeVar("T")
+# What "Redis is away" looks like from a caller: redis-py's errors (the synchronous client
+# wraps the socket's in them), and on asyncio also the socket's and deadlines' own.
+OUTAGE_ERRORS: tuple[type[RedisError], ...] = (ConnectionError, RedisTimeoutError)
+ASYNC_OUTAGE_ERRORS: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, TimeoutError, OSError)
+
+
+class Outage:
+    """The one policy for work that waits for Redis to come back: redis-py's `Retry` with
+    jittered exponential backoff, bounded by a deadline (`give_up_after_s`; None: never),
+    one warning when the wait starts (or one per attempt, `every_attempt`)."""
+
+    def __init__(
+        self,
+        what: str,
+        log: logging.Logger,
+        *,
+        give_up_after_s: float | None = None,
+        base_s: float = 0.05,
+        cap_s: float = 2.0,
+        every_attempt: bool = False,
+    ) -> None:
+        self.what, self.log, self.give_up_after_s, self.every_attempt = what, log, give_up_after_s, every_attempt
+        self._backoff = (base_s, cap_s)
+
+    def _failed(self, started: float) -> Callable[[Exception, int], None]:
+        def failed(error: Exception, attempt: int) -> None:
+            if self.give_up_after_s is not None and time.monotonic() - started >= self.give_up_after_s:
+                raise error
+            if attempt == 1 or self.every_attempt:
+                self.log.warning("%s: Redis is unreachable (%s); attempt %d, waiting for it", self.what, error, attempt)
+
+        return failed
+
+    async def call(self, do: Callable[[], Awaitable[T]]) -> T:
+        backoff = EqualJitterBackoff(cap=self._backoff[1], base=self._backoff[0])
+        # Typed for redis-py's errors only, though its own default holds the builtin TimeoutError.
+        retry = AsyncRetry(backoff, -1, ASYNC_OUTAGE_ERRORS)  # type: ignore[arg-type]
+        failed = self._failed(time.monotonic())
+
+        async def fail(error: Exception, attempt: int) -> None:
+            failed(error, attempt)
+
+        return await retry.call_with_retry(do, fail, with_failure_count=True)
+
+    def call_sync(self, do: Callable[[], T]) -> T:
+        retry = Retry(EqualJitterBackoff(cap=self._backoff[1], base=self._backoff[0]), -1, OUTAGE_ERRORS)
+        return retry.call_with_retry(do, self._failed(time.monotonic()), with_failure_count=True)
 
 
 # -- writes that wait for replicas -------------------------------------------------------

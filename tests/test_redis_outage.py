@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 from redis import Redis
+from rq import Queue, Worker
 
 from gql_service import store
 from gql_service.cli.embedded_redis import EmbeddedRedis, free_port
@@ -81,6 +82,11 @@ async def test_a_running_worker_survives_an_outage(tmp_path: Path) -> None:
     svc = Service(redis.url, workers=1, env={"RQ_QUEUE": "llm-outage-worker"})
     try:
         svc.start()
+        # The worker at work first (registered with RQ): what survives an outage here is a
+        # running worker, not one still starting (tests/test_cli.py covers that one).
+        with Redis.from_url(redis.url) as client:
+            queue = Queue("llm-outage-worker", connection=client)
+            wait_until(lambda: len(Worker.all(queue=queue)) == 1, timeout_s=90, what="the worker to register")
         redis.stop()
         assert ready(svc) == 503
         redis = aof_redis(port, tmp_path)

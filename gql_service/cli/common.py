@@ -6,7 +6,6 @@ import errno
 import logging
 import socket
 import sys
-import time
 from typing import TYPE_CHECKING
 
 from gql_service import logs
@@ -40,33 +39,19 @@ def settings_or_exit() -> Settings:
 def require_redis(target: RedisTarget, timeout_s: float, *, wait_s: float = 0.0) -> None:
     """One clear line instead of RQ's traceback when Redis is not there; with `wait_s`,
     tried again (a line per attempt) until it answers or `wait_s` has passed."""
-    from redis import ConnectionError, RedisError
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
+    from redis import RedisError
 
-    from gql_service.redis_conn import sync_client
+    from gql_service.redis_conn import Outage, sync_client
 
     setting = "REDIS_SENTINELS and REDIS_SENTINEL_MASTER" if target.sentinels else "REDIS_URL"
-    deadline = time.monotonic() + wait_s
 
     def ping() -> None:
-        client = sync_client(target, timeout_s=timeout_s, max_connections=1)
-        try:
+        with sync_client(target, timeout_s=timeout_s, max_connections=1) as client:
             client.ping()
-        except OSError as exc:  # a refused connect, as redis-py's own retry policy sees it
-            raise ConnectionError(str(exc)) from exc
-        finally:
-            client.close()
 
-    def waiting(error: Exception, attempt: int) -> None:
-        if time.monotonic() >= deadline:
-            raise error
-        log.warning("Redis at %s does not answer (%s); attempt %d, waiting for it", target, error, attempt)
-
-    # Unbounded retries: the deadline, checked after each failure, is the bound.
-    retry = Retry(ExponentialBackoff(cap=5.0, base=0.5), retries=-1)
+    outage = Outage(f"Redis at {target}", log, give_up_after_s=wait_s, base_s=0.5, cap_s=5.0, every_attempt=True)
     try:
-        retry.call_with_retry(ping, waiting, with_failure_count=True)
+        outage.call_sync(ping)
     except (RedisError, OSError, ValueError) as exc:
         raise fail(f"cannot reach Redis at {target} ({exc}); check {setting}") from None
 

@@ -7,7 +7,6 @@ attempt; everything else ends the job here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -16,10 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gql_service import logs, metrics, store
+from gql_service import logs, metrics, redis_conn, store
 from gql_service.models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
 from gql_service.partials import PartialStream
 from gql_service.settings import ReplicaAck
@@ -122,24 +119,18 @@ class Attempt:
     async def _write(self, change: store.Change, last_seen: JobRecord | None) -> store.Transition:
         """A transition of this job, written once Redis answers: through a short outage (a
         restart, a failover) the job carries on where it was instead of failing."""
-        delay, waited = 0.1, 0.0
         token = uuid.uuid4().hex  # this step's: the same on every try, so it lands once
-        while True:
-            try:
-                done = await _transition(
-                    self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, ack=self.ack,
-                    last_seen=last_seen, token=token,
-                )  # fmt: skip
-                self._watchers = done.partial_watchers
-                return done
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if waited >= REDIS_OUTAGE_WAIT_S:
-                    raise
-                if not waited:
-                    log.warning("job %s: Redis is unreachable (%s); waiting to write its next stage", self.job_id, exc)
-                await asyncio.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 2.0)
+
+        async def write() -> store.Transition:
+            return await _transition(
+                self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, ack=self.ack,
+                last_seen=last_seen, token=token,
+            )  # fmt: skip
+
+        outage = redis_conn.Outage(f"job {self.job_id}", log, give_up_after_s=REDIS_OUTAGE_WAIT_S, base_s=0.1)
+        done = await outage.call(write)
+        self._watchers = done.partial_watchers
+        return done
 
     def _add_usage(self, usage: TokenUsage) -> None:
         self.usage = self.usage + usage
