@@ -10,7 +10,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SUMMARY_WORDS = 40
 # Bounds on what a model (or a misbehaving endpoint) can make us store and publish.
@@ -68,13 +68,25 @@ class JobErrorCode(enum.Enum):
 Score = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL's text can't hold NUL: a model that writes one must repair its answer, or
+    # the job ends INVALID_OUTPUT; it never reaches the record, nor the history.
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\u0000); remove it")
+    return value
+
+
+# A string the model writes into the record.
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 class Entity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(
+    type: Text = Field(
         min_length=1, max_length=40, description="Entity kind, e.g. PERSON, ORG, LOCATION, DATE, MONEY, EMAIL"
     )
-    value: str = Field(min_length=1, max_length=200, description="The entity as written in the text")
+    value: Text = Field(min_length=1, max_length=200, description="The entity as written in the text")
     confidence: Score = Field(description="Confidence in [0, 1]")
 
 
@@ -83,15 +95,15 @@ class Extraction(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    summary: str = Field(
+    summary: Text = Field(
         min_length=1, max_length=MAX_SUMMARY_CHARS, description=f"Brief summary, at most {MAX_SUMMARY_WORDS} words"
     )
     sentiment: Sentiment = Field(description="Overall sentiment")
-    tags: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+    tags: list[Annotated[Text, Field(min_length=1, max_length=40)]] = Field(
         min_length=1, max_length=5, description="1 to 5 short topical tags"
     )
     entities: list[Entity] = Field(max_length=50, description="Named entities found in the text")
-    language: str = Field(pattern=r"^[a-z]{2}$", description="ISO 639-1 code of the text's language, e.g. en")
+    language: Text = Field(pattern=r"^[a-z]{2}$", description="ISO 639-1 code of the text's language, e.g. en")
     toxicity_score: Score = Field(description="How toxic the text is, in [0, 1]")
 
     @field_validator("summary")

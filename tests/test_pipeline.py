@@ -89,6 +89,21 @@ async def test_output_breaking_the_schema_twice_fails_invalid_output(
     assert final.usage is not None and final.usage.total_tokens == 300
 
 
+async def test_a_nul_in_the_answer_is_repaired_once_then_invalid_output(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
+) -> None:
+    # PostgreSQL's text can't hold NUL: an answer with one never becomes the record's result.
+    nul = dict(VALID_EXTRACTION, summary="A visit\x00 to the clinic.")
+    stub.script(Fault.ok(nul), Fault.ok(nul))
+    events = Events(sync_redis, job.id)
+    final = await Attempt(async_redis, openai(stub), job.id, ttl_s=TTL).run(retries_left=2)
+    assert JobStage.REPAIRING in [e.stage for e in events.until_terminal()]
+    assert final is not None and final.result is None
+    assert final.error is not None and final.error.code is JobErrorCode.INVALID_OUTPUT
+    assert "summary" in final.error.message and "NUL" in final.error.message
+    assert "NUL" in stub.requests[-1]["messages"][-1]["content"]  # the repair said what to fix
+
+
 async def test_transient_error_with_retries_left_is_retrying(
     sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub
 ) -> None:
