@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 PREFIX = "gqls"
 
@@ -94,6 +95,25 @@ ARCHIVE_RETENTION_LOCK = f"{PREFIX}:archive:retention"
 # Ended jobs whose webhook is still to be queued for delivery: a stream, moved onto the
 # webhook queue by the workers' relays as one consumer group (gql_service.worker.deliveries).
 WEBHOOK_OUTBOX = f"{PREFIX}:webhooks:outbox"
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """An outbox stream, the consumer group that drains it (gql_service.worker.outbox), and
+    where its poison entries go: its dead letters, kept until replayed (`gql-service outbox`)."""
+
+    name: str
+    stream: str
+    group: str
+
+    @property
+    def dead(self) -> str:
+        return f"{self.stream}:dead"
+
+
+ARCHIVE = Outbox("archive", ARCHIVE_OUTBOX, "archivers")
+WEBHOOKS = Outbox("webhooks", WEBHOOK_OUTBOX, "webhook-relay")
+OUTBOXES = {outbox.name: outbox for outbox in (ARCHIVE, WEBHOOKS)}
 
 
 def webhook_queue(rq_queue: str) -> str:

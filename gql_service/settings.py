@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # An archive batch a worker took and did not confirm (it died) is taken over by another
     # worker after this long.
     archive_claim_after_s: float = Field(30.0, gt=0)
+    # A safety bound on each outbox stream (and its dead letters), applied as XADD MAXLEN ~:
+    # past it, the oldest entries are dropped rather than Redis's memory filling up.
+    outbox_max_len: int = Field(1_000_000, ge=1000)
     # The port of the Redis that `dev` starts when REDIS_URL is unset; unset: any free port.
     embedded_redis_port: int | None = Field(None, ge=1, le=65535)
     rq_queue: str = Field("llm", min_length=1)

@@ -23,7 +23,7 @@ from redis.client import Pipeline
 from gql_service import keys, redis_conn
 from gql_service.models import JobRecord, TokenUsage, WebhookDelivery, utcnow
 from gql_service.redis_conn import NotReplicated
-from gql_service.settings import ReplicaAck
+from gql_service.settings import ReplicaAck, Settings
 
 # Compare-and-set on the version: a concurrent writer makes us re-read and re-apply.
 # Each logical transition carries a token (ARGV[5], kept in field `x`), made once and the
@@ -31,12 +31,15 @@ from gql_service.settings import ReplicaAck
 # reply arrived, a repeat (redis-py's own, or the caller's after a re-read) finds its token
 # and reports the state it wrote (outcome 2), never applying the change twice.
 #
-# With the archive on (DATABASE_URL), a transition to an ended state also adds the job to
-# the archive outbox (KEYS[4], ARGV[6] = '1'), in the same step: no ended job can miss it
-# (gql_service.worker.archiver).
-#
-# A job with a webhook is added to the webhook outbox (KEYS[5], ARGV[7] = '1') by the
-# transition that ends it, likewise (gql_service.worker.deliveries).
+# A transition to an ended state also adds the job to the archive outbox (KEYS[4]), in the
+# same step: no ended job can miss it (gql_service.worker.archiver). A job with a webhook is
+# added to the webhook outbox (KEYS[5], ARGV[7] = '1') likewise (gql_service.worker.deliveries).
+# Only to an outbox that exists: its consumers create the stream (with their group) when they
+# start, and it stays, empty or not. So whether an outbox is written is decided by whether
+# anything reads it, not by the writer's own settings (an API without DATABASE_URL beside
+# workers with it, or the reverse, would lose entries or pile up unread ones). Every entry
+# carries MAXLEN ~ ARGV[6] (OUTBOX_MAX_LEN): a consumer that went away for good can't fill
+# Redis's memory.
 #
 # The jobs that have not ended are kept in a sorted set (KEYS[6]) by the time of their last
 # change, for the reconciler (gql_service.worker.reconciler): a transition moves its job there, or
@@ -59,11 +62,12 @@ if v ~= ARGV[1] then return {0, 0} end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
-if ARGV[6] == '1' then
-  redis.call('XADD', KEYS[4], '*', 'd', ARGV[3], 't', redis.call('HGET', KEYS[1], 't') or '')
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
+  local text = redis.call('HGET', KEYS[1], 't') or ''
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[3], 't', text)
 end
-if ARGV[7] == '1' then
-  redis.call('XADD', KEYS[5], '*', 'd', ARGV[3])
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[3])
 end
 if ARGV[8] == '1' then
   redis.call('ZREM', KEYS[6], KEYS[1])
@@ -90,6 +94,9 @@ if ARGV[10] ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
 end
 return {1, watchers}
 """
+
+# OUTBOX_MAX_LEN's default, for writers without settings (tests, tools).
+OUTBOX_MAX_LEN: int = Settings.model_fields["outbox_max_len"].default
 
 Change = Callable[[JobRecord], JobRecord | None]
 """Returns the changed record, or None to leave the job as it is."""
@@ -197,7 +204,7 @@ def _next(current: JobRecord, change: Change) -> JobRecord | None:
 
 
 def _cas_args(
-    current: JobRecord, new: JobRecord, ttl_s: int, token: str, *, archive: bool = False
+    current: JobRecord, new: JobRecord, ttl_s: int, token: str, *, outbox_max_len: int = OUTBOX_MAX_LEN
 ) -> tuple[list[str], list[Any]]:
     announce = new.terminal and new.webhook_url is not None
     batch = new.batch_id or ""
@@ -220,7 +227,7 @@ def _cas_args(
             encode(new),
             ttl_s,
             token,
-            int(archive and new.terminal),
+            outbox_max_len,
             int(announce),
             int(new.terminal),
             int(new.updated_at.timestamp() * 1000),
@@ -260,12 +267,14 @@ async def update_job(
     change: Change,
     *,
     ttl_s: int,
-    archive: bool = False,
+    outbox_max_len: int = OUTBOX_MAX_LEN,
     ack: ReplicaAck | None = None,
     last_seen: JobRecord | None = None,
 ) -> tuple[JobRecord | None, bool]:
     """Apply `change` atomically. Returns (state after, whether it changed)."""
-    done = await transition(redis, job_id, change, ttl_s=ttl_s, archive=archive, ack=ack, last_seen=last_seen)
+    done = await transition(
+        redis, job_id, change, ttl_s=ttl_s, outbox_max_len=outbox_max_len, ack=ack, last_seen=last_seen
+    )
     return done.record, done.changed
 
 
@@ -275,7 +284,7 @@ async def transition(
     change: Change,
     *,
     ttl_s: int,
-    archive: bool = False,
+    outbox_max_len: int = OUTBOX_MAX_LEN,
     ack: ReplicaAck | None = None,
     last_seen: JobRecord | None = None,
     token: str | None = None,
@@ -286,7 +295,7 @@ async def transition(
     tries the same step again (a reply lost past redis-py's retries): a transition that
     already landed is reported as written, with the state it wrote, never applied twice.
 
-    `archive`: the history is on; a change that ends the job queues it for the archive.
+    `outbox_max_len`: the bound on the outboxes a change that ends the job adds it to.
     `ack`: a change that ends the job waits for replicas to have it (EndNotReplicated if
     they don't in time; the change stands on the primary).
     `last_seen`: the state this writer last wrote or read, tried first without reading it
@@ -308,7 +317,7 @@ async def transition(
         new = _next(current, change)
         if new is None:
             return Transition(current, False)
-        keys_, args = _cas_args(current, new, ttl_s, token, archive=archive)
+        keys_, args = _cas_args(current, new, ttl_s, token, outbox_max_len=outbox_max_len)
         if ack is None or not new.terminal:
             outcome, watchers, *stored = await script(keys=keys_, args=args)
         else:

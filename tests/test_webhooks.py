@@ -195,6 +195,9 @@ def test_a_canceled_job_announces_itself_too(receiver: Receiver) -> None:
     # No worker yet: the job is still QUEUED when it is canceled (by the API, in the same
     # Lua step as any terminal transition); the worker started after delivers the event.
     with EmbeddedRedis() as redis_server, Service(redis_server.url, workers=0, env=ENV) as svc:
+        # The webhook outbox, as a relay that ran against this Redis before left it: an
+        # outbox is written only once something drains it (store.py).
+        Redis.from_url(redis_server.url).xgroup_create(keys.WEBHOOK_OUTBOX, keys.WEBHOOKS.group, mkstream=True)
         job_id = submit(svc, receiver.url("canceled"))
         body = post(svc, "mutation($id: ID!) { cancelJob(id: $id) { status } }", id=job_id).json()
         assert body["data"]["cancelJob"]["status"] == "CANCELED"
@@ -206,6 +209,8 @@ def test_a_canceled_job_announces_itself_too(receiver: Receiver) -> None:
 
 
 async def test_the_transition_that_ends_a_job_queues_its_webhook_in_the_same_step(async_redis: Any) -> None:
+    # As a relay starting makes it: transitions write only to an outbox that exists.
+    await async_redis.xgroup_create(keys.WEBHOOK_OUTBOX, keys.WEBHOOKS.group, id="0", mkstream=True)
     record = JobRecord(id="hooked", webhook_url="https://example.com/hook")
     async with async_redis.pipeline(transaction=True) as pipe:
         store.create_job(pipe, record, text="t", ttl_s=60)

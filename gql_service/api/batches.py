@@ -110,7 +110,7 @@ class BatchService:
         async def one(record: JobRecord) -> bool:
             done = await store.transition(
                 self.redis, record.id, to_canceled, ttl_s=self.settings.result_ttl_s,
-                archive=self.jobs.history is not None, last_seen=record,
+                outbox_max_len=self.settings.outbox_max_len, last_seen=record,
             )  # fmt: skip
             return done.changed
 

@@ -312,7 +312,7 @@ class JobService:
             try:
                 record, changed = await store.update_job(
                     self.acked_redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s,
-                    archive=self.history is not None, ack=self.settings.replica_ack,
+                    outbox_max_len=self.settings.outbox_max_len, ack=self.settings.replica_ack,
                 )  # fmt: skip
             except store.EndNotReplicated as exc:  # CANCELED on the primary: still stop the work
                 unconfirmed, record, changed = exc, exc.done.record, exc.done.changed

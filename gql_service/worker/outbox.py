@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Entry = tuple[bytes, dict[bytes, bytes]]
 BATCH = 200
 MAX_BACKOFF_S = 10.0
+READY_WAIT_S = 10.0
 
 
 class Drainer:
@@ -60,7 +61,7 @@ class Drainer:
         while not stop.is_set():
             try:
                 if not grouped:
-                    await self._ensure_group()
+                    await self.ensure_group()
                     grouped = True
                 entries = await self._next_batch()
                 if entries:
@@ -85,7 +86,8 @@ class Drainer:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
         await self.close()
 
-    async def _ensure_group(self) -> None:
+    async def ensure_group(self) -> None:
+        """The stream and its group: from now on, transitions write to it (store.py)."""
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
@@ -117,11 +119,22 @@ class Background(Protocol):
 
 
 def start_in_thread(make: Callable[[Redis], Background], target: RedisTarget, *, name: str) -> Callable[[], None]:
-    """`make(redis)` run on an event loop of its own; returns what stops it (waiting up to 10 s)."""
-    stopping = threading.Event()
+    """`make(redis)` run on an event loop of its own; returns what stops it (waiting up to 10 s).
+
+    A drainer's stream and group exist before this returns (unless Redis does not answer
+    within READY_WAIT_S): a transition writes an outbox entry only if its stream exists
+    (store.py), so the worker must not end a job before its drainers are there."""
+    stopping, ready = threading.Event(), threading.Event()
 
     async def main() -> None:
         drainer = make(async_client(target, name=f"gqls-{name}"))
+        try:
+            if isinstance(drainer, Drainer):
+                await drainer.ensure_group()
+        except (OSError, RedisError) as exc:  # its run() makes it once Redis answers
+            log.warning("%s: could not create its stream's group yet: %s", name, exc)
+        finally:
+            ready.set()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         threading.Thread(target=lambda: (stopping.wait(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
@@ -132,6 +145,7 @@ def start_in_thread(make: Callable[[Redis], Background], target: RedisTarget, *,
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), name=name, daemon=True)
     thread.start()
+    ready.wait(READY_WAIT_S)
 
     def stop() -> None:
         stopping.set()

@@ -71,11 +71,11 @@ class Attempt:
         ttl_s: int,
         limits: ProviderLimits | None = None,
         partials: PartialStream | None = None,
-        archive: bool = False,
+        outbox_max_len: int = store.OUTBOX_MAX_LEN,
         ack: ReplicaAck | None = None,
     ) -> None:
         self.redis = redis
-        self.archive = archive  # the end of the job goes to the history (DATABASE_URL)
+        self.outbox_max_len = outbox_max_len  # OUTBOX_MAX_LEN, for the outboxes the job's end goes to
         self.ack = ack  # the end of the job waits for replicas (REDIS_MIN_REPLICAS_ACKED)
         self.provider = provider
         self.limits = limits
@@ -123,7 +123,7 @@ class Attempt:
 
         async def write() -> store.Transition:
             return await _transition(
-                self.redis, self.job_id, change, ttl_s=self.ttl_s, archive=self.archive, ack=self.ack,
+                self.redis, self.job_id, change, ttl_s=self.ttl_s, outbox_max_len=self.outbox_max_len, ack=self.ack,
                 last_seen=last_seen, token=token,
             )  # fmt: skip
 
@@ -285,7 +285,13 @@ async def _transition(redis: Redis, job_id: str, change: store.Change, **options
 
 
 async def fail_job(
-    redis: Redis, job_id: str, error: JobError, *, ttl_s: int, archive: bool = False, ack: ReplicaAck | None = None
+    redis: Redis,
+    job_id: str,
+    error: JobError,
+    *,
+    ttl_s: int,
+    outbox_max_len: int = store.OUTBOX_MAX_LEN,
+    ack: ReplicaAck | None = None,
 ) -> JobRecord | None:
     """End a job as FAILED from outside an attempt (crash handlers, enqueue failures)."""
 
@@ -294,5 +300,5 @@ async def fail_job(
             update={"status": JobStatus.FAILED, "stage": JobStage.FAILED, "error": error, "finished_at": utcnow()}
         )
 
-    done = await _transition(redis, job_id, change, ttl_s=ttl_s, archive=archive, ack=ack)
+    done = await _transition(redis, job_id, change, ttl_s=ttl_s, outbox_max_len=outbox_max_len, ack=ack)
     return done.record

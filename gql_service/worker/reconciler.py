@@ -132,13 +132,13 @@ class Reconciler:
 
     async def _revive(self, record: JobRecord, rq_status: str | None) -> int:
         settings = self.settings
-        archive, ack, ttl_s = settings.database_url is not None, settings.replica_ack, settings.result_ttl_s
+        bound, ack, ttl_s = settings.outbox_max_len, settings.replica_ack, settings.result_ttl_s
         lost = "RQ has no job for it" if rq_status is None else f"RQ's job for it is {rq_status}"
         if record.attempts >= settings.llm_max_attempts:
             log.warning("job %s: %s, and no attempts are left: FAILED", record.id, lost)
             message = f"the job's queue entry was lost ({lost}; a Redis failover?) and no attempts are left"
             error = JobError(code=JobErrorCode.WORKER_LOST, message=message)
-            await fail_job(self.redis, record.id, error, ttl_s=ttl_s, archive=archive, ack=ack)
+            await fail_job(self.redis, record.id, error, ttl_s=ttl_s, outbox_max_len=bound, ack=ack)
             return 1
         message = f"the job's queue entry was lost ({lost}; a Redis failover?); queued again"
         error = JobError(code=JobErrorCode.WORKER_LOST, message=message, retryable=True)

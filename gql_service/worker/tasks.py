@@ -110,9 +110,9 @@ async def _extract(
         tpm=ctx.settings.llm_tpm,
     )
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
-    archive, ack = ctx.settings.database_url is not None, ctx.settings.replica_ack
+    bound, ack = ctx.settings.outbox_max_len, ctx.settings.replica_ack
     attempt = Attempt(
-        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, archive=archive, ack=ack
+        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, outbox_max_len=bound, ack=ack
     )
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
@@ -124,13 +124,13 @@ async def _extract(
         # detection does, once Redis answers) rather than it ending as an internal error.
         raise
     except TimeoutError:
-        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s, archive=archive, ack=ack)
+        await fail_job(redis, job_id, _timed_out(), ttl_s=ttl_s, outbox_max_len=bound, ack=ack)
         return None
     except Exception as exc:
         # A bug mid-job: the record must not stay STARTED.
         log.exception("job %s crashed", job_id)
         error = JobError(code=JobErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}")
-        await fail_job(redis, job_id, error, ttl_s=ttl_s, archive=archive, ack=ack)
+        await fail_job(redis, job_id, error, ttl_s=ttl_s, outbox_max_len=bound, ack=ack)
         return None
     return record.status.value if record else None
 
@@ -186,7 +186,7 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
 def worker_lost(rq_job: RQJob) -> JobRecord | None:
     """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
     settings = context().settings
-    ttl_s, archive, ack = settings.result_ttl_s, settings.database_url is not None, settings.replica_ack
+    ttl_s, bound, ack = settings.result_ttl_s, settings.outbox_max_len, settings.replica_ack
     if rq_job.retries_left is None:
         # Lost before its first attempt set the retry policy (a worker killed, or a failover,
         # between taking the job and starting it): it has spent nothing, so it gets the
@@ -207,7 +207,7 @@ def worker_lost(rq_job: RQJob) -> JobRecord | None:
             record, _ = await store.update_job(redis, rq_job.id, to_retrying, ttl_s=ttl_s)
             return record
         error = JobError(code=JobErrorCode.WORKER_LOST, message="the worker running this job died, no attempts left")
-        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s, archive=archive, ack=ack)
+        record = await fail_job(redis, rq_job.id, error, ttl_s=ttl_s, outbox_max_len=bound, ack=ack)
         lost = ("FAILED", "WORKER_LOST")
         await metrics.record_attempt(
             redis, final=lost, stage_seconds=(), llm_seconds=(), prompt_tokens=0, completion_tokens=0
@@ -233,9 +233,5 @@ def on_failure(
     elif exc_type is JobTimeoutException or isinstance(exc, JobTimeoutException):
         rq_job.retries_left = 0  # a timeout ends the job, as when the task records it itself
         settings = context().settings
-        archive = settings.database_url is not None
-        _run(
-            lambda redis: fail_job(
-                redis, rq_job.id, _timed_out(), ttl_s=settings.result_ttl_s, archive=archive, ack=settings.replica_ack
-            )
-        )
+        ttl_s, bound, ack = settings.result_ttl_s, settings.outbox_max_len, settings.replica_ack
+        _run(lambda redis: fail_job(redis, rq_job.id, _timed_out(), ttl_s=ttl_s, outbox_max_len=bound, ack=ack))
