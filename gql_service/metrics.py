@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from gql_service import keys
+from gql_service import keys, store
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -108,7 +108,13 @@ class _Snapshot(Collector):
 
 
 async def render(
-    redis: AsyncRedis, *, queue_key: str, webhook_queue_key: str, subscribers: int, timeout_s: float
+    redis: AsyncRedis,
+    *,
+    queue_key: str,
+    webhook_queue_key: str,
+    subscribers: int,
+    timeout_s: float,
+    outbox_max_len: int = store.OUTBOX_MAX_LEN,
 ) -> bytes:
     """The API's own figures always; the cluster-wide job figures when Redis answers in time
     (a scrape during an outage still shows the process, with gqls_redis_up 0)."""
@@ -133,10 +139,14 @@ async def render(
             pipe.hgetall(keys.metrics("webhook_delivery_seconds"))
             pipe.llen(webhook_queue_key)
             pipe.xlen(keys.WEBHOOK_OUTBOX)
+            for box in keys.OUTBOXES.values():
+                pipe.xlen(box.stream)
+                pipe.xlen(box.dead)
             replies = await pipe.execute()
             jobs, tokens, limits, llm = replies[:4]
             stage_rows = replies[4 : 4 + len(stages)]
-            depth, workers, outbox, oldest, *hooks = replies[4 + len(stages) :]
+            boxes = replies[-2 * len(keys.OUTBOXES) :]
+            depth, workers, outbox, oldest, *hooks = replies[4 + len(stages) : -len(boxes)]
             in_flight = await _jobs_in_flight(redis, workers)
     except (RedisError, OSError, TimeoutError):
         families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
@@ -183,6 +193,7 @@ async def render(
             value=outbox_age_s(oldest),
         ),
         *_webhook_families(*hooks),
+        *_outbox_families(boxes, outbox_max_len),
         in_flight,
         GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
@@ -213,6 +224,24 @@ def _webhook_families(
             "gqls_webhook_outbox_depth", "Ended jobs whose webhook is not yet on its queue", value=float(outbox)
         ),
     ]  # fmt: skip
+
+
+def _outbox_families(lengths: list[int], max_len: int) -> list[Metric]:
+    """Every outbox's depth and dead letters (XLEN of each: cheap at any size), and the bound
+    on its length: an outbox at its bound is dropping its oldest entries."""
+    depth = GaugeMetricFamily("gqls_outbox_depth", "Entries in each outbox, not yet done", labels=["outbox"])
+    dead = GaugeMetricFamily(
+        "gqls_outbox_dead_letters",
+        "Outbox entries that could not be done, kept for `gql-service outbox replay`",
+        labels=["outbox"],
+    )
+    for n, name in enumerate(keys.OUTBOXES):
+        depth.add_metric([name], float(lengths[2 * n]))
+        dead.add_metric([name], float(lengths[2 * n + 1]))
+    bound = GaugeMetricFamily(
+        "gqls_outbox_max_len", "OUTBOX_MAX_LEN: past it, an outbox drops its oldest entries", value=float(max_len)
+    )
+    return [depth, dead, bound]
 
 
 def outbox_age_s(oldest: list[tuple[bytes, object]]) -> float:

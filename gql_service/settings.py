@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # An archive batch a worker took and did not confirm (it died) is taken over by another
     # worker after this long.
     archive_claim_after_s: float = Field(30.0, gt=0)
+    # An outbox entry (archive, webhooks) taken this many times and never done is moved to
+    # its outbox's dead letters (`gql-service outbox`), so it can't hold up the ones after it.
+    outbox_max_deliveries: int = Field(5, ge=1, le=1000)
     # A safety bound on each outbox stream (and its dead letters), applied as XADD MAXLEN ~:
     # past it, the oldest entries are dropped rather than Redis's memory filling up.
     outbox_max_len: int = Field(1_000_000, ge=1000)

@@ -1,18 +1,35 @@
 """The outboxes (archive, webhooks): one bad entry never holds up the rest, a poison entry
-ends in its outbox's dead letters (and can be replayed), the streams are bounded, and no
+ends in its outbox's dead letters, the streams are bounded, and no
 process writes an entry that no consumer reads. Real Redis, PostgreSQL, uvicorn and RQ
 worker processes."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import psycopg
 import pytest
 from pydantic import ValidationError
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline
 
 from gql_service import keys, store
-from gql_service.models import Extraction, JobRecord, JobStage, JobStatus
+from gql_service.cli import migrate
+from gql_service.cli.embedded_redis import EmbeddedRedis
+from gql_service.models import Extraction, JobRecord, JobStage, JobStatus, utcnow
+from gql_service.worker import outbox
 
+from .clients import post, submit
+from .conftest import WEBHOOK_SECRET
+from .embedded_postgres import EmbeddedPostgres
 from .openai_stub import VALID_EXTRACTION
+from .service import Service, wait_until
+from .test_webhooks import submit as hooked
+from .webhook_receiver import Receiver
 
 TTL = 3600
 
@@ -79,3 +96,175 @@ async def test_every_outbox_entry_carries_the_max_len_bound(async_redis: AsyncRe
     # MAXLEN ~ trims whole stream nodes (100 entries each): about the bound, never 400.
     for stream in (keys.ARCHIVE_OUTBOX, keys.WEBHOOK_OUTBOX):
         assert 50 <= await async_redis.xlen(stream) < 150
+
+
+# -- the one consumer: per-entry isolation, dead letters, delivery counts -------------------
+class Recorder(outbox.Drainer[str]):
+    """A drainer of the archive outbox that keeps what it did (parsed: the entry's `d`), and
+    fails as told: `fail[d]` is a list of exceptions raised by the next attempts at it."""
+
+    outbox = keys.ARCHIVE
+    poison = (LookupError,)
+
+    def __init__(self, redis: AsyncRedis, fail: dict[str, list[BaseException]], **options: Any) -> None:
+        super().__init__(redis, consumer="recorder", claim_after_s=60, **options)
+        self.fail, self.done = fail, set[str]()
+        self.ids: dict[str, bytes] = {}
+        self.deliveries: dict[str, list[int]] = {}  # of an item, at each failure
+
+    def parse(self, entry_id: bytes, fields: dict[bytes, bytes]) -> str:
+        self.ids[fields[b"d"].decode()] = entry_id
+        return fields[b"d"].decode()
+
+    async def handle(self, items: list[str], pipe: Pipeline) -> None:
+        for item in items:
+            if self.fail.get(item):
+                entry_id = self.ids[item]
+                [row] = await self.redis.xpending_range(self.outbox.stream, self.outbox.group, entry_id, entry_id, 1)
+                self.deliveries.setdefault(item, []).append(row["times_delivered"])
+                raise self.fail[item].pop(0)
+        self.done.update(items)
+
+
+async def run_until(drainer: outbox.Drainer[Any], condition: Callable[[], Awaitable[bool]]) -> None:
+    stop = asyncio.Event()
+    running = asyncio.create_task(drainer.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            while not await condition():
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await running
+
+
+async def test_a_bad_entry_is_dead_lettered_alone_and_a_transient_failure_never_counts(
+    async_redis: AsyncRedis,
+) -> None:
+    await drained(async_redis, keys.ARCHIVE)
+    for name in ("a", "refused", "b", "buggy", "away", "c"):
+        await async_redis.xadd(keys.ARCHIVE_OUTBOX, {"d": name})
+    await async_redis.xadd(keys.ARCHIVE_OUTBOX, {"no d": "x"})  # can't be parsed
+    fail: dict[str, list[BaseException]] = {
+        "refused": [LookupError("refused")] * 10,  # poison: dead at once
+        "buggy": [RuntimeError("bug")] * 10,  # unforeseen: dead after 2 deliveries
+        "away": [OSError("away")] * 3,  # transient: held (no delivery counted), done once it is back
+    }
+    drainer = Recorder(async_redis, fail, max_deliveries=2)
+
+    async def settled() -> bool:
+        return await async_redis.xlen(keys.ARCHIVE_OUTBOX) == 0
+
+    await run_until(drainer, settled)
+    assert drainer.done == {"a", "b", "c", "away"}
+    assert drainer.deliveries["away"] == [1, 1, 1] and drainer.deliveries["buggy"] == [1, 2]
+    reasons = {f[b"d"]: f[b"dead:reason"].decode() for _, f in await async_redis.xrange(keys.ARCHIVE.dead) if b"d" in f}
+    assert reasons == {b"refused": "builtins.LookupError: refused", b"buggy": reasons[b"buggy"]}
+    assert reasons[b"buggy"].startswith("taken 3 times, never done (OUTBOX_MAX_DELIVERIES 2)")
+    assert await async_redis.xlen(keys.ARCHIVE.dead) == 3  # and the one without `d`
+    assert (await async_redis.xpending(keys.ARCHIVE_OUTBOX, keys.ARCHIVE.group))["pending"] == 0
+
+
+# -- end to end: real workers, PostgreSQL, the webhook receiver -----------------------------
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres() as pg:
+        migrate.upgrade(pg.url)
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    hooks = Receiver(WEBHOOK_SECRET).start()
+    yield hooks
+    hooks.stop()
+
+
+@pytest.fixture(scope="module")
+def svc(postgres: EmbeddedPostgres) -> Iterator[Service]:
+    """The archive and webhooks on, against a Redis of the module's own (the store tests
+    above flush the shared one). DATABASE_URL on the worker only: the API archives what it
+    ends (a cancel) all the same, as its workers drain the archive. The offline answer is
+    written slowly (a job takes a couple of seconds), so a job can be canceled while it runs."""
+    env = {
+        "WEBHOOK_SECRET": WEBHOOK_SECRET, "WEBHOOK_ALLOW_PRIVATE": "true", "RQ_QUEUE": "llm-outbox",
+        "ARCHIVE_CLAIM_AFTER_S": "2",
+    }  # fmt: skip
+    with EmbeddedRedis() as redis, Service(redis.url, workers=0, env=env) as service:
+        service.start_worker(1, env={"DATABASE_URL": postgres.url, "OFFLINE_STREAM_DELAY_MS": "50"})
+        client = Redis.from_url(redis.url)
+        ready = lambda: client.exists(keys.ARCHIVE_OUTBOX, keys.WEBHOOK_OUTBOX) == 2  # noqa: E731
+        wait_until(ready, timeout_s=90, what="the worker's drainers")
+        client.close()
+        yield service
+
+
+@pytest.fixture
+def redis(svc: Service) -> Iterator[Redis]:
+    """The service's Redis, without the dead letters earlier tests left."""
+    client = Redis.from_url(svc.env["REDIS_URL"])
+    client.delete(keys.ARCHIVE.dead, keys.WEBHOOKS.dead)
+    yield client
+    client.close()
+
+
+def submit_ten(svc: Service, webhook: str | None = None) -> list[str]:
+    texts = [f"Text {n}: the clinic in Boston was fine." for n in range(10)]
+    if webhook is None:
+        return [submit(svc, text) for text in texts]
+    return [hooked(svc, webhook, text) for text in texts]
+
+
+def rows(pg: EmbeddedPostgres, job_ids: list[str]) -> set[str]:
+    with psycopg.connect(pg.url) as conn:
+        return {r[0] for r in conn.execute("SELECT id FROM jobs WHERE id = ANY(%s)", (job_ids,)).fetchall()}
+
+
+def dead(redis: Redis, box: keys.Outbox) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return list(redis.xrange(box.dead))  # type: ignore[arg-type]
+
+
+def test_a_garbage_entry_in_each_outbox_is_dead_lettered_and_the_jobs_after_it_flow(
+    svc: Service, redis: Redis, postgres: EmbeddedPostgres, receiver: Receiver
+) -> None:
+    for stream in (keys.ARCHIVE_OUTBOX, keys.WEBHOOK_OUTBOX):
+        redis.xadd(stream, {"d": b"\xff not a job record"})
+    ids = submit_ten(svc, receiver.url("after-garbage"))
+    wait_until(lambda: len(receiver.events("after-garbage")) == 10, timeout_s=60, what="10 webhooks")
+    wait_until(lambda: rows(postgres, ids) == set(ids), timeout_s=30, what="10 rows")
+    for box in (keys.ARCHIVE, keys.WEBHOOKS):
+        [(_, letter)] = dead(redis, box)
+        assert letter[b"d"] == b"\xff not a job record", letter
+        assert letter[b"dead:reason"].startswith(b"not a job record: ValidationError"), letter
+        assert redis.xlen(box.stream) == 0
+
+
+def test_a_record_postgresql_refuses_is_dead_lettered_and_shown(
+    svc: Service, redis: Redis, postgres: EmbeddedPostgres
+) -> None:
+    # As store.py's Lua writes an ended job's entry, with a NUL in its text (an older
+    # version's, or one planted): PostgreSQL's text can't hold it.
+    record = JobRecord(id="nul-text", status=JobStatus.FINISHED, stage=JobStage.DONE, finished_at=utcnow())
+    planted = redis.xadd(keys.ARCHIVE_OUTBOX, {"d": store.encode(record), "t": "before\x00after"})
+    ids = submit_ten(svc)
+    wait_until(lambda: rows(postgres, ids) == set(ids), timeout_s=60, what="the 10 jobs after it in PostgreSQL")
+    wait_until(lambda: len(dead(redis, keys.ARCHIVE)) == 1, what="the dead letter")
+    [(_, letter)] = dead(redis, keys.ARCHIVE)
+    assert letter[b"dead:id"] == planted and letter[b"t"] == b"before\x00after"
+    assert letter[b"dead:reason"].startswith(b"psycopg.DataError: PostgreSQL text fields cannot contain NUL"), letter
+    assert rows(postgres, ["nul-text"]) == set()
+    # Where operators look.
+    scraped = httpx.get(f"http://127.0.0.1:{svc.port}/metrics").text
+    assert 'gqls_outbox_dead_letters{outbox="archive"} 1.0' in scraped, scraped
+    assert 'gqls_outbox_dead_letters{outbox="webhooks"} 0.0' in scraped
+    assert 'gqls_outbox_depth{outbox="archive"} 0.0' in scraped
+
+
+def test_a_job_the_api_cancels_is_archived_though_the_api_has_no_database_url(
+    svc: Service, redis: Redis, postgres: EmbeddedPostgres
+) -> None:
+    assert "DATABASE_URL" not in svc.env
+    job_id = submit(svc, "Canceled while the answer is being written.")
+    canceled = post(svc, "mutation($id: ID!) { cancelJob(id: $id) { status } }", id=job_id).json()
+    assert canceled["data"]["cancelJob"]["status"] == "CANCELED", canceled
+    wait_until(lambda: rows(postgres, [job_id]) == {job_id}, timeout_s=30, what="the canceled job's row")

@@ -347,7 +347,9 @@ def test_an_outbox_entry_that_cannot_be_read_does_not_stop_the_relay(svc: Servic
     redis.xadd(keys.WEBHOOK_OUTBOX, {"d": b"not a job record"})
     job_id = submit(svc, receiver.url("after-poison"))
     assert webhook_ends(svc, job_id)["webhook"]["status"] == "DELIVERED"
-    wait_until(lambda: redis.xlen(keys.WEBHOOK_OUTBOX) == 0, what="the unreadable entry to be dropped")
+    wait_until(lambda: redis.xlen(keys.WEBHOOK_OUTBOX) == 0, what="the unreadable entry to be dead-lettered")
+    [(_, letter)] = redis.xrange(keys.WEBHOOKS.dead)
+    assert letter[b"d"] == b"not a job record" and letter[b"dead:reason"].startswith(b"not a job record")
     redis.close()
 
 

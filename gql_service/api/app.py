@@ -60,6 +60,7 @@ async def metrics_endpoint(request: Request) -> Response:
         webhook_queue_key=Queue.redis_queue_namespace_prefix + keys.webhook_queue(jobs.settings.rq_queue),
         subscribers=request.app.state.broadcast.subscriber_count,
         timeout_s=jobs.settings.redis_timeout_s,
+        outbox_max_len=jobs.settings.outbox_max_len,
     )
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -2,7 +2,8 @@
 
 The terminal transition and its outbox entry are one Lua call (store.py); the drainer
 (gql_service.worker.outbox) upserts a batch in one PostgreSQL transaction, and only then
-acknowledges it. While PostgreSQL is down, the same batch is retried with backoff.
+acknowledges it. While PostgreSQL is down, the same batch is retried with backoff; a row
+PostgreSQL refuses (a NUL in a text, a value out of range) is dead-lettered, alone.
 
 Retention runs here too: at most once an hour across the cluster (a Redis lock), the rows
 that ended more than ARCHIVE_RETENTION_DAYS ago are deleted.
@@ -21,7 +22,7 @@ from psycopg import AsyncConnection
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from gql_service import history, keys, store
+from gql_service import history, keys
 from gql_service.settings import RedisTarget, Settings
 from gql_service.worker import outbox
 
@@ -30,10 +31,13 @@ log = logging.getLogger(__name__)
 RETENTION_EVERY_S = 3600
 
 
-class Archiver(outbox.Drainer):
-    stream = keys.ARCHIVE_OUTBOX
-    group = "archivers"
-    transient = (psycopg.Error,)
+class Archiver(outbox.Drainer[dict[str, Any]]):
+    outbox = keys.ARCHIVE
+    # PostgreSQL away or restarting, or its schema not the one this code writes (a migration
+    # not run yet): every entry would fail alike, so they wait.
+    transient = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.ProgrammingError)
+    # What PostgreSQL refuses in the row itself, and always will.
+    poison = (psycopg.DataError, psycopg.IntegrityError)
 
     def __init__(
         self,
@@ -43,21 +47,20 @@ class Archiver(outbox.Drainer):
         consumer: str,
         keep_text: bool = True,
         retention_days: int = 30,
-        claim_after_s: float = 30.0,
+        **options: Any,
     ) -> None:
-        super().__init__(redis, consumer=consumer, claim_after_s=claim_after_s)
+        super().__init__(redis, consumer=consumer, **options)
         self.database_url = database_url
         self.keep_text = keep_text
         self.retention_days = retention_days
         self._conn: AsyncConnection[Any] | None = None
         self._next_retention = 0.0
 
-    async def handle(self, entries: list[outbox.Entry], pipe: Pipeline) -> None:
-        rows = []
-        for _, fields in entries:
-            record = store.decode(fields[b"d"])
-            text = fields.get(b"t", b"").decode() if self.keep_text else None
-            rows.append(history.row(record, text))
+    def parse(self, entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+        text = fields.get(b"t", b"").decode() if self.keep_text else None
+        return history.row(outbox.record_of(fields), text)
+
+    async def handle(self, rows: list[dict[str, Any]], pipe: Pipeline) -> None:
         await history.upsert(await self._connection(), rows)
 
     async def idle(self) -> None:
@@ -92,7 +95,7 @@ def start_in_thread(target: RedisTarget, settings: Settings, *, consumer: str) -
     def make(redis: Redis) -> Archiver:
         return Archiver(
             redis, database_url, consumer=consumer, keep_text=settings.archive_text,
-            retention_days=settings.archive_retention_days, claim_after_s=settings.archive_claim_after_s,
+            retention_days=settings.archive_retention_days, **outbox.options(settings),
         )  # fmt: skip
 
     return outbox.start_in_thread(make, target, name="archiver")

@@ -51,26 +51,22 @@ def retry_waits(settings: Settings) -> list[int]:
     return waits
 
 
-class Relay(outbox.Drainer):
-    stream = keys.WEBHOOK_OUTBOX
-    group = "webhook-relay"
+class Relay(outbox.Drainer[RQJob | None]):
+    outbox = keys.WEBHOOKS
 
     def __init__(self, redis: AsyncRedis, queue: Queue, settings: Settings, *, consumer: str) -> None:
-        super().__init__(redis, consumer=consumer, claim_after_s=settings.archive_claim_after_s)
+        super().__init__(redis, consumer=consumer, **outbox.options(settings))
         self.queue = queue
         self.settings = settings
 
-    async def handle(self, entries: list[outbox.Entry], pipe: Pipeline) -> None:
+    def parse(self, entry_id: bytes, fields: dict[bytes, bytes]) -> RQJob | None:
+        record = outbox.record_of(fields)
+        return self._delivery(record) if record.webhook_url is not None else None
+
+    async def handle(self, deliveries: list[RQJob | None], pipe: Pipeline) -> None:
         await queueing.prime(self.queue, self.redis)
-        deliveries = []
-        for entry_id, fields in entries:
-            try:
-                record = store.decode(fields[b"d"])
-                if record.webhook_url is not None:
-                    deliveries.append(self._delivery(record))
-            except Exception:  # an entry this version can't read: it would stop every relay
-                log.exception("webhook outbox entry %s can't be delivered; dropped", entry_id)
-        for rq_job in await self._not_queued(deliveries):
+        wanted = [rq_job for rq_job in deliveries if rq_job is not None]
+        for rq_job in await self._not_queued(wanted):
             self.queue.enqueue_job(rq_job, pipeline=pipe)  # type: ignore[arg-type]
 
     async def _not_queued(self, deliveries: list[RQJob]) -> list[RQJob]:
