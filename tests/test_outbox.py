@@ -16,12 +16,17 @@ from pydantic import ValidationError
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+from rq import Queue
+from rq.job import Job as RQJob
 
 from gql_service import keys, store
 from gql_service.cli import migrate
 from gql_service.cli.embedded_redis import EmbeddedRedis
-from gql_service.models import Extraction, JobRecord, JobStage, JobStatus, utcnow
+from gql_service.models import Extraction, JobRecord, JobStage, JobStatus, WebhookDelivery, utcnow
+from gql_service.settings import Settings
 from gql_service.worker import outbox
+from gql_service.worker.deliveries import Relay
 
 from .clients import post, submit
 from .conftest import WEBHOOK_SECRET
@@ -163,6 +168,54 @@ async def test_a_bad_entry_is_dead_lettered_alone_and_a_transient_failure_never_
     assert reasons[b"buggy"].startswith("taken 3 times, never done (OUTBOX_MAX_DELIVERIES 2)")
     assert await async_redis.xlen(keys.ARCHIVE.dead) == 3  # and the one without `d`
     assert (await async_redis.xpending(keys.ARCHIVE_OUTBOX, keys.ARCHIVE.group))["pending"] == 0
+
+
+# -- the relay and the delivery state: one atomic step each ---------------------------------
+async def test_two_relays_holding_the_same_entry_queue_its_delivery_once(
+    async_redis: AsyncRedis, sync_redis: Redis
+) -> None:
+    settings = Settings(webhook_secret=WEBHOOK_SECRET, _env_file=None)  # type: ignore[call-arg]
+    queue = Queue(keys.webhook_queue("llm"), connection=sync_redis)
+    await drained(async_redis, keys.WEBHOOKS)
+    await end(async_redis, "raced")
+    [entry] = [(entry_id, fields) for entry_id, fields in await async_redis.xrange(keys.WEBHOOK_OUTBOX)]
+    first, second = Relay(async_redis, queue, settings, consumer="a"), Relay(async_redis, queue, settings, consumer="b")
+    checked = first._not_queued
+
+    async def then_the_other_commits(deliveries: list[RQJob]) -> list[RQJob]:
+        absent = await checked(deliveries)  # nothing queued yet: both would queue it
+        await second._commit([(entry, second.parse(*entry))])
+        return absent
+
+    first._not_queued = then_the_other_commits  # type: ignore[method-assign]
+    with pytest.raises(WatchError):
+        await first._commit([(entry, first.parse(*entry))])
+    assert queue.count == 1 and queue.job_ids == [keys.webhook_delivery_job("raced")]
+    # Tried again (as a transient failure is), it finds the delivery queued and only acknowledges.
+    first._not_queued = checked  # type: ignore[method-assign]
+    await first._commit([(entry, first.parse(*entry))])
+    assert queue.count == 1 and await async_redis.xlen(keys.WEBHOOK_OUTBOX) == 0
+
+
+async def test_two_attempts_at_once_both_count_in_the_delivery_state(
+    async_redis: AsyncRedis, sync_redis: Redis
+) -> None:
+    await end(async_redis, "counted")
+    url = "https://example.com/hook"
+
+    def attempt(state: WebhookDelivery) -> WebhookDelivery:
+        state.attempts += 1
+        return state
+
+    def raced(state: WebhookDelivery) -> WebhookDelivery:
+        if state.attempts == 0:  # another attempt (a lost one's failure callback) writes first
+            store.update_delivery_sync(sync_redis, "counted", url, attempt)
+        return attempt(state)
+
+    # This one's write is refused (what it read has changed), read again and applied again.
+    final = await store.update_delivery(async_redis, "counted", url, raced)
+    assert final.attempts == 2
+    assert (await store.get_deliveries(async_redis, ["counted"]))[0] == final
 
 
 # -- end to end: real workers, PostgreSQL, the webhook receiver -----------------------------

@@ -4,8 +4,9 @@ At least once, end to end:
 1. The transition that ends a job with a webhook adds it to the webhook outbox in the same
    Lua step (store.py): no crash can come between the two.
 2. Every worker process's `Relay` (a drainer of that outbox, gql_service.worker.outbox) turns
-   entries into RQ jobs on the webhook queue, and acknowledges them in the same MULTI: an
-   entry is queued exactly once.
+   entries into RQ jobs on the webhook queue, and acknowledges them in the same MULTI, which
+   also fails if a delivery's job appeared since it was checked (WATCH): an entry is queued
+   exactly once, even by two relays that hold it at once.
 3. `deliver` POSTs the signed event; RQ's `Retry` brings a failed attempt back after an
    interval (exponential with jitter, fixed when the delivery is queued), until
    WEBHOOK_MAX_ATTEMPTS. A worker killed mid-attempt is RQ's abandoned job, retried too.
@@ -66,14 +67,19 @@ class Relay(outbox.Drainer[RQJob | None]):
     async def handle(self, deliveries: list[RQJob | None], pipe: Pipeline) -> None:
         await queueing.prime(self.queue, self.redis)
         wanted = [rq_job for rq_job in deliveries if rq_job is not None]
-        for rq_job in await self._not_queued(wanted):
+        if not wanted:
+            return
+        # Watched before they are read: a relay that stalled past the claim time may find its
+        # batch taken over by another, which queues the same deliveries; whichever commits
+        # second fails (WatchError, retried: then it finds them queued).
+        await pipe.watch(*(rq_job.key for rq_job in wanted))
+        absent = await self._not_queued(wanted)
+        pipe.multi()
+        for rq_job in absent:
             self.queue.enqueue_job(rq_job, pipeline=pipe)  # type: ignore[arg-type]
 
     async def _not_queued(self, deliveries: list[RQJob]) -> list[RQJob]:
-        """Those not on the queue yet (a relay that stalled past the claim time may find its
-        batch taken over, and queued, by another)."""
-        if not deliveries:
-            return []
+        """Those not on the queue yet, in one round trip."""
         async with self.redis.pipeline(transaction=False) as check:
             for rq_job in deliveries:
                 check.exists(rq_job.key)
@@ -139,8 +145,7 @@ async def _attempt(settings: Settings, redis: AsyncRedis, job_id: str, url: str,
             url, body, headers, timeout_s=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private
         )
     took = time.monotonic() - started
-    _count(state, outcome, rq_job)
-    await store.save_delivery(redis, job_id, state)
+    state = await store.update_delivery(redis, job_id, url, lambda now: _count(now, outcome, rq_job))
     since_end = time.time() - ended_at if outcome.delivered else None
     await metrics.record_delivery(redis, state.status.value, attempt_s=took, since_end_s=since_end)
     if state.status is WebhookStatus.RETRYING:
@@ -152,8 +157,11 @@ async def _attempt(settings: Settings, redis: AsyncRedis, job_id: str, url: str,
     return str(state.status.value)
 
 
-def _count(state: WebhookDelivery, outcome: webhooks.Outcome, rq_job: RQJob) -> None:
-    """The attempt, in the delivery's state: RETRYING while RQ's Retry has attempts left."""
+def _count(state: WebhookDelivery, outcome: webhooks.Outcome, rq_job: RQJob) -> WebhookDelivery | None:
+    """The attempt, in the delivery's state: RETRYING while RQ's Retry has attempts left
+    (None: the delivery has ended meanwhile, an attempt at once with this one ended it)."""
+    if state.ended:
+        return None
     now = utcnow()
     state.attempts += 1
     state.last_status_code, state.last_error, state.next_attempt_at = outcome.status_code, outcome.error, None
@@ -164,6 +172,7 @@ def _count(state: WebhookDelivery, outcome: webhooks.Outcome, rq_job: RQJob) -> 
         state.next_attempt_at = now + timedelta(seconds=rq_job.get_retry_interval())
     else:
         state.status = WebhookStatus.FAILED
+    return state
 
 
 def on_failure(rq_job: RQJob, connection: Redis, exc_type: type[BaseException] | None, *_: Any) -> None:
@@ -173,8 +182,6 @@ def on_failure(rq_job: RQJob, connection: Redis, exc_type: type[BaseException] |
     if exc_type is NotDeliveredYet:
         return  # recorded by the attempt
     job_id, url = rq_job.args[0], rq_job.args[1]
-    state = store.get_delivery_sync(connection, job_id) or WebhookDelivery(url=url)
-    if not state.ended:
-        reason = exc_type.__name__ if exc_type else "lost"
-        _count(state, webhooks.Outcome(False, error=f"the attempt did not finish ({reason})"), rq_job)
-        store.save_delivery_sync(connection, job_id, state)
+    reason = exc_type.__name__ if exc_type else "lost"
+    lost = webhooks.Outcome(False, error=f"the attempt did not finish ({reason})")
+    store.update_delivery_sync(connection, job_id, url, lambda state: _count(state, lost, rq_job))
