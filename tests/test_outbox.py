@@ -1,11 +1,14 @@
 """The outboxes (archive, webhooks): one bad entry never holds up the rest, a poison entry
-ends in its outbox's dead letters, the streams are bounded, and no
+ends in its outbox's dead letters (and can be replayed), the streams are bounded, and no
 process writes an entry that no consumer reads. Real Redis, PostgreSQL, uvicorn and RQ
 worker processes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -277,6 +280,12 @@ def dead(redis: Redis, box: keys.Outbox) -> list[tuple[bytes, dict[bytes, bytes]
     return list(redis.xrange(box.dead))  # type: ignore[arg-type]
 
 
+def cli(svc: Service, *args: str, redis_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**svc.env, "REDIS_URL": redis_url or svc.env["REDIS_URL"]}
+    command = [sys.executable, "-m", "gql_service", "outbox", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_a_garbage_entry_in_each_outbox_is_dead_lettered_and_the_jobs_after_it_flow(
     svc: Service, redis: Redis, postgres: EmbeddedPostgres, receiver: Receiver
 ) -> None:
@@ -292,7 +301,7 @@ def test_a_garbage_entry_in_each_outbox_is_dead_lettered_and_the_jobs_after_it_f
         assert redis.xlen(box.stream) == 0
 
 
-def test_a_record_postgresql_refuses_is_dead_lettered_and_shown(
+def test_a_record_postgresql_refuses_is_dead_lettered_shown_and_can_be_replayed(
     svc: Service, redis: Redis, postgres: EmbeddedPostgres
 ) -> None:
     # As store.py's Lua writes an ended job's entry, with a NUL in its text (an older
@@ -306,11 +315,28 @@ def test_a_record_postgresql_refuses_is_dead_lettered_and_shown(
     assert letter[b"dead:id"] == planted and letter[b"t"] == b"before\x00after"
     assert letter[b"dead:reason"].startswith(b"psycopg.DataError: PostgreSQL text fields cannot contain NUL"), letter
     assert rows(postgres, ["nul-text"]) == set()
-    # Where operators look.
+    # Where operators look: /metrics and the command.
     scraped = httpx.get(f"http://127.0.0.1:{svc.port}/metrics").text
     assert 'gqls_outbox_dead_letters{outbox="archive"} 1.0' in scraped, scraped
     assert 'gqls_outbox_dead_letters{outbox="webhooks"} 0.0' in scraped
     assert 'gqls_outbox_depth{outbox="archive"} 0.0' in scraped
+    shown = cli(svc, "--json")
+    assert shown.returncode == 0, shown.stderr
+    archive = json.loads(shown.stdout)["archive"]
+    assert (archive["drained"], archive["depth"], archive["pending"], archive["dead_letters"]) == (True, 0, 0, 1)
+    assert archive["newest_dead"][0]["entry"] == planted.decode()
+    assert "cannot contain NUL" in archive["newest_dead"][0]["reason"]
+    # Replayed with nothing fixed: it goes through the outbox again, and is refused again.
+    replayed = cli(svc, "replay", "archive")
+    assert (replayed.returncode, replayed.stdout.strip()) == (0, "archive: 1 replayed"), replayed.stderr
+
+    def dead_again() -> bool:
+        letters = dead(redis, keys.ARCHIVE)
+        return len(letters) == 1 and letters[0][1][b"dead:id"] != planted
+
+    wait_until(dead_again, timeout_s=30, what="the replayed entry to be dead-lettered again")
+    assert redis.xlen(keys.ARCHIVE_OUTBOX) == 0 and rows(postgres, ["nul-text"]) == set()
+    assert json.loads(cli(svc, "replay", "webhooks", "--json").stdout) == {"replayed": 0}
 
 
 def test_a_job_the_api_cancels_is_archived_though_the_api_has_no_database_url(
@@ -321,3 +347,15 @@ def test_a_job_the_api_cancels_is_archived_though_the_api_has_no_database_url(
     canceled = post(svc, "mutation($id: ID!) { cancelJob(id: $id) { status } }", id=job_id).json()
     assert canceled["data"]["cancelJob"]["status"] == "CANCELED", canceled
     wait_until(lambda: rows(postgres, [job_id]) == {job_id}, timeout_s=30, what="the canceled job's row")
+
+
+def test_the_outbox_command_says_what_is_wrong_in_one_line(svc: Service, redis_url: str) -> None:
+    unreachable = cli(svc, "--json", redis_url="redis://127.0.0.1:1/0")
+    assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1
+    assert "cannot reach Redis" in unreachable.stderr
+    # A Redis no drainer has started on: nothing is written to its outboxes, nor replayed into them.
+    shown = cli(svc, redis_url=redis_url)
+    assert shown.returncode == 0 and "none (not drained" in shown.stdout, shown.stdout
+    refused = cli(svc, "replay", "archive", redis_url=redis_url)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "no drainer has started on the archive outbox" in refused.stderr

@@ -11,12 +11,9 @@ import secrets
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gql_service import logs
-
-if TYPE_CHECKING:
-    pass
+from gql_service.cli import outbox
 from gql_service.cli.common import fail, migrate_history, quiet_client_logs, require_redis, settings_or_exit
 from gql_service.cli.dev import cmd_dev
 
@@ -255,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("migrate", "create or update the PostgreSQL job history's tables (DATABASE_URL), with Alembic")
     p.set_defaults(func=cmd_migrate)
+
+    outbox.add_command(command)
 
     p = command("export-schema", "print the GraphQL SDL (what schema.graphql holds) to stdout, or write it to a file")
     p.add_argument("--output", metavar="FILE", help="write the SDL to FILE instead of stdout (- is stdout)")
