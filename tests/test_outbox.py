@@ -23,7 +23,7 @@ from redis.exceptions import WatchError
 from rq import Queue
 from rq.job import Job as RQJob
 
-from gql_service import keys, store
+from gql_service import delivery_store, keys, store
 from gql_service.cli import migrate
 from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.models import Extraction, JobRecord, JobStage, JobStatus, WebhookDelivery, utcnow
@@ -212,13 +212,13 @@ async def test_two_attempts_at_once_both_count_in_the_delivery_state(
 
     def raced(state: WebhookDelivery) -> WebhookDelivery:
         if state.attempts == 0:  # another attempt (a lost one's failure callback) writes first
-            store.update_delivery_sync(sync_redis, "counted", url, attempt)
+            delivery_store.update_delivery_sync(sync_redis, "counted", url, attempt)
         return attempt(state)
 
     # This one's write is refused (what it read has changed), read again and applied again.
-    final = await store.update_delivery(async_redis, "counted", url, raced)
+    final = await delivery_store.update_delivery(async_redis, "counted", url, raced)
     assert final.attempts == 2
-    assert (await store.get_deliveries(async_redis, ["counted"]))[0] == final
+    assert (await delivery_store.get_deliveries(async_redis, ["counted"]))[0] == final
 
 
 # -- end to end: real workers, PostgreSQL, the webhook receiver -----------------------------

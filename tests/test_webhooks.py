@@ -20,7 +20,7 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from gql_service import keys, store, webhooks
+from gql_service import delivery_store, keys, store, webhooks
 from gql_service.api.schema import Context, schema
 from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.models import JobRecord, JobStage, JobStatus
@@ -393,15 +393,15 @@ def test_an_attempt_whose_worker_died_is_counted_and_the_last_one_fails(sync_red
     rq_job = RQJob.create(keys.DELIVER_WEBHOOK, args=("lost-hook", "https://example.com/hook", "{}", 0.0),
                           connection=sync_redis, retry=Retry(max=1, interval=[30]))  # fmt: skip
     deliveries.on_failure(rq_job, sync_redis, AbandonedJobError, AbandonedJobError(), None)
-    first = store.get_delivery_sync(sync_redis, "lost-hook")
+    first = delivery_store.get_delivery_sync(sync_redis, "lost-hook")
     assert (first.status.value, first.attempts) == ("RETRYING", 1) and first.next_attempt_at is not None
     assert first.last_error == "the attempt did not finish (AbandonedJobError)"
     rq_job.retries_left = 0  # RQ's retry took the last one
     deliveries.on_failure(rq_job, sync_redis, AbandonedJobError, AbandonedJobError(), None)
-    last = store.get_delivery_sync(sync_redis, "lost-hook")
+    last = delivery_store.get_delivery_sync(sync_redis, "lost-hook")
     assert (last.status.value, last.attempts, last.next_attempt_at) == ("FAILED", 2, None)
     deliveries.on_failure(rq_job, sync_redis, deliveries.NotDeliveredYet, None, None)  # the attempt said it itself
-    assert store.get_delivery_sync(sync_redis, "lost-hook") == last
+    assert delivery_store.get_delivery_sync(sync_redis, "lost-hook") == last
 
 
 @pytest.mark.parametrize("worker_class", ["fork", "simple"])

@@ -24,7 +24,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQJobStatus
 
-from gql_service import batch_store, history, keys, queueing, redis_conn, store, webhooks
+from gql_service import batch_store, delivery_store, history, keys, queueing, redis_conn, store, webhooks
 from gql_service.api.calls import history_call, redis_call
 from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound, ServiceUnavailable
 from gql_service.api.follow import Following, Interim
@@ -294,7 +294,7 @@ class JobService:
     async def deliveries(self, job_ids: list[str]) -> list[WebhookDelivery | None]:
         """How the jobs' webhooks are getting on (None once a record has expired)."""
         async with self._redis_call():
-            return await store.get_deliveries(self.redis, job_ids)
+            return await delivery_store.get_deliveries(self.redis, job_ids)
 
     async def _archived(self, job_ids: list[str], tenant: str) -> dict[str, JobRecord]:
         assert self.history is not None

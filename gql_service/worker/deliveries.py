@@ -30,7 +30,7 @@ from redis.asyncio.client import Pipeline
 from rq import Callback, Queue, Retry, get_current_job
 from rq.job import Job as RQJob
 
-from gql_service import keys, metrics, queueing, store, webhooks
+from gql_service import delivery_store, keys, metrics, queueing, webhooks
 from gql_service.models import JobRecord, WebhookDelivery, WebhookStatus, utcnow
 from gql_service.redis_conn import async_client, sync_client
 from gql_service.settings import RedisTarget, Settings
@@ -133,7 +133,7 @@ async def deliver(job_id: str, url: str, body: str, ended_at: float) -> str:
 async def _attempt(settings: Settings, redis: AsyncRedis, job_id: str, url: str, body: str, ended_at: float) -> str:
     rq_job = get_current_job()
     assert rq_job is not None, "deliver runs inside an RQ worker"
-    state = (await store.get_deliveries(redis, [job_id]))[0] or WebhookDelivery(url=url)
+    state = (await delivery_store.get_deliveries(redis, [job_id]))[0] or WebhookDelivery(url=url)
     if state.ended:
         return str(state.status.value)  # a repeat of a delivery that has ended: nothing to do
     started = time.monotonic()
@@ -145,7 +145,7 @@ async def _attempt(settings: Settings, redis: AsyncRedis, job_id: str, url: str,
             url, body, headers, timeout_s=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private
         )
     took = time.monotonic() - started
-    state = await store.update_delivery(redis, job_id, url, lambda now: _count(now, outcome, rq_job))
+    state = await delivery_store.update_delivery(redis, job_id, url, lambda now: _count(now, outcome, rq_job))
     since_end = time.time() - ended_at if outcome.delivered else None
     await metrics.record_delivery(redis, state.status.value, attempt_s=took, since_end_s=since_end)
     if state.status is WebhookStatus.RETRYING:
@@ -184,4 +184,4 @@ def on_failure(rq_job: RQJob, connection: Redis, exc_type: type[BaseException] |
     job_id, url = rq_job.args[0], rq_job.args[1]
     reason = exc_type.__name__ if exc_type else "lost"
     lost = webhooks.Outcome(False, error=f"the attempt did not finish ({reason})")
-    store.update_delivery_sync(connection, job_id, url, lambda state: _count(state, lost, rq_job))
+    delivery_store.update_delivery_sync(connection, job_id, url, lambda state: _count(state, lost, rq_job))
