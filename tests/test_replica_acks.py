@@ -14,6 +14,7 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job as RQJob
 
 from gql_service import keys, store
+from gql_service.api.batches import BatchService
 from gql_service.api.errors import ServiceUnavailable
 from gql_service.api.jobs import JobService
 from gql_service.broadcast import Broadcast
@@ -107,6 +108,30 @@ async def test_an_unconfirmed_cancel_still_stops_the_job(
     canceled = await store.get_job(jobs.redis, record.id)
     assert canceled is not None and canceled.status.value == "CANCELED"
     assert RQJob.fetch(record.id, connection=sync_redis).get_status() == "canceled"  # no worker will take it
+
+
+async def test_an_unconfirmed_batch_cancel_is_refused_like_a_job_cancel_and_stops_every_job(
+    jobs: JobService, sync_redis: Redis, settings: Settings
+) -> None:
+    """cancelBatch goes through cancelJob's path: its ends wait for replicas too (they did not
+    wait before), and its queued RQ jobs come off the queue (they were left for a worker)."""
+    batches = BatchService(jobs)
+    batch, _ = await batches.create(name="to cancel", metadata=None, idempotency_key=None, tenant="public")
+    added = await jobs.submit_many(
+        [jobs.new_job(f"text {i}", idempotency_key=None, tenant="public", request_id=None, batch_id=batch.id)
+         for i in range(3)],
+        batch_id=batch.id,
+    )  # fmt: skip
+    job_ids = [outcome[0].id for outcome in added if isinstance(outcome, tuple)]
+    assert len(job_ids) == 3 and len(_queued(sync_redis, settings)) == 3
+    acked = _acked(jobs, settings, timeout_ms=200)
+    with pytest.raises(ServiceUnavailable, match="confirmed"):
+        await BatchService(acked).cancel(batch.id, tenant="public")
+    for job_id in job_ids:
+        canceled = await store.get_job(jobs.redis, job_id)
+        assert canceled is not None and canceled.status.value == "CANCELED"
+        assert RQJob.fetch(job_id, connection=sync_redis).get_status() == "canceled"
+    assert _queued(sync_redis, settings) == []
 
 
 async def test_a_workers_unconfirmed_end_stands(

@@ -11,14 +11,10 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import anyio.to_thread
-from rq.command import send_stop_job_command
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-
 from gql_service import batch_store, keys, store
 from gql_service.api.calls import redis_call
-from gql_service.api.errors import BadUserInput, NotFound, ServiceUnavailable
-from gql_service.api.jobs import JobService, canceling, count_canceled
+from gql_service.api.errors import BadUserInput, NotFound
+from gql_service.api.jobs import JobService
 from gql_service.api.listing import MAX_LIST_SCAN
 from gql_service.models import BatchRecord, BatchStatus, JobRecord, JobStatus, utcnow
 
@@ -88,49 +84,29 @@ class BatchService:
         return await self._owned(batch_id, tenant)
 
     async def cancel(self, batch_id: str, *, tenant: str) -> BatchRecord:
-        """No more jobs, and every job not ended is CANCELED (a running one is stopped)."""
+        """No more jobs, and every job not ended is CANCELED (gql_service.api.cancel, as cancelJob)."""
         batch = await self._owned(batch_id, tenant)
         if batch.status is BatchStatus.COMPLETED:
             raise BadUserInput(f"batch {batch_id} is already COMPLETED")
         async with redis_call(self.settings.redis_timeout_s):
             await batch_store.close(self.redis, batch_id, now=utcnow(), cancel=True)
-        start = 0
+        start, unconfirmed = 0, None
         while True:  # the batch takes no more jobs now: this list only shrinks in what it leaves
             async with redis_call(self.settings.redis_timeout_s):
                 job_ids = await batch_store.job_ids(self.redis, batch_id, start=start, count=CANCEL_CHUNK)
+                records = [r for r in await store.get_jobs(self.redis, job_ids) if r is not None and not r.terminal]
             if not job_ids:
                 break
-            await self._cancel_jobs(job_ids)
+            if records:
+                outcome = await self.jobs.canceller.cancel(
+                    [r.id for r in records], "canceled with its batch", seen=records
+                )
+                unconfirmed = unconfirmed or outcome.unconfirmed
             start += len(job_ids)
+        if unconfirmed is not None:
+            async with redis_call(self.settings.redis_timeout_s):
+                raise unconfirmed  # SERVICE_UNAVAILABLE: every job is canceled on the primary, not yet on replicas
         return await self._owned(batch_id, tenant)
-
-    async def _cancel_jobs(self, job_ids: list[str]) -> None:
-        to_canceled = canceling("canceled with its batch")
-
-        async def one(record: JobRecord) -> bool:
-            done = await store.transition(
-                self.redis, record.id, to_canceled, ttl_s=self.settings.result_ttl_s,
-                outbox_max_len=self.settings.outbox_max_len, last_seen=record,
-            )  # fmt: skip
-            return done.changed
-
-        async with redis_call(self.settings.redis_timeout_s):
-            records = [r for r in await store.get_jobs(self.redis, job_ids) if r is not None and not r.terminal]
-            changed = [r for r, ok in zip(records, await asyncio.gather(*(one(r) for r in records)), strict=True) if ok]
-        if changed:
-            with contextlib.suppress(ServiceUnavailable):  # a metric is not worth failing the cancel
-                async with redis_call(self.settings.redis_timeout_s):
-                    await count_canceled(self.redis, len(changed))
-        # A queued job is left on RQ's queue: a worker that takes it finds it CANCELED and
-        # does nothing. A running one is stopped, to save its LLM call.
-        running = [r.id for r in changed if r.status is JobStatus.STARTED]
-        if running:
-            await anyio.to_thread.run_sync(self._stop, running, abandon_on_cancel=True)
-
-    def _stop(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
-                send_stop_job_command(self.jobs.sync_redis, job_id)
 
     # -- reading -----------------------------------------------------------------------------
     async def get(self, batch_id: str, *, tenant: str) -> BatchRecord | None:

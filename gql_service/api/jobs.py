@@ -12,26 +12,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import anyio.to_thread
 from psycopg_pool import AsyncConnectionPool
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import WatchError
 from rq import Queue
-from rq.command import send_stop_job_command
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job as RQJob
-from rq.job import JobStatus as RQJobStatus
 
 from gql_service import batch_store, delivery_store, history, keys, queueing, redis_conn, store, webhooks
 from gql_service.api.calls import history_call, redis_call
-from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound, ServiceUnavailable
+from gql_service.api.cancel import Canceller
+from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound
 from gql_service.api.follow import Following, Interim
 from gql_service.api.listing import Listing, created_ms
 from gql_service.api.tenants import TenantSlots
 from gql_service.broadcast import Broadcast
-from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, WebhookDelivery, utcnow
+from gql_service.models import JobRecord, JobStatus, WebhookDelivery
 from gql_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,6 +86,7 @@ class JobService:
             # Leave a connection of the command pool to the other tenants.
             max_reads=max(1, settings.redis_max_connections - 1),
         )
+        self.canceller = Canceller(redis=redis, acked_redis=self.acked_redis, sync_redis=sync_redis, settings=settings)
         self.listing = Listing(redis=redis, history=history, timeout_s=settings.redis_timeout_s)
         self.following = Following(
             redis=redis, broadcast=broadcast, slots=self.slots, get_many=self.get_many,
@@ -305,46 +302,18 @@ class JobService:
         existing = await self.get(job_id, tenant=tenant)
         if existing is None:
             raise NotFound(f"job {job_id} not found")
-
-        to_canceled = canceling("canceled by the client")
-        unconfirmed: store.EndNotReplicated | None = None
-        async with self._redis_call():
-            try:
-                record, changed = await store.update_job(
-                    self.acked_redis, job_id, to_canceled, ttl_s=self.settings.result_ttl_s,
-                    outbox_max_len=self.settings.outbox_max_len, ack=self.settings.replica_ack,
-                )  # fmt: skip
-            except store.EndNotReplicated as exc:  # CANCELED on the primary: still stop the work
-                unconfirmed, record, changed = exc, exc.done.record, exc.done.changed
+        outcome = await self.canceller.cancel([job_id], "canceled by the client")
+        [record], [changed] = outcome.records, outcome.changed
         if record is None:  # not in Redis: an archived job (it has ended), or one gone meanwhile
             if not existing.terminal:
                 raise NotFound(f"job {job_id} not found")
             record, changed = existing, False
         if not changed and record.status is not JobStatus.CANCELED:
             raise BadUserInput(f"job {job_id} is already {record.status.value}; only unfinished jobs can be canceled")
-        if changed:
-            with contextlib.suppress(ServiceUnavailable):  # a metric is not worth failing the cancel
-                async with self._redis_call():
-                    await count_canceled(self.redis, 1)
-            # The record is CANCELED first, so nothing the worker writes later can undo it;
-            # stopping the RQ job only saves the work. RQ's API is synchronous: a thread,
-            # abandoned (and ended by its socket timeout) if Redis hangs.
+        if outcome.unconfirmed is not None:
             async with self._redis_call():
-                await anyio.to_thread.run_sync(self._stop_rq_job, job_id, abandon_on_cancel=True)
-        if unconfirmed is not None:
-            async with self._redis_call():
-                raise unconfirmed  # SERVICE_UNAVAILABLE: the client is not told it is canceled
+                raise outcome.unconfirmed  # SERVICE_UNAVAILABLE: the client is not told it is canceled
         return record
-
-    def _stop_rq_job(self, job_id: str) -> None:
-        try:
-            rq_job = RQJob.fetch(job_id, connection=self.sync_redis)
-            if rq_job.get_status() == RQJobStatus.STARTED:
-                send_stop_job_command(self.sync_redis, job_id)
-            else:
-                rq_job.cancel()
-        except (NoSuchJobError, InvalidJobOperation):
-            pass  # already gone, finished or canceled: nothing left to stop
 
     async def list_jobs(
         self,
@@ -367,21 +336,6 @@ class JobService:
     ) -> AsyncGenerator[JobRecord | Interim, None]:
         """The jobs' snapshots, then every change (gql_service.api.follow)."""
         return self.following.updates(job_ids, tenant=tenant, partial=partial)
-
-
-def canceling(message: str) -> store.Change:
-    """The change that ends a job CANCELED (by its client, or with its batch)."""
-    error = JobError(code=JobErrorCode.CANCELED, message=message)
-
-    def to_canceled(job: JobRecord) -> JobRecord:
-        update = {"status": JobStatus.CANCELED, "stage": JobStage.CANCELED, "error": error, "finished_at": utcnow()}
-        return job.model_copy(update=update)
-
-    return to_canceled
-
-
-async def count_canceled(redis: AsyncRedis, n: int) -> None:
-    await redis.hincrby(keys.metrics("jobs"), "CANCELED|CANCELED", n)
 
 
 def _owned(record: JobRecord | None, tenant: str) -> JobRecord | None:
