@@ -38,7 +38,7 @@ class Caller:
     deliveries: DataLoader[str, models.WebhookDelivery | None]
 
 
-def _ctx(info: Info) -> Caller:
+def caller(info: Info) -> Caller:
     ctx = info.context
     assert isinstance(ctx, Context)
     if ctx.tenant is None:

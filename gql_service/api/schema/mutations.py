@@ -9,7 +9,7 @@ from strawberry.types import Info
 
 from gql_service.api.errors import BadUserInput, ClientError
 from gql_service.api.jobs import NewJob
-from gql_service.api.schema.context import _ctx
+from gql_service.api.schema.context import caller
 from gql_service.api.schema.queries import MAX_BATCH
 from gql_service.api.schema.types import Batch, CreateBatchInput, Job, SubmitTextInput, SubmitTextPayload
 
@@ -22,7 +22,7 @@ async def _raise(error: Exception) -> None:
 class Mutation:
     @strawberry.mutation(description="Queue text for extraction; returns at once with the new (or deduplicated) job.")
     async def submit_text(self, info: Info, input: SubmitTextInput) -> SubmitTextPayload:
-        ctx = _ctx(info)
+        ctx = caller(info)
         record, deduplicated = await ctx.jobs.submit(
             input.text, idempotency_key=input.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id,
             webhook_url=input.webhook_url,
@@ -42,7 +42,7 @@ class Mutation:
             strawberry.argument(description="Add the jobs to this open batch (createBatch); any number of calls."),
         ] = None,
     ) -> list[SubmitTextPayload | None]:
-        ctx = _ctx(info)
+        ctx = caller(info)
         if len(inputs) > MAX_BATCH:
             raise BadUserInput(f"at most {MAX_BATCH} inputs per call, got {len(inputs)}")
         batch = str(batch_id) if batch_id is not None else None
@@ -78,12 +78,12 @@ class Mutation:
         "Cancelling a finished or failed job is a BAD_USER_INPUT error; cancelling a canceled one returns it."
     )
     async def cancel_job(self, info: Info, id: strawberry.ID) -> Job:
-        ctx = _ctx(info)
+        ctx = caller(info)
         return Job.from_record(await ctx.jobs.cancel(str(id), tenant=ctx.tenant))
 
     @strawberry.mutation(description="A new, open batch: add jobs with submitTexts(batchId:), then closeBatch.")
     async def create_batch(self, info: Info, input: CreateBatchInput) -> Batch:
-        ctx = _ctx(info)
+        ctx = caller(info)
         record, _ = await ctx.batches.create(
             name=input.name,
             metadata=input.metadata,  # type: ignore[arg-type]  # the JSON scalar; create() checks it is an object
@@ -97,10 +97,10 @@ class Mutation:
         "Closing a closed batch returns it."
     )
     async def close_batch(self, info: Info, id: strawberry.ID) -> Batch:
-        ctx = _ctx(info)
+        ctx = caller(info)
         return Batch.from_record(await ctx.batches.close(str(id), tenant=ctx.tenant))
 
     @strawberry.mutation(description="Close the batch and cancel every job of it that has not ended.")
     async def cancel_batch(self, info: Info, id: strawberry.ID) -> Batch:
-        ctx = _ctx(info)
+        ctx = caller(info)
         return Batch.from_record(await ctx.batches.cancel(str(id), tenant=ctx.tenant))

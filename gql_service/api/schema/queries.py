@@ -10,7 +10,7 @@ from strawberry.types import Info
 from gql_service import keys
 from gql_service.api.errors import BadUserInput
 from gql_service.api.schema import pagination
-from gql_service.api.schema.context import _ctx
+from gql_service.api.schema.context import caller
 from gql_service.api.schema.pagination import MAX_PAGE, decode_cursor, encode_cursor
 from gql_service.api.schema.types import (
     Batch,
@@ -30,7 +30,7 @@ MAX_BATCH = 100
 class Query:
     @strawberry.field(description="A job by id; null when it does not exist (or has expired).")
     async def job(self, info: Info, id: strawberry.ID) -> Job | None:
-        ctx = _ctx(info)
+        ctx = caller(info)
         record = await ctx.jobs.get(str(id), tenant=ctx.tenant)
         return Job.from_record(record) if record else None
 
@@ -48,7 +48,7 @@ class Query:
         created_after: datetime | None = None,
         created_before: datetime | None = None,
     ) -> JobConnection:
-        ctx = _ctx(info)
+        ctx = caller(info)
         if not 1 <= first <= MAX_PAGE:
             raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
         bounds = [_aware(created_after, "createdAfter"), _aware(created_before, "createdBefore")]
@@ -68,13 +68,13 @@ class Query:
 
     @strawberry.field(description="A batch by id; null when it does not exist (or has expired).")
     async def batch(self, info: Info, id: strawberry.ID) -> Batch | None:
-        ctx = _ctx(info)
+        ctx = caller(info)
         record = await ctx.batches.get(str(id), tenant=ctx.tenant)
         return Batch.from_record(record) if record else None
 
     @strawberry.field(description="Your batches, newest first, in pages of `first` (1-100).")
     async def batches(self, info: Info, first: int = 20, after: str | None = None) -> BatchConnection:
-        ctx = _ctx(info)
+        ctx = caller(info)
         if not 1 <= first <= MAX_PAGE:
             raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
         page, more = await ctx.batches.page(
@@ -100,7 +100,7 @@ class Query:
 
 async def _nodes(info: Info, ids: list[strawberry.ID]) -> list[Node | None]:
     """Jobs and batches: a batch's id has its prefix, which no job id (uuid hex) has."""
-    ctx = _ctx(info)
+    ctx = caller(info)
     wanted = [str(i) for i in ids]
     batch_ids = [i for i in wanted if i.startswith(keys.BATCH_ID_PREFIX)]
     job_ids = [i for i in wanted if not i.startswith(keys.BATCH_ID_PREFIX)]

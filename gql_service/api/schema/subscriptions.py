@@ -9,7 +9,7 @@ import strawberry
 from strawberry.types import Info
 
 from gql_service.api.errors import BadUserInput
-from gql_service.api.schema.context import _ctx
+from gql_service.api.schema.context import caller
 from gql_service.api.schema.queries import MAX_BATCH
 from gql_service.api.schema.types import Batch, Job
 
@@ -25,7 +25,7 @@ class Subscription:
         "set) while the model writes its answer, at most one per PARTIAL_INTERVAL_MS."
     )
     async def job_updates(self, info: Info, id: strawberry.ID, partial: bool = False) -> AsyncGenerator[Job, None]:
-        ctx = _ctx(info)
+        ctx = caller(info)
         async with contextlib.aclosing(ctx.jobs.updates([str(id)], tenant=ctx.tenant, partial=partial)) as updates:
             async for update in updates:
                 yield Job.from_update(update)
@@ -35,7 +35,7 @@ class Subscription:
         "completing once it is closed and every job has ended. Unknown ids end with a NOT_FOUND error."
     )
     async def batch_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[Batch, None]:
-        ctx = _ctx(info)
+        ctx = caller(info)
         async with contextlib.aclosing(ctx.batches.updates(str(id), tenant=ctx.tenant)) as updates:
             async for record in updates:
                 yield Batch.from_record(record)
@@ -47,7 +47,7 @@ class Subscription:
     async def jobs_updates(
         self, info: Info, ids: list[strawberry.ID], partial: bool = False
     ) -> AsyncGenerator[Job, None]:
-        ctx = _ctx(info)
+        ctx = caller(info)
         unique = list(dict.fromkeys(str(i) for i in ids))
         if not 1 <= len(unique) <= MAX_BATCH:
             raise BadUserInput(f"ids must hold 1 to {MAX_BATCH} job ids")

@@ -12,7 +12,7 @@ from strawberry.types import Info
 from gql_service import models
 from gql_service.api.follow import Interim
 from gql_service.api.schema import pagination
-from gql_service.api.schema.context import _ctx
+from gql_service.api.schema.context import caller
 from gql_service.api.schema.pagination import _page, _position_cursor
 
 JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
@@ -158,7 +158,7 @@ class Job(Node):
     async def webhook(self, info: Info) -> WebhookDelivery | None:
         if self.webhook_url is None:
             return None
-        delivery = await _ctx(info).deliveries.load(str(self.id))
+        delivery = await caller(info).deliveries.load(str(self.id))
         return WebhookDelivery.from_model(delivery) if delivery else None
 
     @classmethod
@@ -236,7 +236,7 @@ class Batch(Node):
         after: str | None = None,
         status: JobStatus | None = None,  # type: ignore[valid-type]
     ) -> JobConnection:
-        ctx = _ctx(info)
+        ctx = caller(info)
         start = _page(first, after)
         page, next_start = await ctx.batches.jobs_page(self.record, first=first, after=start, status=status)
         edges = [JobEdge(cursor=_position_cursor(n + 1), node=Job.from_record(r)) for r, n in page]
@@ -247,7 +247,7 @@ class Batch(Node):
         "`endCursor` to get each result once, as it comes (1-1000 a page)."
     )
     async def ended_jobs(self, info: Info, first: int = 100, after: str | None = None) -> JobConnection:
-        ctx = _ctx(info)
+        ctx = caller(info)
         start = _page(first, after, most=MAX_ENDED_PAGE)
         records, next_start = await ctx.batches.ended_page(self.record, first=first, after=start)
         edges = [JobEdge(cursor=_position_cursor(at + 1), node=Job.from_record(r)) for r, at in records]
