@@ -1,0 +1,51 @@
+"""What the async worker (gql_service/worker/async_worker.py, the one place that reaches into
+RQ's internals) relies on in RQ, pinned: an RQ upgrade that changes it fails here, not in a
+worker that silently stops recording its jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+from redis import Redis
+from rq.job import Job, _current_job, get_current_job
+from rq.worker import BaseWorker
+
+
+async def test_rqs_current_job_is_a_context_variable_each_task_sets_for_itself(sync_redis: Redis) -> None:
+    """The worker sets `rq.job._current_job` in each job's task, so that RQ's public
+    `get_current_job()` (the task and the webhook delivery call it) finds that task's job."""
+
+    async def in_task(job: Job) -> Job | None:
+        _current_job.set(job)
+        await asyncio.sleep(0)  # another task runs meanwhile with its own job
+        return get_current_job()
+
+    jobs = [Job(id=f"pinned-{i}", connection=sync_redis) for i in range(2)]
+    found = await asyncio.gather(*(asyncio.create_task(in_task(job)) for job in jobs))
+    assert found == jobs
+    assert get_current_job() is None  # the tasks' settings stayed theirs
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [
+        ("_finalize_success", ["self", "job", "queue", "execution", "return_value"]),
+        ("_finalize_failure", ["self", "job", "queue", "execution", "exc_info"]),
+        ("_start_scheduler", ["self", "burst", "logging_level", "date_format", "log_format"]),
+        ("prepare_execution", ["self", "job"]),
+        ("prepare_job_execution", ["self", "job", "remove_from_intermediate_queue"]),
+        ("maintain_heartbeats", ["self", "job", "execution"]),
+        ("request_stop_execution", ["self", "execution_id"]),
+        ("handle_payload", ["self", "message"]),
+    ],
+)
+def test_the_worker_methods_the_async_worker_calls_keep_their_shape(method: str, parameters: list[str]) -> None:
+    assert list(inspect.signature(getattr(BaseWorker, method)).parameters) == parameters
+
+
+def test_a_stopped_job_is_told_to_rq_by_the_attribute_it_reads() -> None:
+    """RQ's failure handling marks a job STOPPED (not retried) when `_stopped_job_id` names it."""
+    source = inspect.getsource(BaseWorker.handle_job_failure)
+    assert "_stopped_job_id" in source
