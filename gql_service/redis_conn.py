@@ -319,9 +319,19 @@ def run_once(pipe: AsyncPipeline, guard: str) -> None:
     """Turn the commands queued on `pipe` into one script that runs them all only if `guard`
     does not exist; one of them must create it. (Reads redis-py's queued commands: this
     module is where the service relies on redis-py's internals; tests/test_redis_conn.py pins
-    them.)"""
+    them.)
+
+    Scripts can't run inside a script: a queued EVAL/EVALSHA (RQ's, promoting the jobs a
+    concurrency limit held back) stays a command of its own, after the guarded ones, and must
+    be safe to run twice (RQ's promotion is: it moves only jobs still waiting)."""
     flat: list[Any] = []
-    for args, _options in pipe.command_stack:
-        flat += [len(args), *args]
+    scripts: list[tuple[Any, Any]] = []
+    for args, options in pipe.command_stack:
+        if str(args[0]).upper() in ("EVAL", "EVALSHA"):
+            scripts.append((args, options))
+        else:
+            flat += [len(args), *args]
     pipe.command_stack = []
     pipe.eval(_ONCE_LUA, 1, guard, *flat)
+    for args, options in scripts:
+        pipe.execute_command(*args, **options)
