@@ -108,15 +108,21 @@ def test_an_ended_job_is_read_from_the_history_once_redis_has_forgotten_it(
     assert cancel.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
 
 
+def only_in_the_history(svc: Service, pg: EmbeddedPostgres, redis_url: str, text: str) -> tuple[str, dict[str, object]]:
+    """A job that ended, reached the history, and is gone from Redis: (its id, as it ended)."""
+    job_id = submit(svc, text, headers=AS_A)
+    live = finished(svc, job_id, AS_A)
+    wait_until(lambda: job_id in rows(pg, job_id), timeout_s=30, what="the job's row")
+    forget_in_redis(Redis.from_url(redis_url), job_id)
+    return job_id, live
+
+
 def test_the_first_history_read_after_a_postgres_restart_answers(
     archived_service: Service, postgres: EmbeddedPostgres, e2e_redis: str
 ) -> None:
     # The API's pool kept the connection of the read before the restart: the server closed
     # it, and nothing has been read from it since. The next read must not be handed it.
-    job_id = submit(archived_service, "The clinic was closed on Sunday.", headers=AS_A)
-    live = finished(archived_service, job_id, AS_A)
-    wait_until(lambda: job_id in rows(postgres, job_id), timeout_s=30, what="the job's row")
-    forget_in_redis(Redis.from_url(e2e_redis), job_id)
+    job_id, live = only_in_the_history(archived_service, postgres, e2e_redis, "The clinic was closed on Sunday.")
     assert post(archived_service, JOB, headers=AS_A, id=job_id).json() == {"data": {"job": live}}
     postgres.restart()
     answer = post(archived_service, JOB, headers=AS_A, id=job_id).json()
@@ -128,10 +134,7 @@ def test_the_first_history_read_after_a_restart_answers_when_the_pool_had_grown(
 ) -> None:
     # Concurrent reads grow the API's pool: after the restart it holds several dead
     # connections, and the read must not spend its timeout checking them one at a time.
-    job_id = submit(archived_service, "The waiting room was full on Monday.", headers=AS_A)
-    live = finished(archived_service, job_id, AS_A)
-    wait_until(lambda: job_id in rows(postgres, job_id), timeout_s=30, what="the job's row")
-    forget_in_redis(Redis.from_url(e2e_redis), job_id)
+    job_id, live = only_in_the_history(archived_service, postgres, e2e_redis, "The waiting room was full on Monday.")
 
     def grown() -> bool:
         with ThreadPoolExecutor(16) as pool:

@@ -7,9 +7,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -23,7 +21,7 @@ from gql_service import batch_store, delivery_store, history, keys, queueing, re
 from gql_service.api.calls import history_call, redis_call
 from gql_service.api.cancel import Canceller
 from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound
-from gql_service.api.follow import Following, Interim
+from gql_service.api.follow import Following
 from gql_service.api.listing import Listing, created_ms
 from gql_service.api.tenants import TenantSlots
 from gql_service.broadcast import Broadcast
@@ -314,28 +312,6 @@ class JobService:
             async with self._redis_call():
                 raise outcome.unconfirmed  # SERVICE_UNAVAILABLE: the client is not told it is canceled
         return record
-
-    async def list_jobs(
-        self,
-        *,
-        tenant: str,
-        first: int,
-        after: tuple[float, str] | None,
-        status: JobStatus | None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-    ) -> tuple[list[tuple[JobRecord, float]], tuple[float, str] | None]:
-        """A page of the tenant's jobs (gql_service.api.listing)."""
-        return await self.listing.page(
-            tenant=tenant, first=first, after=after, status=status, created_after=created_after,
-            created_before=created_before,
-        )  # fmt: skip
-
-    def updates(
-        self, job_ids: list[str], *, tenant: str, partial: bool = False
-    ) -> AsyncGenerator[JobRecord | Interim, None]:
-        """The jobs' snapshots, then every change (gql_service.api.follow)."""
-        return self.following.updates(job_ids, tenant=tenant, partial=partial)
 
 
 def _owned(record: JobRecord | None, tenant: str) -> JobRecord | None:

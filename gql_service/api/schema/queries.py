@@ -52,7 +52,7 @@ class Query:
         if not 1 <= first <= MAX_PAGE:
             raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
         bounds = [_aware(created_after, "createdAfter"), _aware(created_before, "createdBefore")]
-        page, next_start = await ctx.jobs.list_jobs(
+        page, next_start = await ctx.jobs.listing.page(
             tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None, status=status,
             created_after=bounds[0], created_before=bounds[1],
         )  # fmt: skip

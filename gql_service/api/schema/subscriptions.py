@@ -26,7 +26,9 @@ class Subscription:
     )
     async def job_updates(self, info: Info, id: strawberry.ID, partial: bool = False) -> AsyncGenerator[Job, None]:
         ctx = caller(info)
-        async with contextlib.aclosing(ctx.jobs.updates([str(id)], tenant=ctx.tenant, partial=partial)) as updates:
+        async with contextlib.aclosing(
+            ctx.jobs.following.updates([str(id)], tenant=ctx.tenant, partial=partial)
+        ) as updates:
             async for update in updates:
                 yield Job.from_update(update)
 
@@ -51,6 +53,8 @@ class Subscription:
         unique = list(dict.fromkeys(str(i) for i in ids))
         if not 1 <= len(unique) <= MAX_BATCH:
             raise BadUserInput(f"ids must hold 1 to {MAX_BATCH} job ids")
-        async with contextlib.aclosing(ctx.jobs.updates(unique, tenant=ctx.tenant, partial=partial)) as updates:
+        async with contextlib.aclosing(
+            ctx.jobs.following.updates(unique, tenant=ctx.tenant, partial=partial)
+        ) as updates:
             async for update in updates:
                 yield Job.from_update(update)
