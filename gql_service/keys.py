@@ -41,6 +41,12 @@ LIVE_JOBS = f"{PREFIX}:jobs:live"
 RECONCILE_LOCK = f"{PREFIX}:jobs:reconciling"
 
 
+def write_once(token: str) -> str:
+    """Marks a logical write as done (redis_conn.run_once's guard) where the write creates
+    no key of its own to tell it by; expires once no retry of it can come."""
+    return f"{PREFIX}:once:{token}"
+
+
 def job_id_of(record_key: str) -> str:
     return record_key.removeprefix(f"{PREFIX}:job:")
 

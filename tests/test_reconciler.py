@@ -18,11 +18,13 @@ from gql_service import keys, store
 from gql_service.api.jobs import JobService
 from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.models import JobStage, JobStatus
+from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
 from gql_service.worker import reconciler
 from gql_service.worker.reconciler import Reconciler
 
 from .clients import follow, post, submit
+from .lossy_proxy import LossyProxy
 from .service import Service
 
 JOB = "query($id: ID!) { job(id: $id) { status stage attempts error { code message retryable } } }"
@@ -187,3 +189,23 @@ async def test_a_job_whose_rq_job_ended_is_queued_again_as_a_new_one(
     assert RQJob.fetch(record.id, connection=sync_redis).get_status() == "queued"
     assert sync_redis.ttl(RQJob.key_for(record.id)) == -1  # not the hour RQ gave the failed one
     assert record.id not in queue.failed_job_registry
+
+
+async def test_a_revival_whose_replies_are_lost_queues_the_job_once(
+    jobs: JobService, sync_redis: Redis, settings: Settings, redis_server: EmbeddedRedis
+) -> None:
+    """Every second write's reply lost on the way back (tests/lossy_proxy.py): redis-py sends
+    the transition and then the MULTI that queues the RQ job again; each lands once."""
+    record, _ = await jobs.submit("some text", idempotency_key=None, tenant="public", request_id=None)
+    _lose_rq_entry(sync_redis, settings.rq_queue, record.id)
+    await asyncio.sleep(0.01)
+    with LossyProxy(redis_server.port, every=2) as proxy:
+        lossy = async_client(proxy.url)
+        try:
+            assert await _reconciler(lossy, sync_redis, settings).reconcile() == 1
+        finally:
+            await lossy.aclose()
+    assert proxy.dropped["EXEC"] >= 1 and proxy.dropped["EVALSHA"] + proxy.dropped["EVAL"] >= 1, proxy.dropped
+    assert sync_redis.lrange(f"rq:queue:{settings.rq_queue}", 0, -1) == [record.id.encode()]
+    revived = store.get_job_sync(sync_redis, record.id)
+    assert revived is not None and (revived.status, revived.version) == (JobStatus.RETRYING, 2)

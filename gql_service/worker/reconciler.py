@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ from rq import Queue
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQJobStatus
 
-from gql_service import keys, queueing, store
+from gql_service import keys, queueing, redis_conn, store
 from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
@@ -59,6 +60,10 @@ _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+# How long a revival's write-once mark is kept: far longer than redis-py's retries of it.
+ONCE_TTL_S = 600
 
 
 class Reconciler:
@@ -148,7 +153,8 @@ class Reconciler:
                 return None  # changed since it was read: someone is at work on it
             return job.model_copy(update={"status": JobStatus.RETRYING, "stage": JobStage.QUEUED, "error": error})
 
-        done = await store.transition(self.redis, record.id, requeued, ttl_s=ttl_s, last_seen=record)
+        token = uuid.uuid4().hex  # this revival's: its two writes land once each, whatever the network does
+        done = await store.transition(self.redis, record.id, requeued, ttl_s=ttl_s, last_seen=record, token=token)
         if not done.changed or done.record is None:
             return 0
         log.warning("job %s: %s; queued again", record.id, lost)
@@ -156,6 +162,7 @@ class Reconciler:
         await queueing.prime(self.queue, self.redis)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.multi()  # RQ's enqueue starts one itself unless it is in one already
+            pipe.set(keys.write_once(token), 1, ex=ONCE_TTL_S)
             if rq_status is not None:
                 # RQ's ended job under the same id: gone first, with the expiry RQ gave it
                 # when it ended and its place in the ended registries, so the job queued
@@ -164,6 +171,7 @@ class Reconciler:
                 pipe.zrem(self.queue.failed_job_registry.key, record.id)
                 pipe.zrem(self.queue.finished_job_registry.key, record.id)
             queueing.enqueue_extraction(self.queue, done.record, pipe, settings, attempts_left=attempts_left)
+            redis_conn.run_once(pipe, keys.write_once(token))  # a lost reply must not queue it twice
             await pipe.execute()
         return 1
 
