@@ -53,9 +53,10 @@ def command_name(buf: bytes | bytearray, pos: int) -> bytes:
 
 
 class LossyProxy:
-    def __init__(self, redis_port: int, *, every: int = 7) -> None:
+    def __init__(self, redis_port: int, *, every: int = 7, first: int | None = None) -> None:
         self.redis_port = redis_port
         self.every = every
+        self.first = every if first is None else first  # the number of the first one lost
         self.port = 0
         self.seen: Counter[str] = Counter()  # target commands passed on, by name
         self.dropped: Counter[str] = Counter()  # replies lost on purpose, by command
@@ -100,7 +101,7 @@ class LossyProxy:
         with self._lock:
             self.seen[name.decode()] += 1
             self._count += 1
-            return self._count % self.every == 0
+            return self._count >= self.first and (self._count - self.first) % self.every == 0
 
     async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:

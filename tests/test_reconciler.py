@@ -194,12 +194,13 @@ async def test_a_job_whose_rq_job_ended_is_queued_again_as_a_new_one(
 async def test_a_revival_whose_replies_are_lost_queues_the_job_once(
     jobs: JobService, sync_redis: Redis, settings: Settings, redis_server: EmbeddedRedis
 ) -> None:
-    """Every second write's reply lost on the way back (tests/lossy_proxy.py): redis-py sends
-    the transition and then the MULTI that queues the RQ job again; each lands once."""
+    """Every other write's reply lost on the way back, from the first (tests/lossy_proxy.py):
+    redis-py sends the transition and then the MULTI that queues the RQ job again; each lands
+    once."""
     record, _ = await jobs.submit("some text", idempotency_key=None, tenant="public", request_id=None)
     _lose_rq_entry(sync_redis, settings.rq_queue, record.id)
     await asyncio.sleep(0.01)
-    with LossyProxy(redis_server.port, every=2) as proxy:
+    with LossyProxy(redis_server.port, every=2, first=1) as proxy:
         lossy = async_client(proxy.url)
         try:
             assert await _reconciler(lossy, sync_redis, settings).reconcile() == 1
