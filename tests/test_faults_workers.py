@@ -130,14 +130,16 @@ def worker_context(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     """What run_workers sets up in a worker process, here: the workers' context (an offline
     provider, this test's Redis) and WORKER_LOST_AFTER_S; yields the settings."""
     from gql_service.settings import RedisTarget, Settings
-    from gql_service.worker import tasks, tuning
+    from gql_service.worker import context, tuning
     from gql_service.worker.llm.offline import OfflineProvider
 
     settings = Settings(llm_provider="offline", _env_file=None)  # type: ignore[call-arg]
     monkeypatch.setattr(tuning.Tuning, "lost_after_s", LOST_AFTER_S)
-    tasks.init(tasks.WorkerContext(settings, OfflineProvider(), RedisTarget(url=redis_url)))
+    # The process's context for this test only (undone with the monkeypatch).
+    monkeypatch.setattr(
+        context, "_process", context.WorkerContext(settings, OfflineProvider(), RedisTarget(url=redis_url))
+    )
     yield settings
-    tasks._context = None
 
 
 @pytest.mark.parametrize("worker_class", ["async", "fork", "simple"])

@@ -49,3 +49,10 @@ def test_a_stopped_job_is_told_to_rq_by_the_attribute_it_reads() -> None:
     """RQ's failure handling marks a job STOPPED (not retried) when `_stopped_job_id` names it."""
     source = inspect.getsource(BaseWorker.handle_job_failure)
     assert "_stopped_job_id" in source
+
+
+def test_a_jobs_function_is_called_by_rqs_private_execute_as_context_job_copies_it() -> None:
+    """gql_service.worker.context.ContextJob overrides `Job._execute` to put the worker's
+    context first: RQ's own must still be the call it copies."""
+    source = inspect.getsource(Job._execute)
+    assert "self.func(*self.args, **self.kwargs)" in source and "asyncio.run(result)" in source

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 import logging
@@ -30,7 +31,7 @@ from rq.worker import BaseWorker, WorkerStatus
 from gql_service import keys
 from gql_service.partials import Demand
 from gql_service.redis_conn import async_client
-from gql_service.worker import tasks
+from gql_service.worker import context
 from gql_service.worker.tuning import Tuning, background, is_extraction
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         self._running: set[asyncio.Task[None]] = set()  # every job's task, from the moment it is taken
         self._tasks: dict[str, tuple[asyncio.Task[None], RQJob]] = {}  # by execution id, once it has one
         self._stopping: set[str] = set()  # job ids stopped on request
+        self.context = context.of_process()  # with this loop's shared Redis client once it runs
         self._cold = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._books = ThreadPoolExecutor(1, thread_name_prefix="rq-bookkeeping")
@@ -107,11 +109,12 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         loop = self._loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        redis = async_client(tasks.context().redis, name="gqls-worker", max_connections=self.concurrency + 8)
-        tasks.shared_redis.set(redis)
+        shared = context.of_process()
+        redis = async_client(shared.redis_target, name="gqls-worker", max_connections=self.concurrency + 8)
         demand = Demand(redis)
         await demand.start()
-        tasks.shared_demand.set(demand)
+        # Every job on this loop gets the one Redis client and ear for interim frames.
+        self.context = dataclasses.replace(shared, redis=redis, demand=demand)
         # Slots per queue: deliveries (WEBHOOK_CONCURRENCY) never take an LLM job's place.
         slots = {q.name: asyncio.Semaphore(self.slots_for(q.name)) for q in self.queues}
         freed = asyncio.Event()
@@ -154,7 +157,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
             heartbeats.cancel()
             await demand.stop()
             await redis.aclose()
-            await tasks.context().provider.aclose()
+            await shared.provider.aclose()
         return started > 0
 
     def slots_for(self, queue_name: str) -> int:
@@ -253,7 +256,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     async def _call(self, job: RQJob) -> Any:
         func = job.func
         if inspect.iscoroutinefunction(func):
-            return await func(*job.args, **job.kwargs)
+            return await func(self.context, *job.args, **job.kwargs)
         return await asyncio.to_thread(job.perform)  # a plain function must not block the loop
 
     async def _finalize(self, finalize: Any, *args: Any, stopped: bool = False) -> None:

@@ -32,9 +32,10 @@ from rq.job import Job as RQJob
 
 from gql_service import delivery_store, keys, metrics, queueing, webhooks
 from gql_service.models import JobRecord, WebhookDelivery, WebhookStatus, utcnow
-from gql_service.redis_conn import async_client, sync_client
+from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
-from gql_service.worker import outbox, tasks
+from gql_service.worker import outbox
+from gql_service.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +118,10 @@ class NotDeliveredYet(Exception):
     """An attempt failed and another is due: RQ's Retry schedules it."""
 
 
-async def deliver(job_id: str, url: str, body: str, ended_at: float) -> str:
+async def deliver(ctx: WorkerContext, job_id: str, url: str, body: str, ended_at: float) -> str:
     """The RQ job: one attempt at delivering a job's event."""
-    ctx = tasks.context()
-    redis = tasks.shared_redis.get()
-    if redis is not None:
+    async with ctx.connected("gqls-webhooks") as (redis, _):
         return await _attempt(ctx.settings, redis, job_id, url, body, ended_at)
-    redis = async_client(ctx.redis, name="gqls-webhooks")
-    try:
-        return await _attempt(ctx.settings, redis, job_id, url, body, ended_at)
-    finally:
-        await redis.aclose()
 
 
 async def _attempt(settings: Settings, redis: AsyncRedis, job_id: str, url: str, body: str, ended_at: float) -> str:

@@ -1,10 +1,9 @@
-"""The RQ job function and the worker resources it runs with.
+"""The RQ job function, and what RQ's hooks do when a job's run ends otherwise.
 
-`run_extraction(job_id)` is a coroutine function, and the one implementation every worker
-class runs: the async worker awaits it on its event loop beside the other jobs in flight;
-RQ's fork and simple workers run it with `asyncio.run` (RQ does that for any coroutine
-job), a new loop per job. The provider and settings are created once per worker process by
-`init()` before it starts working (arq-style start-up resources), so forks inherit them.
+`run_extraction(ctx, job_id)` is a coroutine function, and the one implementation every
+worker class runs, with the worker's resources handed in as `ctx`
+(gql_service.worker.context): the async worker awaits it on its event loop beside the other
+jobs in flight; RQ's fork and simple workers run it with `asyncio.run`, a new loop per job.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -31,7 +28,8 @@ from gql_service import metrics, queueing, store
 from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from gql_service.partials import Demand, PartialStream
 from gql_service.redis_conn import async_client
-from gql_service.settings import RedisTarget, Settings, load_settings
+from gql_service.settings import Settings
+from gql_service.worker.context import WorkerContext, of_process
 from gql_service.worker.llm import FallsBackToJsonMode, Provider
 from gql_service.worker.pipeline import Attempt, RetryLater, fail_job
 from gql_service.worker.provider_limits import ProviderLimits
@@ -41,54 +39,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class WorkerContext:
-    settings: Settings
-    provider: Provider
-    redis: RedisTarget
-
-
-_context: WorkerContext | None = None
-
-# The async worker's one Redis client and its ear for interim-frame subscribers, shared by
-# every job on its event loop. Unset (RQ's fork and simple workers, a new event loop per
-# job), a job opens its own.
-shared_redis: ContextVar[AsyncRedis | None] = ContextVar("shared_redis", default=None)
-shared_demand: ContextVar[Demand | None] = ContextVar("shared_demand", default=None)
-
-
-def init(context: WorkerContext) -> None:
-    global _context
-    _context = context
-
-
-def context() -> WorkerContext:
-    # A worker started by plain `rq worker` still works: build the context on first use.
-    if _context is None:
-        from gql_service.worker.llm.factory import make_provider
-
-        settings = load_settings()
-        init(WorkerContext(settings, make_provider(settings), settings.redis_target))
-    assert _context is not None
-    return _context
-
-
-async def run_extraction(job_id: str) -> str | None:
-    ctx = context()
+async def run_extraction(ctx: WorkerContext, job_id: str) -> str | None:
     rq_job = get_current_job()
     assert rq_job is not None, "run_extraction runs inside an RQ worker"
-    redis = shared_redis.get()
-    if redis is not None:
-        return await _extract(ctx, redis, rq_job, job_id, shared_demand.get())
-    redis = async_client(ctx.redis, name="gqls-worker")
-    demand = Demand(redis)
     try:
-        await demand.start()
-        return await _extract(ctx, redis, rq_job, job_id, demand)
+        async with ctx.connected("gqls-worker", with_demand=True) as (redis, demand):
+            return await _extract(ctx, redis, rq_job, job_id, demand)
     finally:
-        await demand.stop()
-        await redis.aclose()
-        await ctx.provider.aclose()  # this event loop ends with the job
+        if ctx.redis is None:
+            await ctx.provider.aclose()  # this job's event loop ends with it
 
 
 # The attempt's own deadline comes this much before JOB_TIMEOUT_S, so that the job records
@@ -174,7 +133,7 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
     """Run `work` from RQ's synchronous hooks (callbacks, the fork worker's monitor)."""
 
     async def main() -> T:
-        redis = async_client(context().redis, name="gqls-worker")
+        redis = async_client(of_process().redis_target, name="gqls-worker")
         try:
             return await work(redis)
         finally:
@@ -185,7 +144,7 @@ def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
 
 def worker_lost(rq_job: RQJob) -> JobRecord | None:
     """The process running this job died (SIGKILL, OOM): say so, and whether it runs again."""
-    settings = context().settings
+    settings = of_process().settings
     ttl_s, bound, ack = settings.result_ttl_s, settings.outbox_max_len, settings.replica_ack
     if rq_job.retries_left is None:
         # Lost before its first attempt set the retry policy (a worker killed, or a failover,
@@ -232,6 +191,6 @@ def on_failure(
         worker_lost(rq_job)
     elif exc_type is JobTimeoutException or isinstance(exc, JobTimeoutException):
         rq_job.retries_left = 0  # a timeout ends the job, as when the task records it itself
-        settings = context().settings
+        settings = of_process().settings
         ttl_s, bound, ack = settings.result_ttl_s, settings.outbox_max_len, settings.replica_ack
         _run(lambda redis: fail_job(redis, rq_job.id, _timed_out(), ttl_s=ttl_s, outbox_max_len=bound, ack=ack))

@@ -14,7 +14,7 @@ from rq.job import Job as RQJob
 
 from gql_service import keys, logs, store
 from gql_service.redis_conn import sync_client
-from gql_service.worker import deliveries, reconciler, tasks
+from gql_service.worker import context, deliveries, reconciler
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,14 @@ def background(name: str) -> Iterator[None]:
     """While the worker works: the reconciler (gql_service.worker.reconciler), and its drainers of
     the outboxes in use (gql_service.worker.outbox): the archive's when the history is on, the
     webhooks' when they are."""
-    ctx = tasks.context()
-    stops = [reconciler.start_in_thread(ctx.redis, ctx.settings, consumer=name)]
+    ctx = context.of_process()
+    stops = [reconciler.start_in_thread(ctx.redis_target, ctx.settings, consumer=name)]
     if ctx.settings.database_url is not None:
         from gql_service.worker import archiver  # psycopg, only where the history is on
 
-        stops.append(archiver.start_in_thread(ctx.redis, ctx.settings, consumer=name))
+        stops.append(archiver.start_in_thread(ctx.redis_target, ctx.settings, consumer=name))
     if ctx.settings.webhook_secret is not None:
-        stops.append(deliveries.start_relay(ctx.redis, ctx.settings, consumer=name))
+        stops.append(deliveries.start_relay(ctx.redis_target, ctx.settings, consumer=name))
     try:
         yield
     finally:
@@ -100,12 +100,13 @@ class Tuning:
         if args:
             queues = [args[0]] if isinstance(args[0], (str, Queue)) else list(args[0])
             args = ([q.name if isinstance(q, Queue) else q for q in queues], *args[1:])
-        kwargs["connection"] = sync_client(tasks.context().redis)
+        kwargs["connection"] = sync_client(context.of_process().redis_target)
         third = max(1, cls.lost_after_s // 3)
         kwargs.setdefault("job_monitoring_interval", third)
         kwargs.setdefault("maintenance_interval", third)
         kwargs.setdefault("worker_ttl", third + 15)  # RQ waits worker_ttl - 15 s for work when idle
         kwargs["queue_class"] = OneQueueAtATime  # RQ's pool passes its own Queue class
+        kwargs["job_class"] = context.ContextJob  # jobs run with the worker's context first
         return args, kwargs
 
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:

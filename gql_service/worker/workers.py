@@ -19,7 +19,7 @@ from rq.worker_pool import WorkerPool
 from gql_service import keys
 from gql_service.redis_conn import sync_client
 from gql_service.settings import Settings
-from gql_service.worker import tasks
+from gql_service.worker import context
 from gql_service.worker.async_worker import AsyncServiceWorker
 from gql_service.worker.llm.factory import make_provider
 from gql_service.worker.rq_workers import InlineServiceWorker, ServiceWorker
@@ -45,7 +45,7 @@ def run_workers(
     warm_up = getattr(provider, "warm_up", None)
     if warm_up is not None:
         warm_up()  # load models/lexicons once; every work horse inherits them by fork
-    tasks.init(tasks.WorkerContext(settings=settings, provider=provider, redis=settings.redis_target))
+    context.start(context.WorkerContext(settings=settings, provider=provider, redis_target=settings.redis_target))
     Tuning.lost_after_s = settings.worker_lost_after_s
     Tuning.job_timeout_s = settings.job_timeout_s
     AsyncServiceWorker.concurrency = concurrency or settings.worker_concurrency

@@ -1,0 +1,90 @@
+"""The worker's resources: built once when a worker process starts, handed to every job as its
+first argument (arq's `ctx`), never connected on import.
+
+RQ calls a job's function with the job's own arguments: the worker classes here put the
+context first, the async worker in its own call and RQ's fork and simple workers through
+`ContextJob`. RQ calls its failure callbacks with the job alone: they, and RQ's fork and
+simple workers, read the context of the process (`of_process`), set by `run_workers` before
+any fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
+from rq.job import Job as RQJob
+
+from gql_service.partials import Demand
+from gql_service.redis_conn import async_client
+from gql_service.settings import RedisTarget, Settings, load_settings
+from gql_service.worker.llm import Provider
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    settings: Settings
+    provider: Provider
+    redis_target: RedisTarget
+    # The async worker's: one Redis client and one ear for interim-frame subscribers, shared
+    # by every job on its event loop. None in RQ's fork and simple workers, where each job
+    # runs on an event loop of its own and opens its own.
+    redis: AsyncRedis | None = None
+    demand: Demand | None = None
+
+    @asynccontextmanager
+    async def connected(
+        self, name: str, *, with_demand: bool = False
+    ) -> AsyncIterator[tuple[AsyncRedis, Demand | None]]:
+        """Redis (and, `with_demand`, the ear for interim-frame subscribers) for one job: the
+        shared ones, or ones opened for the job and closed after it."""
+        if self.redis is not None:
+            yield self.redis, self.demand
+            return
+        redis = async_client(self.redis_target, name=name)
+        demand = Demand(redis) if with_demand else None
+        try:
+            if demand is not None:
+                await demand.start()
+            yield redis, demand
+        finally:
+            if demand is not None:
+                await demand.stop()
+            await redis.aclose()
+
+
+_process: WorkerContext | None = None
+
+
+def start(context: WorkerContext) -> None:
+    """This process's context, from now on (before any fork: work horses inherit it)."""
+    global _process
+    _process = context
+
+
+def of_process() -> WorkerContext:
+    # A worker started by plain `rq worker` still works: the context is built on first use.
+    if _process is None:
+        from gql_service.worker.llm.factory import make_provider
+
+        settings = load_settings()
+        start(WorkerContext(settings, make_provider(settings), settings.redis_target))
+    assert _process is not None
+    return _process
+
+
+class ContextJob(RQJob):
+    """RQ's Job, running its function with the worker's context first. `_execute` is RQ's own
+    (tests/test_rq_internals.py pins it) but for that argument."""
+
+    def _execute(self) -> Any:
+        if not self.func:
+            raise ValueError("Cannot execute job: function is None")
+        result = self.func(of_process(), *self.args, **self.kwargs)
+        if asyncio.iscoroutine(result):
+            return asyncio.run(result)
+        return result
