@@ -256,7 +256,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     async def _call(self, job: RQJob) -> Any:
         func = job.func
         if inspect.iscoroutinefunction(func):
-            return await func(self.context, *job.args, **job.kwargs)
+            return await func(*context.arguments(func, job.args, self.context), **job.kwargs)
         return await asyncio.to_thread(job.perform)  # a plain function must not block the loop
 
     async def _finalize(self, finalize: Any, *args: Any, stopped: bool = False) -> None:

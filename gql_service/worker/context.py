@@ -1,9 +1,10 @@
 """The worker's resources: built once when a worker process starts, handed to every job as its
 first argument (arq's `ctx`), never connected on import.
 
-RQ calls a job's function with the job's own arguments: the worker classes here put the
-context first, the async worker in its own call and RQ's fork and simple workers through
-`ContextJob`. RQ calls its failure callbacks with the job alone: they, and RQ's fork and
+RQ calls a job's function with the job's own arguments: for a function marked with
+`takes_context` (the service's own), the worker classes here put the context first, the
+async worker in its own call and RQ's fork and simple workers through `ContextJob`; any
+other RQ job runs as RQ would run it. RQ calls its failure callbacks with the job alone: they, and RQ's fork and
 simple workers, read the context of the process (`of_process`), set by `run_workers` before
 any fork.
 """
@@ -11,10 +12,10 @@ any fork.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job as RQJob
@@ -58,6 +59,18 @@ class WorkerContext:
 
 
 _process: WorkerContext | None = None
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_context(func: F) -> F:
+    """Marks a job function whose first argument is the worker's context."""
+    func.takes_worker_context = True  # type: ignore[attr-defined]
+    return func
+
+
+def arguments(func: Callable[..., Any], args: Sequence[Any], context: WorkerContext) -> tuple[Any, ...]:
+    """What a job's function is called with: `context` first if it takes one."""
+    return (context, *args) if getattr(func, "takes_worker_context", False) else tuple(args)
 
 
 def start(context: WorkerContext) -> None:
@@ -78,13 +91,13 @@ def of_process() -> WorkerContext:
 
 
 class ContextJob(RQJob):
-    """RQ's Job, running its function with the worker's context first. `_execute` is RQ's own
-    (tests/test_rq_internals.py pins it) but for that argument."""
+    """RQ's Job, running a function that takes the worker's context with it first. `_execute`
+    is RQ's own (tests/test_rq_internals.py pins it) but for that argument."""
 
     def _execute(self) -> Any:
         if not self.func:
             raise ValueError("Cannot execute job: function is None")
-        result = self.func(of_process(), *self.args, **self.kwargs)
+        result = self.func(*arguments(self.func, self.args, of_process()), **self.kwargs)
         if asyncio.iscoroutine(result):
             return asyncio.run(result)
         return result

@@ -35,7 +35,7 @@ from gql_service.models import JobRecord, WebhookDelivery, WebhookStatus, utcnow
 from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
 from gql_service.worker import outbox
-from gql_service.worker.context import WorkerContext
+from gql_service.worker.context import WorkerContext, takes_context
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class NotDeliveredYet(Exception):
     """An attempt failed and another is due: RQ's Retry schedules it."""
 
 
+@takes_context
 async def deliver(ctx: WorkerContext, job_id: str, url: str, body: str, ended_at: float) -> str:
     """The RQ job: one attempt at delivering a job's event."""
     async with ctx.connected("gqls-webhooks") as (redis, _):

@@ -29,7 +29,7 @@ from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobS
 from gql_service.partials import Demand, PartialStream
 from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
-from gql_service.worker.context import WorkerContext, of_process
+from gql_service.worker.context import WorkerContext, of_process, takes_context
 from gql_service.worker.llm import FallsBackToJsonMode, Provider
 from gql_service.worker.pipeline import Attempt, RetryLater, fail_job
 from gql_service.worker.provider_limits import ProviderLimits
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@takes_context
 async def run_extraction(ctx: WorkerContext, job_id: str) -> str | None:
     rq_job = get_current_job()
     assert rq_job is not None, "run_extraction runs inside an RQ worker"
