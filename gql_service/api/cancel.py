@@ -40,8 +40,7 @@ def canceling(message: str) -> store.Change:
 
 @dataclass(frozen=True)
 class Canceled:
-    records: list[JobRecord | None]  # each job's state after, in order (None: not in Redis)
-    changed: list[bool]  # whether this cancel ended it
+    done: list[store.Transition]  # each job's, in order: its state after, and whether this cancel ended it
     unconfirmed: store.EndNotReplicated | None  # an end the replicas did not confirm in time
 
 
@@ -82,7 +81,7 @@ class Canceller:
             # if Redis hangs.
             async with redis_call(self.settings.redis_timeout_s):
                 await anyio.to_thread.run_sync(self._stop_rq_jobs, [r.id for r in ended], abandon_on_cancel=True)
-        return Canceled([d.record for d in done], [d.changed for d in done], unconfirmed[0] if unconfirmed else None)
+        return Canceled(done, unconfirmed[0] if unconfirmed else None)
 
     def _stop_rq_jobs(self, job_ids: list[str]) -> None:
         for rq_job in RQJob.fetch_many(job_ids, connection=self.sync_redis):

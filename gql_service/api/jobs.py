@@ -42,13 +42,21 @@ class NewJob:
     # What the key stands for (text, webhook, batch): a repeat must ask for the same.
     fingerprint: str = ""
 
-    @property
-    def idem_value(self) -> str:
-        return f"{self.record.id} {self.fingerprint}"
-
 
 def fingerprint(text: str, webhook_url: str | None, batch_id: str | None) -> str:
     return hashlib.sha256(f"{webhook_url or ''}\0{batch_id or ''}\0{text}".encode()).hexdigest()[:32]
+
+
+def _idem_value(job: NewJob) -> str:
+    """What an idempotency key holds: "<job id> <fingerprint>"."""
+    return f"{job.record.id} {job.fingerprint}"
+
+
+def _idem_read(value: bytes | str) -> tuple[str, str | None]:
+    """(job id, fingerprint) of an idempotency key; no fingerprint from a key written before
+    there were any (the job id alone): it matches any request, as then."""
+    job_id, _, known = (value.decode() if isinstance(value, bytes) else value).partition(" ")
+    return job_id, known or None
 
 
 def _reused() -> IdempotencyKeyReused:
@@ -216,13 +224,10 @@ class JobService:
                     if idem_keys:
                         for key, value in zip(idem_keys, await pipe.mget(idem_keys), strict=True):
                             if value is not None:
-                                # "<job id> <fingerprint>" (a key written before fingerprints: the id alone)
-                                job_id, _, known = (value.decode() if isinstance(value, bytes) else value).partition(
-                                    " "
-                                )
+                                job_id, known = _idem_read(value)
                                 found = await store.get_job(pipe, job_id)
                                 if found is not None:
-                                    existing[key] = (found, known or None)
+                                    existing[key] = (found, known)
                     pipe.multi()
                     results: list[tuple[JobRecord, bool] | ClientError] = []
                     new: list[NewJob] = []
@@ -265,7 +270,7 @@ class JobService:
         store.create_job(pipe, job.record, text=job.text, ttl_s=ttl_s)
         store.index_job(pipe, job.record, ttl_s=ttl_s)
         if job.idem:
-            pipe.set(job.idem, job.idem_value, ex=self.settings.idempotency_ttl_s)
+            pipe.set(job.idem, _idem_value(job), ex=self.settings.idempotency_ttl_s)
         queueing.enqueue_extraction(self.queue, job.record, pipe, self.settings)
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
@@ -301,7 +306,8 @@ class JobService:
         if existing is None:
             raise NotFound(f"job {job_id} not found")
         outcome = await self.canceller.cancel([job_id], "canceled by the client")
-        [record], [changed] = outcome.records, outcome.changed
+        [done] = outcome.done
+        record, changed = done.record, done.changed
         if record is None:  # not in Redis: an archived job (it has ended), or one gone meanwhile
             if not existing.terminal:
                 raise NotFound(f"job {job_id} not found")
