@@ -38,6 +38,8 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from gql_service import redis_conn
+
 log = logging.getLogger(__name__)
 
 
@@ -124,6 +126,7 @@ class Broadcast:
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._ever_connected = False  # then a new link resyncs what its gap may have missed
         self.reconnects = 0  # how many times the link came back (tests and logs)
 
     # -- lifecycle -------------------------------------------------------------
@@ -252,28 +255,26 @@ class Broadcast:
         return pubsub
 
     async def _run(self) -> None:
-        backoff = 0.05
-        ever_connected = False
-        while not self._stopping:
-            try:
-                pubsub = await self._connect()
-                await self._listen(pubsub, resync=ever_connected)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # whatever ended the link, the listener carries on
-                if self._stopping:
-                    return
-                if self._connected.is_set():
-                    log.warning("pub/sub connection lost (%s: %s); reconnecting", type(exc).__name__, exc)
-                elif not isinstance(exc, (RedisError, OSError, TimeoutError)):
-                    log.exception("pub/sub listener failed; reconnecting")
-                ever_connected = ever_connected or self._connected.is_set()
-                self._connected.clear()
-                self._fail_barriers()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            else:
-                backoff = 0.05
+        # A session connects and listens until its link is lost; the one outage policy
+        # spaces the sessions out (jittered backoff up to 2 s).
+        outage = redis_conn.Outage("pub/sub listener", log, errors=(Exception,), on_failure=self._lost)
+        await outage.call(self._session)
+
+    async def _session(self) -> None:
+        pubsub = await self._connect()
+        await self._listen(pubsub, resync=self._ever_connected)
+
+    def _lost(self, exc: Exception, attempt: int) -> None:
+        """A session ended by `exc`: whatever ended the link, the listener carries on."""
+        if self._stopping:
+            return
+        if self._connected.is_set():
+            log.warning("pub/sub connection lost (%s: %s); reconnecting", type(exc).__name__, exc)
+        elif not isinstance(exc, (RedisError, OSError, TimeoutError)):
+            log.error("pub/sub listener failed; reconnecting", exc_info=exc)
+        self._ever_connected = self._ever_connected or self._connected.is_set()
+        self._connected.clear()
+        self._fail_barriers()
 
     async def _listen(self, pubsub: PubSub, *, resync: bool) -> None:
         last_seen = time.monotonic()

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from gql_service import keys
+from gql_service import keys, redis_conn
 from gql_service.models import PartialExtraction
 from gql_service.partial_json import parse_partial
 
@@ -154,23 +154,25 @@ class Demand:
                 await self._task
 
     async def _listen(self) -> None:
-        while True:
-            pubsub: PubSub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(keys.PARTIALS_WANTED)
-                self._subscribed.set()
-                while True:
-                    # A bounded wait, so that redis-py's health check (a PING every 30 s) runs.
-                    message = await pubsub.get_message(timeout=30.0)
-                    if message is None:
-                        continue
-                    for job_id in message["data"].decode().split():
-                        stream = self._streams.get(job_id)
-                        if stream is not None:
-                            stream.want()
-            except (RedisError, OSError) as exc:
-                log.warning("partials: no link to Redis pub/sub (%s); trying again in 1 s", exc)
-                await asyncio.sleep(1)
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+        # One session per link; the one outage policy waits out Redis between them.
+        await redis_conn.Outage(
+            "partials: pub/sub", log, every_attempt=True, cap_s=5.0, errors=(RedisError, OSError)
+        ).call(self._session)
+
+    async def _session(self) -> None:
+        pubsub: PubSub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.PARTIALS_WANTED)
+            self._subscribed.set()
+            while True:
+                # A bounded wait, so that redis-py's health check (a PING every 30 s) runs.
+                message = await pubsub.get_message(timeout=30.0)
+                if message is None:
+                    continue
+                for job_id in message["data"].decode().split():
+                    stream = self._streams.get(job_id)
+                    if stream is not None:
+                        stream.want()
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()

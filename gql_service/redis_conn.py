@@ -184,8 +184,14 @@ ASYNC_OUTAGE_ERRORS: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, TimeoutError
 
 class Outage:
     """The one policy for work that waits for Redis to come back: redis-py's `Retry` with
-    jittered exponential backoff, bounded by a deadline (`give_up_after_s`; None: never),
-    one warning when the wait starts (or one per attempt, `every_attempt`)."""
+    jittered exponential backoff, bounded by a deadline (`give_up_after_s`; None: never) or
+    by `give_up_when()` turning true (a stop request), one warning when the wait starts (or
+    one per attempt, `every_attempt`).
+
+    A long-lived listener runs its whole session (connect, then listen until the link is
+    lost) as the retried call, with `errors=(Exception,)` and its own `on_failure` (the
+    log line, and what the listener undoes when its link goes): a session that ends too
+    soon, again and again, is spaced out by the same backoff as a refused connection."""
 
     def __init__(
         self,
@@ -193,18 +199,27 @@ class Outage:
         log: logging.Logger,
         *,
         give_up_after_s: float | None = None,
+        give_up_when: Callable[[], bool] | None = None,
         base_s: float = 0.05,
         cap_s: float = 2.0,
         every_attempt: bool = False,
+        errors: tuple[type[Exception], ...] | None = None,
+        on_failure: Callable[[Exception, int], None] | None = None,
     ) -> None:
-        self.what, self.log, self.give_up_after_s, self.every_attempt = what, log, give_up_after_s, every_attempt
+        self.what, self.log, self.every_attempt = what, log, every_attempt
+        self.give_up_after_s, self.give_up_when = give_up_after_s, give_up_when
+        self.errors, self.on_failure = errors, on_failure
         self._backoff = (base_s, cap_s)
 
     def _failed(self, started: float) -> Callable[[Exception, int], None]:
         def failed(error: Exception, attempt: int) -> None:
             if self.give_up_after_s is not None and time.monotonic() - started >= self.give_up_after_s:
                 raise error
-            if attempt == 1 or self.every_attempt:
+            if self.give_up_when is not None and self.give_up_when():
+                raise error
+            if self.on_failure is not None:
+                self.on_failure(error, attempt)
+            elif attempt == 1 or self.every_attempt:
                 self.log.warning("%s: Redis is unreachable (%s); attempt %d, waiting for it", self.what, error, attempt)
 
         return failed
@@ -212,7 +227,7 @@ class Outage:
     async def call(self, do: Callable[[], Awaitable[T]]) -> T:
         backoff = EqualJitterBackoff(cap=self._backoff[1], base=self._backoff[0])
         # Typed for redis-py's errors only, though its own default holds the builtin TimeoutError.
-        retry = AsyncRetry(backoff, -1, ASYNC_OUTAGE_ERRORS)  # type: ignore[arg-type]
+        retry = AsyncRetry(backoff, -1, self.errors or ASYNC_OUTAGE_ERRORS)  # type: ignore[arg-type]
         failed = self._failed(time.monotonic())
 
         async def fail(error: Exception, attempt: int) -> None:
@@ -221,7 +236,8 @@ class Outage:
         return await retry.call_with_retry(do, fail, with_failure_count=True)
 
     def call_sync(self, do: Callable[[], T]) -> T:
-        retry = Retry(EqualJitterBackoff(cap=self._backoff[1], base=self._backoff[0]), -1, OUTAGE_ERRORS)
+        backoff = EqualJitterBackoff(cap=self._backoff[1], base=self._backoff[0])
+        retry = Retry(backoff, -1, self.errors or OUTAGE_ERRORS)
         return retry.call_with_retry(do, self._failed(time.monotonic()), with_failure_count=True)
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
-import redis.exceptions
 import uvloop
 from rq import Queue
 from rq.command import parse_payload
@@ -30,7 +29,7 @@ from rq.worker import BaseWorker, WorkerStatus
 
 from gql_service import keys
 from gql_service.partials import Demand
-from gql_service.redis_conn import async_client
+from gql_service.redis_conn import ASYNC_OUTAGE_ERRORS, Outage, async_client
 from gql_service.worker import context
 from gql_service.worker.tuning import Tuning, background, is_extraction
 
@@ -166,8 +165,10 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     async def _take(self, no_wait: bool, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
         """The next job, waiting up to a second for one (so a stop request is seen soon),
         unless `no_wait`.
-        Redis unreachable: try again later; the jobs in flight carry on meanwhile."""
-        try:
+        Redis unreachable: the one outage policy waits for it, until a stop request; the
+        jobs in flight carry on meanwhile."""
+
+        async def take() -> tuple[RQJob, Queue] | None:
             if self.should_run_maintenance_tasks:
                 await self._bookkeeping(self.run_maintenance_tasks)
             taken = await self._dequeue(None, queues)
@@ -175,11 +176,13 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 if not self._running:
                     await self._bookkeeping(self.set_state, WorkerStatus.IDLE)
                 taken = await self._dequeue(1, queues)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            log.error("worker %s: could not reach Redis (%s); trying again in 1 s", self.name, exc)
-            await asyncio.sleep(1)
-            return None
-        return taken
+            return taken
+
+        outage = Outage(f"worker {self.name}", log, give_up_when=lambda: self._stop_requested, cap_s=5.0)
+        try:
+            return await outage.call(take)
+        except ASYNC_OUTAGE_ERRORS:
+            return None  # stopping
 
     async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
         def dequeue() -> tuple[RQJob, Queue] | None:
