@@ -21,12 +21,12 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
 
 import httpx
 from standardwebhooks import Webhook
 
 from gql_service.models import JobRecord, JobStatus
+from gql_service.rendering import as_json, job_view
 
 MAX_URL_CHARS = 2048
 MAX_RESPONSE_BYTES = 1024  # of a receiver's answer, read for the error message and no more
@@ -140,53 +140,10 @@ async def check(url: str, *, allow_private: bool) -> None:
 
 
 # -- the event ----------------------------------------------------------------------------
-def _time(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None  # as the GraphQL DateTime scalar writes it
-
-
-def job_data(r: JobRecord) -> dict[str, Any]:
-    """The job as the GraphQL `Job` type renders it: the same field names and values
-    (tests/test_webhooks.py compares the two)."""
-    result = r.result
-    return {
-        "id": r.id,
-        "status": r.status.value,
-        "stage": r.stage.value,
-        "version": r.version,
-        "createdAt": _time(r.created_at),
-        "updatedAt": _time(r.updated_at),
-        "startedAt": _time(r.started_at),
-        "finishedAt": _time(r.finished_at),
-        "attempts": r.attempts,
-        "model": r.model,
-        "result": {
-            "summary": result.summary,
-            "sentiment": result.sentiment.name,
-            "tags": list(result.tags),
-            "entities": [{"type": e.type, "value": e.value, "confidence": e.confidence} for e in result.entities],
-            "language": result.language,
-            "toxicityScore": result.toxicity_score,
-        }
-        if result
-        else None,
-        "error": {"code": r.error.code.value, "message": r.error.message, "retryable": r.error.retryable}
-        if r.error
-        else None,
-        "usage": {
-            "promptTokens": r.usage.prompt_tokens,
-            "completionTokens": r.usage.completion_tokens,
-            "totalTokens": r.usage.total_tokens,
-        }
-        if r.usage
-        else None,
-        "requestId": r.request_id,
-    }
-
-
 def event_body(record: JobRecord) -> str:
     """The body of the event of a job's end: the same bytes at every attempt."""
     ended = record.finished_at or record.updated_at
-    event = {"type": EVENT_TYPES[record.status], "timestamp": _time(ended), "data": job_data(record)}
+    event = {"type": EVENT_TYPES[record.status], "timestamp": as_json(ended), "data": as_json(job_view(record))}
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 

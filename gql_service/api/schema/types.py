@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import strawberry
 from strawberry.relay import PageInfo
 from strawberry.scalars import JSON
 from strawberry.types import Info
 
-from gql_service import models
+from gql_service import models, rendering
 from gql_service.api.follow import Interim
 from gql_service.api.schema import pagination
 from gql_service.api.schema.context import caller
@@ -47,15 +48,8 @@ class Extraction:
     toxicity_score: float = strawberry.field(description="In [0, 1].")
 
     @classmethod
-    def from_model(cls, m: models.Extraction) -> Extraction:
-        return cls(
-            summary=m.summary,
-            sentiment=m.sentiment,
-            tags=list(m.tags),
-            entities=[Entity(type=e.type, value=e.value, confidence=e.confidence) for e in m.entities],
-            language=m.language,
-            toxicity_score=m.toxicity_score,
-        )
+    def from_view(cls, view: dict[str, Any]) -> Extraction:
+        return cls(**view | {"entities": [Entity(**e) for e in view["entities"]]})
 
 
 @strawberry.type(
@@ -72,16 +66,9 @@ class PartialExtraction:
 
     @classmethod
     def from_model(cls, m: models.PartialExtraction) -> PartialExtraction:
-        return cls(
-            summary=m.summary,
-            sentiment=m.sentiment,
-            tags=m.tags,
-            entities=[Entity(type=e.type, value=e.value, confidence=e.confidence) for e in m.entities]
-            if m.entities is not None
-            else None,
-            language=m.language,
-            toxicity_score=m.toxicity_score,
-        )
+        view = rendering.extraction_view(m)
+        entities = view["entities"]
+        return cls(**view | {"entities": None if entities is None else [Entity(**e) for e in entities]})
 
 
 @strawberry.type
@@ -172,23 +159,16 @@ class Job(Node):
 
     @classmethod
     def from_record(cls, r: models.JobRecord) -> Job:
+        view = rendering.job_view(r)  # the one rendering of a job, the webhook's too
+        result, error, usage = view["result"], view["error"], view["usage"]
         return cls(
-            id=strawberry.ID(r.id),
-            status=r.status,
-            stage=r.stage,
-            version=r.version,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-            started_at=r.started_at,
-            finished_at=r.finished_at,
-            attempts=r.attempts,
-            model=r.model,
-            result=Extraction.from_model(r.result) if r.result else None,
-            error=JobError(code=r.error.code, message=r.error.message, retryable=r.error.retryable)
-            if r.error
-            else None,
-            usage=TokenUsage(**r.usage.model_dump()) if r.usage else None,
-            request_id=r.request_id,
+            **view
+            | {
+                "id": strawberry.ID(r.id),
+                "result": Extraction.from_view(result) if result else None,
+                "error": JobError(**error) if error else None,
+                "usage": TokenUsage(**usage) if usage else None,
+            },
             webhook_url=r.webhook_url,
         )
 
