@@ -1,0 +1,38 @@
+"""What gql_service/api/operations.py (the one place that reaches into Strawberry's
+internals) relies on, pinned: a Strawberry upgrade that changes it fails here, not as
+unlabelled metrics or a failing extension in production."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from graphql import GraphQLSchema, OperationDefinitionNode
+from strawberry.extensions import SchemaExtension
+
+from gql_service.api.operations import _labels
+from gql_service.api.schema import schema
+
+
+def test_strawberrys_schema_holds_graphql_cores_schema_as_underscore_schema() -> None:
+    core = schema._schema
+    assert isinstance(core, GraphQLSchema)
+    assert {"submitText", "job"} <= set(core.type_map["Mutation"].fields) | set(core.type_map["Query"].fields)  # type: ignore[attr-defined]
+
+
+async def test_an_extension_sees_the_parsed_document_and_the_schema_after_the_operation() -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Probe(SchemaExtension):
+        def on_operation(self) -> Iterator[None]:
+            yield
+            ctx = self.execution_context
+            assert isinstance(ctx.schema._schema, GraphQLSchema)
+            assert isinstance(ctx.graphql_document.definitions[0], OperationDefinitionNode)  # type: ignore[union-attr]
+            seen.append(_labels(ctx.schema._schema, ctx.graphql_document))
+
+    probed = schema.__class__(
+        query=schema.query, mutation=schema.mutation, subscription=schema.subscription, extensions=[Probe]
+    )
+    result = await probed.execute("query Named { __typename }")
+    assert result.errors is None
+    assert seen == [("query", "__typename")]
