@@ -70,6 +70,8 @@ async def test_the_same_key_gives_back_the_same_batch_and_tenants_own_theirs(con
     first = (await run(context, CREATE, name="upload", key="file-digest")).data["createBatch"]
     second = (await run(context, CREATE, name="upload", key="file-digest")).data["createBatch"]
     assert first["id"] == second["id"]
+    renamed = await run(context, CREATE, name="another upload", key="file-digest")
+    assert renamed.errors[0].extensions["code"] == "IDEMPOTENCY_KEY_REUSED"
     other = Context(jobs=context.jobs, tenant="globex")
     assert (await run(other, BATCH, id=first["id"])).data["batch"] is None
     added = await run(other, ADD, inputs=inputs(1), batch=first["id"])

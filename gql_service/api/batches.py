@@ -13,7 +13,7 @@ from typing import Any
 
 from gql_service import batch_store, keys, store
 from gql_service.api.calls import redis_call
-from gql_service.api.errors import BadUserInput, NotFound
+from gql_service.api.errors import BadUserInput, IdempotencyKeyReused, NotFound
 from gql_service.api.jobs import JobService
 from gql_service.api.listing import MAX_LIST_SCAN
 from gql_service.models import BatchRecord, BatchStatus, JobRecord, JobStatus, utcnow
@@ -29,6 +29,16 @@ FRAME_INTERVAL_S = 0.25
 # with a dropped pub/sub link must not stall a progress bar).
 IDLE_REREAD_S = 5.0
 CANCEL_CHUNK = 200
+
+
+def _same_request(made: BatchRecord, asked: BatchRecord) -> BatchRecord:
+    """The batch an idempotency key made, if it was asked for as now; a key reused for a
+    different batch is refused, as for jobs."""
+    if (made.name, made.metadata) != (asked.name, asked.metadata):
+        raise IdempotencyKeyReused(
+            "this idempotencyKey made a batch with a different name or metadata; use a new key for a new batch"
+        )
+    return made
 
 
 class BatchService:
@@ -55,7 +65,7 @@ class BatchService:
         )  # fmt: skip
         idem = keys.batch_idempotency(tenant, idempotency_key) if idempotency_key is not None else None
         if idem is not None and (existing := await self._made_by(idem, tenant)) is not None:
-            return existing, True
+            return _same_request(existing, record), True
         async with redis_call(self.settings.redis_timeout_s):
             async with self.redis.pipeline(transaction=True) as pipe:
                 batch_store.create_batch(pipe, record, ttl_s=self.settings.result_ttl_s)
@@ -67,7 +77,7 @@ class BatchService:
         if (existing := await self._made_by(idem, tenant)) is not None:
             async with redis_call(self.settings.redis_timeout_s):
                 await batch_store.discard(self.redis, record)
-            return existing, True
+            return _same_request(existing, record), True
         async with redis_call(self.settings.redis_timeout_s):  # the key outlived its batch: it is ours now
             await self.redis.set(idem, record.id, ex=self.settings.idempotency_ttl_s)
         return record, False
