@@ -26,7 +26,7 @@ SHOWN_DEAD = 5  # the newest dead letters shown, with their reasons
 # A batch of dead letters back into their outbox, in one step (two replays at once can't
 # both move one): their own fields, without the `dead:` ones the drainer added.
 _REPLAY_LUA = """
-local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[2])
+local entries = redis.call('XRANGE', KEYS[1], '-', ARGV[3], 'COUNT', ARGV[2])
 local moved = 0
 for _, entry in ipairs(entries) do
   local fields = {}
@@ -92,9 +92,15 @@ def replay(redis: Redis, outbox: keys.Outbox, *, max_len: int) -> int:
     if _group(redis, outbox) is None:
         raise NoConsumer(f"no drainer has started on the {outbox.name} outbox: nothing would take its dead letters")
     script = redis.register_script(_REPLAY_LUA)
+    # Only the dead letters there are now: an entry refused again while this runs (a
+    # drainer is taking the replayed ones) waits for the next replay, never loops back in.
+    newest = redis.xrevrange(outbox.dead, count=1)
+    if not newest:
+        return 0
+    last = newest[0][0]
     moved = 0
     while True:
-        seen, done = script(keys=[outbox.dead, outbox.stream], args=[max_len, REPLAY_BATCH])
+        seen, done = script(keys=[outbox.dead, outbox.stream], args=[max_len, REPLAY_BATCH, last])
         moved += int(done)
         if not seen:
             return moved
