@@ -41,6 +41,12 @@ LIVE_JOBS = f"{PREFIX}:jobs:live"
 RECONCILE_LOCK = f"{PREFIX}:jobs:reconciling"
 
 
+# Automatic persisted queries (gql_service.api.documents): sha256 -> document, and when each
+# was registered (the oldest are forgotten first).
+APQ_DOCUMENTS = f"{PREFIX}:apq:documents"
+APQ_REGISTERED = f"{PREFIX}:apq:registered"
+
+
 def write_once(token: str) -> str:
     """Marks a logical write as done (redis_conn.run_once's guard) where the write creates
     no key of its own to tell it by; expires once no retry of it can come."""

@@ -124,6 +124,20 @@ class Settings(BaseSettings):
     # API keys as JSON, key -> tenant. Unset: the service is open (one tenant, "public").
     api_keys: dict[str, str] | None = Field(None, repr=False)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    # Automatic persisted queries (Apollo's protocol): on, kept in Redis this long, at most
+    # this many documents of at most this many bytes each (gql_service/api/documents.py).
+    apq: bool = True
+    apq_ttl_s: int = Field(24 * 3600, gt=0)
+    apq_max_documents: int = Field(1000, ge=1, le=1_000_000)
+    apq_max_document_bytes: int = Field(16_384, ge=256, le=1_048_576)
+    # Trusted documents: manifest files ({"<sha256 hex>": "<document>"}), comma-separated.
+    trusted_documents: str | None = None
+    # Run nothing but those (a full document must be one of them) ...
+    trusted_documents_only: bool = False
+    # ... and only when named by their id (a full document is refused even if trusted).
+    trusted_documents_require_id: bool = False
+    # Except for this service's own pages (the playground and the console: same Origin).
+    trusted_documents_allow_playground: bool = False
     max_subscriptions_per_connection: int = Field(100, ge=1)
     ws_init_timeout_s: float = Field(10.0, gt=0)
     # The most one API operation waits on Redis (a connection from the pool included):
@@ -195,6 +209,18 @@ class Settings(BaseSettings):
         if self.redis_sentinels and (self.redis_url or "").startswith("rediss://"):
             # redis-py's Sentinel pools would take the TLS settings of neither side from it.
             raise ValueError("REDIS_URL rediss:// (TLS) is not supported with REDIS_SENTINELS")
+        return self
+
+    @property
+    def trusted_document_paths(self) -> list[str]:
+        return [path.strip() for path in (self.trusted_documents or "").split(",") if path.strip()]
+
+    @model_validator(mode="after")
+    def _trusted_documents_named(self) -> Settings:
+        if (self.trusted_documents_only or self.trusted_documents_require_id) and not self.trusted_document_paths:
+            raise ValueError(
+                "TRUSTED_DOCUMENTS_ONLY and TRUSTED_DOCUMENTS_REQUIRE_ID need TRUSTED_DOCUMENTS (manifest files)"
+            )
         return self
 
     @field_validator("api_keys")

@@ -32,6 +32,12 @@ ERRORS = Counter(
 _INTROSPECTION = frozenset({"__typename", "__schema", "__type"})
 
 
+def core_schema(schema: strawberry.Schema) -> GraphQLSchema:
+    """graphql-core's schema inside Strawberry's (a private attribute, read here alone;
+    tests/test_strawberry_internals.py pins it)."""
+    return schema._schema
+
+
 def _labels(schema: GraphQLSchema, document: object) -> tuple[str, str]:
     """(operation type, root field) of the first operation, each bounded by the schema."""
     for definition in getattr(document, "definitions", ()):
@@ -51,7 +57,7 @@ class OperationMetrics(SchemaExtension):
     def on_operation(self) -> Iterator[None]:
         yield
         ctx = self.execution_context
-        kind, field = _labels(ctx.schema._schema, ctx.graphql_document)
+        kind, field = _labels(core_schema(ctx.schema), ctx.graphql_document)
         OPERATIONS.labels(kind, field).inc()
         errors = (ctx.result.errors if ctx.result else None) or ctx.pre_execution_errors or []
         for error in errors:

@@ -6,15 +6,12 @@ playground served from the package (no CDN)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import re
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
-from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,12 +19,13 @@ from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from graphql import GraphQLError, GraphQLSyntaxError, OperationDefinitionNode, parse
 from prometheus_client import Gauge
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.base import BaseRequestProtocol
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.subscriptions import (
     GRAPHQL_SSE_PROTOCOL,
@@ -41,7 +39,10 @@ from strawberry.types.unset import UnsetType
 
 from gql_service import logs
 from gql_service.api.auth import ApiKeys
+from gql_service.api.documents import DocumentRefused, documents_from, named, own_page
 from gql_service.api.media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
+from gql_service.api.operations import core_schema
+from gql_service.api.playground import Playground
 from gql_service.api.schema import MAX_TOKENS, Context, schema
 from gql_service.api.ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
 from gql_service.metrics import REGISTRY
@@ -57,7 +58,6 @@ HTTP_STREAMS = Gauge(
 )
 for _transport in ("sse", "multipart"):
     HTTP_STREAMS.labels(_transport)  # shown at 0 from the start
-GRAPHIQL = Path(__file__).with_name("static") / "graphiql"
 # A request object or a batch; anything else ("hello", null, 42) is not a GraphQL request.
 _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
 
@@ -110,44 +110,6 @@ class OperationKinds:
         return kinds
 
 
-class Playground:
-    """The GraphiQL page with its script and stylesheet inlined: one response, nothing from
-    the internet, and the API's own settings (are keys needed?) in a JSON config element.
-    Assembled on the first request, so API processes that never serve it never read it."""
-
-    def __init__(self, *, api_keys: bool) -> None:
-        self.api_keys = api_keys
-
-    @cached_property
-    def body(self) -> bytes:
-        parts = {
-            "graphiql.css": (GRAPHIQL / "graphiql.css").read_text(encoding="utf-8"),
-            "graphiql.js": (GRAPHIQL / "graphiql.js").read_text(encoding="utf-8"),
-            "config": orjson.dumps({"apiKeys": self.api_keys}).decode(),
-        }
-        template = (GRAPHIQL / "index.html").read_text(encoding="utf-8")
-        # One pass over the template: what is inserted is never scanned for markers.
-        page = re.sub(r"/\* (graphiql\.css|graphiql\.js|config) \*/", lambda m: parts[m[1]], template)
-        return page.encode()
-
-    @cached_property
-    def gzipped(self) -> bytes:
-        return gzip.compress(self.body, compresslevel=6, mtime=0)  # 1.4 MB -> about 0.4 MB
-
-    @cached_property
-    def etag(self) -> str:
-        # Weak: the gzipped and the plain body are the same page.
-        return f'W/"{hashlib.blake2b(self.body, digest_size=16).hexdigest()}"'
-
-    def response(self, request: Request) -> Response:
-        headers = {"etag": self.etag, "cache-control": "no-cache", "vary": "accept-encoding"}
-        if self.etag in request.headers.get("if-none-match", ""):
-            return Response(status_code=304, headers=headers)
-        if "gzip" in request.headers.get("accept-encoding", ""):
-            return HTMLResponse(self.gzipped, headers={**headers, "content-encoding": "gzip"})
-        return HTMLResponse(self.body, headers=headers)
-
-
 def error_code(error: GraphQLError, result: ExecutionResult) -> str:
     """A code for an error that has none, by where it arose."""
     if isinstance(result, PreExecutionError):
@@ -188,6 +150,7 @@ class GraphQLView(GraphQL[Context, None]):
             ),
         )
         self.keys = keys
+        self.documents = documents_from(settings, core_schema(schema))
         self.operation_kinds = OperationKinds()
         self.playground = Playground(api_keys=keys.enabled)
 
@@ -236,6 +199,29 @@ class GraphQLView(GraphQL[Context, None]):
             raise RequestError(400, "the request body must be a JSON object: {query, variables, operationName}")
         return await super().parse_http_body(request)
 
+    async def _resolve_document(self, request: Request, request_data: GraphQLRequestData) -> None:
+        """The document the request names (documents.py), or a request error."""
+        if request_data.query is not None and request_data.extensions is None and not self.documents.only:
+            return  # a document sent in full, as most requests are: nothing to look up
+        raw: Any = {}
+        if request_data.query is None:  # then an id may be at the top level
+            raw = request.query_params if request.method == "GET" else orjson.loads(await request.body())
+        try:
+            request_data.query = await self.documents.resolve(
+                request.app.state.redis,
+                request_data.query,
+                named(raw, request_data.extensions),
+                own_page=own_page(request),
+            )
+        except DocumentRefused as refused:
+            raise RequestError(refused.status, refused.message, code=refused.code) from None
+
+    def should_render_graphql_ide(self, request: BaseRequestProtocol) -> bool:
+        # A GET naming a persisted document has no `query` either: it is no page request.
+        params = request.query_params
+        named_one = any(name in params for name in ("extensions", "documentId", "doc_id", "id"))
+        return not named_one and super().should_render_graphql_ide(request)
+
     async def execute_operation(  # noqa: PLR0917 (Strawberry's signature)
         self,
         request: Request,
@@ -246,6 +232,7 @@ class GraphQLView(GraphQL[Context, None]):
         sub_response: Response,
     ) -> Any:
         if not isinstance(request_data, list):  # (batches are off)
+            await self._resolve_document(request, request_data)
             self._check_operation(request_data, request.headers.get("accept", ""))
         return await super().execute_operation(
             request, request_adapter, request_data, context, root_value, sub_response
@@ -358,7 +345,10 @@ class GraphQLView(GraphQL[Context, None]):
         else:
             # Decided at connection_init (on_ws_connect); an upgrade header may already carry it.
             tenant = self.keys.tenant(request.headers.get("authorization")) if self.keys.enabled else "public"
-        return Context(jobs=request.app.state.jobs, tenant=tenant, request_id=rid)
+        context = Context(jobs=request.app.state.jobs, tenant=tenant, request_id=rid)
+        if isinstance(request, WebSocket):
+            context.own_page = own_page(request)
+        return context
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         if self.keys.enabled and context.tenant is None:

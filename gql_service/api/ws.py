@@ -4,7 +4,9 @@ Strawberry's handlers index into each message (`message["type"]`), so a JSON arr
 `start` without an id would raise inside the connection task. These subclasses check the
 shape first and answer the way each protocol prescribes: graphql-transport-ws closes
 with 4400; the legacy graphql-ws replies with an `error` message, as the reference
-subscriptions-transport-ws server does, and keeps the connection.
+subscriptions-transport-ws server does, and keeps the connection. An operation may name its
+document by id or hash (trusted documents, persisted queries): looked up first, and a
+refusal is that operation's `error`, as is a document that doesn't parse.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from graphql import GraphQLError, GraphQLSyntaxError
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
+
+from gql_service.api.documents import DocumentRefused, named
 
 _LEGACY_TYPES = {"connection_init", "connection_terminate", "start", "stop"}
 # Ids are the client's names for its operations; nothing needs more than this.
@@ -68,13 +73,44 @@ def _transport_problem(message: Any, view: Any) -> str | None:
     return None
 
 
+async def _named_document(handler: Any, message: Any, kind: str) -> DocumentRefused | None:
+    """Put the document a `subscribe` (`start`) names by id or hash into its payload
+    (gql_service/api/documents.py); what is refused is that operation's error."""
+    payload = message.get("payload") if isinstance(message, dict) and message.get("type") == kind else None
+    if not isinstance(payload, dict) or not isinstance(payload.get("query"), str | None) or _id(message) is None:
+        return None  # malformed: answered as such below
+    context = handler.context
+    try:
+        payload["query"] = await handler.view.documents.resolve(
+            context.jobs.redis,
+            payload.get("query"),
+            named(payload, payload.get("extensions")),
+            own_page=context.own_page,
+        )
+    except DocumentRefused as refused:
+        return refused
+    return None
+
+
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
     async def handle_message(self, message: Any) -> None:
+        if refused := await _named_document(self, message, "subscribe"):
+            await self.send_message({"id": message["id"], "type": "error", "payload": [refused.formatted]})
+            return
         # Every problem closes with 4400, as Strawberry closes an unknown operationName.
         if problem := _transport_problem(message, self.view):
             await self.handle_invalid_message(problem)
             return
         await super().handle_message(message)
+
+    @staticmethod
+    def _get_pre_execution_close_reason(error: GraphQLError) -> str | None:
+        # A document that doesn't parse is its own operation's problem, as a validation
+        # error is: an `error` message for its id; the socket and its other operations go on
+        # (Strawberry closes the whole socket with 4400).
+        if isinstance(error, GraphQLSyntaxError):
+            return None
+        return BaseGraphQLTransportWSHandler._get_pre_execution_close_reason(error)
 
 
 def _legacy_problem(message: Any, view: Any) -> str | None:
@@ -104,6 +140,9 @@ class LegacyWSHandler(BaseGraphQLWSHandler[Any, Any]):
             await self.websocket.close(code=4408, reason="Connection initialisation timeout")
 
     async def handle_message(self, message: Any) -> None:
+        if refused := await _named_document(self, message, "start"):
+            await self.send_message({"type": "error", "id": message["id"], "payload": refused.formatted})
+            return
         problem = _legacy_problem(message, self.view)
         if problem is not None:
             # The id is echoed only when it is one we accept (never a 100 KB one back).

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from gql_service import logs
 from gql_service.cli import outbox
-from gql_service.cli.common import fail, migrate_history, quiet_client_logs, require_redis, settings_or_exit
+from gql_service.cli.common import (
+    check_trusted_documents,
+    fail,
+    migrate_history,
+    quiet_client_logs,
+    require_redis,
+    settings_or_exit,
+)
 from gql_service.cli.dev import cmd_dev
 
 DEFAULT_URL = "http://127.0.0.1:8000/graphql"
@@ -24,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = settings_or_exit()  # fail here, with one clear line each, not inside uvicorn's workers
+    check_trusted_documents(settings)
     uvicorn.run(
         "gql_service.api.app:app_from_env",
         factory=True,

@@ -36,6 +36,21 @@ def settings_or_exit() -> Settings:
     return settings
 
 
+def check_trusted_documents(settings: Settings) -> None:
+    """Every trusted document parsed and validated against the schema before the API
+    starts: a bad one stops start-up with one line naming it."""
+    if not settings.trusted_document_paths:
+        return
+    from gql_service.api.documents import ManifestError, load_manifests
+    from gql_service.api.operations import core_schema
+    from gql_service.api.schema import schema
+
+    try:
+        load_manifests(settings.trusted_document_paths, core_schema(schema))
+    except ManifestError as exc:
+        raise fail(f"bad setting: TRUSTED_DOCUMENTS: {exc}") from None
+
+
 def require_redis(target: RedisTarget, timeout_s: float, *, wait_s: float = 0.0) -> None:
     """One clear line instead of RQ's traceback when Redis is not there; with `wait_s`,
     tried again (a line per attempt) until it answers or `wait_s` has passed."""

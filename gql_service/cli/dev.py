@@ -141,6 +141,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     if "offline_stream_delay_ms" not in settings.model_fields_set:
         # The offline provider writes its answer at a pace a person can watch in the console.
         env["OFFLINE_STREAM_DELAY_MS"] = str(DEV_OFFLINE_STREAM_DELAY_MS)
+    if "trusted_documents_allow_playground" not in settings.model_fields_set:
+        # Trusted documents locked down, and yet the playground and console open in `dev`.
+        env["TRUSTED_DOCUMENTS_ALLOW_PLAYGROUND"] = "true"
     target = settings.redis_target
     redis: EmbeddedRedis | None = None
     children: list[subprocess.Popen[bytes]] = []

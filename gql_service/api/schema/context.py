@@ -19,6 +19,7 @@ class Context:
     tenant: str | None = "public"
     request_id: str | None = None
     connection_params: object = None  # a websocket's connection_init payload
+    own_page: bool = False  # a websocket opened by this service's own page (documents.own_page)
     # A page of jobs asking for `webhook` reads every delivery in one round trip. Not cached:
     # a websocket's context lives as long as its connection, and deliveries change.
     deliveries: DataLoader[str, models.WebhookDelivery | None] = field(init=False)
