@@ -166,6 +166,8 @@ def test_trusted_documents_by_every_kind_of_id(trusted_only: Service) -> None:
     variables = {"id": job_id}
     for body in (
         {"documentId": f"sha256:{sha(JOB)}"},  # the GraphQL-over-HTTP appendix
+        {"documentId": sha(JOB)},  # bare, as GraphQL Code Generator's docs send it
+        {"query": "", "documentId": f"sha256:{sha(JOB)}"},  # graphql-ws's client needs a string
         {"doc_id": sha(JOB)},  # Relay
         {"id": sha(JOB)},
         {"extensions": apq(sha(JOB))},  # Apollo's link

@@ -10,6 +10,8 @@ import sys
 import venv
 from pathlib import Path
 
+import pytest
+
 from .service import Service
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -22,20 +24,44 @@ def run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complete
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_typescript_client_is_generated_compiled_and_follows_a_job(service: Service) -> None:
+@pytest.fixture(scope="module")
+def built_ts() -> Path:
     npm = shutil.which("npm")
     assert npm, "Node.js and npm are needed for the TypeScript client"
     installed = run([npm, "ci", "--no-audit", "--no-fund"], TS)
     assert installed.returncode == 0, installed.stderr[-3000:]
     built = run([npm, "run", "build"], TS)  # graphql-codegen from ../../schema.graphql, then tsc
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return TS
+
+
+def test_typescript_client_is_generated_compiled_and_follows_a_job(service: Service, built_ts: Path) -> None:
     assert "export type JobUpdatesSubscription" in (TS / "src/generated/graphql.ts").read_text()
     done = run(["node", "dist/client.js", service.http_url, "Great service from Acme Corp!"], TS, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FINISHED DONE" in done.stdout and '"sentiment":"POSITIVE"' in done.stdout
 
 
-def test_typescript_types_catch_a_wrong_field(tmp_path: Path) -> None:
+def test_typescript_client_by_ids_alone_against_its_generated_manifest(e2e_redis: str, built_ts: Path) -> None:
+    """GraphQL Code Generator's client preset writes persisted-documents.json; the service
+    trusts nothing else, and the client sends nothing but ids."""
+    manifest = TS / "src/generated/persisted-documents.json"
+    env = {
+        "RQ_QUEUE": "llm-ts-ids",
+        "TRUSTED_DOCUMENTS": str(manifest),
+        "TRUSTED_DOCUMENTS_ONLY": "true",
+        "TRUSTED_DOCUMENTS_REQUIRE_ID": "true",
+    }
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        done = run(["node", "dist/client.js", svc.http_url, "Great service from Acme Corp!", "--ids"], TS, timeout=60)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "FINISHED DONE" in done.stdout and '"sentiment":"POSITIVE"' in done.stdout
+        # The same client sending its documents in full is refused by this service.
+        full = run(["node", "dist/client.js", svc.http_url, "Great service from Acme Corp!"], TS, timeout=60)
+        assert full.returncode != 0 and "this service runs trusted documents named by their id only" in full.stderr
+
+
+def test_typescript_types_catch_a_wrong_field(tmp_path: Path, built_ts: Path) -> None:
     # The generated types are strict: a client using a field the schema doesn't have won't compile.
     bad = TS / "src" / "wrong.ts"
     bad.write_text(

@@ -204,7 +204,7 @@ class GraphQLView(GraphQL[Context, None]):
         if request_data.query is not None and request_data.extensions is None and not self.documents.only:
             return  # a document sent in full, as most requests are: nothing to look up
         raw: Any = {}
-        if request_data.query is None:  # then an id may be at the top level
+        if not request_data.query:  # then an id may be at the top level
             raw = request.query_params if request.method == "GET" else orjson.loads(await request.body())
         try:
             request_data.query = await self.documents.resolve(
