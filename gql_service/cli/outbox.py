@@ -94,10 +94,10 @@ def replay(redis: Redis, outbox: keys.Outbox, *, max_len: int) -> int:
     script = redis.register_script(_REPLAY_LUA)
     # Only the dead letters there are now: an entry refused again while this runs (a
     # drainer is taking the replayed ones) waits for the next replay, never loops back in.
-    newest = redis.xrevrange(outbox.dead, count=1)
+    newest: Any = redis.xrevrange(outbox.dead, count=1)
     if not newest:
         return 0
-    last = newest[0][0]
+    last: bytes = newest[0][0]
     moved = 0
     while True:
         seen, done = script(keys=[outbox.dead, outbox.stream], args=[max_len, REPLAY_BATCH, last])
