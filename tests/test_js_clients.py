@@ -124,3 +124,25 @@ def test_graphql_sse_reconnects_after_the_server_drops_the_stream(e2e_redis: str
     # The reopened stream starts with the job as it is now, then goes on to its end.
     assert after and after[-1] == "next FINISHED DONE v4", lines
     assert int(after[0].rsplit("v", 1)[1]) >= 1 and time.monotonic() - started < 30
+
+
+def test_apollo_client_with_persisted_queries_sends_hashes_and_falls_back_once(svc: Service) -> None:
+    """PersistedQueryLink (GET for hashed queries) before HttpLink: a mutation, a subscription
+    followed to DONE over multipart HTTP, and a query twice; each document goes over the
+    wire once, after the service's PERSISTED_QUERY_NOT_FOUND, and the hash alone after that."""
+    lines = node(svc, "apollo-persisted.mjs")
+    assert lines[0] == "mutation: QUEUED" and followed_to_done(lines[1], "subscription: "), lines
+    assert lines[2:4] == ["query 1: FINISHED", "query 2: FINISHED"], lines
+    sent = lines[4].removeprefix("sent: ").split()
+    assert (
+        sent
+        == [
+            "POST:hash+hash",
+            "POST:document+hash",  # the mutation: not found, then registered
+            *sent[2:4],  # the subscription, the same way (its method is the link's choice)
+            "GET:hash+hash",
+            "POST:document+hash",  # the query: not found, then registered
+            "GET:hash+hash",  # and then by its hash alone
+        ]
+    ), lines
+    assert [s.split(":")[1] for s in sent[2:4]] == ["hash+hash", "document+hash"], lines
