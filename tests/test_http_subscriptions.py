@@ -21,7 +21,9 @@ from .service import Service, wait_until
 KEY = "sk-http-streams"
 AUTH = {"authorization": f"Bearer {KEY}"}
 SSE = {"accept": "text/event-stream"}
-MULTIPART = {"accept": "multipart/mixed;subscriptionSpec=1.0,application/json"}
+MULTIPART = {"accept": "multipart/mixed;subscriptionSpec=1.0,application/json"}  # Apollo Client's
+MULTIPART_CONTENT_TYPE = 'multipart/mixed; boundary="graphql"; subscriptionSpec="1.0"'
+URQL_SUBSCRIPTION_ACCEPT = "text/event-stream, multipart/mixed"  # urql's fetchSubscriptions
 UPDATES = "subscription($id: ID!) { jobUpdates(id: $id) { id status stage version } }"
 
 
@@ -72,10 +74,77 @@ def test_multipart_follows_a_job_to_its_end(svc: Service) -> None:
         "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}}, headers={**MULTIPART, **AUTH},
         timeout=30,
     ) as response:  # fmt: skip
-        assert response.headers["content-type"].startswith("multipart/mixed;boundary=graphql;subscriptionSpec=1.0")
+        assert response.headers["content-type"] == MULTIPART_CONTENT_TYPE
         body = response.read().decode()
-    payloads = [json.loads(part)["payload"] for part in re.findall(r'^(\{"payload".*)$', body, re.MULTILINE)]
-    assert payloads[-1]["data"]["jobUpdates"]["stage"] == "DONE" and body.rstrip().endswith("--graphql--")
+    payloads = [part["payload"] for part in _multipart_parts(body) if part]  # {} is a heartbeat
+    assert payloads[-1]["data"]["jobUpdates"]["stage"] == "DONE"
+
+
+def _multipart_parts(body: str) -> list[Any]:
+    """Every part of a multipart/mixed body with boundary "graphql", read as strictly as
+    RFC 2046 (and meros) read it: the body opens with the delimiter, parts are separated by
+    it, it is closed once, and each part is headers, a blank line, then JSON."""
+    assert body.startswith("--graphql\r\n"), body[:60]
+    inner, close, epilogue = body.removeprefix("--graphql\r\n").partition("\r\n--graphql--")
+    assert close and epilogue in ("", "\r\n") and "--graphql--" not in inner, body[-60:]
+    parts = []
+    for part in inner.split("\r\n--graphql\r\n"):
+        headers, blank, data = part.partition("\r\n\r\n")
+        assert blank and "content-type: application/json" in headers.lower(), part
+        parts.append(json.loads(data))
+    return parts
+
+
+def test_multipart_framing_is_exact_for_strict_parsers(svc: Service) -> None:
+    """The Content-Type named a stray `,application/json`, the first part had no opening
+    delimiter and the close came after an empty part (`--graphql\\r\\n--graphql--`): meros
+    dropped the first part and read one that was not JSON."""
+    job_id = _submit(svc)
+    with httpx.stream(
+        "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}},
+        headers={"accept": "multipart/mixed;subscriptionSpec=1.0", **AUTH}, timeout=30,
+    ) as response:  # fmt: skip
+        assert response.headers["content-type"] == MULTIPART_CONTENT_TYPE
+        body = response.read().decode()
+    parts = _multipart_parts(body)
+    updates = [part["payload"]["data"]["jobUpdates"] for part in parts if part]
+    assert updates[0]["version"] >= 1 and updates[-1]["stage"] == "DONE", parts
+
+
+def test_a_query_or_mutation_asked_for_with_multipart_alone_is_answered_in_one_part(svc: Service) -> None:
+    """It was an INTERNAL_SERVER_ERROR ("queries are not allowed"); so was a mutation over
+    GET on a stream ("mutations are not allowed")."""
+    only_multipart = {"accept": "multipart/mixed;subscriptionSpec=1.0", **AUTH}
+    answer = httpx.post(svc.http_url, json={"query": SUBMIT, "variables": {"text": TEXT}}, headers=only_multipart)
+    assert answer.status_code == 200 and answer.headers["content-type"] == MULTIPART_CONTENT_TYPE
+    [payload] = [part["payload"] for part in _multipart_parts(answer.text) if part]
+    job_id = payload["data"]["submitText"]["job"]["id"]
+    query = "query($id: ID!) { job(id: $id) { id } }"
+    answer = httpx.post(svc.http_url, json={"query": query, "variables": {"id": job_id}}, headers=only_multipart)
+    [payload] = [part["payload"] for part in _multipart_parts(answer.text) if part]
+    assert payload == {"data": {"job": {"id": job_id}}}, payload
+    # A mutation over GET is refused as over plain HTTP, on either stream.
+    for accept in (only_multipart, {**SSE, **AUTH}):
+        over_get = httpx.get(svc.http_url, params={"query": 'mutation { cancelJob(id: "x") { id } }'}, headers=accept)
+        assert over_get.status_code == 405 and over_get.headers["allow"] == "POST", over_get.text
+        assert over_get.json()["errors"][0]["extensions"]["code"] == "BAD_REQUEST"
+
+
+def test_sse_events_end_with_two_newlines(svc: Service) -> None:
+    """urql's fetchSubscriptions splits an event stream on "\\n\\n": events ended with
+    "\\r\\n\\r\\n" were never found ([Network] No Content)."""
+    job_id = _submit(svc)
+    with httpx.stream(
+        "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}},
+        headers={"accept": URQL_SUBSCRIPTION_ACCEPT, **AUTH}, timeout=30,
+    ) as response:  # fmt: skip
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    assert "\r" not in body and body.endswith("\n\n"), body[-80:]
+    events = [event for event in body.removesuffix("\n\n").split("\n\n") if not event.startswith(":")]
+    assert events[-1] == "event: complete\ndata:", events
+    updates = [json.loads(event.removeprefix("event: next\ndata: ")) for event in events[:-1]]
+    assert updates[-1]["data"]["jobUpdates"]["stage"] == "DONE", updates
 
 
 def test_a_stream_needs_the_api_key(svc: Service) -> None:

@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from graphql import GraphQLError, GraphQLSyntaxError, OperationDefinitionNode, parse
-from prometheus_client import Gauge
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -43,8 +42,8 @@ from gql_service import logs
 from gql_service.api.auth import ApiKeys
 from gql_service.api.media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
 from gql_service.api.schema import MAX_TOKENS, Context, schema
+from gql_service.api.streams import EventStream, MultipartSubscriptions, counted
 from gql_service.api.ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
-from gql_service.metrics import REGISTRY
 from gql_service.settings import Settings
 
 MAX_REQUEST_ID_CHARS = 128
@@ -52,11 +51,6 @@ SUBSCRIPTION_NEEDS_A_STREAM = (
     "a subscription needs a stream: a websocket (graphql-transport-ws or graphql-ws), Server-Sent Events "
     "(Accept: text/event-stream) or multipart HTTP (Accept: multipart/mixed;subscriptionSpec=1.0)"
 )
-HTTP_STREAMS = Gauge(
-    "gqls_http_subscription_streams", "Subscriptions open over HTTP, by transport", ["transport"], registry=REGISTRY
-)
-for _transport in ("sse", "multipart"):
-    HTTP_STREAMS.labels(_transport)  # shown at 0 from the start
 GRAPHIQL = Path(__file__).with_name("static") / "graphiql"
 # A request object or a batch; anything else ("hello", null, 42) is not a GraphQL request.
 _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
@@ -173,6 +167,11 @@ def is_request_error(response_data: GraphQLHTTPResponse) -> bool:
 class GraphQLView(GraphQL[Context, None]):
     graphql_transport_ws_handler_class = TransportWSHandler
     graphql_ws_handler_class = LegacyWSHandler
+    # Framings every client parses (gql_service/api/streams.py), in place of Strawberry's.
+    stream_transport_classes_by_protocol = {
+        MULTIPART_SUBSCRIPTION_PROTOCOL: MultipartSubscriptions,
+        GRAPHQL_SSE_PROTOCOL: EventStream,
+    }
 
     def __init__(self, *, keys: ApiKeys, settings: Settings) -> None:
         super().__init__(
@@ -246,12 +245,12 @@ class GraphQLView(GraphQL[Context, None]):
         sub_response: Response,
     ) -> Any:
         if not isinstance(request_data, list):  # (batches are off)
-            self._check_operation(request_data, request.headers.get("accept", ""))
+            self._check_operation(request_data, request.headers.get("accept", ""), request.method)
         return await super().execute_operation(
             request, request_adapter, request_data, context, root_value, sub_response
         )
 
-    def _check_operation(self, request_data: GraphQLRequestData, accept: str) -> None:
+    def _check_operation(self, request_data: GraphQLRequestData, accept: str, method: str = "POST") -> None:
         """What Strawberry would not refuse before running it (or, for streams, before the
         200 and the first event are sent), and whether to stream the answer at all."""
         query, name = request_data.query, request_data.operation_name
@@ -267,6 +266,9 @@ class GraphQLView(GraphQL[Context, None]):
             # Strawberry streams whatever comes with a stream in its Accept: a query or a
             # mutation from a client that takes JSON too (urql's) gets JSON, as it prefers.
             request_data.protocol = "http"
+        elif streamed and kind == "mutation" and method == "GET":
+            # As over plain HTTP (the spec's 405); Strawberry's stream sent an internal error.
+            raise RequestError(405, "mutations are not allowed when using GET", headers={"allow": "POST"})
         elif not streamed and kind == "subscription":
             # Strawberry would run it as a query: a 200 with an internal error for its field.
             raise RequestError(400, SUBSCRIPTION_NEEDS_A_STREAM)
@@ -315,19 +317,7 @@ class GraphQLView(GraphQL[Context, None]):
         headers: Mapping[str, str],
     ) -> Response:
         content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
-        transport = "sse" if content_type.startswith("text/event-stream") else "multipart"
-
-        async def counted() -> AsyncIterator[str]:
-            # Ends when the client goes: Starlette cancels the stream at the disconnect, and
-            # the subscription's own `finally` blocks release its channels at once.
-            HTTP_STREAMS.labels(transport).inc()
-            try:
-                async for chunk in stream():
-                    yield chunk
-            finally:
-                HTTP_STREAMS.labels(transport).dec()
-
-        return await super().create_streaming_response(request, counted, sub_response, headers)
+        return await super().create_streaming_response(request, counted(stream, content_type), sub_response, headers)
 
     def create_response(
         self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
