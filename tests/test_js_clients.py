@@ -1,8 +1,9 @@
 """The GraphQL clients front ends use, each the real npm package (examples/clients/), run
 in Node against a live service with API keys: Relay (relay-compiler compiles the app
 against schema.graphql; relay-runtime runs it over fetch and graphql-ws), urql (graphql-ws
-subscription exchange), Apollo Client with HttpLink alone (multipart subscriptions) and
-graphql-sse (Server-Sent Events), a reconnect after the server drops the stream included."""
+subscription exchange, and fetchSubscriptions over Server-Sent Events), Apollo Client with
+HttpLink alone (multipart subscriptions), meros (a strict multipart parser) and graphql-sse
+(Server-Sent Events), a reconnect after the server drops the stream included."""
 
 from __future__ import annotations
 
@@ -95,6 +96,20 @@ def test_urql_queries_mutates_and_subscribes_over_graphql_ws(svc: Service) -> No
 def test_apollo_client_subscribes_with_httplink_alone(svc: Service) -> None:
     lines = node(svc, "apollo.mjs")
     assert followed_to_done(lines[0], "subscription over multipart HTTP: ") and lines[1] == "query: FINISHED", lines
+
+
+def test_urql_subscribes_over_fetch_with_its_default_accept(svc: Service) -> None:
+    """urql's fetchSubscriptions asks `text/event-stream, multipart/mixed` and splits events
+    on "\\n\\n": events ended with "\\r\\n\\r\\n" were never found ([Network] No Content)."""
+    lines = node(svc, "urql-fetch.mjs")
+    assert lines[0] == "mutation: QUEUED" and followed_to_done(lines[1], "subscription over fetch: "), lines
+
+
+def test_meros_reads_every_part_of_multipart_answers_as_json(svc: Service) -> None:
+    """meros, strict about RFC 2046, lost the first part (no opening delimiter) and read an
+    empty part before the close; a mutation asked for with multipart alone failed."""
+    lines = node(svc, "meros.mjs")
+    assert followed_to_done(lines[0], "subscription: ") and lines[1].startswith("every part JSON: "), lines
 
 
 def test_graphql_sse_follows_a_job_to_its_end(svc: Service) -> None:
