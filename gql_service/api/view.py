@@ -40,8 +40,11 @@ from strawberry.types.unset import UnsetType
 
 from gql_service import logs
 from gql_service.api.auth import ApiKeys
+from gql_service.api.errors import RequestError
 from gql_service.api.media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
+from gql_service.api.reservations import Reservations
 from gql_service.api.schema import MAX_TOKENS, Context, schema
+from gql_service.api.single_connection import SingleConnection
 from gql_service.api.streams import EventStream, MultipartSubscriptions, counted
 from gql_service.api.ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
 from gql_service.settings import Settings
@@ -59,17 +62,6 @@ _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
 def request_id_of(request: Request | WebSocket) -> str:
     given = request.headers.get("x-request-id", "")
     return given[:MAX_REQUEST_ID_CHARS] if given.strip() else uuid.uuid4().hex
-
-
-class RequestError(HTTPException):
-    """A request that never reaches execution, answered with a GraphQL-shaped JSON error."""
-
-    def __init__(
-        self, status_code: int, reason: str, *, code: str = "BAD_REQUEST", headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(status_code, reason)
-        self.code = code
-        self.headers = headers or {}
 
 
 class OperationKinds:
@@ -188,6 +180,12 @@ class GraphQLView(GraphQL[Context, None]):
         )
         self.keys = keys
         self.operation_kinds = OperationKinds()
+        reservations = Reservations(
+            max_per_tenant=settings.max_sse_reservations_per_tenant,
+            ttl_s=settings.sse_reservation_ttl_s,
+            max_operations=settings.max_subscriptions_per_connection,
+        )
+        self.single_connection = SingleConnection(self, reservations)  # graphql-sse's PUT, DELETE, tokens
         self.playground = Playground(api_keys=keys.enabled)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -196,7 +194,10 @@ class GraphQLView(GraphQL[Context, None]):
             return
         request = Request(scope, receive)
         try:
-            response = await self.run(request)
+            if self.single_connection.handles(request):
+                response = await self.single_connection.respond(request)
+            else:
+                response = await self.run(request)
         except HTTPException as exc:
             # Strawberry answers these in text/plain; a GraphQL client reads JSON errors.
             response = self.request_error_response(request, exc)
@@ -205,7 +206,7 @@ class GraphQLView(GraphQL[Context, None]):
     def request_error_response(self, request: Request, exc: HTTPException) -> Response:
         code, headers = (exc.code, exc.headers) if isinstance(exc, RequestError) else ("BAD_REQUEST", {})
         if exc.status_code == 405 and not headers:
-            headers = {"allow": "GET, POST"}
+            headers = {"allow": "GET, POST, PUT, DELETE"}
         # A request error has no `data` entry: nothing was executed.
         body = {"errors": [{"message": exc.reason, "extensions": {"code": code}}]}
         media_type = preferred_media_type(request.headers.get("accept", ""))
