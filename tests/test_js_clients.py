@@ -3,7 +3,8 @@ in Node against a live service with API keys: Relay (relay-compiler compiles the
 against schema.graphql; relay-runtime runs it over fetch and graphql-ws), urql (graphql-ws
 subscription exchange, and fetchSubscriptions over Server-Sent Events), Apollo Client with
 HttpLink alone (multipart subscriptions), meros (a strict multipart parser) and graphql-sse
-(Server-Sent Events), a reconnect after the server drops the stream included."""
+(Server-Sent Events, in both its modes), a reconnect after the server drops the stream
+included."""
 
 from __future__ import annotations
 
@@ -117,6 +118,15 @@ def test_graphql_sse_follows_a_job_to_its_end(svc: Service) -> None:
     assert lines[-2:] == ["next FINISHED DONE v4", "complete"], lines
     stages = " ".join(line.split()[2] for line in lines if line.startswith("next"))
     assert followed_to_done(stages, ""), lines
+
+
+def test_graphql_sse_single_connection_mode_follows_a_job_over_one_stream(svc: Service) -> None:
+    """Its reservation (a PUT) was answered 405: the mode did not work at all."""
+    lines = node(svc, "sse-single.mjs")
+    assert followed_to_done(lines[0], "subscription: "), lines
+    assert lines[1].removeprefix("stopped after: ") in STAGES, lines
+    # One reservation and one stream for everything; the stopped subscription's DELETE answered.
+    assert lines[2] == "requests: DELETE 200, GET 200, POST 202 x3, PUT 201", lines
 
 
 def test_graphql_sse_reconnects_after_the_server_drops_the_stream(e2e_redis: str, installed: Path) -> None:
