@@ -1,7 +1,8 @@
 """Strawberry's ASGI GraphQL view, configured for this service: JSON codec, context, auth at
 connection_init, the GraphQL over HTTP spec's media types, status codes and request errors,
 subscriptions over websockets (both protocols) and over HTTP (GraphQL over Server-Sent
-Events, distinct connections mode, and Apollo's multipart subscriptions), and the GraphiQL
+Events, both modes, and Apollo's multipart subscriptions, framed in streams.py; the single
+connection mode's requests are handed to single_connection.py), and the GraphiQL
 playground served from the package (no CDN)."""
 
 from __future__ import annotations
