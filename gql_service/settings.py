@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     # Except for this service's own pages (the playground and the console: same Origin).
     trusted_documents_allow_playground: bool = False
     max_subscriptions_per_connection: int = Field(100, ge=1)
+    # graphql-sse's single connection mode: event streams one tenant may have reserved at
+    # once per API process (open or not), and how long a reserved stream may wait to be opened.
+    max_sse_reservations_per_tenant: int = Field(100, ge=1)
+    sse_reservation_ttl_s: float = Field(30.0, gt=0)
     ws_init_timeout_s: float = Field(10.0, gt=0)
     # The most one API operation waits on Redis (a connection from the pool included):
     # an unreachable or hung Redis is SERVICE_UNAVAILABLE after this, never a hang.

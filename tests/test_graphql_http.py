@@ -167,6 +167,7 @@ def test_a_mutation_over_get_is_405_and_does_not_run(service: Service) -> None:
 
 
 def test_other_methods_are_405_json(service: Service) -> None:
-    response = httpx.put(service.http_url, content=b"{}")
+    # PUT and DELETE are graphql-sse's (single connection mode: tests/test_http_subscriptions.py).
+    response = httpx.patch(service.http_url, content=b"{}")
     assert request_error(response, 405)["extensions"]["code"] == "BAD_REQUEST"
-    assert response.headers["allow"] == "GET, POST"
+    assert response.headers["allow"] == "GET, POST, PUT, DELETE"

@@ -1,5 +1,5 @@
 """Subscriptions over plain HTTP, against a live service with API keys: GraphQL over
-Server-Sent Events (distinct connections mode) and Apollo's multipart subscriptions. The
+Server-Sent Events (both graphql-sse modes) and Apollo's multipart subscriptions. The
 same guarantees as the websocket path: the key, snapshot first, typed errors, the
 per-tenant bound, and a client that goes frees its subscription at once. (The reference
 clients, graphql-sse and Apollo Client, are run against it in tests/test_js_clients.py.)"""
@@ -21,7 +21,9 @@ from .service import Service, wait_until
 KEY = "sk-http-streams"
 AUTH = {"authorization": f"Bearer {KEY}"}
 SSE = {"accept": "text/event-stream"}
-MULTIPART = {"accept": "multipart/mixed;subscriptionSpec=1.0,application/json"}
+MULTIPART = {"accept": "multipart/mixed;subscriptionSpec=1.0,application/json"}  # Apollo Client's
+MULTIPART_CONTENT_TYPE = 'multipart/mixed; boundary="graphql"; subscriptionSpec="1.0"'
+URQL_SUBSCRIPTION_ACCEPT = "text/event-stream, multipart/mixed"  # urql's fetchSubscriptions
 UPDATES = "subscription($id: ID!) { jobUpdates(id: $id) { id status stage version } }"
 
 
@@ -31,6 +33,8 @@ def svc(e2e_redis: str) -> Iterator[Service]:
         "RQ_QUEUE": "llm-http-streams",
         "API_KEYS": json.dumps({KEY: "acme", "sk-other-tenant": "globex"}),
         "MAX_WATCHED_JOBS_PER_TENANT": "2",
+        "MAX_SUBSCRIPTIONS_PER_CONNECTION": "2",  # operations on one single-connection stream
+        "MAX_SSE_RESERVATIONS_PER_TENANT": "2",
         "OFFLINE_STREAM_DELAY_MS": "20",
     }
     with Service(e2e_redis, workers=1, env=env) as service:
@@ -72,10 +76,77 @@ def test_multipart_follows_a_job_to_its_end(svc: Service) -> None:
         "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}}, headers={**MULTIPART, **AUTH},
         timeout=30,
     ) as response:  # fmt: skip
-        assert response.headers["content-type"].startswith("multipart/mixed;boundary=graphql;subscriptionSpec=1.0")
+        assert response.headers["content-type"] == MULTIPART_CONTENT_TYPE
         body = response.read().decode()
-    payloads = [json.loads(part)["payload"] for part in re.findall(r'^(\{"payload".*)$', body, re.MULTILINE)]
-    assert payloads[-1]["data"]["jobUpdates"]["stage"] == "DONE" and body.rstrip().endswith("--graphql--")
+    payloads = [part["payload"] for part in _multipart_parts(body) if part]  # {} is a heartbeat
+    assert payloads[-1]["data"]["jobUpdates"]["stage"] == "DONE"
+
+
+def _multipart_parts(body: str) -> list[Any]:
+    """Every part of a multipart/mixed body with boundary "graphql", read as strictly as
+    RFC 2046 (and meros) read it: the body opens with the delimiter, parts are separated by
+    it, it is closed once, and each part is headers, a blank line, then JSON."""
+    assert body.startswith("--graphql\r\n"), body[:60]
+    inner, close, epilogue = body.removeprefix("--graphql\r\n").partition("\r\n--graphql--")
+    assert close and epilogue in ("", "\r\n") and "--graphql--" not in inner, body[-60:]
+    parts = []
+    for part in inner.split("\r\n--graphql\r\n"):
+        headers, blank, data = part.partition("\r\n\r\n")
+        assert blank and "content-type: application/json" in headers.lower(), part
+        parts.append(json.loads(data))
+    return parts
+
+
+def test_multipart_framing_is_exact_for_strict_parsers(svc: Service) -> None:
+    """The Content-Type named a stray `,application/json`, the first part had no opening
+    delimiter and the close came after an empty part (`--graphql\\r\\n--graphql--`): meros
+    dropped the first part and read one that was not JSON."""
+    job_id = _submit(svc)
+    with httpx.stream(
+        "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}},
+        headers={"accept": "multipart/mixed;subscriptionSpec=1.0", **AUTH}, timeout=30,
+    ) as response:  # fmt: skip
+        assert response.headers["content-type"] == MULTIPART_CONTENT_TYPE
+        body = response.read().decode()
+    parts = _multipart_parts(body)
+    updates = [part["payload"]["data"]["jobUpdates"] for part in parts if part]
+    assert updates[0]["version"] >= 1 and updates[-1]["stage"] == "DONE", parts
+
+
+def test_a_query_or_mutation_asked_for_with_multipart_alone_is_answered_in_one_part(svc: Service) -> None:
+    """It was an INTERNAL_SERVER_ERROR ("queries are not allowed"); so was a mutation over
+    GET on a stream ("mutations are not allowed")."""
+    only_multipart = {"accept": "multipart/mixed;subscriptionSpec=1.0", **AUTH}
+    answer = httpx.post(svc.http_url, json={"query": SUBMIT, "variables": {"text": TEXT}}, headers=only_multipart)
+    assert answer.status_code == 200 and answer.headers["content-type"] == MULTIPART_CONTENT_TYPE
+    [payload] = [part["payload"] for part in _multipart_parts(answer.text) if part]
+    job_id = payload["data"]["submitText"]["job"]["id"]
+    query = "query($id: ID!) { job(id: $id) { id } }"
+    answer = httpx.post(svc.http_url, json={"query": query, "variables": {"id": job_id}}, headers=only_multipart)
+    [payload] = [part["payload"] for part in _multipart_parts(answer.text) if part]
+    assert payload == {"data": {"job": {"id": job_id}}}, payload
+    # A mutation over GET is refused as over plain HTTP, on either stream.
+    for accept in (only_multipart, {**SSE, **AUTH}):
+        over_get = httpx.get(svc.http_url, params={"query": 'mutation { cancelJob(id: "x") { id } }'}, headers=accept)
+        assert over_get.status_code == 405 and over_get.headers["allow"] == "POST", over_get.text
+        assert over_get.json()["errors"][0]["extensions"]["code"] == "BAD_REQUEST"
+
+
+def test_sse_events_end_with_two_newlines(svc: Service) -> None:
+    """urql's fetchSubscriptions splits an event stream on "\\n\\n": events ended with
+    "\\r\\n\\r\\n" were never found ([Network] No Content)."""
+    job_id = _submit(svc)
+    with httpx.stream(
+        "POST", svc.http_url, json={"query": UPDATES, "variables": {"id": job_id}},
+        headers={"accept": URQL_SUBSCRIPTION_ACCEPT, **AUTH}, timeout=30,
+    ) as response:  # fmt: skip
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    assert "\r" not in body and body.endswith("\n\n"), body[-80:]
+    events = [event for event in body.removesuffix("\n\n").split("\n\n") if not event.startswith(":")]
+    assert events[-1] == "event: complete\ndata:", events
+    updates = [json.loads(event.removeprefix("event: next\ndata: ")) for event in events[:-1]]
+    assert updates[-1]["data"]["jobUpdates"]["stage"] == "DONE", updates
 
 
 def test_a_stream_needs_the_api_key(svc: Service) -> None:
@@ -173,3 +244,106 @@ def test_what_needs_no_stream_is_answered_in_json_when_the_client_takes_json(svc
     assert streamed.headers["content-type"].startswith("text/event-stream")
     [(kind, data), end] = list(_sse_events(iter(streamed.text.splitlines())))
     assert kind == "next" and data["data"]["submitText"]["job"]["id"] and end == ("complete", None)
+
+
+# graphql-sse's single connection mode: a reserved stream, operations by POST with its token.
+TOKEN = "x-graphql-event-stream-token"
+OTHER_TENANT = {"authorization": "Bearer sk-other-tenant"}
+
+
+def _reserve(svc: Service, headers: dict[str, str] = AUTH) -> str:
+    answer = httpx.put(svc.http_url, headers=headers)
+    assert answer.status_code == 201 and answer.headers["content-type"].startswith("text/plain"), answer.text
+    return answer.text
+
+
+def _operation(
+    svc: Service, token: str, op_id: str | None, query: str, headers: dict[str, str] = AUTH, **variables: Any
+) -> httpx.Response:
+    extensions = {"operationId": op_id} if op_id is not None else {}
+    body = {"query": query, "variables": variables, "extensions": extensions}
+    return httpx.post(svc.http_url, json=body, headers={TOKEN: token, **headers})
+
+
+def test_single_connection_mode_carries_every_operation_on_one_reserved_stream(svc: Service) -> None:
+    """graphql-sse's single connection mode answered 405 to its reservation (a PUT)."""
+    job_id = _submit(svc)
+    token = _reserve(svc)
+    with httpx.stream("GET", svc.http_url, headers={**SSE, **AUTH, TOKEN: token}, timeout=30) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(stream.iter_lines())
+        assert _operation(svc, token, "follow", UPDATES, id=job_id).status_code == 202
+        assert _operation(svc, token, "read", "query($id: ID!) { job(id: $id) { id } }", id=job_id).status_code == 202
+        seen: dict[str, list[Any]] = {"follow": [], "read": []}
+        ended: list[str] = []
+        while len(ended) < 2:
+            kind, data = next(events)
+            if kind == "next":
+                seen[data["id"]].append(data["payload"])
+            else:
+                assert kind == "complete" and set(data) == {"id"}, (kind, data)
+                ended.append(data["id"])
+    assert sorted(ended) == ["follow", "read"] and seen["read"] == [{"data": {"job": {"id": job_id}}}], seen
+    updates = [payload["data"]["jobUpdates"] for payload in seen["follow"]]
+    versions = [u["version"] for u in updates]  # the snapshot first, then each newer version
+    assert versions == sorted(set(versions)) and updates[-1]["stage"] == "DONE", updates
+    # The stream is gone with its client: so is the token.
+    gone = _operation(svc, token, "late", UPDATES, id=job_id)
+    assert gone.status_code == 404 and gone.json()["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+
+
+def test_single_connection_mode_refuses_what_the_protocol_does_not_allow(svc: Service) -> None:
+    token = _reserve(svc)
+    # The token is its tenant's: to another, and to a made-up one, no such stream.
+    for headers, given in ((OTHER_TENANT, token), (AUTH, "made-up")):
+        answer = _operation(svc, given, "x", UPDATES, headers=headers, id="x")
+        assert answer.status_code == 404 and answer.json()["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+        assert httpx.get(svc.http_url, headers={**SSE, **headers, TOKEN: given}).status_code == 404
+    assert httpx.put(svc.http_url).status_code == 401  # a reservation needs the API key too
+    assert httpx.get(svc.http_url, headers={**AUTH, TOKEN: token}).status_code == 406  # not an event stream
+    with httpx.stream("GET", svc.http_url, headers={**SSE, **AUTH, TOKEN: token}, timeout=30) as stream:
+        assert stream.status_code == 200
+        again = httpx.get(svc.http_url, headers={**SSE, **AUTH, TOKEN: token})
+        assert again.status_code == 409  # one stream per reservation, ever
+        assert _operation(svc, token, None, UPDATES, id="x").status_code == 400  # no operationId
+        ambiguous = 'query A { job(id: "x") { id } } query B { job(id: "x") { id } }'
+        answer = _operation(svc, token, "x", ambiguous)
+        assert answer.json()["errors"][0]["extensions"]["code"] == "OPERATION_RESOLUTION_FAILURE"
+        # Two operations at most on one stream (MAX_SUBSCRIPTIONS_PER_CONNECTION), ids unique.
+        parked = [_submit_parked(svc), _submit_parked(svc)]
+        assert _operation(svc, token, "a", UPDATES, id=parked[0]).status_code == 202
+        assert _operation(svc, token, "a", UPDATES, id=parked[1]).status_code == 409
+        assert _operation(svc, token, "b", UPDATES, id=parked[1]).status_code == 202
+        third = _operation(svc, token, "c", UPDATES, id=parked[1])
+        assert third.status_code == 429 and third.json()["errors"][0]["extensions"]["code"] == "RATE_LIMITED"
+    wait_until(lambda: _open_streams(svc)["active"] == 0, timeout_s=5, what="the closed stream's operations to end")
+
+
+def test_single_connection_operations_stop_on_delete_and_with_their_stream(svc: Service) -> None:
+    parked = [_submit_parked(svc), _submit_parked(svc)]
+    token = _reserve(svc)
+    with httpx.stream("GET", svc.http_url, headers={**SSE, **AUTH, TOKEN: token}, timeout=30) as stream:
+        events = _sse_events(stream.iter_lines())
+        for op_id, job_id in zip(("a", "b"), parked, strict=True):
+            assert _operation(svc, token, op_id, UPDATES, id=job_id).status_code == 202
+        firsts = [next(events)[1] for _ in parked]  # each one's snapshot: both are live
+        assert sorted(first["id"] for first in firsts) == ["a", "b"]
+        assert _open_streams(svc)["sse"] == 2 and _open_streams(svc)["active"] == 2
+        stop = httpx.delete(svc.http_url, params={"operationId": "a"}, headers={**AUTH, TOKEN: token})
+        assert stop.status_code == 200
+        wait_until(lambda: _open_streams(svc)["active"] == 1, timeout_s=5, what="the stopped operation to end")
+    # The client went: its other operation ends at once, and its tenant may watch two again.
+    wait_until(lambda: _open_streams(svc)["active"] == 0 and _open_streams(svc)["sse"] == 0, timeout_s=5,
+               what="the stream's operations to end")  # fmt: skip
+
+
+def test_reservations_are_bounded_per_tenant(svc: Service) -> None:
+    tokens = [_reserve(svc, OTHER_TENANT), _reserve(svc, OTHER_TENANT)]  # MAX_SSE_RESERVATIONS_PER_TENANT is 2
+    refused = httpx.put(svc.http_url, headers=OTHER_TENANT)
+    assert refused.status_code == 429 and refused.json()["errors"][0]["extensions"]["code"] == "RATE_LIMITED"
+    assert httpx.put(svc.http_url, headers=AUTH).status_code == 201  # another tenant's bound is its own
+    for token in tokens:  # a stream opened and closed gives its reservation back
+        with httpx.stream("GET", svc.http_url, headers={**SSE, **OTHER_TENANT, TOKEN: token}) as stream:
+            assert stream.status_code == 200
+    wait_until(lambda: httpx.put(svc.http_url, headers=OTHER_TENANT).status_code == 201, timeout_s=5,
+               what="a closed stream's reservation to be given back")  # fmt: skip

@@ -1,8 +1,10 @@
 """The GraphQL clients front ends use, each the real npm package (examples/clients/), run
 in Node against a live service with API keys: Relay (relay-compiler compiles the app
 against schema.graphql; relay-runtime runs it over fetch and graphql-ws), urql (graphql-ws
-subscription exchange), Apollo Client with HttpLink alone (multipart subscriptions) and
-graphql-sse (Server-Sent Events), a reconnect after the server drops the stream included."""
+subscription exchange, and fetchSubscriptions over Server-Sent Events), Apollo Client with
+HttpLink alone (multipart subscriptions), meros (a strict multipart parser) and graphql-sse
+(Server-Sent Events, in both its modes), a reconnect after the server drops the stream
+included."""
 
 from __future__ import annotations
 
@@ -97,11 +99,34 @@ def test_apollo_client_subscribes_with_httplink_alone(svc: Service) -> None:
     assert followed_to_done(lines[0], "subscription over multipart HTTP: ") and lines[1] == "query: FINISHED", lines
 
 
+def test_urql_subscribes_over_fetch_with_its_default_accept(svc: Service) -> None:
+    """urql's fetchSubscriptions asks `text/event-stream, multipart/mixed` and splits events
+    on "\\n\\n": events ended with "\\r\\n\\r\\n" were never found ([Network] No Content)."""
+    lines = node(svc, "urql-fetch.mjs")
+    assert lines[0] == "mutation: QUEUED" and followed_to_done(lines[1], "subscription over fetch: "), lines
+
+
+def test_meros_reads_every_part_of_multipart_answers_as_json(svc: Service) -> None:
+    """meros, strict about RFC 2046, lost the first part (no opening delimiter) and read an
+    empty part before the close; a mutation asked for with multipart alone failed."""
+    lines = node(svc, "meros.mjs")
+    assert followed_to_done(lines[0], "subscription: ") and lines[1].startswith("every part JSON: "), lines
+
+
 def test_graphql_sse_follows_a_job_to_its_end(svc: Service) -> None:
     lines = node(svc, "sse.mjs")
     assert lines[-2:] == ["next FINISHED DONE v4", "complete"], lines
     stages = " ".join(line.split()[2] for line in lines if line.startswith("next"))
     assert followed_to_done(stages, ""), lines
+
+
+def test_graphql_sse_single_connection_mode_follows_a_job_over_one_stream(svc: Service) -> None:
+    """Its reservation (a PUT) was answered 405: the mode did not work at all."""
+    lines = node(svc, "sse-single.mjs")
+    assert followed_to_done(lines[0], "subscription: "), lines
+    assert lines[1].removeprefix("stopped after: ") in STAGES, lines
+    # One reservation and one stream for everything; the stopped subscription's DELETE answered.
+    assert lines[2] == "requests: DELETE 200, GET 200, POST 202 x3, PUT 201", lines
 
 
 def test_graphql_sse_reconnects_after_the_server_drops_the_stream(e2e_redis: str, installed: Path) -> None:

@@ -1,7 +1,9 @@
-"""GraphQL errors a client can act on, each with `extensions.code`."""
+"""GraphQL errors a client can act on, each with `extensions.code`, and the HTTP request
+errors answered in the same shape."""
 
 from __future__ import annotations
 
+from cross_web import HTTPException
 from graphql import GraphQLError
 
 
@@ -37,3 +39,15 @@ class IdempotencyKeyReused(ClientError):
     Idempotency-Key draft's rule): refused, never silently answered with the first job."""
 
     code = "IDEMPOTENCY_KEY_REUSED"
+
+
+class RequestError(HTTPException):
+    """A request that never reaches execution, answered with a GraphQL-shaped JSON error
+    (by the view's `request_error_response`)."""
+
+    def __init__(
+        self, status_code: int, reason: str, *, code: str = "BAD_REQUEST", headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code, reason)
+        self.code = code
+        self.headers = headers or {}

@@ -1,7 +1,8 @@
 """Strawberry's ASGI GraphQL view, configured for this service: JSON codec, context, auth at
 connection_init, the GraphQL over HTTP spec's media types, status codes and request errors,
 subscriptions over websockets (both protocols) and over HTTP (GraphQL over Server-Sent
-Events, distinct connections mode, and Apollo's multipart subscriptions), and the GraphiQL
+Events, both modes, and Apollo's multipart subscriptions, framed in streams.py; the single
+connection mode's requests are handed to single_connection.py), and the GraphiQL
 playground served from the package (no CDN)."""
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 import orjson
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from graphql import GraphQLError, GraphQLSyntaxError, OperationDefinitionNode, parse
-from prometheus_client import Gauge
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -40,12 +40,15 @@ from strawberry.types.unset import UnsetType
 from gql_service import logs
 from gql_service.api.auth import ApiKeys
 from gql_service.api.documents import DocumentRefused, documents_from, named, own_page
+from gql_service.api.errors import RequestError
 from gql_service.api.media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
 from gql_service.api.operations import core_schema
 from gql_service.api.playground import Playground
+from gql_service.api.reservations import Reservations
 from gql_service.api.schema import MAX_TOKENS, Context, schema
+from gql_service.api.single_connection import SingleConnection
+from gql_service.api.streams import EventStream, MultipartSubscriptions, counted
 from gql_service.api.ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
-from gql_service.metrics import REGISTRY
 from gql_service.settings import Settings
 
 MAX_REQUEST_ID_CHARS = 128
@@ -53,11 +56,6 @@ SUBSCRIPTION_NEEDS_A_STREAM = (
     "a subscription needs a stream: a websocket (graphql-transport-ws or graphql-ws), Server-Sent Events "
     "(Accept: text/event-stream) or multipart HTTP (Accept: multipart/mixed;subscriptionSpec=1.0)"
 )
-HTTP_STREAMS = Gauge(
-    "gqls_http_subscription_streams", "Subscriptions open over HTTP, by transport", ["transport"], registry=REGISTRY
-)
-for _transport in ("sse", "multipart"):
-    HTTP_STREAMS.labels(_transport)  # shown at 0 from the start
 # A request object or a batch; anything else ("hello", null, 42) is not a GraphQL request.
 _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
 
@@ -65,17 +63,6 @@ _OBJECT_OR_ARRAY = re.compile(rb"[ \t\r\n]*[{\[]")
 def request_id_of(request: Request | WebSocket) -> str:
     given = request.headers.get("x-request-id", "")
     return given[:MAX_REQUEST_ID_CHARS] if given.strip() else uuid.uuid4().hex
-
-
-class RequestError(HTTPException):
-    """A request that never reaches execution, answered with a GraphQL-shaped JSON error."""
-
-    def __init__(
-        self, status_code: int, reason: str, *, code: str = "BAD_REQUEST", headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(status_code, reason)
-        self.code = code
-        self.headers = headers or {}
 
 
 class OperationKinds:
@@ -135,6 +122,11 @@ def is_request_error(response_data: GraphQLHTTPResponse) -> bool:
 class GraphQLView(GraphQL[Context, None]):
     graphql_transport_ws_handler_class = TransportWSHandler
     graphql_ws_handler_class = LegacyWSHandler
+    # Framings every client parses (gql_service/api/streams.py), in place of Strawberry's.
+    stream_transport_classes_by_protocol = {
+        MULTIPART_SUBSCRIPTION_PROTOCOL: MultipartSubscriptions,
+        GRAPHQL_SSE_PROTOCOL: EventStream,
+    }
 
     def __init__(self, *, keys: ApiKeys, settings: Settings) -> None:
         super().__init__(
@@ -152,6 +144,12 @@ class GraphQLView(GraphQL[Context, None]):
         self.keys = keys
         self.documents = documents_from(settings, core_schema(schema))
         self.operation_kinds = OperationKinds()
+        reservations = Reservations(
+            max_per_tenant=settings.max_sse_reservations_per_tenant,
+            ttl_s=settings.sse_reservation_ttl_s,
+            max_operations=settings.max_subscriptions_per_connection,
+        )
+        self.single_connection = SingleConnection(self, reservations)  # graphql-sse's PUT, DELETE, tokens
         self.playground = Playground(api_keys=keys.enabled)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,7 +158,10 @@ class GraphQLView(GraphQL[Context, None]):
             return
         request = Request(scope, receive)
         try:
-            response = await self.run(request)
+            if self.single_connection.handles(request):
+                response = await self.single_connection.respond(request)
+            else:
+                response = await self.run(request)
         except HTTPException as exc:
             # Strawberry answers these in text/plain; a GraphQL client reads JSON errors.
             response = self.request_error_response(request, exc)
@@ -169,7 +170,7 @@ class GraphQLView(GraphQL[Context, None]):
     def request_error_response(self, request: Request, exc: HTTPException) -> Response:
         code, headers = (exc.code, exc.headers) if isinstance(exc, RequestError) else ("BAD_REQUEST", {})
         if exc.status_code == 405 and not headers:
-            headers = {"allow": "GET, POST"}
+            headers = {"allow": "GET, POST, PUT, DELETE"}
         # A request error has no `data` entry: nothing was executed.
         body = {"errors": [{"message": exc.reason, "extensions": {"code": code}}]}
         media_type = preferred_media_type(request.headers.get("accept", ""))
@@ -233,12 +234,12 @@ class GraphQLView(GraphQL[Context, None]):
     ) -> Any:
         if not isinstance(request_data, list):  # (batches are off)
             await self._resolve_document(request, request_data)
-            self._check_operation(request_data, request.headers.get("accept", ""))
+            self._check_operation(request_data, request.headers.get("accept", ""), request.method)
         return await super().execute_operation(
             request, request_adapter, request_data, context, root_value, sub_response
         )
 
-    def _check_operation(self, request_data: GraphQLRequestData, accept: str) -> None:
+    def _check_operation(self, request_data: GraphQLRequestData, accept: str, method: str = "POST") -> None:
         """What Strawberry would not refuse before running it (or, for streams, before the
         200 and the first event are sent), and whether to stream the answer at all."""
         query, name = request_data.query, request_data.operation_name
@@ -254,6 +255,9 @@ class GraphQLView(GraphQL[Context, None]):
             # Strawberry streams whatever comes with a stream in its Accept: a query or a
             # mutation from a client that takes JSON too (urql's) gets JSON, as it prefers.
             request_data.protocol = "http"
+        elif streamed and kind == "mutation" and method == "GET":
+            # As over plain HTTP (the spec's 405); Strawberry's stream sent an internal error.
+            raise RequestError(405, "mutations are not allowed when using GET", headers={"allow": "POST"})
         elif not streamed and kind == "subscription":
             # Strawberry would run it as a query: a 200 with an internal error for its field.
             raise RequestError(400, SUBSCRIPTION_NEEDS_A_STREAM)
@@ -302,19 +306,7 @@ class GraphQLView(GraphQL[Context, None]):
         headers: Mapping[str, str],
     ) -> Response:
         content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
-        transport = "sse" if content_type.startswith("text/event-stream") else "multipart"
-
-        async def counted() -> AsyncIterator[str]:
-            # Ends when the client goes: Starlette cancels the stream at the disconnect, and
-            # the subscription's own `finally` blocks release its channels at once.
-            HTTP_STREAMS.labels(transport).inc()
-            try:
-                async for chunk in stream():
-                    yield chunk
-            finally:
-                HTTP_STREAMS.labels(transport).dec()
-
-        return await super().create_streaming_response(request, counted, sub_response, headers)
+        return await super().create_streaming_response(request, counted(stream, content_type), sub_response, headers)
 
     def create_response(
         self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
