@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
 SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
-sentinel, http_streams, bulk, hostile.
+sentinel, http_streams, bulk, hostile, documents.
 With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
 and the report says which run each section comes from.
 """
@@ -20,7 +20,19 @@ from typing import Any
 from gql_service.cli.embedded_redis import EmbeddedRedis
 from tests.openai_stub import OpenAIStub
 
-from . import async_worker, bulk, history, hostile, http_streams, partials, report, scenarios, sentinel, webhooks
+from . import (
+    async_worker,
+    bulk,
+    documents,
+    history,
+    hostile,
+    http_streams,
+    partials,
+    report,
+    scenarios,
+    sentinel,
+    webhooks,
+)
 from .harness import Machine, progress, raise_fd_limit
 
 ALL = (
@@ -37,6 +49,7 @@ ALL = (
     "http_streams",
     "bulk",
     "hostile",
+    "documents",
 )
 NOTES = Path(__file__).with_name("NOTES.md")
 
@@ -89,6 +102,8 @@ def main() -> None:
                 results["bulk"] = bulk.bulk(redis.url, stub, sizes)
             if "hostile" in only:
                 results["hostile"] = hostile.hostile_queries(redis.url, sizes)
+            if "documents" in only:
+                results["documents"] = documents.trusted_documents(redis.url, sizes)
         if "sentinel" in only:
             results["sentinel"] = sentinel.sentinel(sizes)
     finally:

@@ -24,6 +24,7 @@ TARGETS = {
 SECTION_NUMBERS = {
     "submit": 1, "fanout": 2, "pipeline": 3, "e2e": 4, "scale_out": 5, "async_worker": 6, "partials": 7,
     "history": 8, "webhooks": 9, "sentinel": 10, "http_streams": 11, "bulk": 12, "hostile": 13,
+    "documents": 14,
 }  # fmt: skip
 
 
@@ -252,6 +253,9 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     hostile = results.get("hostile")
     if hostile:
         lines += _hostile(hostile)
+    documents = results.get("documents")
+    if documents:
+        lines += _documents(documents)
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]
@@ -505,18 +509,53 @@ def _bulk(b: dict[str, Any]) -> list[str]:
 
 def _hostile(h: dict[str, Any]) -> list[str]:
     rows = h["rows"]
+    strict = "strict_plain_p50_ms" in h  # runs before trusted documents had no such column
     return [
         "## 13. Hostile queries (one API process, each shape of tests/test_hostile_queries.py)",
         "",
         f"{h['rounds']} rounds of one request of each shape in turn, each document made unique by a comment (no",
         f"cache answers it), beside a plain `job` query in the same rounds: {h['plain_p50_ms']:.2f} ms p50.",
+        *(
+            [
+                "In the same rounds, the same shapes against a second process with `TRUSTED_DOCUMENTS_ONLY=true`",
+                "(a manifest holding the plain query alone), which refuses each one `PERSISTED_QUERY_NOT_IN_LIST` before",
+                f'parsing it (its plain query: {h["strict_plain_p50_ms"]:.2f} ms p50); "decision" is that refusal',
+                "measured in process: a SHA-256 of the text and a lookup.",
+            ]
+            if strict
+            else []
+        ),
         "",
-        "| shape | characters | answer | p50 ms | max ms | p50 / plain |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| shape | characters | answer | p50 ms | max ms | p50 / plain |"
+        + (" trusted-only p50 ms | decision µs |" if strict else ""),
+        "| --- | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: |" if strict else ""),
         *(
             f"| {name} | {r['chars']} | {'refused' if r['refused'] else 'answered'} | {r['p50_ms']:.2f} "
             f"| {r['max_ms']:.2f} | {r['ratio']:.1f}x |"
+            + (f" {r['strict_p50_ms']:.2f} | {r['decision_us']:.1f} |" if strict else "")
             for name, r in rows.items()
         ),
+        "",
+    ]
+
+
+def _documents(d: dict[str, Any]) -> list[str]:
+    rows = d["rows"]
+    return [
+        "## 14. Trusted documents: a `job` query by `documentId` beside the same query in full",
+        "",
+        f"One API process with `TRUSTED_DOCUMENTS`, {d['concurrency']} connections, {d['rounds']} alternating rounds",
+        f"of {d['seconds']:.0f} s each (medians). In full, the document is found in the parse cache by its text and",
+        "validated on each request; by id, it is looked up in the manifest loaded at start-up.",
+        "",
+        "| request | requests/s | p50 ms | errors |",
+        "| --- | ---: | ---: | ---: |",
+        *(
+            f"| {'`documentId`' if name == 'by_id' else 'document in full'} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
+            f"| {r['errors']} |"
+            for name, r in rows.items()
+        ),
+        "",
+        f"By id: {d['ratio']:.2f}x the requests/s of the same query in full.",
         "",
     ]

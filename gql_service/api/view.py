@@ -212,7 +212,7 @@ class GraphQLView(GraphQL[Context, None]):
                 request.app.state.redis,
                 request_data.query,
                 named(raw, request_data.extensions),
-                own_page=own_page(request),
+                own_page=self.documents.allow_own_pages and own_page(request),
             )
         except DocumentRefused as refused:
             raise RequestError(refused.status, refused.message, code=refused.code) from None
@@ -338,7 +338,7 @@ class GraphQLView(GraphQL[Context, None]):
             # Decided at connection_init (on_ws_connect); an upgrade header may already carry it.
             tenant = self.keys.tenant(request.headers.get("authorization")) if self.keys.enabled else "public"
         context = Context(jobs=request.app.state.jobs, tenant=tenant, request_id=rid)
-        if isinstance(request, WebSocket):
+        if isinstance(request, WebSocket) and self.documents.allow_own_pages:
             context.own_page = own_page(request)
         return context
 
