@@ -4,6 +4,7 @@ graphql-ws) and a Python client (ariadne-codegen), each run against a live servi
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,20 @@ def test_generated_python_client_follows_a_job(service: Service) -> None:
     done = run([sys.executable, "follow.py", service.http_url, "Great service from Acme Corp!"], PY, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FINISHED DONE" in done.stdout and "sentiment: POSITIVE" in done.stdout
+
+
+def test_python_client_runs_against_its_manifest_alone(e2e_redis: str) -> None:
+    """examples/python/persisted-documents.json (manifest.py, from the generated client's own
+    texts) is current, and a service that trusts nothing else runs the client."""
+    manifest = PY / "persisted-documents.json"
+    made = run([sys.executable, "-c", "import json, manifest; print(json.dumps(manifest.documents()))"], PY)
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout) == json.loads(manifest.read_text()), "run `python manifest.py` in examples/python"
+    env = {"RQ_QUEUE": "llm-py-trusted", "TRUSTED_DOCUMENTS": str(manifest), "TRUSTED_DOCUMENTS_ONLY": "true"}
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        done = run([sys.executable, "follow.py", svc.http_url, "Great service from Acme Corp!"], PY, timeout=60)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "FINISHED DONE" in done.stdout and "sentiment: POSITIVE" in done.stdout
 
 
 def test_python_client_is_what_ariadne_codegen_generates_from_schema_graphql(tmp_path: Path) -> None:
