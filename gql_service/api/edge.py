@@ -76,13 +76,6 @@ class EdgeLimits:
     header_timeout_s: float
     max_connections: int
 
-    @property
-    def backlog(self) -> int:
-        """The listen backlog: connections the kernel queues for us to accept. Kept at half
-        the bound at most (uvicorn's default, 2048, otherwise), so that one round of accepts
-        can't outnumber the connections it may close to make room."""
-        return max(8, min(2048, self.max_connections // 2))
-
 
 def allowed_connections(fd_limit: int) -> int:
     """Connections a process with this file limit can hold: the limit less a reserve for
@@ -138,10 +131,11 @@ class Edge:
         loop = self.loop or self._bind(conn)
         now = loop.time()
         if self._round_from is None:
-            # The connections accepted in one round are all made before any of them is read.
-            # Until the loop has gone round (twice: asyncio's own loop starts reading a round
-            # later than uvloop), they are not candidates to be closed for room: the first of
-            # a burst would be closed before its request, sent at once, is even read.
+            # The connections accepted together are all made before any of them is read. Until
+            # the loop has gone round twice (asyncio's own loop starts reading one round later
+            # than uvloop), they are not candidates to be closed for room: the first of a burst
+            # would be closed before its request, sent at once, is even read. (A burst larger
+            # than the connections older than it is answered 503 past the first ones.)
             self._round_from = now
             loop.call_soon(loop.call_soon, self._end_round)
         if len(self.connections) > self.limits.max_connections:

@@ -41,7 +41,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         proxy_headers=True,
         http=edge_protocol(limits),
-        backlog=limits.backlog,
         ws_max_size=settings.max_body_bytes,
         # permessage-deflate keeps ~50 KiB of zlib state per socket (measured: half of an
         # idle subscription's memory) to compress messages of a few hundred bytes.
