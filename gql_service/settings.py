@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     max_sse_reservations_per_tenant: int = Field(100, ge=1)
     sse_reservation_ttl_s: float = Field(30.0, gt=0)
     ws_init_timeout_s: float = Field(10.0, gt=0)
+    # A connection must send a whole request head (request line and headers) within this long
+    # of opening, or of its previous response's end; else it is closed (gql_service/api/edge.py).
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    # Connections one API process holds at once, websockets and streams included. Unset: what
+    # the file limit (ulimit -n) allows, less a reserve for everything else the process opens.
+    max_connections: int | None = Field(None, ge=1)
     # The most one API operation waits on Redis (a connection from the pool included):
     # an unreachable or hung Redis is SERVICE_UNAVAILABLE after this, never a hang.
     redis_timeout_s: float = Field(2.0, gt=0)

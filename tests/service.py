@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -32,14 +35,22 @@ def answers(url: str) -> bool:
         return False
 
 
+def limit_fds(limit: int) -> None:
+    """`ulimit -n limit` in a child about to start (a Popen preexec_fn)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 class Proc:
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
         self.log = Path(tempfile.mkstemp(prefix=f"gqls-{name}-", suffix=".log")[1])
         self._log_file = self.log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gql_service", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT
-        )
+            [sys.executable, "-m", "gql_service", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
+        )  # fmt: skip
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -59,8 +70,11 @@ class Proc:
 class Service:
     """An API process and a worker pool against one Redis, with the given settings."""
 
-    def __init__(self, redis_url: str, *, workers: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, redis_url: str, *, workers: int = 2, env: dict[str, str] | None = None, api_fd_limit: int | None = None
+    ) -> None:
         self.port = free_port()
+        self.api_fd_limit = api_fd_limit  # the API process's `ulimit -n`; None: this process's
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_"))},
             "REDIS_URL": redis_url,
@@ -97,7 +111,8 @@ class Service:
         return self
 
     def _start_api(self) -> Proc:
-        api = Proc("api", ["serve", "--port", str(self.port)], self.env)
+        fds = partial(limit_fds, self.api_fd_limit) if self.api_fd_limit else None
+        api = Proc("api", ["serve", "--port", str(self.port)], self.env, preexec_fn=fds)
         self.procs.append(api)
 
         def healthy() -> bool:

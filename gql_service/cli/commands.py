@@ -30,8 +30,14 @@ DEFAULT_URL = "http://127.0.0.1:8000/graphql"
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from gql_service.api.edge import edge_limits, edge_protocol
+
     settings = settings_or_exit()  # fail here, with one clear line each, not inside uvicorn's workers
     check_trusted_documents(settings)
+    # Connections that never send a whole request head are closed, and connections per
+    # process are bounded (HEADER_TIMEOUT_S, MAX_CONNECTIONS): uvicorn's httptools protocol
+    # with those two rules, passed as the protocol class. `dev` runs the API through here too.
+    limits = edge_limits(settings.header_timeout_s, settings.max_connections)
     uvicorn.run(
         "gql_service.api.app:app_from_env",
         factory=True,
@@ -42,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log_config=None,  # keep ours (logs.configure), so LOG_FORMAT=json covers uvicorn too
         access_log=args.access_log,
         proxy_headers=True,
+        http=edge_protocol(limits),
         ws_max_size=settings.max_body_bytes,
         # permessage-deflate keeps ~50 KiB of zlib state per socket (measured: half of an
         # idle subscription's memory) to compress messages of a few hundred bytes.
