@@ -36,3 +36,15 @@ async def test_an_extension_sees_the_parsed_document_and_the_schema_after_the_op
     result = await probed.execute("query Named { __typename }")
     assert result.errors is None
     assert seen == [("query", "__typename")]
+
+
+def test_the_transport_ws_handler_asks_one_static_method_what_closes_the_socket() -> None:
+    """gql_service/api/ws.py overrides it so that a syntax error is one operation's error."""
+    from graphql import GraphQLSyntaxError, Source
+    from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
+
+    from gql_service.api.ws import TransportWSHandler
+
+    error = GraphQLSyntaxError(Source("{"), 1, "Expected Name, found <EOF>.")
+    assert BaseGraphQLTransportWSHandler._get_pre_execution_close_reason(error) == error.message
+    assert TransportWSHandler._get_pre_execution_close_reason(error) is None
