@@ -60,18 +60,28 @@ def node(svc: Service, script: str, *args: str) -> list[str]:
     return done.stdout.splitlines()
 
 
-def test_relay_compiles_the_app_against_the_schema_and_runs_it(svc: Service) -> None:
+def test_relay_compiles_the_app_against_the_schema_and_runs_it_by_persisted_ids(
+    e2e_redis: str, installed: Path
+) -> None:
+    """relay-compiler persists every operation (relay.config.json's persistConfig, SHA256):
+    the artifacts carry ids, and the app runs against a service that trusts that manifest
+    alone and takes ids only (`doc_id`). (The README runs the same app with the texts.)"""
     generated = CLIENTS / "relay" / "__generated__"
     for artifact in generated.glob("*.graphql.js"):
         artifact.unlink()
+    manifest = CLIENTS / "relay" / "persisted-documents.json"
+    committed = json.loads(manifest.read_text())
     compiled = run(["node_modules/.bin/relay-compiler"])
     assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
     assert (generated / "JobsAppPaginationQuery.graphql.js").exists()  # from @refetchable
-    lines = node(svc, "relay/run.mjs")
+    assert json.loads(manifest.read_text()) == committed, "relay/persisted-documents.json is stale: commit it"
+    env = {"RQ_QUEUE": "llm-relay", **ENV, "TRUSTED_DOCUMENTS": str(manifest), "TRUSTED_DOCUMENTS_REQUIRE_ID": "true"}
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        lines = node(svc, "relay/run.mjs", "--ids")
     assert followed_to_done(lines[0], "subscription: "), lines
     assert lines[1] == "node: true FINISHED DONE POSITIVE", lines
     assert lines[2] == "store record: Job FINISHED", lines  # the refetched object normalized by id
-    # Four jobs (the module's service is fresh), two a page, merged by @connection.
+    # Four jobs (the module's Redis is fresh), two a page, merged by @connection.
     pages, distinct = lines[3].removeprefix("pages: ").split("; ")
     assert pages.split()[-1] == "4" and pages.split()[0] == "2" and distinct == "4 distinct jobs", lines
 

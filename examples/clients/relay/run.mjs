@@ -2,7 +2,7 @@
 // mutations) and graphql-ws (subscriptions), running what relay-compiler compiled from
 // JobsApp.js against schema.graphql.
 //
-//   node relay/run.mjs http://127.0.0.1:8000/graphql [API key]
+//   node relay/run.mjs http://127.0.0.1:8000/graphql [API key] [--ids]
 import { createClient } from "graphql-ws";
 import {
   Environment, Network, Observable, RecordSource, Store, ConnectionHandler, commitMutation, fetchQuery, requestSubscription,
@@ -15,21 +15,28 @@ import JobsAppNodeQuery from "./__generated__/JobsAppNodeQuery.graphql.js";
 import JobsAppSubmitMutation from "./__generated__/JobsAppSubmitMutation.graphql.js";
 import JobsAppUpdatesSubscription from "./__generated__/JobsAppUpdatesSubscription.graphql.js";
 
-const [url, apiKey] = process.argv.slice(2);
+const [url, apiKey] = process.argv.slice(2).filter((arg) => arg !== "--ids");
 const auth = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
 const ws = createClient({ url: url.replace(/^http/, "ws"), webSocketImpl: WebSocket, connectionParams: auth });
 
+// relay-compiler persists every operation (relay.config.json's persistConfig): each artifact
+// carries its document's id beside its text. With --ids, only the id is sent (`doc_id`), as a
+// service with TRUSTED_DOCUMENTS set to relay/persisted-documents.json and
+// TRUSTED_DOCUMENTS_REQUIRE_ID needs; without it, the text.
+const byId = process.argv.includes("--ids");
+const operationOf = (operation, variables) =>
+  // graphql-ws insists on a string `query`: an empty one, with the id beside it.
+  byId ? { query: "", doc_id: operation.id, variables } : { query: operation.text, variables };
 const network = Network.create(
   async (operation, variables) => {
     const response = await fetch(url, {
       method: "POST",
       headers: { "content-type": "application/json", ...auth },
-      body: JSON.stringify({ query: operation.text, variables }),
+      body: JSON.stringify(operationOf(operation, variables)),
     });
     return response.json();
   },
-  (operation, variables) =>
-    Observable.create((sink) => ws.subscribe({ query: operation.text, variables }, sink)),
+  (operation, variables) => Observable.create((sink) => ws.subscribe(operationOf(operation, variables), sink)),
 );
 const environment = new Environment({ network, store: new Store(new RecordSource()) });
 
