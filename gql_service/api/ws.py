@@ -15,6 +15,8 @@ from typing import Any
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 
+from gql_service.api.disconnects import unless_gone
+
 _LEGACY_TYPES = {"connection_init", "connection_terminate", "start", "stop"}
 # Ids are the client's names for its operations; nothing needs more than this.
 MAX_ID_CHARS = 128
@@ -69,6 +71,9 @@ def _transport_problem(message: Any, view: Any) -> str | None:
 
 
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
+    async def send_message(self, message: Any) -> None:
+        await unless_gone(super().send_message(message))  # a client that goes mid-send is no error
+
     async def handle_message(self, message: Any) -> None:
         # Every problem closes with 4400, as Strawberry closes an unknown operationName.
         if problem := _transport_problem(message, self.view):
@@ -88,6 +93,9 @@ def _legacy_problem(message: Any, view: Any) -> str | None:
 
 
 class LegacyWSHandler(BaseGraphQLWSHandler[Any, Any]):
+    async def send_message(self, message: Any) -> None:
+        await unless_gone(super().send_message(message))  # a client that goes mid-send is no error
+
     async def handle(self) -> None:
         # The legacy protocol has no init timeout of its own: a socket that never sends
         # connection_init would hold its place forever. Same bound, and the same close
