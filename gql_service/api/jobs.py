@@ -123,9 +123,14 @@ class JobService:
             async with asyncio.timeout(WEBHOOK_RESOLVE_TIMEOUT_S):
                 await webhooks.check(url, allow_private=self.settings.webhook_allow_private)
         except webhooks.WebhookRefused as exc:
-            raise BadUserInput(str(exc)) from None
+            reason = exc.reason
         except TimeoutError:
-            raise BadUserInput("webhookUrl's host did not resolve in time") from None
+            reason = f"its host did not resolve within {WEBHOOK_RESOLVE_TIMEOUT_S:g} s"
+        else:
+            return
+        # The client is told one message for every refusal (webhooks.REFUSED), operators why.
+        log.info("webhookUrl %r refused: %s", url[:200], reason)
+        raise BadUserInput(webhooks.REFUSED)
 
     async def refused_webhooks(self, urls: set[str]) -> dict[str, BadUserInput]:
         """`check_webhook` for each URL at once (a batch may name many): why each refused one is."""
