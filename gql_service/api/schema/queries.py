@@ -42,7 +42,7 @@ class Query:
     async def jobs(
         self,
         info: Info,
-        first: int = 20,
+        first: int | None = 20,
         after: str | None = None,
         status: JobStatus | None = None,  # type: ignore[valid-type]
         created_after: datetime | None = None,
@@ -72,7 +72,7 @@ class Query:
         return Batch.from_record(record) if record else None
 
     @strawberry.field(description="Your batches, newest first, in pages of `first` (1-100).")
-    async def batches(self, info: Info, first: int = 20, after: str | None = None) -> BatchConnection:
+    async def batches(self, info: Info, first: int | None = 20, after: str | None = None) -> BatchConnection:
         ctx = caller(info)
         page, more = await ctx.batches.page(
             tenant=ctx.tenant, first=page_size(first, default=20), after=decode_cursor(after) if after else None

@@ -212,7 +212,7 @@ class Batch(Node):
     async def jobs(
         self,
         info: Info,
-        first: int = 20,
+        first: int | None = 20,
         after: str | None = None,
         status: JobStatus | None = None,  # type: ignore[valid-type]
     ) -> JobConnection:
@@ -226,7 +226,7 @@ class Batch(Node):
         description="The batch's jobs that have ended, in the order they ended: read on from the last "
         "`endCursor` to get each result once, as it comes (1-1000 a page)."
     )
-    async def ended_jobs(self, info: Info, first: int = 100, after: str | None = None) -> JobConnection:
+    async def ended_jobs(self, info: Info, first: int | None = 100, after: str | None = None) -> JobConnection:
         ctx = caller(info)
         size, start = page_size(first, default=100, most=MAX_ENDED_PAGE), _page(after)
         records, next_start = await ctx.batches.ended_page(self.record, first=size, after=start)
