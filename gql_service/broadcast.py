@@ -184,9 +184,22 @@ class Broadcast:
             # While disconnected there is nothing to undo: a reconnect subscribes only the
             # channels still in the dict.
             if gone and self._connected.is_set():
-                with contextlib.suppress(RedisError, OSError, BroadcastUnavailable, TimeoutError):
-                    async with asyncio.timeout(self._timeout_s):
-                        await self._send("UNSUBSCRIBE", *gone)
+                await self._unsubscribe(gone)
+
+    async def _unsubscribe(self, channels: list[str]) -> None:
+        """Best effort, and never the leaving subscriber's concern: it may have sent its
+        last frame already (a job's end), and anything raised here reached its client as
+        one more frame, an error, after the end. An UNSUBSCRIBE that can't be sent leaves
+        nothing behind: the link is broken, and its reconnect subscribes only the channels
+        still watched (or, the link being fine after all, messages for these channels find
+        no subscriber until then)."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._send("UNSUBSCRIBE", *channels)
+        except (BroadcastUnavailable, TimeoutError) as exc:
+            log.info("UNSUBSCRIBE of %d channel(s) not sent: %s", len(channels), exc or type(exc).__name__)
+        except Exception:
+            log.exception("UNSUBSCRIBE of %d channel(s) failed", len(channels))
 
     def _forget(self, sub: Subscription) -> list[str]:
         """Remove a subscriber; returns the channels nobody watches any more."""
@@ -208,7 +221,10 @@ class Broadcast:
         async with self._write_lock:
             try:
                 await pubsub.execute_command(*command)
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, RuntimeError) as exc:
+                # RuntimeError: uvloop's, writing to a socket closed under us ("unable to
+                # perform operation on <TCPTransport closed=True ...>") before the listener
+                # has noticed the drop. The link is gone all the same.
                 raise BroadcastUnavailable(str(exc)) from exc
 
     async def _barrier(self) -> None:
@@ -234,7 +250,7 @@ class Broadcast:
             return
         if pubsub.connection is not None:
             pubsub.connection.deregister_connect_callback(self._on_reconnect)
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, OSError, RuntimeError):  # RuntimeError: uvloop's, as in _send
             async with asyncio.timeout(self._timeout_s):
                 await pubsub.aclose()
 

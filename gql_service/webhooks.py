@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
@@ -28,7 +29,10 @@ from standardwebhooks import Webhook
 from gql_service.models import JobRecord, JobStatus
 from gql_service.rendering import as_json, job_view
 
+log = logging.getLogger(__name__)
+
 MAX_URL_CHARS = 2048
+MAX_PORT = 65535
 MAX_RESPONSE_BYTES = 1024  # of a receiver's answer, read for the error message and no more
 USER_AGENT = "gql-service-webhooks"
 
@@ -39,8 +43,22 @@ EVENT_TYPES = {
 }
 
 
+# What a caller is told of every URL that can't be a webhook, whatever the reason: telling
+# "does not resolve" from "resolves to a non-public address" answered, for any name, whether
+# it exists in the service's internal DNS. The reason is logged for operators instead.
+REFUSED = (
+    "webhookUrl can't be called: it must be an http:// or https:// URL of at most 2,048 characters, "
+    "without credentials, with a port from 1 to 65535 and a host that resolves to public addresses only"
+)
+
+
 class WebhookRefused(ValueError):
-    """This URL may not be called; the message says why, for the client."""
+    """This URL may not be called. Its message is REFUSED, the same for every URL; `reason`
+    says why, for the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(REFUSED)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -58,20 +76,20 @@ class Target:
 def parse_url(url: str) -> Target:
     """The URL's parts, or WebhookRefused: http(s), a host, no credentials."""
     if len(url) > MAX_URL_CHARS:
-        raise WebhookRefused(f"webhookUrl is longer than {MAX_URL_CHARS} characters")
+        raise WebhookRefused(f"longer than {MAX_URL_CHARS} characters")
     try:
         parsed = httpx.URL(url)
         host = parsed.raw_host.decode("ascii")
     except (httpx.InvalidURL, UnicodeError, TypeError) as exc:
-        raise WebhookRefused(f"webhookUrl is not a URL: {exc}") from None
+        raise WebhookRefused(f"not a URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not host:
-        raise WebhookRefused("webhookUrl must be an http:// or https:// URL with a host")
+        raise WebhookRefused("not an http:// or https:// URL with a host")
     if parsed.userinfo:
         # The URL is shown by the API (Job.webhook.url): no credentials in it.
-        raise WebhookRefused("webhookUrl must not hold credentials; receivers verify the signature instead")
+        raise WebhookRefused("holds credentials (receivers verify the signature instead)")
     port = parsed.port if parsed.port is not None else (443 if parsed.scheme == "https" else 80)
-    if port == 0:
-        raise WebhookRefused("webhookUrl's port must not be 0")
+    if not 1 <= port <= MAX_PORT:  # httpx takes any number, 0 and 99999 among them
+        raise WebhookRefused(f"port {port} is not 1 to {MAX_PORT}")
     return Target(url=parsed, host=host.strip("[]"), port=port, netloc=parsed.netloc.decode("ascii"))
 
 
@@ -115,10 +133,9 @@ async def addresses(target: Target, *, allow_private: bool) -> list[str]:
     except ValueError:
         found = await _resolve(target)
     if not allow_private and not all(_public(address) for address in found):
-        # Which address is not said: the answer would map the service's internal DNS.
         raise WebhookRefused(
-            f"webhookUrl's host {target.host!r} resolves to an address that is not a public address "
-            "(loopback, private, link-local or reserved)"
+            f"host {target.host!r} resolves to an address that is not public (loopback, private, link-local or "
+            f"reserved): {', '.join(found)}"
         )
     return found
 
@@ -127,10 +144,10 @@ async def _resolve(target: Target) -> list[str]:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookRefused(f"webhookUrl's host {target.host!r} does not resolve ({exc})") from None
+        raise WebhookRefused(f"host {target.host!r} does not resolve ({exc})") from None
     found = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not found:
-        raise WebhookRefused(f"webhookUrl's host {target.host!r} does not resolve")
+        raise WebhookRefused(f"host {target.host!r} does not resolve")
     return found
 
 
@@ -192,6 +209,8 @@ async def post(url: str, body: str, headers: dict[str, str], *, timeout_s: float
             assert unreachable is not None
             raise unreachable
     except WebhookRefused as exc:
+        # The delivery's lastError is shown to the client: the same message as at submission.
+        log.info("webhook to %s refused at delivery: %s", url[:MAX_ERROR_SHOWN], exc.reason)
         return Outcome(False, error=str(exc))
     except TimeoutError:
         return Outcome(False, error=f"no answer within WEBHOOK_TIMEOUT_S ({timeout_s:g} s)")

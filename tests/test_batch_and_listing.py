@@ -154,3 +154,16 @@ async def test_a_cursor_that_is_not_a_number_is_bad_user_input(context: Context)
         cursor = base64.urlsafe_b64encode(position.encode()).decode()
         result = await run(context, LIST, first=5, after=cursor)
         assert codes(result) == ["BAD_USER_INPUT"], position
+
+
+async def test_a_null_first_is_the_default_page_as_relay_may_send_it(context: Context) -> None:
+    """Connection arguments are nullable (`first: Int = 20`): a client that passes its
+    count variable as null gets the default page, as if it had left the argument out (with
+    `first: Int!` it was an error)."""
+    await run(context, BATCH, inputs=[{"text": f"text {n}"} for n in range(22)])
+    query = "query($n: Int) { jobs(first: $n) { edges { cursor } pageInfo { hasNextPage } } }"
+    page = await run(context, query, n=None)
+    assert page.errors is None, page.errors
+    assert len(page.data["jobs"]["edges"]) == 20 and page.data["jobs"]["pageInfo"]["hasNextPage"]
+    batches = await run(context, "query($n: Int) { batches(first: $n) { edges { cursor } } }", n=None)
+    assert batches.errors is None and batches.data == {"batches": {"edges": []}}

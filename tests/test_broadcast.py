@@ -1,14 +1,26 @@
-"""The pub/sub fan-out: one connection, confirmed subscriptions, bounded queues, resync."""
+"""The pub/sub fan-out: one connection, confirmed subscriptions, bounded queues, resync, and a
+link that drops as a subscriber leaves."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
 
+import uvloop
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from gql_service import store
+from gql_service.api.jobs import JobService
+from gql_service.api.schema import Context, schema
 from gql_service.broadcast import RESYNC, Broadcast, Subscription
+from gql_service.models import JobRecord, JobStage, JobStatus, utcnow
 from gql_service.redis_conn import async_client
+from gql_service.settings import Settings
+
+from . import records
 
 
 async def pubsub_clients(redis: AsyncRedis) -> int:
@@ -141,3 +153,86 @@ async def test_a_listener_that_fails_for_any_reason_recovers(redis_url: str, asy
     finally:
         await hub.stop()
         await client.aclose()
+
+
+# -- a link that drops right at a job's end -----------------------------------------------
+# The service runs on uvloop (uvicorn's default with uvicorn[standard]), whose transports
+# raise RuntimeError when written to after they closed; asyncio's own loop drops the write
+# and reports the loss later, as an OSError. These tests run on uvloop, as the API does.
+UPDATES = "subscription($id: ID!) { jobUpdates(id: $id) { version status } }"
+
+
+def cut_under(hub: Broadcast) -> None:
+    """Close the pub/sub socket under the hub, as a connection killed by Redis is closed,
+    before its listener has had a chance to notice."""
+    pubsub = hub._pubsub
+    assert pubsub is not None and pubsub.connection is not None
+    writer = pubsub.connection._writer
+    assert writer is not None
+    writer.transport.abort()
+
+
+def on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
+def test_leaving_when_the_link_broke_under_us_raises_nothing(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = async_client(redis_url, max_connections=1, retries=0)
+        hub = Broadcast(client, health_check_s=1.0)
+        await hub.start()
+        try:
+            async with asyncio.timeout(10):
+                async with hub.subscribe("ch"):
+                    cut_under(hub)
+                # The UNSUBSCRIBE found the socket closed (it raised RuntimeError out of the
+                # block); the link comes back with nobody to resync.
+                while not hub.connected or hub.reconnects == 0:
+                    await asyncio.sleep(0.05)  # the listener's state: no event to await
+                assert hub.subscriber_count == 0
+        finally:
+            await hub.stop()
+            await client.aclose()
+
+    on_uvloop(scenario)
+
+
+def test_a_link_dropping_right_at_a_jobs_end_sends_nothing_after_the_end(redis_url: str, settings: Settings) -> None:
+    """2 of 180 subscriptions got one more `next`, an error ("unable to perform operation on
+    <TCPTransport closed=True>"), after FINISHED when the pub/sub connection was killed as the
+    job ended: the subscription's UNSUBSCRIBE raised into the stream."""
+
+    async def scenario() -> None:
+        client = async_client(redis_url, max_connections=1, retries=0)
+        hub = Broadcast(client, health_check_s=1.0)
+        redis, sync_redis = AsyncRedis.from_url(redis_url), Redis.from_url(redis_url)
+        await hub.start()
+        try:
+            jobs = JobService(redis=redis, sync_redis=sync_redis, broadcast=hub, settings=settings)
+            context = Context(jobs=jobs)
+            records.create_job(sync_redis, "ends-as-the-link-drops")
+            stream = await schema.subscribe(UPDATES, {"id": "ends-as-the-link-drops"}, context_value=context)
+            assert isinstance(stream, AsyncGenerator)
+            async with asyncio.timeout(10), contextlib.aclosing(stream):
+                frames = [await anext(stream)]
+                await store.update_job(redis, "ends-as-the-link-drops", _finished, ttl_s=60)
+                frames.append(await anext(stream))
+                cut_under(hub)  # the end arrived; the link drops before anything else happens
+                frames += [result async for result in stream]
+            shown = [(f.data, f.errors) for f in frames]
+            assert shown == [
+                ({"jobUpdates": {"version": 1, "status": "QUEUED"}}, None),
+                ({"jobUpdates": {"version": 2, "status": "FINISHED"}}, None),
+            ]
+        finally:
+            await hub.stop()
+            await client.aclose()
+            await redis.aclose()
+            sync_redis.close()
+
+    on_uvloop(scenario)
+
+
+def _finished(job: JobRecord) -> JobRecord:
+    return job.model_copy(update={"status": JobStatus.FINISHED, "stage": JobStage.DONE, "finished_at": utcnow()})

@@ -86,6 +86,40 @@ def test_relay_compiles_the_app_against_the_schema_and_runs_it_by_persisted_ids(
     assert pages.split()[-1] == "4" and pages.split()[0] == "2" and distinct == "4 distinct jobs", lines
 
 
+def test_relay_compiles_counts_for_every_connection_as_relay_declares_them(installed: Path) -> None:
+    """Connection arguments are nullable, as Relay's convention has them: a count declared
+    `Int` with a default (`@argumentDefinitions(count: {type: "Int", defaultValue: 2})`), or
+    with none, compiles for every connection (with `first: Int!` the one without a default
+    was refused: "Variable of type 'Int' cannot be used where 'Int!' is expected")."""
+    generated = CLIENTS / "relay" / "__generated__"
+    for artifact in generated.glob("*.graphql.js"):
+        artifact.unlink()
+    compiled = run(["node_modules/.bin/relay-compiler"])
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    refetch = (generated / "JobsAppBatchPaginationQuery.graphql.js").read_text()
+    assert '"defaultValue": 2' in refetch and '"name": "endedCount"' in refetch
+
+
+def test_the_schema_breaks_no_client_built_against_the_one_before(installed: Path) -> None:
+    """graphql-js's findBreakingChanges between schema.graphql as it was (kept as
+    tests/schema_baseline.graphql) and as it is: nothing a client sent before fails now.
+    The other way round, the change is breaking (a nullable argument made non-null again),
+    which shows the check sees what it is meant to."""
+    root = CLIENTS.parent.parent
+
+    def changes(before: Path, after: Path) -> dict[str, list[dict[str, str]]]:
+        done = run(["node", "schema_changes.mjs", str(before), str(after)])
+        assert done.returncode == 0, done.stderr[-3000:]
+        found: dict[str, list[dict[str, str]]] = json.loads(done.stdout)
+        return found
+
+    baseline, current = Path(__file__).with_name("schema_baseline.graphql"), root / "schema.graphql"
+    assert changes(baseline, current) == {"breaking": [], "dangerous": []}
+    backwards = changes(current, baseline)["breaking"]
+    assert {c["type"] for c in backwards} == {"ARG_CHANGED_KIND"}
+    assert "Query.jobs arg first has changed type from Int to Int!." in [c["description"] for c in backwards]
+
+
 def test_relay_compiler_refuses_a_field_the_schema_lacks(installed: Path) -> None:
     wrong = CLIENTS / "relay" / "Wrong.js"
     wrong.write_text(

@@ -54,7 +54,9 @@ def test_metric_labels_come_only_from_the_schema(service: Service) -> None:
     text = httpx.get(url).text
     assert "unknown" not in text and "nope" not in text
     assert metric(text, "gqls_graphql_operations_total", type="query", field="invalid") == before + 20
-    assert metric(text, "gqls_graphql_errors_total", type="query", field="invalid", code="GRAPHQL_ERROR") >= 20
+    assert (
+        metric(text, "gqls_graphql_errors_total", type="query", field="invalid", code="GRAPHQL_VALIDATION_FAILED") >= 20
+    )
     assert metric(text, "gqls_graphql_operations_total", type="mutation", field="invalid") >= 1
     # The schema's own root fields, introspection included, keep their names.
     post(service, "{ __typename }")
@@ -66,16 +68,28 @@ def test_client_errors_are_logged_at_info_without_the_document(service: Service)
     """The document and variables hold the user's text: a client's mistake is one INFO line
     with its code, never an ERROR with a traceback and the query."""
     api = next(p for p in service.procs if p.name == "api")
+    url = f"http://127.0.0.1:{service.port}/metrics"
+    internal = 'gqls_graphql_errors_total{code="INTERNAL_SERVER_ERROR",field="submitText",type="mutation"}'
+    internal_before = httpx.get(url).text.count(internal)
     start = len(api.output())
     post(service, SUBMIT, text="private words " * 2000)  # BAD_USER_INPUT from a resolver: too long
     post(service, '{ job(id: "private words") { nope } }')  # fails validation
     post(service, 'mutation { cancelJob(id: "no-such-job") { id } }')  # NOT_FOUND
     post(service, '{ job(id: "private words" ')  # a syntax error
+    # A variable of the wrong type: once an ERROR with a traceback, and the value in the log.
+    wrong_type = post(service, SUBMIT, text=["private words"])
+    assert wrong_type.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
     logged = api.output()[start:]
     assert "INFO gql_service.graphql" in logged and "client error BAD_USER_INPUT" in logged
-    assert "client error NOT_FOUND" in logged and "client error GRAPHQL_ERROR" in logged
+    assert "client error NOT_FOUND" in logged and "client error GRAPHQL_VALIDATION_FAILED" in logged
+    assert "client error GRAPHQL_PARSE_FAILED" in logged
+    assert "Variable '$text' has invalid value (the value is not logged)" in logged
     assert " ERROR " not in logged and "Traceback" not in logged
     assert "private words" not in logged
+    # Counted under its own code, never as the internal error an alert watches.
+    text = httpx.get(url).text
+    assert text.count(internal) == internal_before == 0
+    assert metric(text, "gqls_graphql_errors_total", type="mutation", field="submitText", code="BAD_USER_INPUT") >= 2
 
 
 @pytest.fixture(scope="module")

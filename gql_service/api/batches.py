@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from gql_service import batch_store, keys, store
 from gql_service.api.calls import redis_call
 from gql_service.api.errors import BadUserInput, IdempotencyKeyReused, NotFound
+from gql_service.api.ids import check_ids
 from gql_service.api.jobs import JobService
 from gql_service.api.listing import MAX_LIST_SCAN
 from gql_service.models import BatchRecord, BatchStatus, JobRecord, JobStatus, utcnow
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 200
 MAX_METADATA_BYTES = 4096
+MAX_METADATA_DEPTH = 32
 # batchUpdates sends at most one frame this often: counts move with every job transition,
 # thousands a second on a large batch, and a subscriber needs the picture, not every step.
 FRAME_INTERVAL_S = 0.25
@@ -29,6 +32,28 @@ FRAME_INTERVAL_S = 0.25
 # with a dropped pub/sub link must not stall a progress bar).
 IDLE_REREAD_S = 5.0
 CANCEL_CHUNK = 200
+
+
+def _checked_metadata(metadata: object) -> dict[str, Any]:
+    """A batch's metadata, if it is a JSON object of at most MAX_METADATA_DEPTH levels and
+    MAX_METADATA_BYTES; BadUserInput otherwise. Walked without recursion, before anything
+    serialises it: a value nested a thousand deep (orjson reads a request 1,024 deep) made
+    json.dumps exhaust the stack, an INTERNAL_SERVER_ERROR."""
+    if not isinstance(metadata, dict):
+        raise BadUserInput("metadata must be a JSON object")
+    pending: list[tuple[object, int]] = [(metadata, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise BadUserInput(f"metadata may nest objects and arrays at most {MAX_METADATA_DEPTH} levels deep")
+            pending.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            # A GraphQL literal such as 1e999 is infinity, which JSON has no way to write.
+            raise BadUserInput("metadata numbers must be finite")
+    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise BadUserInput(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+    return metadata
 
 
 def _same_request(made: BatchRecord, asked: BatchRecord) -> BatchRecord:
@@ -54,11 +79,7 @@ class BatchService:
         """A new open batch, or the one this idempotency key made before (deduplicated)."""
         if not name.strip() or len(name) > MAX_NAME_CHARS:
             raise BadUserInput(f"name must be 1 to {MAX_NAME_CHARS} characters")
-        metadata = metadata or {}
-        if not isinstance(metadata, dict):
-            raise BadUserInput("metadata must be a JSON object")
-        if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
-            raise BadUserInput(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+        metadata = _checked_metadata(metadata or {})
         record = BatchRecord(
             id=f"{keys.BATCH_ID_PREFIX}{uuid.uuid4().hex}", tenant=tenant, name=name, metadata=metadata,
             created_at=utcnow(),
@@ -123,6 +144,7 @@ class BatchService:
         return (await self.get_many([batch_id], tenant=tenant))[0]
 
     async def get_many(self, batch_ids: list[str], *, tenant: str) -> list[BatchRecord | None]:
+        check_ids(batch_ids)
         async with redis_call(self.settings.redis_timeout_s):
             found = await batch_store.get_batches(self.redis, batch_ids)
         return [b if b is not None and b.tenant == tenant else None for b in found]

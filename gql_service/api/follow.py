@@ -12,6 +12,7 @@ from redis.asyncio import Redis as AsyncRedis
 from gql_service import keys, partials, store
 from gql_service.api.calls import redis_call
 from gql_service.api.errors import NotFound
+from gql_service.api.ids import check_ids
 from gql_service.api.tenants import TenantSlots
 from gql_service.broadcast import Broadcast, Subscription
 from gql_service.models import JobRecord, JobStage, PartialExtraction
@@ -40,6 +41,7 @@ class Following:
         Subscribed (and confirmed) before the snapshots are read: nothing can fall between.
         An unknown id (or another tenant's) ends the stream with NOT_FOUND.
         """
+        check_ids(job_ids)  # before their channels are subscribed, not only when they are read
         frames = [keys.job_partials(i) for i in job_ids] if partial else []
         with self.slots.watching(tenant, len(job_ids)):
             async with contextlib.AsyncExitStack() as stack:

@@ -22,6 +22,7 @@ from gql_service.api.calls import history_call, redis_call
 from gql_service.api.cancel import Canceller
 from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound
 from gql_service.api.follow import Following
+from gql_service.api.ids import check_ids
 from gql_service.api.listing import Listing, created_ms
 from gql_service.api.tenants import TenantSlots
 from gql_service.broadcast import Broadcast
@@ -122,9 +123,14 @@ class JobService:
             async with asyncio.timeout(WEBHOOK_RESOLVE_TIMEOUT_S):
                 await webhooks.check(url, allow_private=self.settings.webhook_allow_private)
         except webhooks.WebhookRefused as exc:
-            raise BadUserInput(str(exc)) from None
+            reason = exc.reason
         except TimeoutError:
-            raise BadUserInput("webhookUrl's host did not resolve in time") from None
+            reason = f"its host did not resolve within {WEBHOOK_RESOLVE_TIMEOUT_S:g} s"
+        else:
+            return
+        # The client is told one message for every refusal (webhooks.REFUSED), operators why.
+        log.info("webhookUrl %r refused: %s", url[:200], reason)
+        raise BadUserInput(webhooks.REFUSED)
 
     async def refused_webhooks(self, urls: set[str]) -> dict[str, BadUserInput]:
         """`check_webhook` for each URL at once (a batch may name many): why each refused one is."""
@@ -274,6 +280,7 @@ class JobService:
         queueing.enqueue_extraction(self.queue, job.record, pipe, self.settings)
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
+        check_ids([job_id])
         async with self._redis_call():
             record = await store.get_job(self.redis, job_id)
         if record is None and self.history is not None:
@@ -283,6 +290,7 @@ class JobService:
     async def get_many(self, job_ids: list[str], *, tenant: str) -> list[JobRecord | None]:
         """Snapshots of several jobs in one round trip, within the tenant's read bound; the
         ones Redis no longer holds, from the history."""
+        check_ids(job_ids)
         async with self.slots.reading(tenant), self._redis_call():
             records = [_owned(r, tenant) for r in await store.get_jobs(self.redis, job_ids)]
         missing = [job_id for job_id, r in zip(job_ids, records, strict=True) if r is None]

@@ -18,7 +18,7 @@ from prometheus_client import Counter
 from strawberry.extensions import SchemaExtension
 from strawberry.types import ExecutionContext
 
-from gql_service.api.errors import ClientError, ServiceUnavailable
+from gql_service.api.error_codes import INTERNAL, UNAVAILABLE, code_of, loggable, stamp
 from gql_service.metrics import REGISTRY
 
 log = logging.getLogger("gql_service.graphql")
@@ -61,31 +61,27 @@ class OperationMetrics(SchemaExtension):
         OPERATIONS.labels(kind, field).inc()
         errors = (ctx.result.errors if ctx.result else None) or ctx.pre_execution_errors or []
         for error in errors:
-            ERRORS.labels(kind, field, error_code(error)).inc()
-
-
-def error_code(error: GraphQLError) -> str:
-    """The error's `extensions.code` (only the service sets one), else a generic code."""
-    code = (error.extensions or {}).get("code")
-    if isinstance(code, str):
-        return code
-    return "GRAPHQL_ERROR" if error.original_error is None else "INTERNAL_SERVER_ERROR"
+            ERRORS.labels(kind, field, code_of(error)).inc()
 
 
 class Schema(strawberry.Schema):
-    """Logs a client's mistakes at INFO, an outage at WARNING, and only our own faults at
-    ERROR with their traceback (Strawberry logs every error at ERROR with the document)."""
+    """Gives every error its code (gql_service.api.error_codes) and logs it by that code: a
+    client's mistake at INFO, an outage at WARNING, both without a traceback, and only our
+    own faults at ERROR with theirs (Strawberry logs every error at ERROR with the document).
+
+    Strawberry calls this for every error of every transport before the error is formatted,
+    so the code stamped here is the one the client sees and the metrics count."""
 
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         for error in errors:
-            original, code = error.original_error, error_code(error)
+            code = stamp(error)
             path = ".".join(str(p) for p in error.path or ()) or "-"
-            if isinstance(original, ServiceUnavailable):
+            if code == INTERNAL:
+                log.error("%s at %s: %s", code, path, error.message, exc_info=error.original_error)
+            elif code == UNAVAILABLE:
                 log.warning("%s at %s: %s", code, path, error.message)
-            elif original is None or isinstance(original, ClientError):
-                log.info("client error %s at %s: %s", code, path, error.message)
             else:
-                log.error("%s at %s: %s", code, path, error.message, exc_info=original)
+                log.info("client error %s at %s: %s", code, path, loggable(error))
 
 
 # Strawberry's own logger would repeat each error at ERROR, with the document.

@@ -40,6 +40,7 @@ from strawberry.types.unset import UnsetType
 from gql_service import logs
 from gql_service.api.auth import ApiKeys
 from gql_service.api.documents import DocumentRefused, documents_from, named, own_page
+from gql_service.api.error_codes import code_of
 from gql_service.api.errors import RequestError
 from gql_service.api.media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
 from gql_service.api.operations import core_schema
@@ -98,15 +99,12 @@ class OperationKinds:
 
 
 def error_code(error: GraphQLError, result: ExecutionResult) -> str:
-    """A code for an error that has none, by where it arose."""
-    if isinstance(result, PreExecutionError):
-        if isinstance(error, GraphQLSyntaxError):
-            return "GRAPHQL_PARSE_FAILED"
-        if error.original_error is not None and not isinstance(error.original_error, GraphQLError):
-            return "INTERNAL_SERVER_ERROR"
-        return "GRAPHQL_VALIDATION_FAILED"
-    # Variables are coerced before any resolver runs: their errors have no path.
-    return "INTERNAL_SERVER_ERROR" if error.path is not None else "BAD_USER_INPUT"
+    """A code for an error that has none. Strawberry hands every error to the schema's
+    process_errors, which stamps its code (gql_service.api.error_codes, the one
+    classification, also the metrics' and the log's): this only covers one that got past it."""
+    if isinstance(result, PreExecutionError) and not isinstance(error, GraphQLSyntaxError):
+        return code_of(error) if error.original_error is not None else "GRAPHQL_VALIDATION_FAILED"
+    return code_of(error)
 
 
 def is_request_error(response_data: GraphQLHTTPResponse) -> bool:

@@ -18,6 +18,7 @@ from graphql import GraphQLError, GraphQLSyntaxError
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 
+from gql_service.api.disconnects import unless_gone
 from gql_service.api.documents import DocumentRefused, named
 
 _LEGACY_TYPES = {"connection_init", "connection_terminate", "start", "stop"}
@@ -93,6 +94,9 @@ async def _named_document(handler: Any, message: Any, kind: str) -> DocumentRefu
 
 
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
+    async def send_message(self, message: Any) -> None:
+        await unless_gone(super().send_message(message))  # a client that goes mid-send is no error
+
     async def handle_message(self, message: Any) -> None:
         if refused := await _named_document(self, message, "subscribe"):
             await self.send_message({"id": message["id"], "type": "error", "payload": [refused.formatted]})
@@ -124,6 +128,9 @@ def _legacy_problem(message: Any, view: Any) -> str | None:
 
 
 class LegacyWSHandler(BaseGraphQLWSHandler[Any, Any]):
+    async def send_message(self, message: Any) -> None:
+        await unless_gone(super().send_message(message))  # a client that goes mid-send is no error
+
     async def handle(self) -> None:
         # The legacy protocol has no init timeout of its own: a socket that never sends
         # connection_init would hold its place forever. Same bound, and the same close

@@ -21,6 +21,33 @@ graphql`
   }
 `;
 
+// A batch's jobs, the same way: Relay's convention for connection arguments is nullable
+// (`first: Int`), so a count may be declared with or without a default; `Int!` with a
+// default is refused by relay-compiler ("Non-nullable variable has a default value").
+graphql`
+  fragment JobsApp_batch on Batch
+  @refetchable(queryName: "JobsAppBatchPaginationQuery")
+  @argumentDefinitions(
+    count: { type: "Int", defaultValue: 2 }
+    cursor: { type: "String" }
+    endedCount: { type: "Int" }
+  ) {
+    jobs(first: $count, after: $cursor) @connection(key: "JobsApp_batch_jobs") {
+      edges {
+        node {
+          id
+          status
+        }
+      }
+    }
+    endedJobs(first: $endedCount) {
+      pageInfo {
+        endCursor
+      }
+    }
+  }
+`;
+
 graphql`
   query JobsAppQuery {
     ...JobsApp_jobs

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from graphql import GraphQLError
 from strawberry.extensions import AddValidationRules, MaxTokensLimiter, ParserCache, ValidationCache
 
+from gql_service.api.error_codes import ValidationCodes
 from gql_service.api.operations import OperationMetrics, Schema
 from gql_service.api.query_limits import QueryLimits
 from gql_service.api.schema.context import Context
@@ -66,6 +67,7 @@ schema = Schema(
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         lambda: _ParserCache(maxsize=256),
         lambda: _ValidationCache(maxsize=256),
+        ValidationCodes,
         OperationMetrics,
     ],
 )

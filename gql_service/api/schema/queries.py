@@ -11,7 +11,7 @@ from gql_service import keys
 from gql_service.api.errors import BadUserInput
 from gql_service.api.schema import pagination
 from gql_service.api.schema.context import caller
-from gql_service.api.schema.pagination import MAX_PAGE, decode_cursor, encode_cursor
+from gql_service.api.schema.pagination import decode_cursor, encode_cursor, page_size
 from gql_service.api.schema.types import (
     Batch,
     BatchConnection,
@@ -42,18 +42,17 @@ class Query:
     async def jobs(
         self,
         info: Info,
-        first: int = 20,
+        first: int | None = 20,
         after: str | None = None,
         status: JobStatus | None = None,  # type: ignore[valid-type]
         created_after: datetime | None = None,
         created_before: datetime | None = None,
     ) -> JobConnection:
         ctx = caller(info)
-        if not 1 <= first <= MAX_PAGE:
-            raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
+        size = page_size(first, default=20)
         bounds = [_aware(created_after, "createdAfter"), _aware(created_before, "createdBefore")]
         page, next_start = await ctx.jobs.listing.page(
-            tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None, status=status,
+            tenant=ctx.tenant, first=size, after=decode_cursor(after) if after else None, status=status,
             created_after=bounds[0], created_before=bounds[1],
         )  # fmt: skip
         edges = [JobEdge(cursor=encode_cursor(ms, r.id), node=Job.from_record(r)) for r, ms in page]
@@ -73,12 +72,10 @@ class Query:
         return Batch.from_record(record) if record else None
 
     @strawberry.field(description="Your batches, newest first, in pages of `first` (1-100).")
-    async def batches(self, info: Info, first: int = 20, after: str | None = None) -> BatchConnection:
+    async def batches(self, info: Info, first: int | None = 20, after: str | None = None) -> BatchConnection:
         ctx = caller(info)
-        if not 1 <= first <= MAX_PAGE:
-            raise BadUserInput(f"first must be 1 to {MAX_PAGE}")
         page, more = await ctx.batches.page(
-            tenant=ctx.tenant, first=first, after=decode_cursor(after) if after else None
+            tenant=ctx.tenant, first=page_size(first, default=20), after=decode_cursor(after) if after else None
         )
         edges = [BatchEdge(cursor=encode_cursor(ms, b.id), node=Batch.from_record(b)) for b, ms in page]
         page_info = pagination.page_info(edges, has_next=more, has_previous=after is not None)

@@ -14,7 +14,7 @@ from gql_service import models, rendering
 from gql_service.api.follow import Interim
 from gql_service.api.schema import pagination
 from gql_service.api.schema.context import caller
-from gql_service.api.schema.pagination import _page, _position_cursor
+from gql_service.api.schema.pagination import _page, _position_cursor, page_size
 
 JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
 JobStage = strawberry.enum(models.JobStage, description="What the worker is doing right now.")
@@ -212,13 +212,13 @@ class Batch(Node):
     async def jobs(
         self,
         info: Info,
-        first: int = 20,
+        first: int | None = 20,
         after: str | None = None,
         status: JobStatus | None = None,  # type: ignore[valid-type]
     ) -> JobConnection:
         ctx = caller(info)
-        start = _page(first, after)
-        page, next_start = await ctx.batches.jobs_page(self.record, first=first, after=start, status=status)
+        size, start = page_size(first, default=20), _page(after)
+        page, next_start = await ctx.batches.jobs_page(self.record, first=size, after=start, status=status)
         edges = [JobEdge(cursor=_position_cursor(n + 1), node=Job.from_record(r)) for r, n in page]
         return _connection(edges, start, next_start)
 
@@ -226,10 +226,10 @@ class Batch(Node):
         description="The batch's jobs that have ended, in the order they ended: read on from the last "
         "`endCursor` to get each result once, as it comes (1-1000 a page)."
     )
-    async def ended_jobs(self, info: Info, first: int = 100, after: str | None = None) -> JobConnection:
+    async def ended_jobs(self, info: Info, first: int | None = 100, after: str | None = None) -> JobConnection:
         ctx = caller(info)
-        start = _page(first, after, most=MAX_ENDED_PAGE)
-        records, next_start = await ctx.batches.ended_page(self.record, first=first, after=start)
+        size, start = page_size(first, default=100, most=MAX_ENDED_PAGE), _page(after)
+        records, next_start = await ctx.batches.ended_page(self.record, first=size, after=start)
         edges = [JobEdge(cursor=_position_cursor(at + 1), node=Job.from_record(r)) for r, at in records]
         # More have ended than this page holds: the next page has them. Either way endCursor
         # is where to read on, later, when more jobs have ended.
