@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from .flood import Flood
-from .service import Service
+from .service import Service, wait_until
 from .test_websocket_protocol import LEGACY_WS, TRANSPORT_WS, init
 
 UPDATES = "subscription($id: ID!) { jobUpdates(id: $id) { version } }"
@@ -72,3 +72,25 @@ def test_an_http_stream_dropped_mid_send_leaves_no_error_in_the_log(api: Service
             # Leaving the block drops the connection while the server sends.
     logged = log_of(api)[before:]
     assert " ERROR " not in logged and "Traceback" not in logged, logged[-3000:]
+
+
+def active_subscriptions(svc: Service) -> float:
+    metrics = httpx.get(svc.http_url.replace("/graphql", "/metrics")).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("gqls_active_subscriptions"))
+
+
+@pytest.mark.parametrize(
+    "accept", ["text/event-stream", "multipart/mixed;subscriptionSpec=1.0"], ids=["sse", "multipart"]
+)
+def test_an_http_stream_dropped_mid_send_frees_its_subscription(api: Service, e2e_redis: str, accept: str) -> None:
+    """Its watch slots too (MAX_WATCHED_JOBS_PER_TENANT): a stream the client dropped while the
+    server was sending once stayed subscribed for good."""
+    with Flood(e2e_redis) as flood:
+        body = {"query": UPDATES, "variables": {"id": flood.job_id}}
+        for _ in range(4):
+            with httpx.stream("POST", api.http_url, json=body, headers={"accept": accept}, timeout=30) as response:
+                received = b"".join(chunk for chunk, _ in zip(response.iter_raw(), range(20), strict=False))
+                assert received.count(b'"version"') >= 2  # frames are flowing
+        wait_until(
+            lambda: active_subscriptions(api) == 0, timeout_s=15, what="the dropped streams' subscriptions to end"
+        )

@@ -11,9 +11,14 @@ dropped and a part that is not JSON. The transports here replace them in the vie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from typing import Any, cast
 
+import anyio
 from prometheus_client import Gauge
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 from strawberry.http.streaming import MultipartSubscriptionTransport, SSETransport
 from strawberry.types.graphql import OperationType
 
@@ -103,9 +108,36 @@ def counted(stream: Callable[[], AsyncIterator[str]], content_type: str) -> Call
         try:
             if preamble is not None:
                 yield preamble
-            async for chunk in stream():
-                yield chunk
+            # Closed with this one: leaving `async for` early would leave Strawberry's stream
+            # (and its heartbeat and subscription tasks) suspended until a garbage collection.
+            async with contextlib.aclosing(cast(AsyncGenerator[str, None], stream())) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             HTTP_STREAMS.labels(transport).dec()
 
     return sent
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Starlette's streaming response, ending the subscription behind it when the client
+    goes. Starlette cancels the sending task at the disconnect and leaves the body
+    suspended, and Strawberry's heartbeat merge cancels the task reading the subscription
+    without closing it: the subscription (and its MAX_WATCHED_JOBS_PER_TENANT slots) lived
+    on, suspended, until a garbage collection found it. Here the body and then the
+    subscription's source are closed, shielded from the cancellation already under way
+    (inside it every await would be cancelled again)."""
+
+    def __init__(self, content: AsyncIterator[str], *, source: AsyncGenerator[Any, None] | None, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.source = source
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await cast(AsyncGenerator[Any, None], self.body_iterator).aclose()
+                if self.source is not None:
+                    with contextlib.suppress(RuntimeError):  # still running: it ends by itself
+                        await self.source.aclose()

@@ -11,7 +11,7 @@ import hashlib
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -48,7 +48,7 @@ from gql_service.api.playground import Playground
 from gql_service.api.reservations import Reservations
 from gql_service.api.schema import MAX_TOKENS, Context, schema
 from gql_service.api.single_connection import SingleConnection
-from gql_service.api.streams import EventStream, MultipartSubscriptions, counted
+from gql_service.api.streams import ClosingStreamingResponse, EventStream, MultipartSubscriptions, counted
 from gql_service.api.ws import AMBIGUOUS, LegacyWSHandler, TransportWSHandler
 from gql_service.settings import Settings
 
@@ -233,9 +233,13 @@ class GraphQLView(GraphQL[Context, None]):
         if not isinstance(request_data, list):  # (batches are off)
             await self._resolve_document(request, request_data)
             self._check_operation(request_data, request.headers.get("accept", ""), request.method)
-        return await super().execute_operation(
+        result = await super().execute_operation(
             request, request_adapter, request_data, context, root_value, sub_response
         )
+        if isinstance(result, AsyncGenerator):
+            # A stream's source, closed with its response (ClosingStreamingResponse).
+            request.state.stream_source = result
+        return result
 
     def _check_operation(self, request_data: GraphQLRequestData, accept: str, method: str = "POST") -> None:
         """What Strawberry would not refuse before running it (or, for streams, before the
@@ -304,7 +308,12 @@ class GraphQLView(GraphQL[Context, None]):
         headers: Mapping[str, str],
     ) -> Response:
         content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
-        return await super().create_streaming_response(request, counted(stream, content_type), sub_response, headers)
+        return ClosingStreamingResponse(  # as Strawberry's, but closed when the client goes
+            counted(stream, content_type)(),
+            status_code=sub_response.status_code or 200,
+            headers={**sub_response.headers, **headers},
+            source=getattr(request.state, "stream_source", None),
+        )
 
     def create_response(
         self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
