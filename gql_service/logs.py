@@ -1,5 +1,6 @@
 """Logging: readable lines, or one JSON object a line (LOG_FORMAT=json), each with the
-request id of the job or request it is about."""
+request id of the job or request it is about, and, while tracing is on, the ids of the
+current span (JSON's `trace_id` and `span_id`), which lead from a log line to its trace."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
+
+from gql_service import tracing
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -18,6 +21,10 @@ JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get() or "-"
+        ids = tracing.log_ids()
+        if ids is not None:
+            # Extra attributes: the JSON formatter writes them as fields, the text one not.
+            record.trace_id, record.span_id = ids
         return True
 
 

@@ -160,6 +160,21 @@ class JobError(BaseModel):
         return value if len(value) <= MAX_ERROR_CHARS else value[: MAX_ERROR_CHARS - 1] + "…"
 
 
+class JobTrace(BaseModel):
+    """The W3C trace context a job's spans descend from (gql_service.tracing): the
+    submitting request's span, or, for a job of a many-job request (`link`), that span to
+    link to until the first attempt starts the job's own trace and puts its span here."""
+
+    parent: str = Field(max_length=55)  # a version-00 `traceparent`
+    state: str | None = Field(default=None, max_length=512)  # `tracestate`, as W3C bounds it
+    link: bool = False
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace the job's spans are in (unknown until its first attempt, for a link)."""
+        return None if self.link else self.parent.split("-")[1]
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -187,6 +202,8 @@ class JobRecord(BaseModel):
     webhook_url: str | None = None
     # The batch the job belongs to: its counts move with the job's transitions (store.py).
     batch_id: str | None = None
+    # Where the job's spans go: set only while tracing is on (gql_service.tracing).
+    trace: JobTrace | None = None
 
     @property
     def terminal(self) -> bool:

@@ -1,0 +1,134 @@
+"""How spans leave a process: the OTLP exporter the standard variables name, behind a
+batch processor whose queue is bounded and whose drops are counted.
+
+Imported by gql_service.tracing only once tracing is configured: it is the one module that
+imports the OpenTelemetry SDK and its exporters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+# Short, unless OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT says otherwise: an export runs on the
+# processor's own thread, but a shutdown (SIGTERM) waits for the one under way.
+EXPORT_TIMEOUT_S = 2.0
+DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's own default for OTEL_BSP_MAX_QUEUE_SIZE
+
+
+def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
+    """The OTLP exporter of OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL; None (tracing stays off,
+    said once in the log) for a protocol this install can't speak."""
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    ).strip() or "http/protobuf"
+    told = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" in environ or "OTEL_EXPORTER_OTLP_TIMEOUT" in environ
+    timeout = None if told else EXPORT_TIMEOUT_S  # None: the exporter reads the variable
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(timeout=timeout)
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+        except ImportError:
+            log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc; tracing is off")
+            return None
+        return GrpcSpanExporter(timeout=timeout)  # type: ignore[no-any-return]
+    log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported (http/protobuf, grpc); tracing is off", protocol)
+    return None
+
+
+def processor(exporter: SpanExporter, environ: Mapping[str, str], *, dropped: Counter) -> SpanProcessor:
+    """The SDK's batch processor behind a gate of its queue's size (OTEL_BSP_MAX_QUEUE_SIZE):
+    a span that would find the queue full is dropped at the gate, where `dropped` counts it
+    (the SDK's own queue drops silently)."""
+    try:
+        size = max(int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE)), 1)
+    except ValueError:
+        size = DEFAULT_MAX_QUEUE_SIZE
+    gate = _Gate(size)
+    return _Bounded(BatchSpanProcessor(_Counted(exporter, gate), max_queue_size=size), gate, dropped)
+
+
+class _Gate:
+    """How many spans wait for export: taken in `on_end`, given back when the exporter takes
+    them (they have left the queue, exported or not)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.queued = 0
+        self._lock = threading.Lock()
+        # A forked child (a fork worker's work horse) starts with an empty queue, as the
+        # batch processor's own fork hook makes it, and a lock no other thread can hold.
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.queued = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.queued >= self.size:
+                return False
+            self.queued += 1
+            return True
+
+    def leave(self, count: int) -> None:
+        with self._lock:
+            self.queued = max(self.queued - count, 0)
+
+
+class _Counted(SpanExporter):
+    """The exporter, telling the gate how many spans left the queue."""
+
+    def __init__(self, exporter: SpanExporter, gate: _Gate) -> None:
+        self.exporter = exporter
+        self.gate = gate
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            return self.exporter.export(spans)
+        finally:
+            self.gate.leave(len(spans))
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+class _Bounded(SpanProcessor):
+    def __init__(self, batch: BatchSpanProcessor, gate: _Gate, dropped: Counter) -> None:
+        self.batch = batch
+        self.gate = gate
+        self.dropped = dropped
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.batch.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not span.context.trace_flags.sampled:
+            return  # the batch processor exports sampled spans only
+        if self.gate.enter():
+            self.batch.on_end(span)
+        else:
+            self.dropped.inc()
+
+    def shutdown(self) -> None:
+        self.batch.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.batch.force_flush(timeout_millis)
