@@ -47,6 +47,7 @@ def job_view(r: JobRecord) -> dict[str, Any]:
         "error": r.error.model_dump() if r.error else None,
         "usage": r.usage.model_dump() if r.usage else None,
         "request_id": r.request_id,
+        "trace_id": r.trace.trace_id if r.trace else None,
     }
 
 

@@ -1,8 +1,49 @@
-"""OpenTelemetry tracing (gql_service/tracing.py), off unless the standard variables configure it."""
+"""OpenTelemetry tracing (gql_service/tracing.py): real API and worker processes export to a
+real OTLP/HTTP receiver (tests/otlp_receiver.py), which decodes the protobuf payloads."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
 from gql_service import tracing
+from gql_service.models import JobRecord, JobTrace
+from gql_service.rendering import job_view
+
+from .clients import follow, post
+from .otlp_receiver import OtlpReceiver, ReceivedSpan
+from .service import Service
+
+SERVER, CLIENT, CONSUMER = 2, 3, 5  # opentelemetry.proto.trace.v1 Span.SpanKind
+# In every text and variable sent here: it must never appear in a span.
+MARKER = "zqxmarkerwv"
+TEXT = f"I loved the clinic {MARKER}. Dr. Rao was kind. Waiting time was 10 minutes in Boston."
+SUBMIT = "mutation($text: String!) { submitText(input: {text: $text}) { job { id traceId } } }"
+SUBMIT_MANY = "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { job { id traceId } } }"
+JOB = "query($id: ID!) { job(id: $id) { traceId status usage { promptTokens completionTokens } } }"
+
+
+def traced_env(receiver: OtlpReceiver) -> dict[str, str]:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",  # export within 50 ms: the test waits for spans
+        "LOG_FORMAT": "json",
+    }
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def traced(e2e_redis: str, receiver: OtlpReceiver) -> Iterator[Service]:
+    with Service(e2e_redis, workers=1, env=traced_env(receiver)) as svc:
+        yield svc
 
 
 def test_off_unless_configured() -> None:
@@ -14,3 +55,135 @@ def test_off_unless_configured() -> None:
     assert not tracing.configured({**on, "OTEL_TRACES_EXPORTER": "none"})
     assert not tracing.setup(tracing.API_SERVICE, environ={}) and not tracing.active()
     assert tracing.current_job_trace(link=False) is None and tracing.log_ids() is None
+
+
+def test_trace_id_of_a_job() -> None:
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert job_view(JobRecord(id="a"))["trace_id"] is None
+    assert job_view(JobRecord(id="a", trace=JobTrace(parent=parent)))["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    # A job of a many-job request has its own trace, known once its first attempt starts.
+    assert job_view(JobRecord(id="a", trace=JobTrace(parent=parent, link=True)))["trace_id"] is None
+
+
+def _in_trace(spans: list[ReceivedSpan], trace_id: str) -> list[ReceivedSpan]:
+    return [s for s in spans if s.trace_id == trace_id]
+
+
+def _job_span(spans: list[ReceivedSpan], job_id: str) -> ReceivedSpan | None:
+    return next((s for s in spans if s.name == "job extract" and s.attributes.get("gqls.job.id") == job_id), None)
+
+
+def _no_marker(spans: list[ReceivedSpan]) -> None:
+    for s in spans:
+        assert MARKER not in repr((s.name, s.attributes, s.events)), s
+
+
+async def test_submit_text_is_one_trace_from_the_request_to_the_model(traced: Service, receiver: OtlpReceiver) -> None:
+    body = post(traced, SUBMIT, text=TEXT).json()
+    assert "errors" not in body, body
+    job_id, trace_id = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
+    assert trace_id and len(trace_id) == 32
+    events = await follow(traced, job_id)
+    assert events[-1]["status"] == "FINISHED"
+    job = post(traced, JOB, id=job_id).json()["data"]["job"]
+    assert job["traceId"] == trace_id
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        names = {s.name for s in _in_trace(spans, trace_id)}
+        return {"POST /graphql", "mutation submitText", "job extract", "chat offline"} <= names
+
+    spans = _in_trace(receiver.wait_for(complete, what=f"trace {trace_id}"), trace_id)
+    by_name = {s.name: s for s in spans}
+    server, operation = by_name["POST /graphql"], by_name["mutation submitText"]
+    job_span, chat = by_name["job extract"], by_name["chat offline"]
+    assert server.service == operation.service == "gql-service-api" and server.kind == SERVER
+    assert server.attributes["http.response.status_code"] == 200 and server.parent_span_id == ""
+    assert operation.parent_span_id == server.span_id
+    assert operation.attributes == {"graphql.operation.type": "mutation", "gqls.graphql.field": "submitText"}
+    # The worker's span is the child of the operation that submitted the job.
+    assert job_span.service == "gql-service-worker" and job_span.kind == CONSUMER
+    assert job_span.parent_span_id == operation.span_id
+    assert job_span.attributes["gqls.job.id"] == job_id and job_span.attributes["gqls.tenant"] == "public"
+    assert job_span.attributes["gqls.job.attempt"] == 1 and "gqls.batch.id" not in job_span.attributes
+    stages = [(name, attrs["gqls.job.status"], attrs["gqls.job.version"]) for name, attrs in job_span.events]
+    assert stages == [("CALLING_LLM", "STARTED", 2), ("VALIDATING", "STARTED", 3), ("DONE", "FINISHED", 4)]
+    # The LLM call, by the GenAI semantic conventions, its tokens the job's usage.
+    assert chat.kind == CLIENT and chat.parent_span_id == job_span.span_id
+    assert chat.attributes["gen_ai.operation.name"] == "chat"
+    assert chat.attributes["gen_ai.provider.name"] == "offline"
+    assert chat.attributes["gen_ai.request.model"] == chat.attributes["gen_ai.response.model"] == "offline"
+    assert chat.attributes["gen_ai.usage.input_tokens"] == job["usage"]["promptTokens"]
+    assert chat.attributes["gen_ai.usage.output_tokens"] == job["usage"]["completionTokens"]
+    assert chat.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+    assert [name for name, _ in chat.events] == ["gen_ai.first_token"]
+    _no_marker(spans)
+    # The worker's log lines about the job name its trace and span.
+    lines = [json.loads(line) for line in traced.logs().splitlines() if line.startswith("{")]
+    attempt = next(line for line in lines if f"job {job_id}: attempt 1" in line["message"])
+    assert attempt["trace_id"] == trace_id and attempt["span_id"] == job_span.span_id
+
+
+async def test_submit_texts_is_one_request_trace_and_a_linked_trace_per_job(
+    traced: Service, receiver: OtlpReceiver
+) -> None:
+    count = 5
+    inputs = [{"text": f"{TEXT} Number {n}."} for n in range(count)]
+    body = post(traced, SUBMIT_MANY, inputs=inputs).json()
+    assert "errors" not in body, body
+    job_ids = [answer["job"]["id"] for answer in body["data"]["submitTexts"]]
+    assert all(answer["job"]["traceId"] is None for answer in body["data"]["submitTexts"])  # not started yet
+
+    def jobs_ended(spans: list[ReceivedSpan]) -> bool:
+        return all(_job_span(spans, job_id) is not None for job_id in job_ids)
+
+    spans = receiver.wait_for(jobs_ended, what="the jobs' spans")
+    job_spans = [_job_span(spans, job_id) for job_id in job_ids]
+    request_traces = {link[0] for s in job_spans if s for link in s.links}
+    assert len(request_traces) == 1, "one trace for the request"
+    [request_trace] = request_traces
+    spans = receiver.wait_for(
+        lambda got: any(s.name == "mutation submitTexts" for s in _in_trace(got, request_trace)),
+        what="the request's spans",
+    )
+    [operation] = [s for s in _in_trace(spans, request_trace) if s.name == "mutation submitTexts"]
+    assert not any(s.name == "job extract" for s in _in_trace(spans, request_trace)), "no job in the request's trace"
+    job_traces = set()
+    for job_id, job_span in zip(job_ids, job_spans, strict=True):
+        assert job_span is not None
+        assert job_span.parent_span_id == "" and job_span.links == [(request_trace, operation.span_id)]
+        job_traces.add(job_span.trace_id)
+        follow_events = await follow(traced, job_id)
+        assert follow_events[-1]["status"] == "FINISHED"
+        assert post(traced, JOB, id=job_id).json()["data"]["job"]["traceId"] == job_span.trace_id
+    assert len(job_traces) == count and request_trace not in job_traces
+    _no_marker(spans)
+
+
+async def test_message_content_only_when_asked_for(e2e_redis: str) -> None:
+    with OtlpReceiver() as got:
+        capture = {"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true", "RQ_QUEUE": "llm-content"}
+        env = {**traced_env(got), **capture}
+        with Service(e2e_redis, workers=1, env=env) as svc:
+            job_id = post(svc, SUBMIT, text=TEXT).json()["data"]["submitText"]["job"]["id"]
+            assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
+            spans = got.wait_for(lambda spans: _job_span(spans, job_id) is not None, what="the job's span")
+    job_span = _job_span(spans, job_id)
+    assert job_span is not None
+    [chat] = [s for s in spans if s.name == "chat offline" and s.parent_span_id == job_span.span_id]
+    contents = {name: attrs["content"] for name, attrs in chat.events if "content" in attrs}
+    assert MARKER in contents["gen_ai.user.message"] and "summary" in contents["gen_ai.choice"]
+    # Only there: the request's spans and the attributes still hold no text.
+    assert all(MARKER not in repr(s.attributes) for s in spans)
+
+
+async def test_a_collector_that_hangs_holds_up_no_request_and_no_job(e2e_redis: str) -> None:
+    env = {"RQ_QUEUE": "llm-stuck"}  # its own queue: the jobs run on this service's worker
+    with OtlpReceiver(hang=True) as stuck, Service(e2e_redis, workers=1, env={**traced_env(stuck), **env}) as svc:
+        first: dict[str, Any] = post(svc, SUBMIT, text=TEXT).json()
+        assert (await follow(svc, first["data"]["submitText"]["job"]["id"]))[-1]["status"] == "FINISHED"
+        stuck.wait_for_requests(2)  # both processes' exporters are now stuck on it
+        for _ in range(3):  # and requests and jobs go on all the same
+            body = post(svc, SUBMIT, text=TEXT).json()
+            assert "errors" not in body, body
+            events = await follow(svc, body["data"]["submitText"]["job"]["id"])
+            assert events[-1]["status"] == "FINISHED"

@@ -26,8 +26,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from gql_service import history as history_db
-from gql_service import keys, logs, metrics
+from gql_service import keys, logs, metrics, tracing
 from gql_service.api.auth import ApiKeys, RequireApiKey
+from gql_service.api.http_spans import TraceRequests
 from gql_service.api.jobs import JobService
 from gql_service.api.limits import LimitBodySize
 from gql_service.api.view import GraphQLView
@@ -148,6 +149,7 @@ def create_app(settings: Settings) -> Starlette:
                 await acked_redis.aclose()
             await pubsub_redis.aclose()
             sync_redis.close()
+            tracing.shutdown()  # uvicorn's SIGTERM and Ctrl-C end here: what is queued is sent
 
     view = GraphQLView(keys=keys, settings=settings)
     routes: list[Any] = [
@@ -162,6 +164,9 @@ def create_app(settings: Settings) -> Starlette:
         Middleware(LimitBodySize, max_bytes=settings.max_body_bytes),
         Middleware(RequireApiKey, keys=keys),
     ]
+    # OTEL_* variables, once per process (uvicorn's `--workers N` start fresh ones).
+    if tracing.setup(tracing.API_SERVICE):
+        middleware.insert(0, Middleware(TraceRequests))  # outermost: the span covers the rest
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 

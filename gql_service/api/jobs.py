@@ -17,7 +17,7 @@ from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import WatchError
 from rq import Queue
 
-from gql_service import batch_store, delivery_store, history, keys, queueing, redis_conn, store, webhooks
+from gql_service import batch_store, delivery_store, history, keys, queueing, redis_conn, store, tracing, webhooks
 from gql_service.api.calls import history_call, redis_call
 from gql_service.api.cancel import Canceller
 from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound
@@ -155,15 +155,19 @@ class JobService:
         request_id: str | None,
         webhook_url: str | None = None,
         batch_id: str | None = None,
+        one_of_many: bool = False,
     ) -> NewJob:
         """Check one submission and give it its record; raises BadUserInput. A webhook URL
-        must have passed `check_webhook`."""
+        must have passed `check_webhook`. While tracing is on, the record carries the current
+        span's context: the job's spans are its children, or, `one_of_many` (submitTexts),
+        start a trace of their own that links to it."""
         self.validate_text(text)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise BadUserInput(f"idempotencyKey must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         record = JobRecord(
-            id=uuid.uuid4().hex, tenant=tenant, request_id=request_id, webhook_url=webhook_url, batch_id=batch_id
-        )
+            id=uuid.uuid4().hex, tenant=tenant, request_id=request_id, webhook_url=webhook_url, batch_id=batch_id,
+            trace=tracing.current_job_trace(link=one_of_many) if tracing.active() else None,
+        )  # fmt: skip
         if not idempotency_key:
             return NewJob(record=record, text=text, idem=None)
         key = keys.idempotency(tenant, idempotency_key)

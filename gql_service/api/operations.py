@@ -1,5 +1,5 @@
 """What the API records about each GraphQL operation: Prometheus counters labelled by root
-field, and its errors in the log.
+field, its errors in the log, and, while tracing is on, a span named for it.
 
 Both take only what the schema bounds: a root field the schema does not have is labelled
 `invalid` (a client choosing label values could grow `/metrics` without limit), and a
@@ -18,6 +18,7 @@ from prometheus_client import Counter
 from strawberry.extensions import SchemaExtension
 from strawberry.types import ExecutionContext
 
+from gql_service import tracing
 from gql_service.api.error_codes import INTERNAL, UNAVAILABLE, code_of, loggable, stamp
 from gql_service.metrics import REGISTRY
 
@@ -64,6 +65,25 @@ class OperationMetrics(SchemaExtension):
             ERRORS.labels(kind, field, code_of(error)).inc()
 
 
+class OperationSpan(SchemaExtension):
+    """A span `{type} {root field}` (`mutation submitText`) around the operation's execution,
+    so a trace says what was asked; the job a submit queues is its child. Named by what the
+    schema bounds (as the metrics' labels), never with the document or the variables: they
+    hold the users' texts."""
+
+    def on_execute(self) -> Iterator[None]:
+        ctx = self.execution_context
+        kind, field = _labels(core_schema(ctx.schema), ctx.graphql_document)
+        if kind == "subscription":
+            # Not yet: its span would be current across the stream's every frame and end
+            # in another task; the request's own span covers an HTTP stream.
+            yield
+            return
+        attributes = {"graphql.operation.type": kind, "gqls.graphql.field": field}
+        with tracing.tracer().start_as_current_span(f"{kind} {field}", attributes=attributes):
+            yield
+
+
 class Schema(strawberry.Schema):
     """Gives every error its code (gql_service.api.error_codes) and logs it by that code: a
     client's mistake at INFO, an outage at WARNING, both without a traceback, and only our
@@ -71,6 +91,12 @@ class Schema(strawberry.Schema):
 
     Strawberry calls this for every error of every transport before the error is formatted,
     so the code stamped here is the one the client sees and the metrics count."""
+
+    def get_extensions(self, sync: bool = False) -> list[SchemaExtension]:
+        extensions = super().get_extensions(sync)
+        if tracing.active():  # decided per operation: the API sets tracing up after this is built
+            extensions.append(OperationSpan())
+        return extensions
 
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         for error in errors:

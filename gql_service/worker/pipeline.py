@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from opentelemetry.trace import INVALID_SPAN, Span
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -20,7 +21,9 @@ from gql_service import logs, metrics, redis_conn, store
 from gql_service.models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
 from gql_service.partials import PartialStream
 from gql_service.settings import ReplicaAck
+from gql_service.worker import job_spans
 from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
+from gql_service.worker.llm.base import OnText
 from gql_service.worker.provider_limits import ProviderLimits
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class Attempt:
         self._stage: tuple[JobStage, float] | None = None
         self.last: JobRecord | None = None
         self._watchers = 0  # subscribers of interim frames when the last transition was written
+        self.span: Span = INVALID_SPAN  # this attempt's (gql_service.worker.job_spans), while tracing is on
 
     def _entered(self, record: JobRecord) -> None:
         now = time.monotonic()
@@ -99,6 +103,7 @@ class Attempt:
         if self._stage is None or self._stage[0] is not record.stage:
             self._stage = (record.stage, now)
         self.last = record
+        job_spans.stage(self.span, record)
 
     async def _set(self, **changes: object) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
@@ -149,6 +154,7 @@ class Attempt:
                     raise
                 # The endpoint said when to come back: every worker waits that long, and
                 # this call tries again then, without spending an attempt.
+                job_spans.event(self.span, "llm.pause", exc.code.value, **{"gqls.pause.seconds": wait})
                 await self.limits.pause(wait)
                 self.waits.pauses += 1
                 continue
@@ -175,8 +181,13 @@ class Attempt:
             partials.begin(self.last.version, watchers=self._watchers)
         started = time.monotonic()
         try:
-            on_text = partials.feed if partials is not None else None
-            return await self.provider.extract(text, repair=repair, on_text=on_text)
+            with job_spans.chat_span(self.provider, text=text, repair=repair is not None) as chat:
+                on_text: OnText | None = partials.feed if partials is not None else None
+                if on_text is not None and chat.is_recording():
+                    on_text = _first_token_noted(chat, on_text)
+                completion = await self.provider.extract(text, repair=repair, on_text=on_text)
+                job_spans.completed(chat, completion)
+                return completion
         finally:
             self.llm_seconds.append(time.monotonic() - started)
             if partials is not None:
@@ -209,7 +220,18 @@ class Attempt:
 
     async def _run(self, *, retries_left: int) -> JobRecord | None:
         current, text = await store.get_job_and_text(self.redis, self.job_id)
-        started = await self._start(current) if current is not None else None
+        if current is None:
+            log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
+            return None
+        with job_spans.job_span(current) as span:
+            self.span = span
+            try:
+                return await self._attempt(current, text, retries_left=retries_left)
+            finally:
+                self.span = INVALID_SPAN  # ended: nothing more goes on it
+
+    async def _attempt(self, current: JobRecord, text: str, *, retries_left: int) -> JobRecord | None:
+        started = await self._start(current)
         if started is None:
             log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
             return None
@@ -223,11 +245,14 @@ class Attempt:
                 result = validate(completion.content)
             except InvalidOutput as first:
                 log.info("job %s: invalid output (%s); asking for a repair", self.job_id, first)
+                job_spans.event(self.span, "validation_failed", str(first))
+                job_spans.event(self.span, "repair", str(first))
                 await self._set(stage=JobStage.REPAIRING)
                 completion = await self._ask(text, Repair(completion.content, str(first)))
                 await self._set(stage=JobStage.VALIDATING, usage=self.usage)
                 result = validate(completion.content)
         except InvalidOutput as exc:
+            job_spans.event(self.span, "validation_failed", str(exc))
             return await self._fail(
                 JobError(code=JobErrorCode.INVALID_OUTPUT, message=f"invalid output after repair: {exc}")
             )
@@ -256,6 +281,7 @@ class Attempt:
                     "attempts": job.attempts + 1,
                     "started_at": job.started_at or utcnow(),
                     "model": self.provider.model,
+                    "trace": job_spans.own_trace(self.span, job),
                 }
             )
 
@@ -269,6 +295,20 @@ class Attempt:
         return await self._set(
             status=JobStatus.FAILED, stage=JobStage.FAILED, error=error, usage=self.usage, finished_at=utcnow()
         )
+
+
+def _first_token_noted(span: Span, on_text: OnText) -> OnText:
+    """`on_text`, noting the first piece of a streamed answer on the chat span (time to first token)."""
+    noted = False
+
+    def feed(piece: str) -> None:
+        nonlocal noted
+        if not noted:
+            noted = True
+            span.add_event("gen_ai.first_token")
+        on_text(piece)
+
+    return feed
 
 
 async def _transition(redis: Redis, job_id: str, change: store.Change, **options: Any) -> store.Transition:

@@ -8,10 +8,14 @@ from typing import Any
 from rq import SimpleWorker, Worker
 from rq.job import Job as RQJob
 
+from gql_service import tracing
 from gql_service.worker import deliveries, tasks
 from gql_service.worker.tuning import Tuning, is_extraction
 
 log = logging.getLogger(__name__)
+
+
+HORSE_FLUSH_MS = 500
 
 
 class ServiceWorker(Tuning, Worker):
@@ -21,6 +25,15 @@ class ServiceWorker(Tuning, Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         args, kwargs = self.tuned(args, kwargs)
         super().__init__(*args, **kwargs)
+
+    def perform_job(self, job: RQJob, queue: Any, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return super().perform_job(job, queue, *args, **kwargs)
+        finally:
+            if self._is_horse:
+                # The horse ends with os._exit, which skips every exit hook: its spans are
+                # sent now, for at most HORSE_FLUSH_MS (the worker waits for its horse).
+                tracing.flush(HORSE_FLUSH_MS)
 
     def handle_work_horse_killed(self, job: RQJob, retpid: int, ret_val: int, rusage: Any) -> None:
         # The horse died under a live worker (OOM killer, SIGKILL); RQ retries it next.

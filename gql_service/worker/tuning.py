@@ -12,7 +12,7 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job as RQJob
 
-from gql_service import keys, logs, store
+from gql_service import keys, logs, store, tracing
 from gql_service.redis_conn import sync_client
 from gql_service.worker import context, deliveries, reconciler
 
@@ -23,7 +23,19 @@ log = logging.getLogger(__name__)
 def background(name: str) -> Iterator[None]:
     """While the worker works: the reconciler (gql_service.worker.reconciler), and its drainers of
     the outboxes in use (gql_service.worker.outbox): the archive's when the history is on, the
-    webhooks' when they are."""
+    webhooks' when they are. And tracing (OTEL_* variables), set up in each worker process (a
+    pool forks its workers, and an exporter's thread does not cross a fork), shut down when
+    the worker stops (SIGTERM, Ctrl-C), sending what is queued."""
+    tracing.setup(tracing.WORKER_SERVICE)
+    try:
+        with _drainers(name):
+            yield
+    finally:
+        tracing.shutdown()
+
+
+@contextlib.contextmanager
+def _drainers(name: str) -> Iterator[None]:
     ctx = context.of_process()
     stops = [reconciler.start_in_thread(ctx.redis_target, ctx.settings, consumer=name)]
     if ctx.settings.database_url is not None:

@@ -57,7 +57,7 @@ class Mutation:
                     raise refused[item.webhook_url]
                 job = ctx.jobs.new_job(
                     item.text, idempotency_key=item.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id,
-                    webhook_url=item.webhook_url, batch_id=batch,
+                    webhook_url=item.webhook_url, batch_id=batch, one_of_many=True,
                 )  # fmt: skip
                 accepted.append((index, job))
             except BadUserInput as exc:

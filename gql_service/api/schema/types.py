@@ -126,6 +126,11 @@ class Job(Node):
     error: JobError | None
     usage: TokenUsage | None
     request_id: str | None
+    trace_id: str | None = strawberry.field(
+        description="The OpenTelemetry trace of the job's spans (W3C trace id, 32 hex digits), to find it in a "
+        "tracing backend; null while tracing is off, and, for a job of a submitTexts call, until its first "
+        "attempt starts (its spans have a trace of their own, linked to the request's)."
+    )
     partial: PartialExtraction | None = strawberry.field(
         default=None,
         description="On interim frames of a `partial: true` subscription, while the stage is CALLING_LLM "

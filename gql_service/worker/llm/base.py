@@ -22,6 +22,9 @@ class Completion:
     content: str
     usage: TokenUsage
     model: str
+    # What the endpoint said about the answer (for the chat span, gql_service.worker.job_spans).
+    response_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()
 
 
 @dataclass

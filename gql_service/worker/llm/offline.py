@@ -90,6 +90,8 @@ def _entities(text: str) -> list[dict[str, Any]]:
 class OfflineProvider:
     """Deterministic heuristics; the same text always gives the same answer."""
 
+    provider_name = "offline"  # gen_ai.provider.name, in the chat span
+
     def __init__(self, *, stream_delay_s: float = 0.0) -> None:
         # The answer's pieces reach `on_text` this far apart, as a model's tokens would.
         self.stream_delay_s = stream_delay_s
@@ -160,7 +162,7 @@ class OfflineProvider:
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         )
-        return Completion(content=content, usage=usage, model=MODEL)
+        return Completion(content=content, usage=usage, model=MODEL, finish_reasons=("stop",))
 
     async def _reveal(self, content: str, on_text: OnText) -> None:
         if not self.stream_delay_s:

@@ -145,6 +145,8 @@ def _broke_off() -> LLMError:
 
 
 class OpenAIProvider:
+    provider_name = "openai"  # gen_ai.provider.name, in the chat span
+
     def __init__(self, make_client: ClientFactory, *, model: str, stream: bool = True) -> None:
         self._make_client = make_client
         # An async HTTP client's connections belong to the event loop that opened them: one
@@ -167,6 +169,10 @@ class OpenAIProvider:
     @property
     def endpoint(self) -> str:
         return f"{self._base_url}|{self._model}"
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
 
     def _client(self) -> AsyncOpenAI:
         loop = asyncio.get_running_loop()
@@ -240,19 +246,20 @@ class OpenAIProvider:
         choice = response.choices[0]
         return self._completion(
             choice.message.content, getattr(choice.message, "refusal", None), choice.finish_reason, usage,
-            response.model,
+            response.model, response.id,
         )  # fmt: skip
 
     async def _streamed(self, messages: Any, on_text: OnText | None) -> Completion:
         content: list[str] = []
         refusal: list[str] = []
         finish_reason: str | None = None
-        usage, model = TokenUsage(), None
+        usage, model, response_id = TokenUsage(), None, None
         async with await self._create(messages, stream=True) as chunks:
             if "text/event-stream" not in chunks.response.headers.get("content-type", ""):
                 raise _not_a_completion()  # a proxy's page, a JSON error: not a stream at all
             async for chunk in _broke_off_as_such(chunks):
                 model = chunk.model or model
+                response_id = chunk.id or response_id
                 if chunk.usage is not None:  # the last chunk, with no choices (include_usage)
                     usage = _usage(chunk)
                 if not chunk.choices:
@@ -267,10 +274,16 @@ class OpenAIProvider:
                 finish_reason = choice.finish_reason or finish_reason
         if finish_reason is None:  # the stream ended without saying why
             raise _broke_off()
-        return self._completion("".join(content), "".join(refusal), finish_reason, usage, model)
+        return self._completion("".join(content), "".join(refusal), finish_reason, usage, model, response_id)
 
     def _completion(
-        self, content: str | None, refusal: str | None, finish_reason: str | None, usage: TokenUsage, model: str | None
+        self,
+        content: str | None,
+        refusal: str | None,
+        finish_reason: str | None,
+        usage: TokenUsage,
+        model: str | None,
+        response_id: str | None = None,
     ) -> Completion:
         """The answer, or the LLMError that it is, streamed or not."""
         if refusal:
@@ -280,7 +293,10 @@ class OpenAIProvider:
             raise LLMError(JobErrorCode.REFUSED, "the answer was stopped by the content filter", usage=usage)
         if finish_reason == "length":
             raise LLMError(JobErrorCode.TRUNCATED, "the answer was cut off at the token limit", usage=usage)
-        return Completion(content=content or "", usage=usage, model=(model or self._model)[:MAX_MODEL_CHARS])
+        return Completion(
+            content=content or "", usage=usage, model=(model or self._model)[:MAX_MODEL_CHARS],
+            response_id=(response_id or "")[:MAX_MODEL_CHARS] or None, finish_reasons=(finish_reason or "stop",),
+        )  # fmt: skip
 
     async def _create(self, messages: Any, *, stream: bool = False) -> Any:  # Any: the SDK's TypedDict params
         client = self._client()
