@@ -90,19 +90,20 @@ async def test_submit_text_is_one_trace_from_the_request_to_the_model(traced: Se
 
     def complete(spans: list[ReceivedSpan]) -> bool:
         names = {s.name for s in _in_trace(spans, trace_id)}
-        return {"POST /graphql", "mutation submitText", "job extract", "chat offline"} <= names
+        return {"mutation submitText", "job extract", "chat offline"} <= names
 
     spans = _in_trace(receiver.wait_for(complete, what=f"trace {trace_id}"), trace_id)
     by_name = {s.name: s for s in spans}
-    server, operation = by_name["POST /graphql"], by_name["mutation submitText"]
-    job_span, chat = by_name["job extract"], by_name["chat offline"]
-    assert server.service == operation.service == "gql-service-api" and server.kind == SERVER
-    assert server.attributes["http.response.status_code"] == 200 and server.parent_span_id == ""
-    assert operation.parent_span_id == server.span_id
-    assert operation.attributes == {"graphql.operation.type": "mutation", "gqls.graphql.field": "submitText"}
-    # The worker's span is the child of the operation that submitted the job.
+    # The request's span, named for its operation (never the document or the variables).
+    request, job_span, chat = by_name["mutation submitText"], by_name["job extract"], by_name["chat offline"]
+    assert request.service == "gql-service-api" and request.kind == SERVER and request.parent_span_id == ""
+    assert request.attributes == {
+        "http.request.method": "POST", "http.route": "/graphql", "url.scheme": "http",
+        "http.response.status_code": 200, "graphql.operation.type": "mutation", "gqls.graphql.field": "submitText",
+    }  # fmt: skip
+    # The worker's span is the child of the request that submitted the job.
     assert job_span.service == "gql-service-worker" and job_span.kind == CONSUMER
-    assert job_span.parent_span_id == operation.span_id
+    assert job_span.parent_span_id == request.span_id
     assert job_span.attributes["gqls.job.id"] == job_id and job_span.attributes["gqls.tenant"] == "public"
     assert job_span.attributes["gqls.job.attempt"] == 1 and "gqls.batch.id" not in job_span.attributes
     stages = [(name, attrs["gqls.job.status"], attrs["gqls.job.version"]) for name, attrs in job_span.events]
@@ -145,12 +146,13 @@ async def test_submit_texts_is_one_request_trace_and_a_linked_trace_per_job(
         lambda got: any(s.name == "mutation submitTexts" for s in _in_trace(got, request_trace)),
         what="the request's spans",
     )
-    [operation] = [s for s in _in_trace(spans, request_trace) if s.name == "mutation submitTexts"]
+    [request] = [s for s in _in_trace(spans, request_trace) if s.name == "mutation submitTexts"]
+    assert request.kind == SERVER
     assert not any(s.name == "job extract" for s in _in_trace(spans, request_trace)), "no job in the request's trace"
     job_traces = set()
     for job_id, job_span in zip(job_ids, job_spans, strict=True):
         assert job_span is not None
-        assert job_span.parent_span_id == "" and job_span.links == [(request_trace, operation.span_id)]
+        assert job_span.parent_span_id == "" and job_span.links == [(request_trace, request.span_id)]
         job_traces.add(job_span.trace_id)
         follow_events = await follow(traced, job_id)
         assert follow_events[-1]["status"] == "FINISHED"
