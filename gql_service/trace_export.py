@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 # Short, unless OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT says otherwise: an export runs on the
 # processor's own thread, but a shutdown (SIGTERM) waits for the one under way.
 EXPORT_TIMEOUT_S = 2.0
-DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's own default for OTEL_BSP_MAX_QUEUE_SIZE
+DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's own defaults for OTEL_BSP_MAX_QUEUE_SIZE
+DEFAULT_MAX_BATCH_SIZE = 512  # and OTEL_BSP_MAX_EXPORT_BATCH_SIZE
 
 
 def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
@@ -54,12 +55,19 @@ def processor(exporter: SpanExporter, environ: Mapping[str, str], *, dropped: Co
     """The SDK's batch processor behind a gate of its queue's size (OTEL_BSP_MAX_QUEUE_SIZE):
     a span that would find the queue full is dropped at the gate, where `dropped` counts it
     (the SDK's own queue drops silently)."""
-    try:
-        size = max(int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE)), 1)
-    except ValueError:
-        size = DEFAULT_MAX_QUEUE_SIZE
+    size = _positive(environ, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE)
+    # At most the queue: the SDK refuses to start with a larger batch (its default is 512).
+    batch = min(_positive(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE), size)
     gate = _Gate(size)
-    return _Bounded(BatchSpanProcessor(_Counted(exporter, gate), max_queue_size=size), gate, dropped)
+    processor = BatchSpanProcessor(_Counted(exporter, gate), max_queue_size=size, max_export_batch_size=batch)
+    return _Bounded(processor, gate, dropped)
+
+
+def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return max(int(environ.get(name, default)), 1)
+    except ValueError:
+        return default
 
 
 class _Gate:

@@ -4,6 +4,7 @@ real OTLP/HTTP receiver (tests/otlp_receiver.py), which decodes the protobuf pay
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from gql_service.models import JobRecord, JobTrace
 from gql_service.rendering import job_view
 
 from .clients import follow, post
+from .openai_stub import Fault, OpenAIStub
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
 from .service import Service
 
@@ -55,6 +57,32 @@ def test_off_unless_configured() -> None:
     assert not tracing.configured({**on, "OTEL_TRACES_EXPORTER": "none"})
     assert not tracing.setup(tracing.API_SERVICE, environ={}) and not tracing.active()
     assert tracing.current_job_trace(link=False) is None and tracing.log_ids() is None
+
+
+def test_spans_past_the_queue_bound_are_dropped_and_counted() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from gql_service import trace_export
+
+    release = threading.Event()
+
+    class Stuck(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(10)  # a collector that does not answer
+            return SpanExportResult.SUCCESS
+
+    before = tracing.SPANS_DROPPED._value.get()
+    size = {"OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2"}
+    provider = TracerProvider()
+    provider.add_span_processor(trace_export.processor(Stuck(), size, dropped=tracing.SPANS_DROPPED))
+    tracer = provider.get_tracer("test")
+    for n in range(20):  # never waits: ending a span only queues it
+        tracer.start_span(f"span {n}").end()
+    # At most the queue (4) and the batch under way (2) are kept; the rest are counted.
+    assert tracing.SPANS_DROPPED._value.get() - before >= 20 - 4 - 2
+    release.set()
+    provider.shutdown()
 
 
 def test_trace_id_of_a_job() -> None:
@@ -158,6 +186,49 @@ async def test_submit_texts_is_one_request_trace_and_a_linked_trace_per_job(
         assert follow_events[-1]["status"] == "FINISHED"
         assert post(traced, JOB, id=job_id).json()["data"]["job"]["traceId"] == job_span.trace_id
     assert len(job_traces) == count and request_trace not in job_traces
+    _no_marker(spans)
+
+
+async def test_retries_repairs_and_the_openai_call_in_one_trace(
+    e2e_redis: str, receiver: OtlpReceiver, stub: OpenAIStub
+) -> None:
+    # A 500 (the attempt is retried), then an answer that is not JSON (a repair), then a good one.
+    stub.script(Fault.http(500), Fault.raw("not json at all"))
+    env = {**traced_env(receiver), **stub.env, "RQ_QUEUE": "llm-openai"}
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        body = post(svc, SUBMIT, text=TEXT).json()
+        job_id, trace_id = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
+        assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
+        usage = post(svc, JOB, id=job_id).json()["data"]["job"]["usage"]
+
+        def attempts(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+            return [s for s in _in_trace(spans, trace_id) if s.name == "job extract"]
+
+        spans = _in_trace(receiver.wait_for(lambda got: len(attempts(got)) == 2, what="two attempts"), trace_id)
+    [request] = [s for s in spans if s.name == "mutation submitText"]
+    first, second = sorted(attempts(spans), key=lambda s: s.attributes["gqls.job.attempt"])
+    # Retries are new spans in the request's trace.
+    assert first.parent_span_id == second.parent_span_id == request.span_id
+    assert [first.attributes["gqls.job.attempt"], second.attributes["gqls.job.attempt"]] == [1, 2]
+    assert [(name, attrs["gqls.job.status"]) for name, attrs in first.events] == [
+        ("CALLING_LLM", "STARTED"), ("QUEUED", "RETRYING"),
+    ]  # fmt: skip
+    events = [name for name, _ in second.events]
+    assert events == ["CALLING_LLM", "VALIDATING", "validation_failed", "repair", "REPAIRING", "VALIDATING", "DONE"]
+    reasons = {name: attrs["gqls.reason"] for name, attrs in second.events if "gqls.reason" in attrs}
+    assert reasons["repair"].startswith("not valid JSON")
+    chats = [s for s in spans if s.name.startswith("chat ")]
+    failed = [c for c in chats if c.parent_span_id == first.span_id]
+    answered = [c for c in chats if c.parent_span_id == second.span_id]
+    assert len(failed) == 1 and failed[0].attributes["error.type"] == "PROVIDER_ERROR"
+    assert len(answered) == 2 and all(c.kind == CLIENT for c in answered)
+    for chat in answered:
+        assert chat.attributes["gen_ai.provider.name"] == "openai"
+        assert chat.attributes["server.address"] == "127.0.0.1"
+        assert chat.attributes["gen_ai.response.id"] and chat.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+        assert [name for name, _ in chat.events] == ["gen_ai.first_token"]  # streamed
+    assert sum(c.attributes["gen_ai.usage.input_tokens"] for c in chats) == usage["promptTokens"]
+    assert sum(c.attributes["gen_ai.usage.output_tokens"] for c in chats) == usage["completionTokens"]
     _no_marker(spans)
 
 
