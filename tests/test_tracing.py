@@ -189,6 +189,26 @@ async def test_submit_texts_is_one_request_trace_and_a_linked_trace_per_job(
     _no_marker(spans)
 
 
+@pytest.mark.parametrize(("worker_class", "workers"), [("fork", 2), ("simple", 1)])
+async def test_every_worker_class_sends_its_spans(
+    e2e_redis: str, receiver: OtlpReceiver, worker_class: str, workers: int
+) -> None:
+    """A fork worker's work horse ends with os._exit (no exit hooks): it sends its spans
+    before; a pool's workers are forked from the pool, each sets tracing up for itself."""
+    env = {**traced_env(receiver), "WORKER_CLASS": worker_class, "RQ_QUEUE": f"llm-{worker_class}"}
+    with Service(e2e_redis, workers=workers, env=env) as svc:
+        body = post(svc, SUBMIT, text=TEXT).json()
+        job_id, trace_id = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
+        assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
+
+        def complete(spans: list[ReceivedSpan]) -> bool:
+            return {"job extract", "chat offline"} <= {s.name for s in _in_trace(spans, trace_id)}
+
+        spans = _in_trace(receiver.wait_for(complete, what=f"the {worker_class} worker's spans"), trace_id)
+    job_span = _job_span(spans, job_id)
+    assert job_span is not None and [name for name, _ in job_span.events][-1] == "DONE"
+
+
 async def test_retries_repairs_and_the_openai_call_in_one_trace(
     e2e_redis: str, receiver: OtlpReceiver, stub: OpenAIStub
 ) -> None:
