@@ -123,6 +123,8 @@ class _Bounded(SpanProcessor):
         self.batch = batch
         self.gate = gate
         self.dropped = dropped
+        # A worker serves no /metrics: the start of each run of drops is said in the log.
+        self._dropping = False
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         self.batch.on_start(span, parent_context)
@@ -131,9 +133,13 @@ class _Bounded(SpanProcessor):
         if not span.context.trace_flags.sampled:
             return  # the batch processor exports sampled spans only
         if self.gate.enter():
+            self._dropping = False
             self.batch.on_end(span)
-        else:
-            self.dropped.inc()
+            return
+        self.dropped.inc()
+        if not self._dropping:
+            self._dropping = True
+            log.warning("spans dropped: the export queue is full (the collector is slow or away)")
 
     def shutdown(self) -> None:
         self.batch.shutdown()
