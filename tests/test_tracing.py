@@ -252,6 +252,27 @@ async def test_retries_repairs_and_the_openai_call_in_one_trace(
     _no_marker(spans)
 
 
+async def test_a_retried_job_of_a_submit_texts_call_stays_in_its_own_trace(
+    e2e_redis: str, receiver: OtlpReceiver, stub: OpenAIStub
+) -> None:
+    stub.script(Fault.http(500))
+    env = {**traced_env(receiver), **stub.env, "RQ_QUEUE": "llm-openai-many"}
+    with Service(e2e_redis, workers=1, env=env) as svc:
+        body = post(svc, SUBMIT_MANY, inputs=[{"text": TEXT}]).json()
+        [answer] = body["data"]["submitTexts"]
+        assert (await follow(svc, answer["job"]["id"]))[-1]["status"] == "FINISHED"
+        trace_id = post(svc, JOB, id=answer["job"]["id"]).json()["data"]["job"]["traceId"]
+
+        def attempts(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+            return [s for s in _in_trace(spans, trace_id) if s.name == "job extract"]
+
+        spans = receiver.wait_for(lambda got: len(attempts(got)) == 2, what="two attempts in the job's trace")
+    first, second = sorted(attempts(spans), key=lambda s: s.attributes["gqls.job.attempt"])
+    # The first attempt starts the job's trace, linked to the request; the retry is its child.
+    assert first.parent_span_id == "" and len(first.links) == 1 and first.links[0][0] != trace_id
+    assert second.parent_span_id == first.span_id and second.links == []
+
+
 async def test_message_content_only_when_asked_for(e2e_redis: str) -> None:
     with OtlpReceiver() as got:
         capture = {"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true", "RQ_QUEUE": "llm-content"}
