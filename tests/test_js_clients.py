@@ -115,8 +115,10 @@ def test_the_schema_breaks_no_client_built_against_the_one_before(installed: Pat
 
     baseline, current = Path(__file__).with_name("schema_baseline.graphql"), root / "schema.graphql"
     assert changes(baseline, current) == {"breaking": [], "dangerous": []}
+    # The check can fail: going back to the baseline breaks clients (fields added since are
+    # removed then too, so only the one change this test knows of is named).
     backwards = changes(current, baseline)["breaking"]
-    assert {c["type"] for c in backwards} == {"ARG_CHANGED_KIND"}
+    assert "ARG_CHANGED_KIND" in {c["type"] for c in backwards}
     assert "Query.jobs arg first has changed type from Int to Int!." in [c["description"] for c in backwards]
 
 
