@@ -45,6 +45,8 @@ NOT_FOUND = "PERSISTED_QUERY_NOT_FOUND"
 NOT_SUPPORTED = "PERSISTED_QUERY_NOT_SUPPORTED"
 NOT_IN_LIST = "PERSISTED_QUERY_NOT_IN_LIST"
 ID_REQUIRED = "PERSISTED_QUERY_ID_REQUIRED"
+# Where a request names a document by id: the GraphQL-over-HTTP appendix's, then Relay's.
+ID_FIELDS = ("documentId", "doc_id", "id")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Answered 200: Apollo's link retries with the full query (or stops hashing) on these.
 _ANSWERED_200 = frozenset({NOT_FOUND, NOT_SUPPORTED})
@@ -210,7 +212,7 @@ def named(request: Mapping[str, Any], extensions: Any) -> Named:
         if not isinstance(persisted, dict) or persisted.get("version") != 1:
             raise DocumentRefused(NOT_SUPPORTED, "only version 1 of extensions.persistedQuery is supported")
         return Named(_sha256(persisted.get("sha256Hash"), "extensions.persistedQuery.sha256Hash"), apq=True)
-    for field in ("documentId", "doc_id", "id"):
+    for field in ID_FIELDS:
         if (value := request.get(field)) is not None:
             if field == "documentId" and isinstance(value, str):
                 # The appendix's "sha256:<hex>", or the bare hex GraphQL Code Generator's docs send.

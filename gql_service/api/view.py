@@ -39,7 +39,7 @@ from strawberry.types.unset import UnsetType
 
 from gql_service import logs
 from gql_service.api.auth import ApiKeys
-from gql_service.api.documents import DocumentRefused, documents_from, named, own_page
+from gql_service.api.documents import ID_FIELDS, DocumentRefused, documents_from, named, own_page
 from gql_service.api.error_codes import code_of
 from gql_service.api.errors import RequestError
 from gql_service.api.media_types import GRAPHQL_RESPONSE_JSON, JSON, accepts_json, content_type_of, preferred_media_type
@@ -218,7 +218,7 @@ class GraphQLView(GraphQL[Context, None]):
     def should_render_graphql_ide(self, request: BaseRequestProtocol) -> bool:
         # A GET naming a persisted document has no `query` either: it is no page request.
         params = request.query_params
-        named_one = any(name in params for name in ("extensions", "documentId", "doc_id", "id"))
+        named_one = "extensions" in params or any(name in params for name in ID_FIELDS)
         return not named_one and super().should_render_graphql_ide(request)
 
     async def execute_operation(  # noqa: PLR0917 (Strawberry's signature)

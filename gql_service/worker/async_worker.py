@@ -79,6 +79,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         self._stopping: set[str] = set()  # job ids stopped on request
         self.context = context.of_process()  # with this loop's shared Redis client once it runs
         self._cold = False
+        # Made once, not per dequeue: Redis unreachable, the next job waits by this policy.
+        self._outage = Outage(f"worker {self.name}", log, give_up_when=lambda: self._stop_requested, cap_s=5.0)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._books = ThreadPoolExecutor(1, thread_name_prefix="rq-bookkeeping")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="rq-dequeue")
@@ -178,9 +180,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 taken = await self._dequeue(1, queues)
             return taken
 
-        outage = Outage(f"worker {self.name}", log, give_up_when=lambda: self._stop_requested, cap_s=5.0)
         try:
-            return await outage.call(take)
+            return await self._outage.call(take)
         except ASYNC_OUTAGE_ERRORS:
             return None  # stopping
 
