@@ -139,6 +139,13 @@ class Demand:
         if self._streams.get(stream.job_id) is stream:
             del self._streams[stream.job_id]
 
+    def heard(self, job_ids: list[str]) -> None:
+        """The API names jobs a `partial: true` subscriber has just begun to watch."""
+        for job_id in job_ids:
+            stream = self._streams.get(job_id)
+            if stream is not None:
+                stream.want()
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="partials-demand")
         # Not waited for long: without the link a late subscriber gets frames from the next
@@ -167,12 +174,8 @@ class Demand:
             while True:
                 # A bounded wait, so that redis-py's health check (a PING every 30 s) runs.
                 message = await pubsub.get_message(timeout=30.0)
-                if message is None:
-                    continue
-                for job_id in message["data"].decode().split():
-                    stream = self._streams.get(job_id)
-                    if stream is not None:
-                        stream.want()
+                if message is not None:
+                    self.heard(message["data"].decode().split())
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
