@@ -65,19 +65,29 @@ class PartialStream:
         self._last = 0.0  # time.monotonic() of the last frame
         self._task: asyncio.Task[None] | None = None
 
-    def begin(self, version: int, *, watchers: int) -> None:
-        """A call starts while the record is at `version`, `watchers` subscribers wanting frames."""
-        self._version, self._parts = version, []
-        self.wanted = watchers > 0
-        self._dirty.clear()
+    async def __aenter__(self) -> PartialStream:
+        # Heard for the whole job, not only while a call runs: a subscriber who comes after
+        # the transition that starts a call counted the watchers, but before the call goes
+        # out (waiting for a slot, a pause, the minute's budget), must not go unheard.
         if self.demand is not None:
             self.demand.register(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.end()
+        if self.demand is not None:
+            self.demand.unregister(self)
+
+    def begin(self, version: int, *, watchers: int) -> None:
+        """A call starts while the record is at `version`, `watchers` subscribers wanting frames
+        when it was written (or someone asked since: a frame that reaches nobody says if not)."""
+        self._version, self._parts = version, []
+        self.wanted = self.wanted or watchers > 0
+        self._dirty.clear()
         self._task = asyncio.create_task(self._publish_when_due(), name=f"partials-{self.job_id}")
 
     async def end(self) -> None:
         """The call is over (its result or error is the next transition): no more frames."""
-        if self.demand is not None:
-            self.demand.unregister(self)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

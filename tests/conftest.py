@@ -33,6 +33,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used live services shows what each of their processes said last:
+    a flake seen once in CI is then explained by its own report."""
+    report = yield
+    if report.failed and call.when == "call":
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Service):
+                for proc in value.procs:
+                    tail = proc.output().splitlines()[-80:]
+                    report.sections.append((f"{name}: {proc.name} (last {len(tail)} lines)", "\n".join(tail)))
+    return report
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_outlives_the_tests() -> Iterator[None]:
     """The suite adopts its orphans (a worker pool's children whose parent was killed) and

@@ -4,6 +4,7 @@ through the real `openai` SDK against the loopback stub streaming server-sent ev
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from gql_service.models import Extraction, JobRecord, JobStatus
 from gql_service.partial_json import parse_partial
 from gql_service.worker.llm.openai_provider import OpenAIProvider, make_client
 from gql_service.worker.pipeline import Attempt, RetryLater
+from gql_service.worker.provider_limits import ProviderLimits
 
 from .openai_stub import VALID_EXTRACTION, Fault, OpenAIStub
 from .records import create_job
@@ -180,3 +182,48 @@ async def test_the_repair_call_streams_frames_of_its_own_version(
     final = await store.get_job(async_redis, job.id)
     assert final is not None and final.result is not None
     assert frames[-1][3].summary is not None and final.result.summary.startswith(frames[-1][3].summary)
+
+
+class NoticingDemand(partials.Demand):
+    """The worker's real ear for new watchers, which also says when it has heard one."""
+
+    def __init__(self, redis: AsyncRedis) -> None:
+        super().__init__(redis)
+        self.noticed = asyncio.Event()
+
+    def heard(self, job_ids: list[str]) -> None:
+        super().heard(job_ids)
+        self.noticed.set()
+
+
+async def test_a_watcher_who_arrives_while_the_call_waits_for_its_turn_gets_frames(
+    sync_redis: Redis, async_redis: AsyncRedis, job: JobRecord, stub: OpenAIStub, openai: Callable[..., OpenAIProvider]
+) -> None:
+    # The transition that starts the call counted nobody on the frame channel; then, while
+    # the call waits for a slot (a busy provider), a subscriber comes and the API says so.
+    # Frames were lost here once: that word reached a worker whose stream had not begun.
+    stub.stream_chunks, stub.stream_seconds = 40, 0.5
+    demand = NoticingDemand(async_redis)
+    await demand.start()
+    readers: list[FrameReader] = []
+
+    class BusyProvider(ProviderLimits):
+        async def wait_out_pause(self) -> float:
+            readers.append(FrameReader(sync_redis, job.id))
+            await partials.ask_for_frames(async_redis, [job.id])
+            await asyncio.wait_for(demand.noticed.wait(), 10)
+            return await super().wait_out_pause()
+
+    limits = BusyProvider(async_redis, endpoint="stub", max_in_flight=None, call_timeout_s=5)
+    stream = partials.PartialStream(async_redis, job.id, interval_s=0.1, demand=demand)
+    try:
+        async with stream:
+            final = await Attempt(async_redis, openai(), job.id, ttl_s=TTL, limits=limits, partials=stream).run(
+                retries_left=0
+            )
+    finally:
+        await demand.stop()
+    assert final is not None and final.status is JobStatus.FINISHED
+    [reader] = readers
+    frames = reader.frames()
+    assert len(frames) >= 2 and stream.published == len(frames), frames

@@ -77,7 +77,7 @@ async def _extract(
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
-        async with _json_mode_memory(redis, ctx.provider), asyncio.timeout(deadline_s):
+        async with partials, _json_mode_memory(redis, ctx.provider), asyncio.timeout(deadline_s):
             record = await attempt.run(retries_left=rq_job.retries_left or 0)
     except (RetryLater, RedisError):
         # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
