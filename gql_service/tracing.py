@@ -146,12 +146,19 @@ def job_parent(job: JobTrace | None) -> tuple[Context | None, list[Link]]:
     """(parent context, links) for a span about a job that carries `job`."""
     if job is None:
         return None, []
-    carrier = {"traceparent": job.parent, **({"tracestate": job.state} if job.state else {})}
-    context = _PROPAGATOR.extract(carrier)
     if not job.link:
-        return context, []
-    remote = trace.get_current_span(context).get_span_context()
+        return _PROPAGATOR.extract(_carrier(job)), []
+    remote = span_context(job)
     return Context(), [Link(remote)] if remote.is_valid else []
+
+
+def span_context(job: JobTrace) -> SpanContext:
+    """The span a job's trace context names (invalid if it names none)."""
+    return trace.get_current_span(_PROPAGATOR.extract(_carrier(job))).get_span_context()
+
+
+def _carrier(job: JobTrace) -> dict[str, str]:
+    return {"traceparent": job.parent, **({"tracestate": job.state} if job.state else {})}
 
 
 def as_job_trace(span_context: SpanContext) -> JobTrace | None:

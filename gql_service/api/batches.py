@@ -18,6 +18,7 @@ from gql_service.api.errors import BadUserInput, IdempotencyKeyReused, NotFound
 from gql_service.api.ids import check_ids
 from gql_service.api.jobs import JobService
 from gql_service.api.listing import MAX_LIST_SCAN
+from gql_service.api.subscription_spans import SubscriptionSpan
 from gql_service.models import BatchRecord, BatchStatus, JobRecord, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,10 @@ class BatchService:
         """The batch now, then its changes (at most one frame per FRAME_INTERVAL_S, always the
         latest), ending once it is closed and every job has ended."""
         channel = keys.batch_events(batch_id)
-        with self.jobs.slots.watching(tenant, 1):
+        with (
+            SubscriptionSpan("batchUpdates", tenant=tenant, ids=[batch_id], entity="batch") as span,
+            self.jobs.slots.watching(tenant, 1),
+        ):
             async with contextlib.AsyncExitStack() as stack:
                 # Subscribed (and confirmed) before the snapshot is read: nothing falls between.
                 async with redis_call(self.settings.redis_timeout_s):
@@ -229,3 +233,4 @@ class BatchService:
                     if latest.version != batch.version:
                         batch = latest
                         yield batch
+                span.delivered("batch", batch_id, status=batch.status.value, version=batch.version)

@@ -13,6 +13,7 @@ from gql_service import keys, partials, store
 from gql_service.api.calls import redis_call
 from gql_service.api.errors import NotFound
 from gql_service.api.ids import check_ids
+from gql_service.api.subscription_spans import SubscriptionSpan
 from gql_service.api.tenants import TenantSlots
 from gql_service.broadcast import Broadcast, Subscription
 from gql_service.models import JobRecord, JobStage, PartialExtraction
@@ -33,7 +34,7 @@ class Following:
         self.timeout_s = timeout_s
 
     async def updates(
-        self, job_ids: list[str], *, tenant: str, partial: bool = False
+        self, job_ids: list[str], *, tenant: str, partial: bool = False, field: str = "jobUpdates"
     ) -> AsyncGenerator[JobRecord | Interim, None]:
         """Each job's snapshot, then every newer version, ending when every job has ended;
         with `partial`, the interim frames of the calls running meanwhile too.
@@ -43,7 +44,7 @@ class Following:
         """
         check_ids(job_ids)  # before their channels are subscribed, not only when they are read
         frames = [keys.job_partials(i) for i in job_ids] if partial else []
-        with self.slots.watching(tenant, len(job_ids)):
+        with SubscriptionSpan(field, tenant=tenant, ids=job_ids) as span, self.slots.watching(tenant, len(job_ids)):
             async with contextlib.AsyncExitStack() as stack:
                 async with redis_call(self.timeout_s):
                     channels = [keys.job_events(i) for i in job_ids] + frames
@@ -55,7 +56,11 @@ class Following:
                     contextlib.aclosing(self._follow(events, job_ids, tenant=tenant, frames=set(frames)))
                 )
                 async for item in follow:
+                    if isinstance(item, JobRecord):
+                        span.seen(item)
                     yield item
+                    if isinstance(item, JobRecord) and item.terminal:
+                        span.delivered("job", item.id, status=item.status.value, version=item.version)
 
     async def _follow(
         self, events: Subscription, job_ids: list[str], *, tenant: str, frames: set[str]

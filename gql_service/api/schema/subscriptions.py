@@ -54,7 +54,7 @@ class Subscription:
         if not 1 <= len(unique) <= MAX_BATCH:
             raise BadUserInput(f"ids must hold 1 to {MAX_BATCH} job ids")
         async with contextlib.aclosing(
-            ctx.jobs.following.updates(unique, tenant=ctx.tenant, partial=partial)
+            ctx.jobs.following.updates(unique, tenant=ctx.tenant, partial=partial, field="jobsUpdates")
         ) as updates:
             async for update in updates:
                 yield Job.from_update(update)
