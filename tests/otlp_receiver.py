@@ -32,6 +32,9 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     events: list[tuple[str, dict[str, Any]]]
     links: list[tuple[str, str]]  # (trace id, span id)
+    start_ns: int = 0  # Unix nanoseconds
+    end_ns: int = 0
+    event_ns: tuple[int, ...] = ()  # each event's time, in the order of `events`
 
 
 def _value(v: Any) -> Any:
@@ -102,6 +105,9 @@ class OtlpReceiver:
                             attributes=_attributes(s.attributes),
                             events=[(e.name, _attributes(e.attributes)) for e in s.events],
                             links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                            event_ns=tuple(e.time_unix_nano for e in s.events),
                         )  # fmt: skip
                     )
         with self._changed:

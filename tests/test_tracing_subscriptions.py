@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from bench.trace_picture import render
+
 from .clients import LEGACY_WS, TRANSPORT_WS, follow, post, submit
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
 from .service import Service
@@ -92,3 +94,20 @@ def test_a_subscription_to_an_unknown_job_ends_its_span_without_a_terminal_frame
     assert "NOT_FOUND" in body
     span = _subscription_span(receiver, job_id)
     assert span.events == [] and span.links == []
+
+
+async def test_the_readme_picture_is_drawn_from_a_received_trace(traced: Service, receiver: OtlpReceiver) -> None:
+    body = post(traced, "mutation($t: String!) { submitText(input: {text: $t}) { job { id traceId } } }", t="Fine.")
+    job = body.json()["data"]["submitText"]["job"]
+    await follow(traced, job["id"])
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        names = {s.name for s in spans if job["traceId"] in (s.trace_id, *(t for t, _ in s.links))}
+        return {"mutation submitText", "job extract", "chat offline", "subscription jobUpdates"} <= names
+
+    svg = render(receiver.wait_for(complete, what="the trace"), job["traceId"])
+    rows = [line for line in svg.splitlines() if line.startswith("<rect x=") and 'rx="2"' in line]
+    assert len(rows) == 4, svg  # the request, the attempt, the call, and the linked subscription
+    for name in ("mutation submitText", "job extract", "chat offline", "subscription jobUpdates  (linked trace)"):
+        assert f">{name}<" in svg
+    assert ">terminal frame<" in svg and ">CALLING_LLM<" in svg
