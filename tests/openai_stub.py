@@ -69,9 +69,13 @@ class Fault:
         return cls("status", status=status)
 
     @classmethod
-    def rate_limited(cls, retry_after: str) -> Fault:
-        """429 with a Retry-After header (seconds or an HTTP date)."""
-        return cls("status", status=429, extra={"headers": {"retry-after": retry_after}})
+    def rate_limited(cls, retry_after: str, *, at_once: bool = False) -> Fault:
+        """429 with a Retry-After header (seconds or an HTTP date); `at_once`: without the
+        stub's latency, as a provider refuses before it starts work."""
+        extra: dict[str, Any] = {"headers": {"retry-after": retry_after}}
+        if at_once:
+            extra["latency_s"] = 0.0
+        return cls("status", status=429, extra=extra)
 
     @classmethod
     def refusal(cls) -> Fault:
@@ -221,8 +225,8 @@ class OpenAIStub:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return JSONResponse({"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}, 401)
         fault = self._next()
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+        if latency_s := fault.extra.get("latency_s", self.latency_s):
+            await asyncio.sleep(latency_s)
         model = fault.extra.get("model") or body.get("model", "stub-model")
         if fault.kind == "body":
             return Response(fault.content, 200, media_type=fault.extra["content_type"])

@@ -67,6 +67,27 @@ async def test_a_429_with_retry_after_pauses_every_worker(e2e_redis: str, stub: 
     assert metric(text, "gqls_llm_limit_wait_seconds_total") >= 1.5  # the calls held back by the pause
 
 
+async def test_calls_waiting_for_a_slot_when_a_pause_begins_wait_for_its_end(e2e_redis: str, stub: OpenAIStub) -> None:
+    """LLM_MAX_IN_FLIGHT=10, two worker processes, 60 queued jobs, one 429 with Retry-After: 3.
+    Calls that were already waiting for a slot when the pause began went out as slots freed:
+    50 calls reached the provider in the next 2.5 s. Now only those already on the wire may."""
+    stub.latency_s = 0.3
+    # Answered at once while the nine other calls in flight hold their slots for 0.3 s: the
+    # slots they free during the pause are what the calls waiting for one took.
+    stub.script(*[Fault.ok()] * 15, Fault.rate_limited("3", at_once=True))
+    env = {**stub.env, "RQ_QUEUE": "llm-pause-slots", "LLM_MAX_IN_FLIGHT": "10", "LLM_TIMEOUT_S": "10"}
+    with Service(e2e_redis, workers=0, env={**env, "WORKER_CONCURRENCY": "64"}) as svc:
+        job_ids = [submit(svc) for _ in range(60)]
+        svc.start_worker(2)  # all 60 queued: ten calls go, fifty wait for a slot
+        finals = [events[-1] for events in await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))]
+    assert [(f["status"], f["attempts"]) for f in finals] == [("FINISHED", 1)] * 60
+    limited = stub.arrivals[15]  # the call answered 429 at once
+    after = [round(t - limited, 2) for t in stub.arrivals[16:] if t - limited < 2.5]
+    # Only calls that took a slot before the 429's answer was written down as a pause may
+    # come (0.2 s is ample for the worker to write it): none of those waiting for a slot.
+    assert all(t < 0.2 for t in after), f"calls during the pause, at {after}"
+
+
 async def test_llm_rpm_spreads_the_calls_and_the_provider_never_says_429(e2e_redis: str, stub: OpenAIStub) -> None:
     """LLM_RPM=120 over two async worker processes: never more than 2 calls in a second
     (the minute's budget, spread), so a provider enforcing the same 120/min never refuses."""

@@ -166,7 +166,6 @@ class Attempt:
         if self.limits is None:
             return await self._extract(text, repair)
         estimate = prompt.estimated_tokens(text, repair)
-        self.waits.seconds += await self.limits.wait_out_pause()
         self.waits.seconds += await self.limits.take_budget(estimate)
         async with self.limits.slot() as waited:
             self.waits.seconds += waited

@@ -20,8 +20,10 @@
   each worker retrying into the wall on its own schedule.
 
 Waiting for a slot or for a pause to end is not an attempt: it happens inside the attempt,
-before the call, and does not count against `LLM_MAX_ATTEMPTS`. With no limit set and no
-pause in force, a call costs one Redis round trip (the pause check).
+before the call, and does not count against `LLM_MAX_ATTEMPTS`. The pause is checked last,
+in the same step that takes the slot (`slot`): a call that waited for the minute's budget
+or for a slot while a pause began does not go out. With no limit set and no pause in
+force, a call costs one Redis round trip (the pause check).
 
 Waiting jobs of one process line up behind one of them (an asyncio lock per limit), so a
 process polls Redis once per freed slot, not once per waiting job.
@@ -49,8 +51,12 @@ from gql_service import keys
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] the leases; ARGV: now (ms), lease expiry (ms), limit, lease id.
+# KEYS[1] the leases, KEYS[2] the pause; ARGV: now (ms), lease expiry (ms), limit, lease id.
+# Answers 1 (taken), 0 (all taken) or minus the pause's milliseconds left: the check that
+# no pause is in force and the slot a call goes out on are one step.
 _ACQUIRE_LUA = """
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return -paused end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
@@ -153,23 +159,26 @@ class ProviderLimits:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
-        """Hold one of the cluster's LLM_MAX_IN_FLIGHT call slots for the duration; gives the
-        seconds spent waiting for it."""
+        """Clearance for one call, the last step before it goes out: no pause in force, and
+        one of the cluster's LLM_MAX_IN_FLIGHT slots held for the duration. Gives the seconds
+        spent waiting. A call that waited for a slot or the minute's budget while a 429 paused
+        the provider looks again here, so none goes out during a pause."""
         if self.max_in_flight is None:
-            yield 0.0
+            yield await self.wait_out_pause()
             return
-        key = keys.llm_in_flight(self.endpoint)
+        key, paused = keys.llm_in_flight(self.endpoint), keys.llm_paused(self.endpoint)
         lease = uuid.uuid4().hex
         acquire = self.redis.register_script(_ACQUIRE_LUA)
         lease_ms = int((self.call_timeout_s + 30) * 1000)
         started = time.monotonic()
         while True:
             now_ms = int(time.time() * 1000)
-            if await acquire(keys=[key], args=[now_ms, now_ms + lease_ms, self.max_in_flight, lease]):
+            got = await acquire(keys=[key, paused], args=[now_ms, now_ms + lease_ms, self.max_in_flight, lease])
+            if got == 1:
                 break
             # Polling, not a blocking pop: a lease must expire on its own when its holder is
             # killed, which a token list would not do.
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(-got / 1000 if got < 0 else POLL_S)
         try:
             yield time.monotonic() - started
         finally:
