@@ -45,7 +45,7 @@ class LimitWaits:
 
     seconds: float = 0.0  # waiting for a call slot or for a pause to end
     rate_limited: int = 0  # 429s received
-    pauses: int = 0  # pauses this attempt applied to every worker (Retry-After)
+    pauses: int = 0  # pauses this attempt applied to every worker (Retry-After, rate headers)
 
 
 async def record_attempt(
@@ -174,7 +174,7 @@ async def render(
         ),
         CounterMetricFamily(
             "gqls_llm_pauses",
-            "Pauses applied to every worker after a 429 with Retry-After",
+            "Pauses applied to every worker: a 429 with Retry-After, or rate headers saying a budget is spent",
             value=limit.get("pauses", 0.0),
         ),
         _histogram("gqls_llm_call_seconds", "Latency of one LLM call", [({}, llm)]),

@@ -56,8 +56,9 @@ class Fault:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def ok(cls, content: dict[str, Any] | None = None) -> Fault:
-        return cls("ok", content=json.dumps(content or VALID_EXTRACTION))
+    def ok(cls, content: dict[str, Any] | None = None, *, headers: dict[str, str] | None = None) -> Fault:
+        """A valid answer; `headers` go with it (a provider's x-ratelimit-* headers)."""
+        return cls("ok", content=json.dumps(content or VALID_EXTRACTION), extra={"headers": headers or {}})
 
     @classmethod
     def raw(cls, content: str) -> Fault:
@@ -238,7 +239,7 @@ class OpenAIStub:
         ):
             return self._stream(fault, body, model)
         if fault.kind == "ok":
-            return JSONResponse(_completion(fault.content, model=model))
+            return JSONResponse(_completion(fault.content, model=model), headers=fault.extra.get("headers"))
         if fault.kind == "status":
             return JSONResponse(
                 {"error": {"message": f"stub error {fault.status}", "type": "server_error"}},
@@ -332,7 +333,7 @@ class OpenAIStub:
                 yield event([], usage=USAGE)
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=fault.extra.get("headers"))
 
 
 # What a streamed request gets as a stream (the others answer as without streaming: an HTTP

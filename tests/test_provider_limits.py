@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import keys
+from gql_service.worker.llm import rate_headers
 from gql_service.worker.provider_limits import ProviderLimits
 
 from .clients import follow, submit
@@ -49,11 +50,12 @@ async def test_a_429_with_retry_after_pauses_every_worker(e2e_redis: str, stub: 
     stub.script(Fault.rate_limited("2"))
     with Service(e2e_redis, workers=4, env={**stub.env, "RQ_QUEUE": "llm-pause", "LLM_TIMEOUT_S": "10"}) as svc:
         metrics = f"http://127.0.0.1:{svc.port}/metrics"
+        before = metric(httpx.get(metrics).text, "gqls_llm_pauses_total")  # the tests share one Redis
         job_ids = [submit(svc)]  # its call is answered 429
         # The other seven come once the pause is on record, so every call they make starts
         # within it: none may reach the provider before it ends. (Submitted together, a call
         # granted just before the pause reached the stub 0.3 s after the 429 on a busy machine.)
-        wait_until(lambda: metric(httpx.get(metrics).text, "gqls_llm_pauses_total") >= 1, what="the pause")
+        wait_until(lambda: metric(httpx.get(metrics).text, "gqls_llm_pauses_total") > before, what="the pause")
         job_ids += [submit(svc) for _ in range(7)]
         all_events = await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))
         text = httpx.get(metrics).text
@@ -86,6 +88,56 @@ async def test_calls_waiting_for_a_slot_when_a_pause_begins_wait_for_its_end(e2e
     # Only calls that took a slot before the 429's answer was written down as a pause may
     # come (0.2 s is ample for the worker to write it): none of those waiting for a slot.
     assert all(t < 0.2 for t in after), f"calls during the pause, at {after}"
+
+
+SPENT = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s",
+         "x-ratelimit-remaining-tokens": "39000", "x-ratelimit-reset-tokens": "120ms"}  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+async def test_rate_headers_saying_the_budget_is_spent_pause_every_worker_before_any_429(
+    e2e_redis: str, stub: OpenAIStub, stream: bool
+) -> None:
+    """`x-ratelimit-remaining-requests: 0`, reset in 2 s, on one answer: no call in those 2 s."""
+    stub.script(Fault.ok(headers=SPENT))
+    env = {**stub.env, "RQ_QUEUE": f"llm-spent-{stream}", "LLM_STREAM": str(stream).lower()}
+    with Service(e2e_redis, workers=4, env=env) as svc:
+        metrics = f"http://127.0.0.1:{svc.port}/metrics"
+        before = metric(httpx.get(metrics).text, "gqls_llm_pauses_total")  # the tests share one Redis
+        job_ids = [submit(svc)]
+        wait_until(lambda: metric(httpx.get(metrics).text, "gqls_llm_pauses_total") > before, what="the pause")
+        job_ids += [submit(svc) for _ in range(5)]
+        all_events = await asyncio.gather(*(follow(svc, job_id) for job_id in job_ids))
+    assert [(e[-1]["status"], e[-1]["attempts"]) for e in all_events] == [("FINISHED", 1)] * 6
+    spent_at = stub.arrivals[0]
+    early = [round(t - spent_at, 2) for t in stub.arrivals[1:] if t - spent_at < 1.95]
+    assert early == [] and len(stub.arrivals) == 6, f"calls before the budget's reset, at {early}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-ratelimit-remaining-requests": "-3", "x-ratelimit-reset-requests": "2s"},
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "soon"},
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "-2s"},
+        {"x-ratelimit-remaining-requests": "0"},
+        {"x-ratelimit-remaining-tokens": "zero", "x-ratelimit-reset-tokens": "1m"},
+    ],
+    ids=["negative", "unreadable-reset", "negative-reset", "no-reset", "unreadable-remaining"],
+)
+def test_rate_headers_that_make_no_sense_change_nothing(headers: dict[str, str]) -> None:
+    assert rate_headers.spent_for_s(headers) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("2s", 2.0), ("6m0s", 360.0), ("1h2m3.5s", 3723.5), ("20ms", 0.02), ("2.5", 2.5), ("1m30s", 90.0)],
+)
+def test_reset_durations_as_providers_write_them(value: str, seconds: float) -> None:
+    assert rate_headers.duration_s(value) == pytest.approx(seconds)
+    assert rate_headers.spent_for_s({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": value}) == (
+        pytest.approx(seconds)
+    )
 
 
 async def test_llm_rpm_spreads_the_calls_and_the_provider_never_says_429(e2e_redis: str, stub: OpenAIStub) -> None:

@@ -171,6 +171,13 @@ class Attempt:
             self.waits.seconds += waited
             completion = await self._extract(text, repair)
         await self.limits.charge_tokens(estimate, completion.usage.total_tokens)
+        if completion.spent_for_s is not None:
+            # The endpoint's rate headers say a budget is spent until then: every worker
+            # waits for it, rather than for the 429 the next call would get.
+            wait = min(completion.spent_for_s, MAX_PAUSE_S)
+            job_spans.event(self.span, "llm.pause", "rate limit headers", **{"gqls.pause.seconds": wait})
+            await self.limits.pause(wait)
+            self.waits.pauses += 1
         return completion
 
     async def _extract(self, text: str, repair: Repair | None) -> Completion:

@@ -25,6 +25,8 @@ class Completion:
     # What the endpoint said about the answer (for the chat span, gql_service.worker.job_spans).
     response_id: str | None = None
     finish_reasons: tuple[str, ...] = ()
+    # The endpoint's rate headers said a budget is spent: seconds until it resets.
+    spent_for_s: float | None = None
 
 
 @dataclass

@@ -25,7 +25,7 @@ from openai.lib._parsing._completions import type_to_response_format_param
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from gql_service.models import MAX_MODEL_CHARS, Extraction, JobErrorCode, Sentiment, TokenUsage
-from gql_service.worker.llm import prompt
+from gql_service.worker.llm import prompt, rate_headers
 from gql_service.worker.llm.base import Completion, LLMError, OnText, Repair
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,8 @@ class OpenAIProvider:
         try:
             if self.stream:
                 return await self._streamed(messages, on_text)
-            response = await self._create(messages)
+            raw = await self._create(messages)
+            response = raw.parse()
         except openai.OpenAIError as exc:
             raise classify(exc) from exc
         except ValueError as exc:  # a 200 whose body claims JSON and is not (JSONDecodeError)
@@ -246,7 +247,7 @@ class OpenAIProvider:
         choice = response.choices[0]
         return self._completion(
             choice.message.content, getattr(choice.message, "refusal", None), choice.finish_reason, usage,
-            response.model, response.id,
+            response.model, response.id, rate_headers.spent_for_s(raw.headers),
         )  # fmt: skip
 
     async def _streamed(self, messages: Any, on_text: OnText | None) -> Completion:
@@ -257,6 +258,7 @@ class OpenAIProvider:
         async with await self._create(messages, stream=True) as chunks:
             if "text/event-stream" not in chunks.response.headers.get("content-type", ""):
                 raise _not_a_completion()  # a proxy's page, a JSON error: not a stream at all
+            spent_for_s = rate_headers.spent_for_s(chunks.response.headers)
             async for chunk in _broke_off_as_such(chunks):
                 model = chunk.model or model
                 response_id = chunk.id or response_id
@@ -274,7 +276,9 @@ class OpenAIProvider:
                 finish_reason = choice.finish_reason or finish_reason
         if finish_reason is None:  # the stream ended without saying why
             raise _broke_off()
-        return self._completion("".join(content), "".join(refusal), finish_reason, usage, model, response_id)
+        return self._completion(
+            "".join(content), "".join(refusal), finish_reason, usage, model, response_id, spent_for_s
+        )
 
     def _completion(
         self,
@@ -284,6 +288,7 @@ class OpenAIProvider:
         usage: TokenUsage,
         model: str | None,
         response_id: str | None = None,
+        spent_for_s: float | None = None,
     ) -> Completion:
         """The answer, or the LLMError that it is, streamed or not."""
         if refusal:
@@ -296,20 +301,23 @@ class OpenAIProvider:
         return Completion(
             content=content or "", usage=usage, model=(model or self._model)[:MAX_MODEL_CHARS],
             response_id=(response_id or "")[:MAX_MODEL_CHARS] or None, finish_reasons=(finish_reason or "stop",),
+            spent_for_s=spent_for_s,
         )  # fmt: skip
 
     async def _create(self, messages: Any, *, stream: bool = False) -> Any:  # Any: the SDK's TypedDict params
+        """The stream, or (not streaming) the raw response: its headers are read too."""
         client = self._client()
+        create = client.chat.completions.create if stream else client.chat.completions.with_raw_response.create
         options: dict[str, Any] = {"model": self._model, "messages": messages, "temperature": 0}
         if stream:
             # include_usage: the last chunk carries the token counts, recorded as without streaming.
             options |= {"stream": True, "stream_options": {"include_usage": True}}
         if self.json_schema:
             try:
-                return await client.chat.completions.create(response_format=STRUCTURED_FORMAT, **options)
+                return await create(response_format=STRUCTURED_FORMAT, **options)
             except openai.BadRequestError as exc:
                 if not _rejects_json_schema(exc):
                     raise
                 log.warning("endpoint refuses json_schema structured outputs; using JSON mode from now on")
                 self.json_schema = False
-        return await client.chat.completions.create(response_format=JSON_MODE_FORMAT, **options)
+        return await create(response_format=JSON_MODE_FORMAT, **options)
