@@ -29,25 +29,36 @@ DEFAULT_MAX_BATCH_SIZE = 512  # and OTEL_BSP_MAX_EXPORT_BATCH_SIZE
 def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
     """The OTLP exporter of OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL; None (tracing stays off,
     said once in the log) for a protocol this install can't speak."""
-    protocol = (
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
-    ).strip() or "http/protobuf"
+    variable = next(
+        (name for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") if environ.get(name)),
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    )
+    protocol = environ.get(variable, "").strip() or "http/protobuf"
     told = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" in environ or "OTEL_EXPORTER_OTLP_TIMEOUT" in environ
     timeout = None if told else EXPORT_TIMEOUT_S  # None: the exporter reads the variable
+    chosen: SpanExporter
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter(timeout=timeout)
+        chosen = OTLPSpanExporter(timeout=timeout)
+        return chosen
     if protocol == "grpc":
-        try:
+        try:  # the `grpc` extra: grpcio is a large compiled wheel, not installed by default
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
                 OTLPSpanExporter as GrpcSpanExporter,
             )
         except ImportError:
-            log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc; tracing is off")
+            # One line, at start-up, and the process goes on untraced: a missing optional
+            # package must not keep an API or a worker from serving.
+            log.warning(
+                "%s=grpc needs the OTLP/gRPC exporter, which is not installed "
+                "(pip install 'gql-service[grpc]'); tracing is off",
+                variable,
+            )
             return None
-        return GrpcSpanExporter(timeout=timeout)  # type: ignore[no-any-return]
-    log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported (http/protobuf, grpc); tracing is off", protocol)
+        chosen = GrpcSpanExporter(timeout=timeout)  # http:// endpoints: a plaintext channel
+        return chosen
+    log.warning("%s=%s is not supported (http/protobuf, grpc); tracing is off", variable, protocol)
     return None
 
 
