@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 EXPORT_TIMEOUT_S = 2.0
 DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's own defaults for OTEL_BSP_MAX_QUEUE_SIZE
 DEFAULT_MAX_BATCH_SIZE = 512  # and OTEL_BSP_MAX_EXPORT_BATCH_SIZE
-OWN = "gql_service"  # the name of our own tracer (gql_service.tracing), whose spans start traces
+OWN = "gql_service"  # the name of our own tracer (gql_service.tracing)
+INSTRUMENTATIONS = "opentelemetry.instrumentation."  # how the maintained instrumentations name theirs
 
 
 def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
@@ -156,6 +157,11 @@ class _Counted(SpanExporter):
         return self.exporter.force_flush(timeout_millis)
 
 
+def _instrumentation(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name.startswith(INSTRUMENTATIONS)
+
+
 class _Bounded(SpanProcessor):
     def __init__(self, batch: BatchSpanProcessor, gate: _Gate, dropped: Counter) -> None:
         self.batch = batch
@@ -170,7 +176,7 @@ class _Bounded(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if not span.context.trace_flags.sampled:
             return  # the batch processor exports sampled spans only
-        if span.parent is None and (span.instrumentation_scope is None or span.instrumentation_scope.name != OWN):
+        if span.parent is None and _instrumentation(span):
             # An instrumentation's span outside any of ours (a background loop's query, say):
             # a trace of one span, about nothing a request or job did. Traces start at ours.
             return
