@@ -95,7 +95,8 @@ def setup(default_service_name: str, environ: Mapping[str, str] = os.environ) ->
         provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER(_ARG)
         provider.add_span_processor(trace_export.processor(exporter, environ, dropped=SPANS_DROPPED))
         trace.set_tracer_provider(provider)
-        _provider, _tracer = provider, provider.get_tracer("gql_service")
+        trace_export.instrument(provider)  # before any HTTP session or database pool is made
+        _provider, _tracer = provider, provider.get_tracer(trace_export.OWN)
         capture_content = (
             environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip().lower() == "true"
         )
@@ -110,6 +111,9 @@ def shutdown() -> None:
     with _lock:
         provider, _provider, _tracer = _provider, None, trace.NoOpTracer()
     if provider is not None:
+        from gql_service import trace_export  # imported already: the provider came from it
+
+        trace_export.uninstrument()
         provider.force_flush(SHUTDOWN_TIMEOUT_MS)
         provider.shutdown()
 

@@ -48,12 +48,69 @@ def _attributes(kvs: Any) -> dict[str, Any]:
     return {kv.key: _value(kv.value) for kv in kvs}
 
 
-class OtlpReceiver:
-    def __init__(self, *, hang: bool = False) -> None:
-        self.hang = hang
+def decode(request: ExportTraceServiceRequest) -> list[ReceivedSpan]:
+    """The spans of one export request, with the service each came from."""
+    found = []
+    for resource_spans in request.resource_spans:
+        service = str(_attributes(resource_spans.resource.attributes).get("service.name"))
+        for scope_spans in resource_spans.scope_spans:
+            for s in scope_spans.spans:
+                found.append(
+                    ReceivedSpan(
+                        service=service,
+                        name=s.name,
+                        kind=s.kind,
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex(),
+                        attributes=_attributes(s.attributes),
+                        events=[(e.name, _attributes(e.attributes)) for e in s.events],
+                        links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        event_ns=tuple(e.time_unix_nano for e in s.events),
+                    )  # fmt: skip
+                )
+    return found
+
+
+class SpanStore:
+    """What a receiver got, and waits on it (the receivers' own notifications, no polling)."""
+
+    def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
         self.requests = 0  # export requests that arrived (answered or, hanging, not)
         self._changed = threading.Condition()
+
+    def _arrived(self) -> None:
+        with self._changed:
+            self.requests += 1
+            self._changed.notify_all()
+
+    def _add(self, request: ExportTraceServiceRequest) -> None:
+        found = decode(request)
+        with self._changed:
+            self.spans.extend(found)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Any, *, timeout_s: float = 60.0, what: str = "spans") -> list[ReceivedSpan]:
+        """Wait until `predicate(spans)` holds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: predicate(self.spans), timeout=timeout_s):
+                names = sorted({(s.service, s.name) for s in self.spans})
+                raise TimeoutError(f"timed out waiting for {what}; received: {names}")
+            return list(self.spans)
+
+    def wait_for_requests(self, count: int, *, timeout_s: float = 60.0) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.requests >= count, timeout=timeout_s):
+                raise TimeoutError(f"timed out waiting for {count} export requests")
+
+
+class OtlpReceiver(SpanStore):
+    def __init__(self, *, hang: bool = False) -> None:
+        super().__init__()
+        self.hang = hang
         self._release = threading.Event()  # lets hanging handlers go at stop()
         receiver = self
 
@@ -62,9 +119,7 @@ class OtlpReceiver:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                with receiver._changed:
-                    receiver.requests += 1
-                    receiver._changed.notify_all()
+                receiver._arrived()
                 if receiver.hang:
                     receiver._release.wait()
                     return
@@ -87,45 +142,6 @@ class OtlpReceiver:
     def endpoint(self) -> str:
         """OTEL_EXPORTER_OTLP_ENDPOINT (the exporter adds /v1/traces)."""
         return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _add(self, request: ExportTraceServiceRequest) -> None:
-        found = []
-        for resource_spans in request.resource_spans:
-            service = str(_attributes(resource_spans.resource.attributes).get("service.name"))
-            for scope_spans in resource_spans.scope_spans:
-                for s in scope_spans.spans:
-                    found.append(
-                        ReceivedSpan(
-                            service=service,
-                            name=s.name,
-                            kind=s.kind,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_span_id=s.parent_span_id.hex(),
-                            attributes=_attributes(s.attributes),
-                            events=[(e.name, _attributes(e.attributes)) for e in s.events],
-                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
-                            start_ns=s.start_time_unix_nano,
-                            end_ns=s.end_time_unix_nano,
-                            event_ns=tuple(e.time_unix_nano for e in s.events),
-                        )  # fmt: skip
-                    )
-        with self._changed:
-            self.spans.extend(found)
-            self._changed.notify_all()
-
-    def wait_for(self, predicate: Any, *, timeout_s: float = 60.0, what: str = "spans") -> list[ReceivedSpan]:
-        """Wait (on the receiver's own notifications) until `predicate(spans)` holds."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: predicate(self.spans), timeout=timeout_s):
-                names = sorted({(s.service, s.name) for s in self.spans})
-                raise TimeoutError(f"timed out waiting for {what}; received: {names}")
-            return list(self.spans)
-
-    def wait_for_requests(self, count: int, *, timeout_s: float = 60.0) -> None:
-        with self._changed:
-            if not self._changed.wait_for(lambda: self.requests >= count, timeout=timeout_s):
-                raise TimeoutError(f"timed out waiting for {count} export requests")
 
     def __enter__(self) -> OtlpReceiver:
         self._thread.start()

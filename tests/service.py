@@ -42,13 +42,18 @@ def limit_fds(limit: int) -> None:
 
 class Proc:
     def __init__(
-        self, name: str, args: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        preexec_fn: Callable[[], None] | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.name = name
         self.log = Path(tempfile.mkstemp(prefix=f"gqls-{name}-", suffix=".log")[1])
         self._log_file = self.log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gql_service", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            [python, "-m", "gql_service", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
         )  # fmt: skip
 
@@ -71,9 +76,16 @@ class Service:
     """An API process and a worker pool against one Redis, with the given settings."""
 
     def __init__(
-        self, redis_url: str, *, workers: int = 2, env: dict[str, str] | None = None, api_fd_limit: int | None = None
+        self,
+        redis_url: str,
+        *,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        api_fd_limit: int | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.port = free_port()
+        self.python = python  # another environment's (one without an optional package)
         self.api_fd_limit = api_fd_limit  # the API process's `ulimit -n`; None: this process's
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_"))},
@@ -96,7 +108,12 @@ class Service:
 
     def start_worker(self, workers: int | None = None, env: dict[str, str] | None = None) -> Proc:
         """A worker pool; `env` adds settings of its own (as on another host)."""
-        proc = Proc("worker", ["worker", "--workers", str(workers or self.workers or 1)], {**self.env, **(env or {})})
+        proc = Proc(
+            "worker",
+            ["worker", "--workers", str(workers or self.workers or 1)],
+            {**self.env, **(env or {})},
+            python=self.python,
+        )
         self.procs.append(proc)
         return proc
 
@@ -112,7 +129,7 @@ class Service:
 
     def _start_api(self) -> Proc:
         fds = partial(limit_fds, self.api_fd_limit) if self.api_fd_limit else None
-        api = Proc("api", ["serve", "--port", str(self.port)], self.env, preexec_fn=fds)
+        api = Proc("api", ["serve", "--port", str(self.port)], self.env, preexec_fn=fds, python=self.python)
         self.procs.append(api)
 
         def healthy() -> bool:

@@ -1,0 +1,119 @@
+"""The maintained instrumentations tracing switches on (gql_service/trace_export.py instrument):
+the openai SDK's HTTP requests (aiohttp) and the job history's queries (psycopg) arrive at a
+real OTLP receiver as children of our spans, and hold no user text; an instrumentation's span
+outside any of ours (the archive's writes) starts no trace of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from redis import Redis
+
+from gql_service import keys
+from gql_service.cli import migrate
+
+from .clients import follow, post
+from .embedded_postgres import EmbeddedPostgres
+from .openai_stub import OpenAIStub
+from .otlp_receiver import OtlpReceiver, ReceivedSpan
+from .service import Service, wait_until
+
+CLIENT = 3  # opentelemetry.proto.trace.v1 Span.SpanKind
+MARKER = "zqxinstrmarker"  # in the text sent: it must never appear in a span
+TEXT = f"I loved the clinic {MARKER}. Dr. Rao was kind. Waiting time was 10 minutes in Boston."
+SUBMIT = "mutation($text: String!) { submitText(input: {text: $text}) { job { id traceId } } }"
+JOB = "query($id: ID!) { job(id: $id) { id status traceId } }"
+# The spans only we start: every trace begins at one of them.
+OURS = ("mutation ", "query ", "subscription ", "POST /", "GET /", "job extract")
+
+
+def env_for(receiver: OtlpReceiver, queue: str) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50", "RQ_QUEUE": queue}
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as r:
+        yield r
+
+
+def _no_content(spans: list[ReceivedSpan], *secrets: str) -> None:
+    for s in spans:
+        for secret in (MARKER, *secrets):
+            assert secret not in repr((s.name, s.attributes, s.events)), s
+
+
+def _roots_are_ours(spans: list[ReceivedSpan]) -> None:
+    roots = [s for s in spans if s.parent_span_id == ""]
+    assert roots and all(s.name.startswith(OURS) for s in roots), sorted({s.name for s in roots})
+
+
+async def test_the_openai_http_request_is_a_child_of_the_chat_span(
+    e2e_redis: str, receiver: OtlpReceiver, stub: OpenAIStub
+) -> None:
+    with Service(e2e_redis, workers=1, env={**env_for(receiver, "llm-instr-openai"), **stub.env}) as svc:
+        body = post(svc, SUBMIT, text=TEXT).json()
+        job_id, trace_id = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
+        assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
+
+        def http_under_chat(spans: list[ReceivedSpan]) -> bool:
+            chats = {s.span_id for s in spans if s.trace_id == trace_id and s.name.startswith("chat ")}
+            return any(s.parent_span_id in chats and s.kind == CLIENT for s in spans if not s.name.startswith("chat"))
+
+        spans = [
+            s for s in receiver.wait_for(http_under_chat, what="the HTTP request's span") if s.trace_id == trace_id
+        ]
+    [chat] = [s for s in spans if s.name.startswith("chat ")]
+    [http] = [s for s in spans if s.parent_span_id == chat.span_id]
+    assert http.service == "gql-service-worker" and http.name == "POST"
+    assert http.attributes["http.request.method"] == "POST" and http.attributes["http.response.status_code"] == 200
+    assert http.attributes["url.full"] == f"{stub.base_url}/chat/completions"
+    # Neither the text (the request's body) nor the API key (a header) is recorded.
+    _no_content(spans, stub.env["OPENAI_API_KEY"])
+    _roots_are_ours(receiver.spans)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres() as pg:
+        migrate.upgrade(pg.url)
+        yield pg
+
+
+def _archived(pg: EmbeddedPostgres, job_id: str) -> bool:
+    with psycopg.connect(pg.url) as conn:
+        return conn.execute("SELECT 1 FROM jobs WHERE id = %s", (job_id,)).fetchone() is not None
+
+
+async def test_a_history_read_is_a_child_of_the_request_and_the_archive_starts_no_trace(
+    e2e_redis: str, postgres: EmbeddedPostgres
+) -> None:
+    env = {"DATABASE_URL": postgres.url}
+    # A receiver of its own: every span it holds is from this test's service.
+    with OtlpReceiver() as got, Service(e2e_redis, workers=1, env={**env_for(got, "llm-instr-history"), **env}) as svc:
+        job_id = post(svc, SUBMIT, text=TEXT).json()["data"]["submitText"]["job"]["id"]
+        assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
+        wait_until(lambda: _archived(postgres, job_id), timeout_s=30, what="the job's row")  # the worker's write
+        assert Redis.from_url(e2e_redis).delete(keys.job(job_id)) == 1  # as if RESULT_TTL_S had passed
+        job = post(svc, JOB, id=job_id).json()["data"]["job"]
+        assert job["id"] == job_id and job["status"] == "FINISHED"  # read from the history
+
+        def query_under_request(spans: list[ReceivedSpan]) -> bool:
+            requests = {s.span_id for s in spans if s.name == "query job"}
+            return any(s.parent_span_id in requests and s.kind == CLIENT for s in spans)
+
+        spans = got.wait_for(query_under_request, what="the history query's span")
+    [request] = [s for s in spans if s.name == "query job"]
+    # The query, and the pool's check of the connection it lends (history.pool), each a span.
+    queries = [s for s in spans if s.parent_span_id == request.span_id]
+    assert queries and all(q.service == "gql-service-api" and q.kind == CLIENT for q in queries)
+    assert all(q.attributes["db.system.name"] == "postgresql" for q in queries), [q.attributes for q in queries]
+    statements = [str(q.attributes.get("db.query.text")) for q in queries]
+    assert any("FROM jobs" in statement for statement in statements), statements
+    assert not any(job_id in statement for statement in statements)  # the SQL, without its parameters
+    _no_content(spans)
+    # The archive's upsert ran (the row is there) in the worker, outside any span of ours:
+    # exported, it would be a trace of its own; none is.
+    _roots_are_ours(spans)
