@@ -154,6 +154,17 @@ def job_parent(job: JobTrace | None) -> tuple[Context | None, list[Link]]:
     return Context(), [Link(remote)] if remote.is_valid else []
 
 
+def job_link(job: JobTrace | None, attributes: Mapping[str, str] | None = None) -> Link | None:
+    """A link to the span `job` carries (a job's request, or its first attempt once it has
+    one): for work about an ended job, in a trace of its own (a webhook's delivery, an
+    archive write). None when there is no valid context to link to."""
+    if job is None:
+        return None
+    carrier = {"traceparent": job.parent, **({"tracestate": job.state} if job.state else {})}
+    remote = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
+    return Link(remote, dict(attributes) if attributes else None) if remote.is_valid else None
+
+
 def as_job_trace(span_context: SpanContext) -> JobTrace | None:
     """A span's own context as a job's (retries descend from the first attempt's span)."""
     if not span_context.is_valid:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -32,6 +32,9 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     events: list[tuple[str, dict[str, Any]]]
     links: list[tuple[str, str]]  # (trace id, span id)
+    link_attributes: list[dict[str, Any]] = field(default_factory=list)  # each link's, in `links`' order
+    dropped_links: int = 0  # links the SDK left out (past OTEL_SPAN_LINK_COUNT_LIMIT)
+    status: tuple[int, str] = (0, "")  # (code: 0 unset, 1 ok, 2 error; description)
 
 
 def _value(v: Any) -> Any:
@@ -102,6 +105,9 @@ class OtlpReceiver:
                             attributes=_attributes(s.attributes),
                             events=[(e.name, _attributes(e.attributes)) for e in s.events],
                             links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                            link_attributes=[_attributes(link.attributes) for link in s.links],
+                            dropped_links=s.dropped_links_count,
+                            status=(s.status.code, s.status.message),
                         )  # fmt: skip
                     )
         with self._changed:
