@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from redis.asyncio import Redis as AsyncRedis
@@ -23,7 +24,7 @@ from .conftest import WEBHOOK_SECRET
 from .embedded_postgres import EmbeddedPostgres
 from .openai_stub import Fault, OpenAIStub
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
-from .service import Service
+from .service import Service, wait_until
 from .webhook_receiver import Receiver
 
 SERVER, CLIENT, CONSUMER = 2, 3, 5  # opentelemetry.proto.trace.v1 Span.SpanKind
@@ -458,3 +459,31 @@ async def test_an_archive_write_past_the_span_link_limit_keeps_128_links_and_cou
         assert parent == f"00-{trace_id}-{span_id}-01"
     with psycopg.connect(postgres.url) as conn:
         assert conn.execute("SELECT count(*) FROM jobs WHERE id LIKE 'linked-%'").fetchone() == (200,)
+
+
+def _worker_drops(svc: Service) -> float:
+    """gqls_worker_trace_spans_dropped_total on the API's /metrics."""
+    scraped = httpx.get(f"http://127.0.0.1:{svc.port}/metrics", timeout=10).text
+    [line] = [line for line in scraped.splitlines() if line.startswith("gqls_worker_trace_spans_dropped_total ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.parametrize("worker_class", ["async", "fork"])
+async def test_spans_a_worker_drops_are_counted_on_the_apis_metrics(worker_class: str) -> None:
+    """A collector that hangs and an export queue of one span: a job's second span finds the
+    queue full (the first is stuck in its export). The async worker reports from its own
+    process; a fork worker's work horse reports as it ends."""
+    settings = {"OTEL_BSP_MAX_QUEUE_SIZE": "1", "WORKER_CLASS": worker_class, "RQ_QUEUE": f"llm-drops-{worker_class}"}
+    # A Redis of its own: the count is cluster-wide, and other tests' workers drop too.
+    with (
+        OtlpReceiver(hang=True) as stuck,
+        EmbeddedRedis() as redis,
+        Service(redis.url, workers=1, env={**traced_env(stuck), **settings}) as svc,
+    ):
+        assert _worker_drops(svc) == 0
+        for _ in range(2):
+            body = post(svc, SUBMIT, text=TEXT).json()
+            assert (await follow(svc, body["data"]["submitText"]["job"]["id"]))[-1]["status"] == "FINISHED"
+        wait_until(lambda: _worker_drops(svc) >= 1, timeout_s=30, what="the worker's drops on /metrics")
+        worker_log = next(p for p in svc.procs if p.name == "worker").output()
+    assert "spans dropped: the export queue is full" in worker_log
