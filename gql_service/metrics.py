@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
@@ -86,6 +87,12 @@ async def record_delivery(redis: AsyncRedis, outcome: str, *, attempt_s: float, 
         await pipe.execute()
 
 
+def record_spans_dropped(redis: Redis, count: int) -> None:
+    """Spans a worker process dropped (its export queue full), added to the cluster's count
+    (from gql_service.worker.trace_drops, on a thread: the one synchronous writer here)."""
+    redis.hincrby(keys.metrics("tracing"), "spans_dropped", count)
+
+
 # -- read by the API at scrape time ---------------------------------------------------------
 def _histogram(name: str, doc: str, rows: list[tuple[dict[str, str], dict[bytes, bytes]]]) -> Metric:
     family = HistogramMetricFamily(name, doc, labels=sorted({k for labels, _ in rows for k in labels}))
@@ -124,6 +131,7 @@ async def render(
     ]
     try:
         async with asyncio.timeout(timeout_s), redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.metrics("tracing"), "spans_dropped")
             pipe.hgetall(keys.metrics("jobs"))
             pipe.hgetall(keys.metrics("tokens"))
             pipe.hgetall(keys.metrics("llm_limits"))
@@ -142,7 +150,7 @@ async def render(
             for box in keys.OUTBOXES.values():
                 pipe.xlen(box.stream)
                 pipe.xlen(box.dead)
-            replies = await pipe.execute()
+            spans_dropped, *replies = await pipe.execute()
             jobs, tokens, limits, llm = replies[:4]
             stage_rows = replies[4 : 4 + len(stages)]
             boxes = replies[-2 * len(keys.OUTBOXES) :]
@@ -195,6 +203,11 @@ async def render(
         *_webhook_families(*hooks),
         *_outbox_families(boxes, outbox_max_len),
         in_flight,
+        CounterMetricFamily(
+            "gqls_worker_trace_spans_dropped",
+            "Spans the workers dropped because their export queue was full (collector slow or away)",
+            value=float(spans_dropped or 0),
+        ),
         GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
     return generate_latest(REGISTRY) + _expose(families)

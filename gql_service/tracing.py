@@ -161,6 +161,16 @@ def span_context(job: JobTrace) -> SpanContext:
     return trace.get_current_span(_PROPAGATOR.extract(_carrier(job))).get_span_context()
 
 
+def job_link(job: JobTrace | None, attributes: Mapping[str, str] | None = None) -> Link | None:
+    """A link to the span `job` carries (a job's request, or its first attempt once it has
+    one): for work about an ended job, in a trace of its own (a webhook's delivery, an
+    archive write). None when there is no valid context to link to."""
+    if job is None:
+        return None
+    remote = span_context(job)
+    return Link(remote, dict(attributes) if attributes else None) if remote.is_valid else None
+
+
 def _carrier(job: JobTrace) -> dict[str, str]:
     return {"traceparent": job.parent, **({"tracestate": job.state} if job.state else {})}
 

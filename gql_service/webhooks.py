@@ -186,6 +186,9 @@ class Outcome:
     delivered: bool
     status_code: int | None = None
     error: str | None = None
+    # What failed, in a word a trace may hold (no URL, no receiver's text): `refused`,
+    # `timeout` or the exception's class; None for an answer (its status code says it).
+    error_type: str | None = None
 
 
 @cache
@@ -211,13 +214,14 @@ async def post(url: str, body: str, headers: dict[str, str], *, timeout_s: float
     except WebhookRefused as exc:
         # The delivery's lastError is shown to the client: the same message as at submission.
         log.info("webhook to %s refused at delivery: %s", url[:MAX_ERROR_SHOWN], exc.reason)
-        return Outcome(False, error=str(exc))
+        return Outcome(False, error=str(exc), error_type="refused")
     except TimeoutError:
-        return Outcome(False, error=f"no answer within WEBHOOK_TIMEOUT_S ({timeout_s:g} s)")
+        return Outcome(False, error=f"no answer within WEBHOOK_TIMEOUT_S ({timeout_s:g} s)", error_type="timeout")
     except httpx.HTTPError as exc:
-        return Outcome(False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return Outcome(False, error=said, error_type=type(exc).__name__)
     except Exception as exc:  # whatever else a URL or a peer can cause: an attempt that failed
-        return Outcome(False, error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_SHOWN])
+        return Outcome(False, error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_SHOWN], error_type=type(exc).__name__)
 
 
 MAX_ERROR_SHOWN = 200

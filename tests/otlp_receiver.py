@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -35,6 +35,9 @@ class ReceivedSpan:
     start_ns: int = 0  # Unix nanoseconds
     end_ns: int = 0
     event_ns: tuple[int, ...] = ()  # each event's time, in the order of `events`
+    link_attributes: list[dict[str, Any]] = field(default_factory=list)  # each link's, in `links`' order
+    dropped_links: int = 0  # links the SDK left out (past OTEL_SPAN_LINK_COUNT_LIMIT)
+    status: tuple[int, str] = (0, "")  # (code: 0 unset, 1 ok, 2 error; description)
 
 
 def _value(v: Any) -> Any:
@@ -69,6 +72,9 @@ def decode(request: ExportTraceServiceRequest) -> list[ReceivedSpan]:
                         start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano,
                         event_ns=tuple(e.time_unix_nano for e in s.events),
+                        link_attributes=[_attributes(link.attributes) for link in s.links],
+                        dropped_links=s.dropped_links_count,
+                        status=(s.status.code, s.status.message),
                     )  # fmt: skip
                 )
     return found

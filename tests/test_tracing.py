@@ -8,16 +8,24 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import psycopg
 import pytest
+from redis.asyncio import Redis as AsyncRedis
 
-from gql_service import tracing
-from gql_service.models import JobRecord, JobTrace
+from gql_service import history, tracing
+from gql_service.cli import migrate
+from gql_service.cli.embedded_redis import EmbeddedRedis
+from gql_service.models import JobRecord, JobStage, JobStatus, JobTrace
 from gql_service.rendering import job_view
 
 from .clients import follow, post
+from .conftest import WEBHOOK_SECRET
+from .embedded_postgres import EmbeddedPostgres
 from .openai_stub import Fault, OpenAIStub
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
-from .service import Service
+from .service import Service, wait_until
+from .webhook_receiver import Receiver
 
 SERVER, CLIENT, CONSUMER = 2, 3, 5  # opentelemetry.proto.trace.v1 Span.SpanKind
 # In every text and variable sent here: it must never appear in a span.
@@ -155,7 +163,7 @@ async def test_submit_text_is_one_trace_from_the_request_to_the_model(traced: Se
 async def test_submit_texts_is_one_request_trace_and_a_linked_trace_per_job(
     traced: Service, receiver: OtlpReceiver
 ) -> None:
-    count = 5
+    count = 100  # the most one call takes (MAX_BATCH): one request trace, 100 job traces linked to it
     inputs = [{"text": f"{TEXT} Number {n}."} for n in range(count)]
     body = post(traced, SUBMIT_MANY, inputs=inputs).json()
     assert "errors" not in body, body
@@ -182,9 +190,9 @@ async def test_submit_texts_is_one_request_trace_and_a_linked_trace_per_job(
         assert job_span is not None
         assert job_span.parent_span_id == "" and job_span.links == [(request_trace, request.span_id)]
         job_traces.add(job_span.trace_id)
-        follow_events = await follow(traced, job_id)
-        assert follow_events[-1]["status"] == "FINISHED"
-        assert post(traced, JOB, id=job_id).json()["data"]["job"]["traceId"] == job_span.trace_id
+        # Its span has ended: so has the job (read over HTTP: 100 subscriptions would be slow).
+        job = post(traced, JOB, id=job_id).json()["data"]["job"]
+        assert (job["status"], job["traceId"]) == ("FINISHED", job_span.trace_id)
     assert len(job_traces) == count and request_trace not in job_traces
     _no_marker(spans)
 
@@ -301,3 +309,181 @@ async def test_a_collector_that_hangs_holds_up_no_request_and_no_job(e2e_redis: 
             assert "errors" not in body, body
             events = await follow(svc, body["data"]["submitText"]["job"]["id"])
             assert events[-1]["status"] == "FINISHED"
+
+
+# -- after a job: its webhook's delivery and its archive write ----------------------------
+SUBMIT_HOOKED = """mutation($text: String!, $url: String) {
+  submitText(input: {text: $text, webhookUrl: $url}) { job { id traceId } }
+}"""
+CREATE_BATCH = 'mutation { createBatch(input: {name: "traced"}) { id } }'
+SUBMIT_TO_BATCH = """mutation($inputs: [SubmitTextInput!]!, $batch: ID) {
+  submitTexts(inputs: $inputs, batchId: $batch) { job { id } }
+}"""
+HOOK_ENV = {
+    "WEBHOOK_SECRET": WEBHOOK_SECRET,
+    "WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on loopback
+    "WEBHOOK_RETRY_BASE_S": "1",  # the second attempt about 1 s after the first
+    "WEBHOOK_MAX_ATTEMPTS": "3",
+}
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres() as pg:
+        migrate.upgrade(pg.url)
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[Receiver]:
+    receiver = Receiver(WEBHOOK_SECRET).start()
+    yield receiver
+    receiver.stop()
+
+
+def _named(spans: list[ReceivedSpan], name: str, job_id: str | None = None) -> list[ReceivedSpan]:
+    return [s for s in spans if s.name == name and (job_id is None or s.attributes.get("gqls.job.id") == job_id)]
+
+
+def _archived(spans: list[ReceivedSpan], job_id: str) -> list[tuple[ReceivedSpan, tuple[str, str]]]:
+    """The archive writes that link to `job_id`, with that link."""
+    return [
+        (s, link)
+        for s in _named(spans, "history archive")
+        for link, attrs in zip(s.links, s.link_attributes, strict=True)
+        if attrs == {"gqls.job.id": job_id}
+    ]
+
+
+async def test_webhook_deliveries_and_archive_writes_are_spans_linked_to_the_jobs_traces(
+    receiver: OtlpReceiver, hooks: Receiver, postgres: EmbeddedPostgres
+) -> None:
+    # The marker in the URL's path and query: neither may reach a span.
+    path = f"hook-{MARKER}"
+    url = f"{hooks.url(path)}?token={MARKER}"
+    hooks.script(path, 500)  # the first attempt fails, the second is delivered (204)
+    env = {**traced_env(receiver), **HOOK_ENV, "DATABASE_URL": postgres.url, "RQ_QUEUE": "llm-after"}
+    # A Redis of its own: the outboxes' streams it makes would take entries of every later test.
+    with EmbeddedRedis() as redis, Service(redis.url, workers=1, env=env) as svc:
+        body = post(svc, SUBMIT_HOOKED, text=TEXT, url=url).json()
+        alone, alone_trace = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
+        batch = post(svc, CREATE_BATCH).json()["data"]["createBatch"]["id"]
+        body = post(svc, SUBMIT_TO_BATCH, inputs=[{"text": TEXT, "webhookUrl": hooks.url("batched")}], batch=batch)
+        [answer] = body.json()["data"]["submitTexts"]
+        batched = answer["job"]["id"]
+
+        def done(spans: list[ReceivedSpan]) -> bool:
+            return (
+                len(_named(spans, "webhook deliver", alone)) == 2
+                and len(_named(spans, "webhook deliver", batched)) == 1
+                and all(_archived(spans, job_id) for job_id in (alone, batched))
+            )
+
+        spans = receiver.wait_for(done, what="two deliveries of one job, one of the other, and both archived")
+        batched_trace = post(svc, JOB, id=batched).json()["data"]["job"]["traceId"]
+    # What each job's spans link to: its request's span (submitText), its first attempt (a batch's job).
+    [alone_attempt] = _named(_in_trace(spans, alone_trace), "job extract")
+    [batched_attempt] = _named(_in_trace(spans, batched_trace), "job extract")
+    assert batched_attempt.attributes["gqls.batch.id"] == batch and batched_attempt.parent_span_id == ""
+    # A batch's job is in a trace of its own linked to the submitTexts request, as any such job.
+    [(request_trace, request_span)] = batched_attempt.links
+    requests = receiver.wait_for(lambda got: bool(_in_trace(got, request_trace)), what="the submitTexts request")
+    [request] = [s for s in _in_trace(requests, request_trace) if s.span_id == request_span]
+    assert request.name == "mutation submitTexts" and request.attributes["gqls.graphql.field"] == "submitTexts"
+    alone_link, batched_link = (alone_trace, alone_attempt.parent_span_id), (batched_trace, batched_attempt.span_id)
+
+    first, second = sorted(_named(spans, "webhook deliver", alone), key=lambda s: s.attributes["gqls.webhook.attempt"])
+    at = {"server.address": "127.0.0.1", "server.port": hooks.port, "http.request.method": "POST"}
+    job = {"gqls.job.id": alone, "gqls.tenant": "public", "gqls.webhook.event": "job.finished"}
+    assert first.attributes == {
+        **at, **job, "gqls.webhook.attempt": 1, "http.response.status_code": 500, "error.type": "500",
+        "gqls.webhook.status": "RETRYING",
+    }  # fmt: skip
+    assert first.status == (2, "HTTP 500")
+    assert second.attributes == {
+        **at, **job, "gqls.webhook.attempt": 2, "http.response.status_code": 204, "gqls.webhook.status": "DELIVERED",
+    }  # fmt: skip
+    assert second.status[0] != 2
+    for delivery in (first, second):
+        # A trace of its own per attempt, linked to the job's.
+        assert delivery.kind == CLIENT and delivery.service == "gql-service-worker"
+        assert delivery.parent_span_id == "" and delivery.trace_id != alone_trace
+        assert delivery.links == [alone_link] and delivery.link_attributes == [{"gqls.job.id": alone}]
+    assert first.trace_id != second.trace_id
+    [of_batch] = _named(spans, "webhook deliver", batched)
+    assert of_batch.attributes["gqls.batch.id"] == batch and of_batch.attributes["gqls.webhook.attempt"] == 1
+    assert of_batch.links == [batched_link] and of_batch.status[0] != 2
+
+    for job_id, link in ((alone, alone_link), (batched, batched_link)):
+        [(write, linked)] = _archived(spans, job_id)
+        assert linked == link
+        assert write.kind == CLIENT and write.parent_span_id == "" and write.status[0] != 2
+        assert write.attributes["db.system.name"] == "postgresql" and write.attributes["db.collection.name"] == "jobs"
+        assert write.attributes["server.address"] == "127.0.0.1" and write.attributes["server.port"] == postgres.port
+        assert write.attributes["gqls.archive.records"] == len(write.links) + write.dropped_links
+    _no_marker(spans)  # nor the URL's path or query, nor the text, in any of them
+
+
+async def test_an_archive_write_past_the_span_link_limit_keeps_128_links_and_counts_the_rest(
+    receiver: OtlpReceiver, postgres: EmbeddedPostgres, e2e_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One write of 200 ended jobs (the outbox's batch), in this process: the SDK keeps
+    OTEL_SPAN_LINK_COUNT_LIMIT links (128 by default) and counts the others in the span."""
+    from gql_service.worker.archiver import Archiver
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "gqls-tests-archive")
+    traces = {f"linked-{n:03}": JobTrace(parent=f"00-{n + 1:032x}-{n + 1:016x}-01") for n in range(200)}
+    records = [
+        JobRecord(id=job_id, status=JobStatus.FINISHED, stage=JobStage.DONE, version=4, trace=trace)
+        for job_id, trace in traces.items()
+    ]
+    assert tracing.setup(tracing.WORKER_SERVICE)
+    redis = AsyncRedis.from_url(e2e_redis)  # the drainer's, unused by a write
+    archiver = Archiver(redis, postgres.url, consumer="tests")
+    try:
+        await archiver.handle([(history.row(r, None), r.trace) for r in records], redis.pipeline())
+    finally:
+        tracing.shutdown()  # sends the span now
+        await archiver.close()
+        await redis.aclose()
+
+    def written(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in _named(spans, "history archive") if s.service == "gqls-tests-archive"]
+
+    [write] = written(receiver.wait_for(lambda spans: bool(written(spans)), what="the archive write"))
+    assert write.attributes["gqls.archive.records"] == write.attributes["db.operation.batch.size"] == 200
+    assert len(write.links) == 128 and write.dropped_links == 200 - 128
+    for (trace_id, span_id), attributes in zip(write.links, write.link_attributes, strict=True):
+        parent = traces[attributes["gqls.job.id"]].parent
+        assert parent == f"00-{trace_id}-{span_id}-01"
+    with psycopg.connect(postgres.url) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs WHERE id LIKE 'linked-%'").fetchone() == (200,)
+
+
+def _worker_drops(svc: Service) -> float:
+    """gqls_worker_trace_spans_dropped_total on the API's /metrics."""
+    scraped = httpx.get(f"http://127.0.0.1:{svc.port}/metrics", timeout=10).text
+    [line] = [line for line in scraped.splitlines() if line.startswith("gqls_worker_trace_spans_dropped_total ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.parametrize("worker_class", ["async", "fork"])
+async def test_spans_a_worker_drops_are_counted_on_the_apis_metrics(worker_class: str) -> None:
+    """A collector that hangs and an export queue of one span: a job's second span finds the
+    queue full (the first is stuck in its export). The async worker reports from its own
+    process; a fork worker's work horse reports as it ends."""
+    settings = {"OTEL_BSP_MAX_QUEUE_SIZE": "1", "WORKER_CLASS": worker_class, "RQ_QUEUE": f"llm-drops-{worker_class}"}
+    # A Redis of its own: the count is cluster-wide, and other tests' workers drop too.
+    with (
+        OtlpReceiver(hang=True) as stuck,
+        EmbeddedRedis() as redis,
+        Service(redis.url, workers=1, env={**traced_env(stuck), **settings}) as svc,
+    ):
+        assert _worker_drops(svc) == 0
+        for _ in range(2):
+            body = post(svc, SUBMIT, text=TEXT).json()
+            assert (await follow(svc, body["data"]["submitText"]["job"]["id"]))[-1]["status"] == "FINISHED"
+        wait_until(lambda: _worker_drops(svc) >= 1, timeout_s=30, what="the worker's drops on /metrics")
+        worker_log = next(p for p in svc.procs if p.name == "worker").output()
+    assert "spans dropped: the export queue is full" in worker_log

@@ -23,15 +23,17 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from gql_service import history, keys
+from gql_service.models import JobTrace
 from gql_service.settings import RedisTarget, Settings
-from gql_service.worker import outbox
+from gql_service.worker import outbox, outbox_spans
 
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY_S = 3600
+Archived = tuple[dict[str, Any], JobTrace | None]  # a job's row, and the trace its spans link to
 
 
-class Archiver(outbox.Drainer[dict[str, Any]]):
+class Archiver(outbox.Drainer[Archived]):
     outbox = keys.ARCHIVE
     # PostgreSQL away or restarting, or its schema not the one this code writes (a migration
     # not run yet): every entry would fail alike, so they wait.
@@ -56,12 +58,17 @@ class Archiver(outbox.Drainer[dict[str, Any]]):
         self._conn: AsyncConnection[Any] | None = None
         self._next_retention = 0.0
 
-    def parse(self, entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    def parse(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Archived:
         text = fields.get(b"t", b"").decode() if self.keep_text else None
-        return history.row(outbox.record_of(fields), text)
+        record = outbox.record_of(fields)
+        return history.row(record, text), record.trace
 
-    async def handle(self, rows: list[dict[str, Any]], pipe: Pipeline) -> None:
-        await history.upsert(await self._connection(), rows)
+    async def handle(self, items: list[Archived], pipe: Pipeline) -> None:
+        with outbox_spans.archive_span([(row["id"], trace) for row, trace in items]) as span:
+            conn = await self._connection()
+            if span.is_recording():
+                outbox_spans.database(span, conn.info.host, conn.info.port)
+            await history.upsert(conn, [row for row, _ in items])
 
     async def idle(self) -> None:
         if time.monotonic() >= self._next_retention:

@@ -34,7 +34,7 @@ from gql_service import delivery_store, keys, metrics, queueing, webhooks
 from gql_service.models import JobRecord, WebhookDelivery, WebhookStatus, utcnow
 from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
-from gql_service.worker import outbox
+from gql_service.worker import outbox, outbox_spans
 from gql_service.worker.context import WorkerContext, takes_context
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Relay(outbox.Drainer[RQJob | None]):
         return self.queue.create_job(
             keys.DELIVER_WEBHOOK,
             args=(record.id, record.webhook_url, webhooks.event_body(record), ended),
+            kwargs={"job": outbox_spans.about(record)},
             job_id=keys.webhook_delivery_job(record.id),
             description=f"webhook of {record.id} (request {record.request_id})",
             timeout=int(self.settings.webhook_timeout_s) + 30,
@@ -119,36 +120,53 @@ class NotDeliveredYet(Exception):
 
 
 @takes_context
-async def deliver(ctx: WorkerContext, job_id: str, url: str, body: str, ended_at: float) -> str:
-    """The RQ job: one attempt at delivering a job's event."""
+async def deliver(
+    ctx: WorkerContext, job_id: str, url: str, body: str, ended_at: float, job: outbox_spans.DeliveryAbout | None = None
+) -> str:
+    """The RQ job: one attempt at delivering a job's event. `job` is what the attempt's span
+    says of the job (None for a delivery queued by an older version)."""
     async with ctx.connected("gqls-webhooks") as (redis, _):
-        return await _attempt(ctx.settings, redis, job_id, url, body, ended_at)
+        return await _attempt(ctx.settings, redis, job_id, url, body, ended_at, job)
 
 
-async def _attempt(settings: Settings, redis: AsyncRedis, job_id: str, url: str, body: str, ended_at: float) -> str:
+async def _attempt(
+    settings: Settings,
+    redis: AsyncRedis,
+    job_id: str,
+    url: str,
+    body: str,
+    ended_at: float,
+    job: outbox_spans.DeliveryAbout | None,
+) -> str:
     rq_job = get_current_job()
     assert rq_job is not None, "deliver runs inside an RQ worker"
     state = (await delivery_store.get_deliveries(redis, [job_id]))[0] or WebhookDelivery(url=url)
     if state.ended:
         return str(state.status.value)  # a repeat of a delivery that has ended: nothing to do
-    started = time.monotonic()
-    if settings.webhook_secret is None:
-        outcome = webhooks.Outcome(False, error="WEBHOOK_SECRET is not set on the worker")
-    else:
-        headers = webhooks.signed_headers(settings.webhook_secret.get_secret_value(), webhooks.message_id(job_id), body)
-        outcome = await webhooks.post(
-            url, body, headers, timeout_s=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private
-        )
-    took = time.monotonic() - started
-    state = await delivery_store.update_delivery(redis, job_id, url, lambda now: _count(now, outcome, rq_job))
-    since_end = time.time() - ended_at if outcome.delivered else None
-    await metrics.record_delivery(redis, state.status.value, attempt_s=took, since_end_s=since_end)
-    if state.status is WebhookStatus.RETRYING:
-        due = state.next_attempt_at.astimezone(UTC).isoformat(timespec="seconds") if state.next_attempt_at else "?"
-        log.warning("webhook of job %s: attempt %d failed (%s); next at %s", job_id, state.attempts, outcome.error, due)
+    with outbox_spans.delivery_span(job_id, url, job, attempt=state.attempts + 1) as span:
+        started = time.monotonic()
+        if settings.webhook_secret is None:
+            outcome = webhooks.Outcome(False, error="WEBHOOK_SECRET is not set on the worker", error_type="no_secret")
+        else:
+            secret = settings.webhook_secret.get_secret_value()
+            headers = webhooks.signed_headers(secret, webhooks.message_id(job_id), body)
+            outcome = await webhooks.post(
+                url, body, headers, timeout_s=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private
+            )
+        took = time.monotonic() - started
+        state = await delivery_store.update_delivery(redis, job_id, url, lambda now: _count(now, outcome, rq_job))
+        outbox_spans.delivered(span, outcome, state.status)
+        since_end = time.time() - ended_at if outcome.delivered else None
+        await metrics.record_delivery(redis, state.status.value, attempt_s=took, since_end_s=since_end)
+        if state.status is WebhookStatus.RETRYING:  # said inside the span: the log line names its trace
+            due = state.next_attempt_at.astimezone(UTC).isoformat(timespec="seconds") if state.next_attempt_at else "?"
+            log.warning(
+                "webhook of job %s: attempt %d failed (%s); next at %s", job_id, state.attempts, outcome.error, due
+            )
+        if state.status is WebhookStatus.FAILED:
+            log.error("webhook of job %s: not delivered after %d attempts (%s)", job_id, state.attempts, outcome.error)
+    if state.status is WebhookStatus.RETRYING:  # raised outside: the span's status is the attempt's, set above
         raise NotDeliveredYet(outcome.error)
-    if state.status is WebhookStatus.FAILED:
-        log.error("webhook of job %s: not delivered after %d attempts (%s)", job_id, state.attempts, outcome.error)
     return str(state.status.value)
 
 

@@ -9,7 +9,7 @@ from rq import SimpleWorker, Worker
 from rq.job import Job as RQJob
 
 from gql_service import tracing
-from gql_service.worker import deliveries, tasks
+from gql_service.worker import deliveries, tasks, trace_drops
 from gql_service.worker.tuning import Tuning, is_extraction
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,11 @@ class ServiceWorker(Tuning, Worker):
         finally:
             if self._is_horse:
                 # The horse ends with os._exit, which skips every exit hook: its spans are
-                # sent now, for at most HORSE_FLUSH_MS (the worker waits for its horse).
+                # sent now, for at most HORSE_FLUSH_MS (the worker waits for its horse), and
+                # what it dropped is reported (its worker's reports count only their own).
                 tracing.flush(HORSE_FLUSH_MS)
+                if tracing.active():
+                    trace_drops.report(self.connection)
 
     def handle_work_horse_killed(self, job: RQJob, retpid: int, ret_val: int, rusage: Any) -> None:
         # The horse died under a live worker (OOM killer, SIGKILL); RQ retries it next.

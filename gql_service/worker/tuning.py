@@ -14,7 +14,7 @@ from rq.job import Job as RQJob
 
 from gql_service import keys, logs, store, tracing
 from gql_service.redis_conn import sync_client
-from gql_service.worker import context, deliveries, reconciler
+from gql_service.worker import context, deliveries, reconciler, trace_drops
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,17 @@ def background(name: str) -> Iterator[None]:
     the outboxes in use (gql_service.worker.outbox): the archive's when the history is on, the
     webhooks' when they are. And tracing (OTEL_* variables), set up in each worker process (a
     pool forks its workers, and an exporter's thread does not cross a fork), shut down when
-    the worker stops (SIGTERM, Ctrl-C), sending what is queued."""
-    tracing.setup(tracing.WORKER_SERVICE)
+    the worker stops (SIGTERM, Ctrl-C), sending what is queued; while it is on, the spans the
+    process drops are reported to the API's /metrics (gql_service.worker.trace_drops)."""
+    traced = tracing.setup(tracing.WORKER_SERVICE)
+    stop_reports = trace_drops.start(context.of_process().redis_target) if traced else None
     try:
         with _drainers(name):
             yield
     finally:
         tracing.shutdown()
+        if stop_reports is not None:  # after the shutdown, which can drop too
+            stop_reports()
 
 
 @contextlib.contextmanager
