@@ -68,8 +68,10 @@ def instrument(provider: TracerProvider) -> None:
     """The maintained instrumentations that fit (measured in README's Tracing section): the
     openai SDK's HTTP requests, through its aiohttp transport, as children of each `chat`
     span; the job history's queries (psycopg). Not redis-py's (a span per command: +18 % CPU
-    per submitText) nor ASGI's (it records the query string, a GET's GraphQL variables).
-    Both record no content: a URL without credentials, a SQL text without its parameters."""
+    per submitText), nor ASGI's (it records the query string, a GET's GraphQL variables), nor
+    httpx's for webhook deliveries (a receiver's URL may carry a token in its query; the
+    `webhook deliver` span has the status and the host). Both record no content: a URL
+    without credentials, a SQL text without its parameters."""
     # The stable HTTP and database conventions, as our own spans follow (http.request.method,
     # db.query.text), unless the operator chose: the instrumentations' default is the old ones.
     # Read once, by the first instrumentation imported below.
@@ -167,7 +169,8 @@ class _Bounded(SpanProcessor):
         self.batch = batch
         self.gate = gate
         self.dropped = dropped
-        # A worker serves no /metrics: the start of each run of drops is said in the log.
+        # The start of each run of drops is also said in the log (a worker's count reaches the
+        # API's /metrics through Redis: gql_service.worker.trace_drops).
         self._dropping = False
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
