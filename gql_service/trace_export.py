@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from opentelemetry.context import Context
@@ -28,6 +29,36 @@ OWN = "gql_service"  # the name of our own tracer (gql_service.tracing)
 INSTRUMENTATIONS = "opentelemetry.instrumentation."  # how the maintained instrumentations name theirs
 
 
+# The exporters' own loggers. A collector that is away makes them say so at every export (a
+# WARNING per retry and an ERROR per batch: a line a second per process under load, for as
+# long as it is away); one line a minute says as much.
+EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+)
+QUIET_S = 60.0
+
+
+class OneLinePerMinute(logging.Filter):
+    def __init__(self, every_s: float = QUIET_S) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._next = 0.0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._held += 1
+                return False
+            held, self._held, self._next = self._held, 0, now + self.every_s
+        if held:
+            record.msg = f"{record.msg} ({held} more such lines in the last minute not shown)"
+        return True
+
+
 def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
     """The OTLP exporter of OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL; None (tracing stays off,
     said once in the log) for a protocol this install can't speak."""
@@ -36,6 +67,11 @@ def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
         "OTEL_EXPORTER_OTLP_PROTOCOL",
     )
     protocol = environ.get(variable, "").strip() or "http/protobuf"
+    quiet = OneLinePerMinute()
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLinePerMinute) for f in logger.filters):
+            logger.addFilter(quiet)
     told = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" in environ or "OTEL_EXPORTER_OTLP_TIMEOUT" in environ
     timeout = None if told else EXPORT_TIMEOUT_S  # None: the exporter reads the variable
     chosen: SpanExporter

@@ -15,7 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import history, tracing
 from gql_service.cli import migrate
-from gql_service.cli.embedded_redis import EmbeddedRedis
+from gql_service.cli.embedded_redis import EmbeddedRedis, free_port
 from gql_service.models import JobRecord, JobStage, JobStatus, JobTrace
 from gql_service.rendering import job_view
 
@@ -487,3 +487,26 @@ async def test_spans_a_worker_drops_are_counted_on_the_apis_metrics(worker_class
         wait_until(lambda: _worker_drops(svc) >= 1, timeout_s=30, what="the worker's drops on /metrics")
         worker_log = next(p for p in svc.procs if p.name == "worker").output()
     assert "spans dropped: the export queue is full" in worker_log
+
+
+def test_a_collector_that_is_away_is_said_once_a_minute_not_at_every_export(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The real exporter against a port nobody listens on: each export retries, then gives up.
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from gql_service import trace_export
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{free_port()}/v1/traces")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.2")
+    exporter = trace_export.exporter({"OTEL_EXPORTER_OTLP_TIMEOUT": "0.2"})
+    assert exporter is not None
+    span = TracerProvider().get_tracer("test").start_span("a span")
+    span.end()
+    said_by = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    with caplog.at_level("WARNING", logger=said_by):
+        results = [exporter.export([span]) for _ in range(4)]
+    exporter.shutdown()
+    assert all(result.name == "FAILURE" for result in results)
+    said = [r for r in caplog.records if r.name == said_by]
+    assert len(said) == 1, [r.getMessage() for r in said]
