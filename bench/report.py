@@ -589,12 +589,13 @@ def _tracing(t: dict[str, Any]) -> list[str]:
         f"({t['concurrency']} connections, {t['seconds']:g} s a round) against each in turn. Requests and",
         "dropped spans are each API's own `/metrics` (`gqls_trace_spans_dropped_total`), warm-up included.",
         "",
-        "| tracing | requests/s | / off (per round) | p50 ms | p99 ms | errors | requests | spans received "
-        "| spans per request | spans dropped |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tracing | requests/s | / off (per round) | p50 ms | p99 ms | errors | API CPU µs per request | / off "
+        "| requests | spans received | spans per request | spans dropped |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(
             f"| {TRACING_MODES[m]} | {r['rps']:.0f} | {r['ratio']:.2f} ({per_round(r['ratios'])}) | {r['p50_ms']:.1f} "
-            f"| {r['p99_ms']:.1f} | {r['errors']:.0f} | {r['requests']:.0f} | {r['spans']} "
+            f"| {r['p99_ms']:.1f} | {r['errors']:.0f} | {r['api_cpu_us']:.0f} | {r['cpu_ratio']:.2f} "
+            f"| {r['requests']:.0f} | {r['spans']} "
             f"| {r['spans_per_request']:.2f} | {r['dropped']:.0f} |"
             for m, r in sub.items()
         ),
@@ -617,9 +618,11 @@ def _tracing(t: dict[str, Any]) -> list[str]:
         "",
         f"Target: `always_on` costs at most {(1 - target) * 100:.0f} % of either figure (/ off >= {target:.2f}): submitText "
         f"{s_on['ratio']:.2f}x, {_mark(s_on['ratio'] >= target)}; async worker jobs/s {w_on['ratio']:.2f}x, "
-        f"{_mark(w_on['ratio'] >= target)}. Overall: {_mark(met)}.",
+        f"{_mark(w_on['ratio'] >= target)}. Overall: {_mark(met)}. In CPU, which a shared machine moves less than "
+        f"throughput: `always_on` costs the API {s_on['cpu_ratio']:.2f}x the CPU per request and the worker "
+        f"{w_on['cpu_ratio']:.2f}x the CPU per job.",
         "",
-        f"Noise: with tracing off, submitText moved {sub['off']['spread']:.0%} and the worker's jobs/s "
+        f"Noise: with tracing off, submitText requests/s moved {sub['off']['spread']:.0%} and the worker's jobs/s "
         f"{work['off']['spread']:.0%} between their own rounds (max / min - 1). The receiver used "
         f"{s_on['receiver_cpu_share']:.0%} of a core during the `always_on` submitText rounds "
         f"({sub['ratio_0.1']['receiver_cpu_share']:.0%} at one in ten).",

@@ -64,7 +64,7 @@ class Sizes:
     bulk_jobs: int = 10_000
     bulk_llm_s: float = 1.0
     hostile_rounds: int = 50
-    tracing_rounds: int = 3
+    tracing_rounds: int = 5
 
     @classmethod
     def only_subscribers(cls, counts: tuple[int, ...]) -> Sizes:

@@ -38,7 +38,7 @@ from tests.openai_stub import OpenAIStub
 from tests.service import Service
 
 from .async_worker import run_workers
-from .harness import loadgen, median, progress
+from .harness import api_pid, loadgen, median, progress
 from .scenarios import SUBMIT_BODY, Sizes, offline_env
 
 MODES = ("off", "always_on", "ratio_0.1")
@@ -104,6 +104,20 @@ def _metric(text: str, pattern: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _scrape(svc: Service) -> dict[str, float]:
+    """submitText requests the API served and the spans it dropped, from its /metrics."""
+    text = httpx.get(svc.http_url.replace("/graphql", "/metrics"), timeout=10).text
+    return {
+        "requests": _metric(text, r'^gqls_graphql_operations_total\{[^}]*field="submitText"[^}]*\} (\S+)$'),
+        "dropped": _metric(text, r"^gqls_trace_spans_dropped_total (\S+)$"),
+    }
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def _spread(values: list[float]) -> float:
     """max / min - 1 over the rounds: how much one mode moved from round to round."""
     return max(values) / min(values) - 1 if values and min(values) > 0 else float("nan")
@@ -111,7 +125,6 @@ def _spread(values: list[float]) -> float:
 
 def _submit(redis_url: str, sizes: Sizes, sink: Sink) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-    seen: dict[str, dict[str, float]] = {}
     with contextlib.ExitStack() as stack:
         services = {}
         for mode in MODES:
@@ -121,24 +134,24 @@ def _submit(redis_url: str, sizes: Sizes, sink: Sink) -> dict[str, Any]:
             loadgen(
                 services[mode].http_url, SUBMIT_BODY, concurrency=sizes.concurrency, duration=sizes.submit_seconds / 2
             )
+        apis = {mode: psutil.Process(api_pid(svc)) for mode, svc in services.items()}
         for round_ in range(sizes.tracing_rounds):
             for mode in MODES:
-                cpu = sink.cpu_s()
+                cpu, api_cpu, served = sink.cpu_s(), _cpu_s(apis[mode]), _scrape(services[mode])["requests"]
                 stats = loadgen(
                     services[mode].http_url, SUBMIT_BODY, concurrency=sizes.concurrency, duration=sizes.submit_seconds
                 )
                 stats["receiver_cpu_s"] = sink.cpu_s() - cpu
+                # The API's CPU per request served (warm-up included): steadier than requests/s
+                # on a shared machine, where the API also waits for a core.
+                served = _scrape(services[mode])["requests"] - served
+                stats["api_cpu_us"] = (_cpu_s(apis[mode]) - api_cpu) * 1e6 / served if served else float("nan")
                 rounds[mode].append(stats)
                 progress(
                     f"    round {round_ + 1} {mode:9s} {stats['rps']:7.0f} req/s  p50 {stats['p50_ms']:.1f} ms"
-                    f"  (receiver CPU {stats['receiver_cpu_s']:.2f} s)"
+                    f"  API CPU {stats['api_cpu_us']:.0f} us/req  (receiver CPU {stats['receiver_cpu_s']:.2f} s)"
                 )
-        for mode, svc in services.items():
-            text = httpx.get(svc.http_url.replace("/graphql", "/metrics"), timeout=10).text
-            seen[mode] = {
-                "requests": _metric(text, r'^gqls_graphql_operations_total\{[^}]*field="submitText"[^}]*\} (\S+)$'),
-                "dropped": _metric(text, r"^gqls_trace_spans_dropped_total (\S+)$"),
-            }
+        seen = {mode: _scrape(svc) for mode, svc in services.items()}
     spans = sink.settled()  # the APIs have stopped: what they had queued was sent
     result: dict[str, Any] = {}
     for mode in MODES:
@@ -152,6 +165,8 @@ def _submit(redis_url: str, sizes: Sizes, sink: Sink) -> dict[str, Any]:
             "errors": sum(r["errors"] for r in runs), "ratio": median(ratios), "ratios": ratios,
             "spread": _spread([r["rps"] for r in runs]), "requests": requests, "spans": received,
             "spans_per_request": received / requests if requests else 0.0, "dropped": seen[mode]["dropped"],
+            "api_cpu_us": median(r["api_cpu_us"] for r in runs),
+            "cpu_ratio": median(r["api_cpu_us"] / o["api_cpu_us"] for r, o in zip(runs, off, strict=True)),
             "receiver_cpu_share": sum(r["receiver_cpu_s"] for r in runs) / (sizes.submit_seconds * len(runs)),
         }  # fmt: skip
     return result
@@ -177,6 +192,7 @@ def _worker(redis_url: str, stub: OpenAIStub, sizes: Sizes, sink: Sink) -> dict[
                 )
                 row["api_spans"] = sum(spans.values()) - row["worker_spans"]
                 row["drop_warnings"] = sum(text.count("spans dropped") for text in logs)
+                row["spans_by_name"] = dict(spans)
                 rounds[mode].append(row)
                 progress(
                     f"    round {round_ + 1} {mode:9s} {row['worker_spans'] / row['jobs']:.2f} worker spans per job"
