@@ -622,9 +622,30 @@ def _tracing(t: dict[str, Any]) -> list[str]:
         f"throughput: `always_on` costs the API {s_on['cpu_ratio']:.2f}x the CPU per request and the worker "
         f"{w_on['cpu_ratio']:.2f}x the CPU per job.",
         "",
+        *_tracing_profile(t.get("profile")),
         f"Noise: with tracing off, submitText requests/s moved {sub['off']['spread']:.0%} and the worker's jobs/s "
         f"{work['off']['spread']:.0%} between their own rounds (max / min - 1). The receiver used "
         f"{s_on['receiver_cpu_share']:.0%} of a core during the `always_on` submitText rounds "
         f"({sub['ratio_0.1']['receiver_cpu_share']:.0%} at one in ten).",
+        "",
+    ]
+
+
+def _tracing_profile(profile: dict[str, Any] | None) -> list[str]:
+    if not profile:
+        return []
+
+    def where(p: dict[str, Any]) -> str:
+        return (
+            f"{p['share']:.1%} ({p['spans']:.1%} making and ending spans on the request's or job's path, "
+            f"{p['export']:.1%} the batch processor's thread encoding and sending them, {p['glue']:.1%} the "
+            f"service's own tracing code)"
+        )
+
+    return [
+        "Where `always_on` spends the CPU: py-spy over every thread of each process, tracing on; the share of its busy",
+        "samples with OpenTelemetry on the stack or the service's tracing code innermost (a machine's other load does",
+        f"not move a share as it moves requests/s). The API under the submitText load: {where(profile['api'])}. The",
+        f"async worker draining its jobs: {where(profile['worker'])}.",
         "",
     ]

@@ -37,6 +37,7 @@ from redis import Redis
 from tests.openai_stub import OpenAIStub
 from tests.service import Service
 
+from . import tracing_profile
 from .async_worker import run_workers
 from .harness import api_pid, loadgen, median, progress
 from .scenarios import SUBMIT_BODY, Sizes, offline_env
@@ -224,6 +225,12 @@ def tracing_cost(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, An
         submit = _submit(redis_url, sizes, sink)
         progress(f"    async worker, {sizes.async_jobs} jobs, LLM {sizes.async_llm_s * 1000:.0f} ms, not streamed")
         worker = _worker(redis_url, stub, sizes, sink)
+        profile = None
+        if sizes.profile:
+            progress("    py-spy on the API and on the worker, always_on")
+            profile = tracing_profile.profile(redis_url, stub, sizes, mode_env("always_on", sink.endpoint))
+            progress(f"    tracing's share of the samples: API {profile['api']['share']:.1%}, "
+                     f"worker {profile['worker']['share']:.1%}")  # fmt: skip
     finally:
         sink.stop()
     for mode in MODES[1:]:
@@ -235,5 +242,5 @@ def tracing_cost(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, An
     return {
         "rounds": sizes.tracing_rounds, "concurrency": sizes.concurrency, "seconds": sizes.submit_seconds,
         "jobs": sizes.async_jobs, "llm_ms": sizes.async_llm_s * 1000, "worker_concurrency": 256, "target": TARGET,
-        "submit": submit, "worker": worker,
+        "submit": submit, "worker": worker, "profile": profile,
     }  # fmt: skip
