@@ -96,11 +96,14 @@ def run_workers(
     settings: dict[str, str] | None = None,
     until: Callable[[], bool] | None = None,
     webhook_url: str | None = None,
+    queue: str | None = None,
+    logs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Queue `jobs`, start the workers, wait for every job to end (and then for `until`,
-    noting when it held): the row of figures."""
+    noting when it held): the row of figures. `queue`: its name, instead of one made of the
+    shape and `settings`; `logs`: where the processes' output goes once they have stopped."""
     more = "-".join(f"{k}={v}" for k, v in (settings or {}).items())
-    queue = f"bench-async-{worker_class}-{workers}-{concurrency}-{jobs}{more}"
+    queue = queue or f"bench-async-{worker_class}-{workers}-{concurrency}-{jobs}{more}"
     env = stub_env(queue, stub) | {"WORKER_CLASS": worker_class, "WORKER_CONCURRENCY": str(concurrency)}
     env |= settings or {}
     with Service(redis_url, workers=0, env=env) as svc:
@@ -116,6 +119,8 @@ def run_workers(
         if until is not None:
             wait_until(until, timeout_s=300, what="the condition after the jobs")
             until_at = time.time()
+    if logs is not None:
+        logs.append(svc.logs())
     first = min(r.started_at.timestamp() for r in done if r.started_at)
     last = max(r.finished_at.timestamp() for r in done if r.finished_at)
     # From the moment the workers took their first job to each job's end.
@@ -184,7 +189,7 @@ def _library(frame: str) -> str:
 
 
 def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("6/14 many calls in flight per worker process: async vs fork vs simple")
+    progress("6/15 many calls in flight per worker process: async vs fork vs simple")
     redis = Redis.from_url(redis_url)
     stub.latency_s = sizes.async_llm_s
     side_by_side = [

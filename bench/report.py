@@ -24,7 +24,7 @@ TARGETS = {
 SECTION_NUMBERS = {
     "submit": 1, "fanout": 2, "pipeline": 3, "e2e": 4, "scale_out": 5, "async_worker": 6, "partials": 7,
     "history": 8, "webhooks": 9, "sentinel": 10, "http_streams": 11, "bulk": 12, "hostile": 13,
-    "documents": 14,
+    "documents": 14, "tracing": 15,
 }  # fmt: skip
 
 
@@ -256,6 +256,9 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     documents = results.get("documents")
     if documents:
         lines += _documents(documents)
+    tracing = results.get("tracing")
+    if tracing:
+        lines += _tracing(tracing)
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]
@@ -557,5 +560,92 @@ def _documents(d: dict[str, Any]) -> list[str]:
         ),
         "",
         f"By id: {d['ratio']:.2f}x the requests/s of the same query in full.",
+        "",
+    ]
+
+
+TRACING_MODES = {"off": "off", "always_on": "on, `always_on`", "ratio_0.1": "on, `traceidratio` 0.1"}
+
+
+def _tracing(t: dict[str, Any]) -> list[str]:
+    sub, work = t["submit"], t["worker"]
+
+    def per_round(values: list[float]) -> str:
+        return ", ".join(f"{v:.2f}" for v in values)
+
+    target = t["target"]
+    s_on, w_on = sub["always_on"], work["always_on"]
+    met = s_on["ratio"] >= target and w_on["ratio"] >= target
+    return [
+        "## 15. What tracing costs (off, `always_on`, one trace in ten)",
+        "",
+        "Tracing turned on by the standard variables of the API and worker processes (`OTEL_EXPORTER_OTLP_ENDPOINT`,",
+        "`OTEL_TRACES_SAMPLER=always_on`, or `traceidratio` with `OTEL_TRACES_SAMPLER_ARG=0.1`), the spans sent to a",
+        "real OTLP/HTTP receiver (tests/otlp_receiver.py in a process of its own, on the same cores) that counts them.",
+        f"{t['rounds']} interleaved round{'s' if t['rounds'] > 1 else ''} (off, always_on, 10 %, repeated); figures are the medians over the rounds,",
+        'and "/ off" is the median of each round\'s ratio to the off run of the same round.',
+        "",
+        "submitText: one API process per mode, all three up at once, the load generator of section 1",
+        f"({t['concurrency']} connections, {t['seconds']:g} s a round) against each in turn. Requests and",
+        "dropped spans are each API's own `/metrics` (`gqls_trace_spans_dropped_total`), warm-up included.",
+        "",
+        "| tracing | requests/s | / off (per round) | p50 ms | p99 ms | errors | API CPU µs per request | / off "
+        "| requests | spans received | spans per request | spans dropped |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {TRACING_MODES[m]} | {r['rps']:.0f} | {r['ratio']:.2f} ({per_round(r['ratios'])}) | {r['p50_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['errors']:.0f} | {r['api_cpu_us']:.0f} | {r['cpu_ratio']:.2f} "
+            f"| {r['requests']:.0f} | {r['spans']} "
+            f"| {r['spans_per_request']:.2f} | {r['dropped']:.0f} |"
+            for m, r in sub.items()
+        ),
+        "",
+        f"The async worker: as section 6, {t['jobs']} jobs queued, then one async worker (concurrency "
+        f"{t['worker_concurrency']}) drains them, the stub's LLM at {t['llm_ms']:.0f} ms, not streamed",
+        "(`LLM_STREAM=false`). Spans per job are the worker's (`job extract` and its `chat` span); the API's spans",
+        "(a `submitTexts` request per 100 jobs) are counted apart. A worker serves no `/metrics`: its drops show",
+        "as a WARNING line in its log, counted here.",
+        "",
+        "| tracing | jobs/s | / off (per round) | CPU ms per job | / off | spans per job | API spans | "
+        "drop warnings in the logs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {TRACING_MODES[m]} | {r['jobs_per_s']:.1f} | {r['ratio']:.2f} ({per_round(r['ratios'])}) "
+            f"| {r['cpu_ms_per_job']:.2f} | {r['cpu_ratio']:.2f} | {r['spans_per_job']:.2f} | {r['api_spans']} "
+            f"| {r['drop_warnings']} |"
+            for m, r in work.items()
+        ),
+        "",
+        f"Target: `always_on` costs at most {(1 - target) * 100:.0f} % of either figure (/ off >= {target:.2f}): submitText "
+        f"{s_on['ratio']:.2f}x, {_mark(s_on['ratio'] >= target)}; async worker jobs/s {w_on['ratio']:.2f}x, "
+        f"{_mark(w_on['ratio'] >= target)}. Overall: {_mark(met)}. In CPU, which a shared machine moves less than "
+        f"throughput: `always_on` costs the API {s_on['cpu_ratio']:.2f}x the CPU per request and the worker "
+        f"{w_on['cpu_ratio']:.2f}x the CPU per job.",
+        "",
+        *_tracing_profile(t.get("profile")),
+        f"Noise: with tracing off, submitText requests/s moved {sub['off']['spread']:.0%} and the worker's jobs/s "
+        f"{work['off']['spread']:.0%} between their own rounds (max / min - 1). The receiver used "
+        f"{s_on['receiver_cpu_share']:.0%} of a core during the `always_on` submitText rounds "
+        f"({sub['ratio_0.1']['receiver_cpu_share']:.0%} at one in ten).",
+        "",
+    ]
+
+
+def _tracing_profile(profile: dict[str, Any] | None) -> list[str]:
+    if not profile:
+        return []
+
+    def where(p: dict[str, Any]) -> str:
+        return (
+            f"{p['share']:.1%} ({p['spans']:.1%} making and ending spans on the request's or job's path, "
+            f"{p['export']:.1%} the batch processor's thread encoding and sending them, {p['glue']:.1%} the "
+            f"service's own tracing code)"
+        )
+
+    return [
+        "Where `always_on` spends the CPU: py-spy over every thread of each process, tracing on; the share of its busy",
+        "samples with OpenTelemetry on the stack or the service's tracing code innermost (a machine's other load does",
+        f"not move a share as it moves requests/s). The API under the submitText load: {where(profile['api'])}. The",
+        f"async worker draining its jobs: {where(profile['worker'])}.",
         "",
     ]

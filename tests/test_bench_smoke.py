@@ -27,6 +27,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "## 5. Scale-out", "## 6. Many LLM calls", "## 7. Streamed partial results",
         "## 8. The PostgreSQL job history", "## 9. Webhooks", "## 10. Redis behind Sentinel",
         "## 11. Subscriptions over HTTP", "## 12. A file of", "## 13. Hostile queries",
+        "## 15. What tracing costs",
     )  # fmt: skip
     for heading in headings:
         assert heading in report
@@ -47,6 +48,12 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     streams = figures["http_streams"]["rows"]
     assert all(row["kib_per_sub"] > 0 and row["one_p99_ms"] > 0 for row in streams.values())
     assert all(row["p50_ms"] > 0 for row in figures["hostile"]["rows"].values())
+    # Tracing was on where it says so: every request and job traced with always_on, none off, nothing dropped.
+    traced = figures["tracing"]
+    submit, worker = traced["submit"], traced["worker"]
+    assert submit["off"]["spans"] == 0 and worker["off"]["spans_per_job"] == 0
+    assert 0.95 <= submit["always_on"]["spans_per_request"] <= 1.05 and worker["always_on"]["spans_per_job"] == 2
+    assert all(row["dropped"] == 0 for row in submit.values()) and all(r["drop_warnings"] == 0 for r in worker.values())
     sentinel = figures["sentinel"]
     assert all(row["rps"] > 0 for row in sentinel["submit"].values())
     assert all(0 < row["window_s"] < 30 and row["refused"] > 0 for row in sentinel["failover"].values())
