@@ -50,7 +50,7 @@ from gql_service.settings import ReplicaAck, Settings
 # appended to the batch's ended list (KEYS[9]), and a closed batch whose last job this was is
 # completed. Every such change bumps the batch's version and publishes it (KEYS[8]).
 #
-# When a job ends, the tokens it used (ARGV[14]) and what they cost (ARGV[17]) are added to its
+# When a job ends, the tokens it used (ARGV[14]) and what they cost (ARGV[17], nano-dollars) are added to its
 # tenant's counters of the day and the month (KEYS[10..12], expiring at ARGV[18] and ARGV[19]),
 # which budgets are checked against (gql_service.budgets): in this step, so a repeat of it
 # (outcome 2) never counts a job twice.
@@ -102,7 +102,7 @@ if ARGV[8] == '1' and (ARGV[14] ~= '0' or ARGV[17] ~= '0') then
   redis.call('EXPIREAT', KEYS[10], ARGV[18])
   redis.call('INCRBY', KEYS[11], ARGV[14])
   redis.call('EXPIREAT', KEYS[11], ARGV[19])
-  redis.call('INCRBYFLOAT', KEYS[12], ARGV[17])
+  redis.call('INCRBY', KEYS[12], ARGV[17])
   redis.call('EXPIREAT', KEYS[12], ARGV[19])
 end
 return {1, watchers}
@@ -256,7 +256,7 @@ def _cas_args(
             usage.total_tokens,
             new.id,
             utcnow().isoformat(),
-            repr(new.cost_usd or 0),  # repr: every digit (INCRBYFLOAT reads it whole)
+            budgets.nano_usd(new.cost_usd),
             *budgets.expiry(period),
         ],
     )

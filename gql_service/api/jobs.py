@@ -363,7 +363,7 @@ class JobService:
 def _quota_exceeded(limit: budgets.Limit) -> QuotaExceeded:
     resets = limit.resets_at.isoformat()
     return QuotaExceeded(
-        f"this tenant's {limit.name} budget ({limit.limit:g}) is spent: new jobs are refused until {resets}",
+        f"this tenant's {limit.name} budget ({limit.budget:g}) is spent: new jobs are refused until {resets}",
         budget=limit.name, resetsAt=resets,
     )  # fmt: skip
 
