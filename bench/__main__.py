@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
 SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
-sentinel, http_streams, bulk, hostile, documents, tracing.
+sentinel, http_streams, bulk, hostile, documents, tracing, budgets.
 With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
 and the report says which run each section comes from.
 """
@@ -22,6 +22,7 @@ from tests.openai_stub import OpenAIStub
 
 from . import (
     async_worker,
+    budgets,
     bulk,
     documents,
     history,
@@ -52,6 +53,7 @@ ALL = (
     "hostile",
     "documents",
     "tracing",
+    "budgets",
 )
 NOTES = Path(__file__).with_name("NOTES.md")
 
@@ -108,6 +110,8 @@ def main() -> None:
                 results["documents"] = documents.trusted_documents(redis.url, sizes)
             if "tracing" in only:
                 results["tracing"] = tracing_cost.tracing_cost(redis.url, stub, sizes)
+            if "budgets" in only:
+                results["budgets"] = budgets.budgets(redis.url, sizes)
         if "sentinel" in only:
             results["sentinel"] = sentinel.sentinel(sizes)
     finally:

@@ -189,7 +189,7 @@ def _library(frame: str) -> str:
 
 
 def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("6/15 many calls in flight per worker process: async vs fork vs simple")
+    progress("6. many calls in flight per worker process: async vs fork vs simple")
     redis = Redis.from_url(redis_url)
     stub.latency_s = sizes.async_llm_s
     side_by_side = [

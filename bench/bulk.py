@@ -80,7 +80,7 @@ def _by_hand(redis_url: str, stub: OpenAIStub, jobs: int, tmp: Path) -> dict[str
 
 def bulk(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
     jobs = sizes.bulk_jobs
-    progress(f"12/15 {jobs} texts from a file to a file of results, LLM {sizes.bulk_llm_s * 1000:.0f} ms")
+    progress(f"12. {jobs} texts from a file to a file of results, LLM {sizes.bulk_llm_s * 1000:.0f} ms")
     stub.reset()
     stub.latency_s = sizes.bulk_llm_s
     with TemporaryDirectory() as tmp:

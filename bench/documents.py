@@ -24,7 +24,7 @@ JOB = "query Job($id: ID!) { job(id: $id) { id status stage version createdAt } 
 
 
 def trusted_documents(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress("14/15 a job query by documentId beside the same query in full")
+    progress("14. a job query by documentId beside the same query in full")
     [job_id] = park_jobs(Redis.from_url(redis_url), 1, "bench-documents")
     digest = hashlib.sha256(JOB.encode()).hexdigest()
     bodies = {

@@ -39,7 +39,7 @@ LIST = (
 
 
 def job_history(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("8/15 the PostgreSQL job history")
+    progress("8. the PostgreSQL job history")
     with EmbeddedPostgres() as pg:
         migrate.upgrade(pg.url)
         archive = _archive(redis_url, stub, sizes, pg)

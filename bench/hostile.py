@@ -56,7 +56,7 @@ def _decision_us(query: str) -> float:
 
 def hostile_queries(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     n = sizes.hostile_rounds
-    progress(f"13/15 hostile queries: {len(SHAPES)} shapes x {n} requests, beside a plain query, open and trusted-only")
+    progress(f"13. hostile queries: {len(SHAPES)} shapes x {n} requests, beside a plain query, open and trusted-only")
     shapes = {"plain": (PLAIN, None), **{name: (query, "q0" if name == "many_operations" else None)
                                          for name, (query, _) in SHAPES.items()}}  # fmt: skip
     took: dict[str, list[float]] = {name: [] for name in shapes}

@@ -71,7 +71,7 @@ class SseSubscribers:
 
 
 def http_streams(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress(f"11/15 subscriptions over Server-Sent Events beside graphql-transport-ws, {sizes.stream_subscribers}")
+    progress(f"11. subscriptions over Server-Sent Events beside graphql-transport-ws, {sizes.stream_subscribers}")
     redis = Redis.from_url(redis_url)
     n = sizes.stream_subscribers
     env = offline_env("bench-streams") | {"MAX_WATCHED_JOBS_PER_TENANT": str(n)}

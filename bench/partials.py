@@ -44,7 +44,7 @@ INTERVAL_S = 0.1  # PARTIAL_INTERVAL_MS's default
 
 
 def partial_results(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("7/15 streamed partial results")
+    progress("7. streamed partial results")
     fan_out = asyncio.run(_fan_out(redis_url, stub, sizes))
     cost = asyncio.run(_commands_per_job(stub, sizes))
     stub.reset()

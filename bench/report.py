@@ -24,7 +24,7 @@ TARGETS = {
 SECTION_NUMBERS = {
     "submit": 1, "fanout": 2, "pipeline": 3, "e2e": 4, "scale_out": 5, "async_worker": 6, "partials": 7,
     "history": 8, "webhooks": 9, "sentinel": 10, "http_streams": 11, "bulk": 12, "hostile": 13,
-    "documents": 14, "tracing": 15,
+    "documents": 14, "tracing": 15, "budgets": 16,
 }  # fmt: skip
 
 
@@ -259,6 +259,10 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     tracing = results.get("tracing")
     if tracing:
         lines += _tracing(tracing)
+    if results.get("budgets"):
+        from . import budgets  # its section's report lives with its scenario
+
+        lines += budgets.report(results["budgets"])
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]

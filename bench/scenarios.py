@@ -98,7 +98,7 @@ def stub_env(queue: str, stub: OpenAIStub) -> dict[str, str]:
 
 # -- 1. submitText against the REST baseline ----------------------------------------------
 def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress("1/15 submitText vs the REST baseline: starting both APIs (no workers)")
+    progress("1. submitText vs the REST baseline: starting both APIs (no workers)")
     rest_port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "RQ_QUEUE": "bench-rest"}
     rest = subprocess.Popen(
@@ -279,7 +279,7 @@ def svc_subscriptions(redis: Redis) -> int:
 
 
 def fanout(redis_url: str, sizes: Sizes) -> list[dict[str, float]]:
-    progress("2/15 subscription fan-out on one API process")
+    progress("2. subscription fan-out on one API process")
     redis = Redis.from_url(redis_url)
     rows = []
     # One tenant holds every subscription here: let it watch that many jobs.
@@ -380,7 +380,7 @@ def _scaling(
 
 def worker_pipeline(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
     """RQ's forking Worker (the default) and SimpleWorker (WORKER_CLASS=simple), side by side."""
-    progress("3/15 worker pipeline")
+    progress("3. worker pipeline")
     redis = Redis.from_url(redis_url)
     stub.latency_s = 0.0
     rtt_ms = _llm_round_trip_ms(stub)
@@ -414,7 +414,7 @@ async def _e2e_client(svc: Service, count: int, latencies: list[float]) -> None:
 def end_to_end(
     redis_url: str, stub: OpenAIStub, sizes: Sizes, llm_ms: float = 100.0, clients: int = 4
 ) -> dict[str, float]:
-    progress(f"4/15 end to end: submit -> DONE on a subscription, {clients} clients, LLM {llm_ms:.0f} ms")
+    progress(f"4. end to end: submit -> DONE on a subscription, {clients} clients, LLM {llm_ms:.0f} ms")
     stub.latency_s = llm_ms / 1000
     latencies: list[float] = []
     with Service(redis_url, workers=clients, env=stub_env("bench-e2e", stub)) as svc:
@@ -432,7 +432,7 @@ def end_to_end(
 
 # -- 5. scale-out -----------------------------------------------------------------------------
 def scale_out(redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    progress("5/15 scale-out: two API processes and a worker pool on one Redis")
+    progress("5. scale-out: two API processes and a worker pool on one Redis")
     with Service(redis_url, workers=2, env=offline_env("bench-scale-out")) as a:
         b_port = free_port()
         b = Proc("api-b", ["serve", "--port", str(b_port)], a.env)

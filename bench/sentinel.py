@@ -22,7 +22,7 @@ from .scenarios import SUBMIT_BODY, Sizes, offline_env
 
 
 def sentinel(sizes: Sizes) -> dict[str, Any]:
-    progress("10/15 Redis behind Sentinel: replica acknowledgements and the failover window")
+    progress("10. Redis behind Sentinel: replica acknowledgements and the failover window")
     with SentinelCluster() as cluster:
         through = {**cluster.env, **offline_env("bench-sentinel")}
         setups = {

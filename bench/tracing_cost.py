@@ -218,7 +218,7 @@ def _worker(redis_url: str, stub: OpenAIStub, sizes: Sizes, sink: Sink) -> dict[
 
 
 def tracing_cost(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress(f"15/15 what tracing costs: off, always_on, traceidratio 0.1; {sizes.tracing_rounds} interleaved rounds")
+    progress(f"15. what tracing costs: off, always_on, traceidratio 0.1; {sizes.tracing_rounds} interleaved rounds")
     sink = Sink()
     try:
         progress(f"    OTLP/HTTP receiver on {sink.endpoint}; submitText, one API process per mode")

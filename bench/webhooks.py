@@ -56,7 +56,7 @@ class ReceiverProcess:
 
 
 def webhooks(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
-    progress("9/15 webhooks")
+    progress("9. webhooks")
     redis = Redis.from_url(redis_url)
     jobs = sizes.webhook_jobs
     rows = []

@@ -21,7 +21,7 @@ from gql_service.models import JobRecord, JobStatus
 
 COLUMNS = (
     "id", "tenant", "status", "stage", "version", "created_at", "updated_at", "started_at", "finished_at",
-    "attempts", "model", "result", "error", "usage", "request_id", "text",
+    "attempts", "model", "result", "error", "usage", "cost_usd", "request_id", "text",
 )  # fmt: skip
 
 # Idempotent: a row written twice (a drainer that died before acknowledging) is written
@@ -121,6 +121,31 @@ async def page(
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query, (*args, count))
         return [record_of(r) for r in await cur.fetchall()]
+
+
+# Per UTC day of creation and status: jobs, tokens, cost, and jobs whose model had no price.
+# The range on created_at within a tenant is the index jobs_tenant_created's.
+_USAGE = """
+SELECT (created_at AT TIME ZONE 'UTC')::date AS day, status, count(*) AS jobs,
+       coalesce(sum((usage->>'prompt_tokens')::bigint), 0) AS prompt_tokens,
+       coalesce(sum((usage->>'completion_tokens')::bigint), 0) AS completion_tokens,
+       coalesce(sum((usage->>'total_tokens')::bigint), 0) AS total_tokens,
+       coalesce(sum(cost_usd), 0) AS cost_usd,
+       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
+FROM jobs
+WHERE tenant = %s AND created_at >= %s AND created_at < %s AND NOT (id = ANY(%s))
+GROUP BY 1, 2
+"""
+
+
+async def usage(
+    pool: AsyncConnectionPool[Any], *, tenant: str, start: datetime, end: datetime, besides: list[str]
+) -> list[dict[str, Any]]:
+    """The tenant's jobs created in [start, end) summed by UTC day and status, leaving out the
+    jobs `besides` (those counted from Redis: gql_service.api.usage)."""
+    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_USAGE, (tenant, start, end, besides))
+        return list(await cur.fetchall())
 
 
 async def delete_older(conn: AsyncConnection[Any], *, days: int) -> int:

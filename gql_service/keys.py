@@ -184,3 +184,10 @@ def llm_budget(endpoint: str, kind: str) -> str:
 def llm_paused(endpoint: str) -> str:
     """Set while the LLM endpoint has asked us to wait (429 Retry-After)."""
     return f"{PREFIX}:llm:paused:{_endpoint(endpoint)}"
+
+
+# -- tenant budgets (gql_service.budgets) ------------------------------------------------
+def tenant_usage(tenant: str, kind: str, period: str) -> str:
+    """A tenant's tokens or cost in one UTC day (`2026-03-01`) or month (`2026-03`), added by
+    each job's terminal transition (store.py) and read by submissions and /metrics."""
+    return f"{PREFIX}:usage:{tenant}:{kind}:{period}"

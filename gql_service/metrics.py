@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from gql_service import keys, store
+from gql_service import budgets, keys, store
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -122,15 +122,19 @@ async def render(
     subscribers: int,
     timeout_s: float,
     outbox_max_len: int = store.OUTBOX_MAX_LEN,
+    budget_limits: Sequence[tuple[str, budgets.Limit]] = (),
 ) -> bytes:
     """The API's own figures always; the cluster-wide job figures when Redis answers in time
-    (a scrape during an outage still shows the process, with gqls_redis_up 0)."""
+    (a scrape during an outage still shows the process, with gqls_redis_up 0).
+    `budget_limits`: (tenant, budget) of every tenant with one, to say how much of each is used."""
     stages = ("CALLING_LLM", "VALIDATING", "REPAIRING")
     families: list[Metric] = [
         GaugeMetricFamily("gqls_active_subscriptions", "Open jobUpdates subscriptions", value=subscribers)
     ]
     try:
         async with asyncio.timeout(timeout_s), redis.pipeline(transaction=False) as pipe:
+            if budget_limits:
+                pipe.mget([limit.key for _, limit in budget_limits])
             pipe.hget(keys.metrics("tracing"), "spans_dropped")
             pipe.hgetall(keys.metrics("jobs"))
             pipe.hgetall(keys.metrics("tokens"))
@@ -150,7 +154,9 @@ async def render(
             for box in keys.OUTBOXES.values():
                 pipe.xlen(box.stream)
                 pipe.xlen(box.dead)
-            spans_dropped, *replies = await pipe.execute()
+            everything = await pipe.execute()
+            used = everything.pop(0) if budget_limits else []
+            spans_dropped, *replies = everything
             jobs, tokens, limits, llm = replies[:4]
             stage_rows = replies[4 : 4 + len(stages)]
             boxes = replies[-2 * len(keys.OUTBOXES) :]
@@ -208,9 +214,24 @@ async def render(
             "Spans the workers dropped because their export queue was full (collector slow or away)",
             value=float(spans_dropped or 0),
         ),
+        _budget_family(budget_limits, used),
         GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=1),
     ]
     return generate_latest(REGISTRY) + _expose(families)
+
+
+def _budget_family(limits: Sequence[tuple[str, budgets.Limit]], used: list[bytes | None]) -> Metric:
+    family = GaugeMetricFamily(
+        "gqls_tenant_budget_used_ratio",
+        "How much of each tenant's budget (TENANT_BUDGETS) its jobs have used this UTC day or month; "
+        "1 or more: spent, submissions are refused",
+        labels=["tenant", "budget"],
+    )
+    for (tenant, limit), value in zip(limits, used, strict=True):
+        spent = float(value or 0)
+        # A zero budget is spent from the start (every submission is refused).
+        family.add_metric([tenant, limit.name], spent / limit.limit if limit.limit else 1.0)
+    return family
 
 
 def _webhook_families(

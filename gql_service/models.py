@@ -139,13 +139,22 @@ class TokenUsage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Of the prompt tokens, those the provider served from its cache: priced apart when
+    # LLM_PRICES says so (gql_service.pricing), not shown to clients.
+    cached_tokens: int = 0
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
         )
+
+    def public(self) -> dict[str, int]:
+        """The counts clients see (GraphQL's TokenUsage, webhooks)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}  # fmt: skip
 
 
 class JobError(BaseModel):
@@ -196,6 +205,9 @@ class JobRecord(BaseModel):
     result: Extraction | None = None
     error: JobError | None = None
     usage: TokenUsage | None = None
+    # What `usage` cost at the answering model's LLM_PRICES (gql_service.pricing); None
+    # when the model has no price. Written with the usage, by the worker.
+    cost_usd: float | None = None
     request_id: str | None = None
     # Where the job's end is announced (gql_service.webhooks); its delivery is kept apart
     # (`WebhookDelivery`): the record never changes once the job has ended.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis import BlockingConnectionPool, Redis
@@ -319,9 +319,16 @@ def check_replicated(pipe: AsyncPipeline) -> None:
 # if Redis had run it, it runs twice (a job queued twice, a batch counted twice). Guarded, the
 # commands run only while `guard` (a key they create, named by a token made once per logical
 # write and the same on every retry) does not exist yet: a repeat is a no-op.
+#
+# `within` (KEYS[2..], their limits first in ARGV): counters the commands may run only while
+# each is below its limit (tenant budgets, gql_service.budgets); -i says the i-th is not, and
+# nothing ran. Checked in the same script, so a submission costs no round trip more.
 _ONCE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local at = 1
+for i = 2, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(ARGV[i - 1]) then return 1 - i end
+end
+local at = #KEYS
 while at <= #ARGV do
   local n = tonumber(ARGV[at])
   redis.call(unpack(ARGV, at + 1, at + n))
@@ -331,11 +338,13 @@ return 1
 """
 
 
-def run_once(pipe: AsyncPipeline, guard: str) -> None:
+def run_once(pipe: AsyncPipeline, guard: str, *, within: Sequence[tuple[str, float]] = ()) -> None:
     """Turn the commands queued on `pipe` into one script that runs them all only if `guard`
-    does not exist; one of them must create it. (Reads redis-py's queued commands: this
-    module is where the service relies on redis-py's internals; tests/test_redis_conn.py pins
-    them.)
+    does not exist, and each counter of `within` (key, limit) is below its limit; one of the
+    commands must create `guard`. The script's reply (the first of the transaction's) is 1
+    when they ran, 0 when they had run before, -i when the i-th counter of `within` stopped
+    them. (Reads redis-py's queued commands: this module is where the service relies on
+    redis-py's internals; tests/test_redis_conn.py pins them.)
 
     Scripts can't run inside a script: a queued EVAL/EVALSHA (RQ's, promoting the jobs a
     concurrency limit held back) stays a command of its own, after the guarded ones, and must
@@ -348,6 +357,8 @@ def run_once(pipe: AsyncPipeline, guard: str) -> None:
         else:
             flat += [len(args), *args]
     pipe.command_stack = []
-    pipe.eval(_ONCE_LUA, 1, guard, *flat)
+    pipe.eval(
+        _ONCE_LUA, 1 + len(within), guard, *(key for key, _ in within), *(repr(limit) for _, limit in within), *flat
+    )
     for args, options in scripts:
         pipe.execute_command(*args, **options)

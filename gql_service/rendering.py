@@ -45,7 +45,8 @@ def job_view(r: JobRecord) -> dict[str, Any]:
         "model": r.model,
         "result": extraction_view(r.result) if r.result else None,
         "error": r.error.model_dump() if r.error else None,
-        "usage": r.usage.model_dump() if r.usage else None,
+        "usage": r.usage.public() if r.usage else None,
+        "cost_usd": r.cost_usd,
         "request_id": r.request_id,
         "trace_id": r.trace.trace_id if r.trace else None,
     }

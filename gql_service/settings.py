@@ -10,6 +10,9 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gql_service.budgets import Budget
+from gql_service.pricing import Price
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -123,6 +126,13 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(64, ge=1, le=10_000)
     # API keys as JSON, key -> tenant. Unset: the service is open (one tenant, "public").
     api_keys: dict[str, str] | None = Field(None, repr=False)
+    # Budgets as JSON, tenant -> {"tokensPerDay": N, "tokensPerMonth": N, "costPerMonthUsd": X}
+    # ("*": every tenant not named). A tenant whose budget is spent can't submit until it
+    # resets (gql_service.budgets). Unset: no budgets.
+    tenant_budgets: dict[str, Budget] | None = None
+    # Prices as JSON, model -> {"inputPerMTok": X, "outputPerMTok": Y, "cachedInputPerMTok": Z}
+    # (USD per million tokens): a job's costUsd, and costPerMonthUsd budgets (gql_service.pricing).
+    llm_prices: dict[str, Price] | None = None
     max_body_bytes: int = Field(1_048_576, ge=1024)
     # Automatic persisted queries (Apollo's protocol): on, kept in Redis this long, at most
     # this many documents of at most this many bytes each (gql_service/api/documents.py).

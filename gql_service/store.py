@@ -20,7 +20,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 
-from gql_service import keys, redis_conn
+from gql_service import budgets, keys, redis_conn
 from gql_service.models import JobRecord, TokenUsage, WebhookDelivery, utcnow
 from gql_service.redis_conn import NotReplicated
 from gql_service.settings import ReplicaAck, Settings
@@ -49,6 +49,11 @@ from gql_service.settings import ReplicaAck, Settings
 # between the batch's counts in the same step; when it ends, its usage is added, its id is
 # appended to the batch's ended list (KEYS[9]), and a closed batch whose last job this was is
 # completed. Every such change bumps the batch's version and publishes it (KEYS[8]).
+#
+# When a job ends, the tokens it used (ARGV[14]) and what they cost (ARGV[17], nano-dollars) are added to its
+# tenant's counters of the day and the month (KEYS[10..12], expiring at ARGV[18] and ARGV[19]),
+# which budgets are checked against (gql_service.budgets): in this step, so a repeat of it
+# (outcome 2) never counts a job twice.
 #
 # A transition also answers how many subscribers want the job's interim frames (KEYS[3]):
 # the worker learns it with the write it makes anyway, so streaming costs no extra command
@@ -91,6 +96,14 @@ if ARGV[10] ~= '' and redis.call('EXISTS', KEYS[7]) == 1 then
     end
   end
   redis.call('PUBLISH', KEYS[8], redis.call('HINCRBY', KEYS[7], 'v', 1))
+end
+if ARGV[8] == '1' and (ARGV[14] ~= '0' or ARGV[17] ~= '0') then
+  redis.call('INCRBY', KEYS[10], ARGV[14])
+  redis.call('EXPIREAT', KEYS[10], ARGV[18])
+  redis.call('INCRBY', KEYS[11], ARGV[14])
+  redis.call('EXPIREAT', KEYS[11], ARGV[19])
+  redis.call('INCRBY', KEYS[12], ARGV[17])
+  redis.call('EXPIREAT', KEYS[12], ARGV[19])
 end
 return {1, watchers}
 """
@@ -209,6 +222,8 @@ def _cas_args(
     announce = new.terminal and new.webhook_url is not None
     batch = new.batch_id or ""
     usage = new.usage or TokenUsage()
+    period = budgets.Period.of(new.updated_at)  # the day and month the job ended in, when it ends
+    counters = budgets.Counters.of(new.tenant, period)
     return (
         [
             keys.job(new.id),
@@ -220,6 +235,9 @@ def _cas_args(
             keys.batch(batch),
             keys.batch_events(batch),
             keys.batch_ended(batch),
+            counters.day_tokens,
+            counters.month_tokens,
+            counters.month_cost,
         ],
         [
             current.version,
@@ -238,6 +256,8 @@ def _cas_args(
             usage.total_tokens,
             new.id,
             utcnow().isoformat(),
+            budgets.nano_usd(new.cost_usd),
+            *budgets.expiry(period),
         ],
     )
 

@@ -91,6 +91,12 @@ class Fault:
         return cls("hang", seconds=seconds)
 
     @classmethod
+    def gated(cls, gate: threading.Event, seconds: float = 120.0) -> Fault:
+        """A valid answer, held until the test sets `gate` (a call in flight for as long as a
+        test needs one, ended by an event rather than a guessed delay); `seconds` bounds it."""
+        return cls("gate", seconds=seconds, extra={"gate": gate})
+
+    @classmethod
     def reject_json_schema(cls) -> Fault:
         return cls("reject_json_schema")
 
@@ -252,6 +258,9 @@ class OpenAIStub:
             return JSONResponse(_completion('{"summary": "cut of', finish_reason="length", model=model))
         if fault.kind == "hang":
             await asyncio.sleep(fault.seconds)
+            return JSONResponse(_completion(json.dumps(VALID_EXTRACTION), model=model))
+        if fault.kind == "gate":
+            await asyncio.to_thread(fault.extra["gate"].wait, fault.seconds)
             return JSONResponse(_completion(json.dumps(VALID_EXTRACTION), model=model))
         if fault.kind == "reject_json_schema":
             if (body.get("response_format") or {}).get("type") == "json_schema":

@@ -27,7 +27,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "## 5. Scale-out", "## 6. Many LLM calls", "## 7. Streamed partial results",
         "## 8. The PostgreSQL job history", "## 9. Webhooks", "## 10. Redis behind Sentinel",
         "## 11. Subscriptions over HTTP", "## 12. A file of", "## 13. Hostile queries",
-        "## 15. What tracing costs",
+        "## 15. What tracing costs", "## 16. Tenant budgets",
     )  # fmt: skip
     for heading in headings:
         assert heading in report

@@ -12,7 +12,7 @@ const config: CodegenConfig = {
     "src/generated/": {
       preset: "client",
       presetConfig: { fragmentMasking: false, persistedDocuments: { hashAlgorithm: "sha256" } },
-      config: { scalars: { DateTime: "string" }, enumsAsTypes: true, useTypeImports: true },
+      config: { scalars: { DateTime: "string", Date: "string" }, enumsAsTypes: true, useTypeImports: true },
     },
   },
 };

@@ -25,14 +25,15 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from gql_service import budgets, keys, logs, metrics, tracing
 from gql_service import history as history_db
-from gql_service import keys, logs, metrics, tracing
-from gql_service.api.auth import ApiKeys, RequireApiKey
+from gql_service.api.auth import PUBLIC_TENANT, ApiKeys, RequireApiKey
 from gql_service.api.http_spans import TraceRequests
 from gql_service.api.jobs import JobService
 from gql_service.api.limits import LimitBodySize
 from gql_service.api.view import GraphQLView
 from gql_service.broadcast import Broadcast
+from gql_service.models import utcnow
 from gql_service.redis_conn import async_client, sync_client
 from gql_service.settings import Settings, load_settings
 
@@ -62,8 +63,13 @@ async def metrics_endpoint(request: Request) -> Response:
         subscribers=request.app.state.broadcast.subscriber_count,
         timeout_s=jobs.settings.redis_timeout_s,
         outbox_max_len=jobs.settings.outbox_max_len,
+        budget_limits=budgets.every_limit(jobs.settings.tenant_budgets, _tenants(jobs.settings), utcnow()),
     )
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _tenants(settings: Settings) -> set[str]:
+    return set(settings.api_keys.values()) if settings.api_keys else {PUBLIC_TENANT}
 
 
 async def readyz(request: Request) -> Response:

@@ -41,6 +41,13 @@ class IdempotencyKeyReused(ClientError):
     code = "IDEMPOTENCY_KEY_REUSED"
 
 
+class QuotaExceeded(ClientError):
+    """The tenant's budget (TENANT_BUDGETS) is spent: nothing new until it resets. The
+    extensions say which budget (`budget`) and when (`resetsAt`)."""
+
+    code = "QUOTA_EXCEEDED"
+
+
 class RequestError(HTTPException):
     """A request that never reaches execution, answered with a GraphQL-shaped JSON error
     (by the view's `request_error_response`)."""

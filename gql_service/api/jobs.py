@@ -17,16 +17,28 @@ from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import WatchError
 from rq import Queue
 
-from gql_service import batch_store, delivery_store, history, keys, queueing, redis_conn, store, tracing, webhooks
+from gql_service import (
+    batch_store,
+    budgets,
+    delivery_store,
+    history,
+    keys,
+    queueing,
+    redis_conn,
+    store,
+    tracing,
+    webhooks,
+)
 from gql_service.api.calls import history_call, redis_call
 from gql_service.api.cancel import Canceller
-from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound
+from gql_service.api.errors import BadUserInput, ClientError, IdempotencyKeyReused, NotFound, QuotaExceeded
 from gql_service.api.follow import Following
 from gql_service.api.ids import check_ids
 from gql_service.api.listing import Listing, created_ms
 from gql_service.api.tenants import TenantSlots
+from gql_service.api.usage import Usage
 from gql_service.broadcast import Broadcast
-from gql_service.models import JobRecord, JobStatus, WebhookDelivery
+from gql_service.models import JobRecord, JobStatus, WebhookDelivery, utcnow
 from gql_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +107,7 @@ class JobService:
         )
         self.canceller = Canceller(redis=redis, acked_redis=self.acked_redis, sync_redis=sync_redis, settings=settings)
         self.listing = Listing(redis=redis, history=history, timeout_s=settings.redis_timeout_s)
+        self.usage = Usage(redis=redis, history=history, timeout_s=settings.redis_timeout_s)
         self.following = Following(
             redis=redis, broadcast=broadcast, slots=self.slots, get_many=self.get_many,
             timeout_s=settings.redis_timeout_s,
@@ -258,22 +271,37 @@ class JobService:
                             await pipe.reset()
                             raise BadUserInput(f"batch {batch_id} is closed: it takes no more jobs")  # (repeats do)
                         batch_store.add_jobs(pipe, batch_id, added, ttl_s=self.settings.result_ttl_s)
+                    spendable = self._budget(new)
                     if new:
-                        redis_conn.run_once(pipe, keys.job(new[0].record.id))
+                        within = [(limit.key, limit.limit) for limit in spendable]
+                        redis_conn.run_once(pipe, keys.job(new[0].record.id), within=within)
                     elif self.settings.replica_ack is not None:
                         # Repeats answer only once the jobs they found are on the replicas
                         # too: a write of their own (the keys' TTLs, refreshed) for the WAIT
                         # to count from, as Redis counts a connection's own writes.
                         for key in idem_keys:
                             pipe.expire(key, self.settings.idempotency_ttl_s)
-                    if len(pipe):
-                        await pipe.execute()
-                        redis_conn.check_replicated(pipe)
-                    else:
+                    if not len(pipe):
                         await pipe.reset()
+                        return results
+                    replies = await pipe.execute()
+                    if new and replies[0] < 0:  # a budget is spent: nothing was written
+                        refused = _quota_exceeded(spendable[-replies[0] - 1])
+                        written = {job.record.id for job in new}
+                        return [
+                            refused if not isinstance(r, ClientError) and r[0].id in written else r for r in results
+                        ]
+                    redis_conn.check_replicated(pipe)
                     return results
                 except WatchError:
                     continue
+
+    def _budget(self, new: list[NewJob]) -> list[budgets.Limit]:
+        """The budgets new jobs of their tenant are checked against (none without TENANT_BUDGETS)."""
+        if not new or not self.settings.tenant_budgets:
+            return []
+        tenant = new[0].record.tenant  # one request's jobs are one tenant's
+        return budgets.limits(budgets.budget_for(self.settings.tenant_budgets, tenant), tenant, utcnow())
 
     def _queue_job(self, pipe: AsyncPipeline, job: NewJob) -> None:
         ttl_s = self.settings.result_ttl_s
@@ -330,6 +358,14 @@ class JobService:
             async with self._redis_call():
                 raise outcome.unconfirmed  # SERVICE_UNAVAILABLE: the client is not told it is canceled
         return record
+
+
+def _quota_exceeded(limit: budgets.Limit) -> QuotaExceeded:
+    resets = limit.resets_at.isoformat()
+    return QuotaExceeded(
+        f"this tenant's {limit.name} budget ({limit.budget:g}) is spent: new jobs are refused until {resets}",
+        budget=limit.name, resetsAt=resets,
+    )  # fmt: skip
 
 
 def _owned(record: JobRecord | None, tenant: str) -> JobRecord | None:

@@ -17,9 +17,10 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from gql_service import logs, metrics, redis_conn, store
+from gql_service import logs, metrics, pricing, redis_conn, store
 from gql_service.models import Extraction, JobError, JobErrorCode, JobRecord, JobStage, JobStatus, TokenUsage, utcnow
 from gql_service.partials import PartialStream
+from gql_service.pricing import Price
 from gql_service.settings import ReplicaAck
 from gql_service.worker import job_spans
 from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
@@ -76,8 +77,10 @@ class Attempt:
         partials: PartialStream | None = None,
         outbox_max_len: int = store.OUTBOX_MAX_LEN,
         ack: ReplicaAck | None = None,
+        prices: dict[str, Price] | None = None,
     ) -> None:
         self.redis = redis
+        self.prices = prices  # LLM_PRICES: the job's cost is written with its usage
         self.outbox_max_len = outbox_max_len  # OUTBOX_MAX_LEN, for the outboxes the job's end goes to
         self.ack = ack  # the end of the job waits for replicas (REDIS_MIN_REPLICAS_ACKED)
         self.provider = provider
@@ -107,7 +110,11 @@ class Attempt:
 
     async def _set(self, **changes: object) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
-            return job.model_copy(update=changes)
+            changed = job.model_copy(update=changes)
+            if "usage" in changes:
+                # The cost goes with the usage, at the prices of the model that answered last.
+                changed.cost_usd = pricing.job_cost(self.prices, changed.model, changed.usage)
+            return changed
 
         done = await self._write(change, self.last)
         record, changed = done.record, done.changed

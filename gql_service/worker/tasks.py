@@ -72,8 +72,9 @@ async def _extract(
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
     bound, ack = ctx.settings.outbox_max_len, ctx.settings.replica_ack
     attempt = Attempt(
-        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, outbox_max_len=bound, ack=ack
-    )
+        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, outbox_max_len=bound, ack=ack,
+        prices=ctx.settings.llm_prices,
+    )  # fmt: skip
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import strawberry
 from strawberry.types import Info
@@ -22,6 +23,7 @@ from gql_service.api.schema.types import (
     JobStatus,
     Node,
 )
+from gql_service.api.schema.usage import Usage
 
 MAX_BATCH = 100
 
@@ -80,6 +82,20 @@ class Query:
         edges = [BatchEdge(cursor=encode_cursor(ms, b.id), node=Batch.from_record(b)) for b, ms in page]
         page_info = pagination.page_info(edges, has_next=more, has_previous=after is not None)
         return BatchConnection(edges=edges, page_info=page_info)
+
+    @strawberry.field(
+        description="Your jobs created in [from, to) (at most 366 days): how many by status, their tokens "
+        "and cost, in all and by UTC day."
+    )
+    async def usage(
+        self,
+        info: Info,
+        from_: Annotated[datetime, strawberry.argument(name="from")],
+        to: datetime,
+    ) -> Usage:
+        ctx = caller(info)
+        report = await ctx.jobs.usage.report(tenant=ctx.tenant, start=from_, end=to)
+        return Usage.of_report(report, from_, to)
 
     @strawberry.field(description="The object with this id (Relay's refetch); null when it does not exist.")
     async def node(self, info: Info, id: strawberry.ID) -> Node | None:

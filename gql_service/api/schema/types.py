@@ -125,6 +125,10 @@ class Job(Node):
     result: Extraction | None
     error: JobError | None
     usage: TokenUsage | None
+    cost_usd: float | None = strawberry.field(
+        description="What `usage` cost in USD at the prices of the model that answered (LLM_PRICES); null "
+        "when that model has no price."
+    )
     request_id: str | None
     trace_id: str | None = strawberry.field(
         description="The OpenTelemetry trace of the job's spans (W3C trace id, 32 hex digits), to find it in a "
@@ -250,7 +254,7 @@ class Batch(Node):
             id=strawberry.ID(b.id), name=b.name, status=b.status, metadata=b.metadata,  # type: ignore[arg-type]
             version=b.version,
             created_at=b.created_at, closed_at=b.closed_at, completed_at=b.completed_at,
-            counts=BatchCounts(**b.counts.model_dump()), usage=TokenUsage(**b.usage.model_dump()), record=b,
+            counts=BatchCounts(**b.counts.model_dump()), usage=TokenUsage(**b.usage.public()), record=b,
         )  # fmt: skip
 
 

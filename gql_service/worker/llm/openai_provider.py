@@ -66,6 +66,8 @@ def _usage(response: Any) -> TokenUsage:
         prompt_tokens=u.prompt_tokens or 0,
         completion_tokens=u.completion_tokens or 0,
         total_tokens=u.total_tokens or 0,
+        # Priced apart when LLM_PRICES has a cached price (gql_service.pricing).
+        cached_tokens=getattr(getattr(u, "prompt_tokens_details", None), "cached_tokens", None) or 0,
     )
 
 
