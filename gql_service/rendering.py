@@ -48,6 +48,7 @@ def job_view(r: JobRecord) -> dict[str, Any]:
         "usage": r.usage.model_dump() if r.usage else None,
         "request_id": r.request_id,
         "trace_id": r.trace.trace_id if r.trace else None,
+        "priority": r.priority,
     }
 
 

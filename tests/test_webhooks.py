@@ -51,7 +51,7 @@ SUBMIT = """mutation($text: String!, $url: String) {
 JOB = """query($id: ID!) { job(id: $id) {
   id status stage version createdAt updatedAt startedAt finishedAt attempts model
   result { summary sentiment tags entities { type value confidence } language toxicityScore }
-  error { code message retryable } usage { promptTokens completionTokens totalTokens } requestId traceId
+  error { code message retryable } usage { promptTokens completionTokens totalTokens } requestId traceId priority
   webhook { url status attempts lastStatusCode lastError nextAttemptAt deliveredAt }
 } }"""
 WEBHOOK_ONLY = "query($id: ID!) { job(id: $id) { status webhook { status attempts lastStatusCode lastError } } }"
