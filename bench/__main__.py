@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
 SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
-sentinel, http_streams, bulk, hostile, documents, tracing, budgets.
+sentinel, http_streams, bulk, hostile, documents, tracing, budgets, priorities.
 With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
 and the report says which run each section comes from.
 """
@@ -29,6 +29,7 @@ from . import (
     hostile,
     http_streams,
     partials,
+    priorities,
     report,
     scenarios,
     sentinel,
@@ -54,6 +55,7 @@ ALL = (
     "documents",
     "tracing",
     "budgets",
+    "priorities",
 )
 NOTES = Path(__file__).with_name("NOTES.md")
 
@@ -112,6 +114,8 @@ def main() -> None:
                 results["tracing"] = tracing_cost.tracing_cost(redis.url, stub, sizes)
             if "budgets" in only:
                 results["budgets"] = budgets.budgets(redis.url, sizes)
+            if "priorities" in only:
+                results["priorities"] = priorities.priorities(redis.url, stub, sizes)
         if "sentinel" in only:
             results["sentinel"] = sentinel.sentinel(sizes)
     finally:

@@ -73,7 +73,8 @@ def pool(url: str, *, timeout_s: float) -> AsyncConnectionPool[Any]:
 
 
 def record_of(found: dict[str, Any]) -> JobRecord:
-    return JobRecord.model_validate({k: v for k, v in found.items() if k != "text"})
+    # The table has no priority column: unknown (None), rather than a NORMAL it may not have been.
+    return JobRecord.model_validate({k: v for k, v in found.items() if k != "text"} | {"priority": None})
 
 
 async def upsert(conn: AsyncConnection[Any], rows: Iterable[dict[str, Any]]) -> None:

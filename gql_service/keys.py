@@ -128,6 +128,21 @@ WEBHOOKS = Outbox("webhooks", WEBHOOK_OUTBOX, "webhook-relay")
 OUTBOXES = {outbox.name: outbox for outbox in (ARCHIVE, WEBHOOKS)}
 
 
+# The LLM queues, one per job priority, in the order workers look at them. NORMAL keeps the
+# name RQ_QUEUE had before there were priorities, so jobs queued then still run.
+PRIORITIES = ("HIGH", "NORMAL", "LOW")
+
+
+def llm_queue(rq_queue: str, priority: str) -> str:
+    """The RQ queue of jobs of this priority (a `JobPriority` value): `llm-high`, `llm`, `llm-low`."""
+    return rq_queue if priority == "NORMAL" else f"{rq_queue}-{priority.lower()}"
+
+
+def llm_queues(rq_queue: str) -> list[str]:
+    """Every LLM queue, HIGH first."""
+    return [llm_queue(rq_queue, priority) for priority in PRIORITIES]
+
+
 def webhook_queue(rq_queue: str) -> str:
     """The RQ queue of webhook deliveries, beside the LLM queue it belongs to."""
     return f"{rq_queue}-webhooks"

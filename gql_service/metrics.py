@@ -117,7 +117,7 @@ class _Snapshot(Collector):
 async def render(
     redis: AsyncRedis,
     *,
-    queue_key: str,
+    queue_keys: dict[str, str],
     webhook_queue_key: str,
     subscribers: int,
     timeout_s: float,
@@ -142,7 +142,6 @@ async def render(
             pipe.hgetall(keys.metrics("llm_call_seconds"))
             for stage in stages:
                 pipe.hgetall(keys.metrics(f"stage_seconds:{stage}"))
-            pipe.llen(queue_key)
             pipe.smembers(REDIS_WORKER_KEYS)
             pipe.xlen(keys.ARCHIVE_OUTBOX)
             pipe.xrange(keys.ARCHIVE_OUTBOX, count=1)
@@ -154,13 +153,16 @@ async def render(
             for box in keys.OUTBOXES.values():
                 pipe.xlen(box.stream)
                 pipe.xlen(box.dead)
+            for queue_key in queue_keys.values():  # last: the LLM queues' depths, one per priority
+                pipe.llen(queue_key)
             everything = await pipe.execute()
             used = everything.pop(0) if budget_limits else []
             spans_dropped, *replies = everything
+            depths, replies = replies[len(replies) - len(queue_keys) :], replies[: len(replies) - len(queue_keys)]
             jobs, tokens, limits, llm = replies[:4]
             stage_rows = replies[4 : 4 + len(stages)]
             boxes = replies[-2 * len(keys.OUTBOXES) :]
-            depth, workers, outbox, oldest, *hooks = replies[4 + len(stages) : -len(boxes)]
+            workers, outbox, oldest, *hooks = replies[4 + len(stages) : -len(boxes)]
             in_flight = await _jobs_in_flight(redis, workers)
     except (RedisError, OSError, TimeoutError):
         families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
@@ -197,7 +199,7 @@ async def render(
             "Time jobs spend in each stage",
             [({"stage": s}, raw) for s, raw in zip(stages, stage_rows, strict=True)],
         ),  # fmt: skip
-        GaugeMetricFamily("gqls_queue_depth", "Jobs waiting in the RQ queue", value=float(depth)),
+        _queue_depths(dict(zip(queue_keys, depths, strict=True))),
         GaugeMetricFamily(
             "gqls_archive_outbox_depth", "Ended jobs not yet written to the PostgreSQL history", value=float(outbox)
         ),
@@ -231,6 +233,14 @@ def _budget_family(limits: Sequence[tuple[str, budgets.Limit]], used: list[bytes
         spent = float(value or 0)
         # A zero budget is spent from the start (every submission is refused).
         family.add_metric([tenant, limit.name], spent / limit.limit if limit.limit else 1.0)
+    return family
+
+
+def _queue_depths(depths: dict[str, int]) -> Metric:
+    """Jobs waiting on each priority's queue (held by a tenant cap or waiting for a retry: not yet)."""
+    family = GaugeMetricFamily("gqls_queue_depth", "Jobs waiting in the RQ queue of each priority", labels=["priority"])
+    for priority, depth in depths.items():
+        family.add_metric([priority], float(depth))
     return family
 
 

@@ -35,6 +35,15 @@ class JobStatus(enum.Enum):
 TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED})
 
 
+class JobPriority(enum.Enum):
+    """Which of the LLM queues a job waits on: workers take HIGH before NORMAL before LOW,
+    with a share of their takes kept for the lower ones (gql_service.worker.priorities)."""
+
+    HIGH = "HIGH"
+    NORMAL = "NORMAL"
+    LOW = "LOW"
+
+
 class JobStage(enum.Enum):
     QUEUED = "QUEUED"
     CALLING_LLM = "CALLING_LLM"
@@ -216,6 +225,10 @@ class JobRecord(BaseModel):
     batch_id: str | None = None
     # Where the job's spans go: set only while tracing is on (gql_service.tracing).
     trace: JobTrace | None = None
+    # Which queue it waits on (gql_service.keys.llm_queue); records written before there were
+    # priorities have none stored and were queued as NORMAL. None only for a job read back
+    # from the PostgreSQL history, which does not keep it.
+    priority: JobPriority | None = JobPriority.NORMAL
 
     @property
     def terminal(self) -> bool:
@@ -270,6 +283,7 @@ class BatchRecord(BaseModel):
     closed_at: datetime | None = None
     completed_at: datetime | None = None
     canceled_at: datetime | None = None
+    priority: JobPriority = JobPriority.NORMAL  # every job of the batch waits with it
     counts: BatchCounts = Field(default_factory=BatchCounts)
     usage: TokenUsage = Field(default_factory=lambda: TokenUsage())
 

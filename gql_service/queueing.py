@@ -3,6 +3,9 @@ by the workers' reconciler (a job whose queue entry a failover lost)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from rq import Callback, Queue
@@ -12,10 +15,22 @@ from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegist
 from rq.utils import current_timestamp, now, utcformat
 
 from gql_service import keys
-from gql_service.models import JobRecord
+from gql_service.models import JobPriority, JobRecord
 from gql_service.settings import Settings
 
 MAX_BACKOFF_S = 300
+# Within one tenant's TENANT_MAX_IN_FLIGHT, held jobs go in by creation time shifted by this
+# per priority step: a HIGH job goes ahead of the tenant's NORMAL jobs made up to a minute
+# before it (two for LOW ones), and no held job is passed over for longer than that (aging).
+HELD_AGING_S = 60.0
+_HELD_SHIFT = {JobPriority.HIGH: -HELD_AGING_S, JobPriority.NORMAL: 0.0, JobPriority.LOW: HELD_AGING_S}
+
+Queues = Mapping[JobPriority, Queue]
+
+
+def llm_queues(settings: Settings, connection: Redis) -> dict[JobPriority, Queue]:
+    """The RQ queue of each priority (keys.llm_queue), as the API and the reconciler queue on."""
+    return {p: Queue(keys.llm_queue(settings.rq_queue, p.value), connection=connection) for p in JobPriority}
 
 
 def retry_intervals(settings: Settings, retries: int) -> list[int]:
@@ -23,22 +38,28 @@ def retry_intervals(settings: Settings, retries: int) -> list[int]:
     return [min(int(settings.retry_backoff_s * 2**i), MAX_BACKOFF_S) for i in range(retries)]
 
 
-async def prime(queue: Queue, redis: AsyncRedis) -> None:
-    """Tell `queue` the server's version from `redis`: RQ would otherwise ask for it with a
-    synchronous INFO on its first enqueue, blocking the event loop (with no deadline)."""
-    if queue.redis_server_version is None:
+async def prime(queues: Queue | Queues, redis: AsyncRedis) -> None:
+    """Tell each queue the server's version from `redis`: RQ would otherwise ask for it with
+    a synchronous INFO on its first enqueue, blocking the event loop (with no deadline)."""
+    every = [queues] if isinstance(queues, Queue) else list(queues.values())
+    if any(queue.redis_server_version is None for queue in every):
         version = str((await redis.info("server"))["redis_version"]).split(".")
-        queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
+        for queue in every:
+            queue.redis_server_version = (int(version[0]), int(version[1]), int(version[2]))
 
 
 def enqueue_extraction(
-    queue: Queue, record: JobRecord, pipe: AsyncPipeline, settings: Settings, *, attempts_left: int | None = None
+    queues: Queues, record: JobRecord, pipe: AsyncPipeline, settings: Settings, *, attempts_left: int | None = None
 ) -> None:
-    """Queue the commands that put the job on RQ's queue onto `pipe` (a MULTI, usually).
+    """Queue the commands that put the job on the RQ queue of its priority onto `pipe` (a
+    MULTI, usually). RQ's retries, its scheduler and the tenant cap's promotions put the job
+    back on that same queue (the RQ job's `origin`).
 
     `attempts_left`: a job that has run before (the reconciler's) gets only what is left of
     LLM_MAX_ATTEMPTS; a new one gets its retry policy from the worker at its first attempt.
     """
+    priority = record.priority or JobPriority.NORMAL
+    queue = queues[priority]
     cap = settings.tenant_max_in_flight
     rq_job = queue.create_job(
         keys.TASK,
@@ -56,7 +77,7 @@ def enqueue_extraction(
         rq_job.retries_left = max(attempts_left - 1, 0)
         rq_job.retry_intervals = retry_intervals(settings, rq_job.retries_left)
     if cap:
-        _enqueue_held(queue, rq_job, pipe, cap, since=record.created_at.timestamp())
+        _enqueue_held(queue, rq_job, pipe, cap, since=record.created_at.timestamp() + _HELD_SHIFT[priority])
     else:
         queue.enqueue_job(rq_job, pipeline=pipe)  # type: ignore[arg-type]
 
@@ -71,7 +92,8 @@ def _enqueue_held(queue: Queue, rq_job: RQJob, pipe: AsyncPipeline, cap: int, *,
     synchronous client): these are the same writes as RQ's `_enqueue_rate_limited_job`, with
     the promotion script sent by EVAL, so the record, the idempotency key and the RQ job
     still land in one transaction. Waiting jobs are ordered by their creation time to the
-    microsecond (RQ's own timestamp has whole seconds, so a batch would go in by id).
+    microsecond (RQ's own timestamp has whole seconds, so a batch would go in by id),
+    shifted by priority (HELD_AGING_S).
     """
     registry = RateLimitRegistry.from_job(rq_job)
     rq_job.origin = queue.name

@@ -49,6 +49,7 @@ def job_view(r: JobRecord) -> dict[str, Any]:
         "cost_usd": r.cost_usd,
         "request_id": r.request_id,
         "trace_id": r.trace.trace_id if r.trace else None,
+        "priority": r.priority,
     }
 
 

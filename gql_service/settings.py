@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     tenant_max_in_flight: int | None = Field(None, ge=1)
     # Jobs one async worker process runs at once (`gql-service worker --concurrency`).
     worker_concurrency: int = Field(64, ge=1, le=10_000)
+    # Of every this many jobs a worker takes, the last looks at LOW's queue first and the
+    # middle one at NORMAL's, so neither starves behind HIGH (gql_service.worker.priorities).
+    priority_share_every: int = Field(10, ge=3, le=1000)
     # API keys as JSON, key -> tenant. Unset: the service is open (one tenant, "public").
     api_keys: dict[str, str] | None = Field(None, repr=False)
     # Budgets as JSON, tenant -> {"tokensPerDay": N, "tokensPerMonth": N, "costPerMonthUsd": X}

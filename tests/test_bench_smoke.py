@@ -27,7 +27,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "## 5. Scale-out", "## 6. Many LLM calls", "## 7. Streamed partial results",
         "## 8. The PostgreSQL job history", "## 9. Webhooks", "## 10. Redis behind Sentinel",
         "## 11. Subscriptions over HTTP", "## 12. A file of", "## 13. Hostile queries",
-        "## 15. What tracing costs", "## 16. Tenant budgets",
+        "## 15. What tracing costs", "## 16. Tenant budgets", "## 17. Priorities",
     )  # fmt: skip
     for heading in headings:
         assert heading in report
@@ -45,6 +45,8 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     for hooks in figures["webhooks"]["rows"]:
         assert hooks["deliveries_per_s"] > 0 and hooks["on"]["jobs"] == hooks["off"]["jobs"] == hooks["jobs"]
     assert figures["bulk"]["cli"]["jobs_per_s"] > 0 and figures["bulk"]["by_hand"]["jobs_per_s"] > 0
+    prio = figures["priorities"]
+    assert prio["wait"]["p99_ms"] > 0 and prio["low_done"] < prio["low_jobs"], prio
     streams = figures["http_streams"]["rows"]
     assert all(row["kib_per_sub"] > 0 and row["one_p99_ms"] > 0 for row in streams.values())
     assert all(row["p50_ms"] > 0 for row in figures["hostile"]["rows"].values())

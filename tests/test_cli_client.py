@@ -57,6 +57,22 @@ def test_submit_json_batch_from_a_file_and_stdin(service: Service, tmp_path: Pat
     assert jobs[0]["result"]["summary"] == "Hello from stdin."
 
 
+def test_submit_priority_reaches_the_jobs_and_a_file_s_batch(service: Service, tmp_path: Path) -> None:
+    done = cli(service, "submit", "--wait", "--json", "--priority", "HIGH", "Urgent: the server room is flooding.")
+    assert done.returncode == 0, done.stderr
+    assert [j["priority"] for j in json.loads(done.stdout)] == ["HIGH"]
+    lines = tmp_path / "nightly.txt"
+    lines.write_text("First nightly text.\nSecond nightly text.\n")
+    done = cli(service, "submit", "--wait", "--json", "--priority", "LOW", "--file", str(lines))
+    assert done.returncode == 0, done.stderr
+    assert [j["priority"] for j in json.loads(done.stdout)] == ["LOW", "LOW"]
+    # The same file at another priority: its batch exists, at LOW.
+    again = cli(service, "submit", "--priority", "HIGH", "--file", str(lines))
+    assert again.returncode == 2 and "priority" in again.stderr, again.stderr
+    status = cli(service, "status", json.loads(done.stdout)[0]["id"])
+    assert "priority LOW" in status.stdout.splitlines()[0], status.stdout
+
+
 def test_submit_without_wait_prints_ids(service: Service) -> None:
     done = cli(service, "submit", "one", "two")
     assert done.returncode == 0 and len(done.stdout.split()) == 2

@@ -37,7 +37,8 @@ async def test_metrics_count_operations_jobs_stages_and_tokens(service: Service)
     assert metric(text, "gqls_stage_seconds_count", stage="CALLING_LLM") >= 1
     assert metric(text, "gqls_llm_tokens_total", kind="prompt") > 0
     assert metric(text, "gqls_active_subscriptions") == 0
-    assert metric(text, "gqls_queue_depth") >= 0
+    # One gauge per priority's queue (a missing one fails the lookup).
+    assert all(metric(text, "gqls_queue_depth", priority=p) >= 0 for p in ("HIGH", "NORMAL", "LOW"))
 
 
 def test_metric_labels_come_only_from_the_schema(service: Service) -> None:

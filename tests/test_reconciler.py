@@ -14,10 +14,10 @@ from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.job import Job as RQJob
 
-from gql_service import keys, store
+from gql_service import keys, queueing, store
 from gql_service.api.jobs import JobService
 from gql_service.cli.embedded_redis import EmbeddedRedis
-from gql_service.models import JobStage, JobStatus
+from gql_service.models import JobPriority, JobStage, JobStatus
 from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
 from gql_service.worker import reconciler
@@ -32,7 +32,7 @@ JOB = "query($id: ID!) { job(id: $id) { status stage attempts error { code messa
 
 def _reconciler(async_redis: AsyncRedis, sync_redis: Redis, settings: Settings) -> Reconciler:
     settings = settings.model_copy(update={"reconcile_interval_s": 0.001})  # everything has stood still long enough
-    return Reconciler(async_redis, Queue(settings.rq_queue, connection=sync_redis), settings, consumer="test")
+    return Reconciler(async_redis, queueing.llm_queues(settings, sync_redis), settings, consumer="test")
 
 
 def _lose_rq_entry(redis: Redis, queue: str, job_id: str) -> None:
@@ -94,11 +94,26 @@ async def test_jobs_that_ended_or_expired_leave_the_live_list(
     assert await async_redis.zcard(keys.LIVE_JOBS) == 0
 
 
+async def test_a_lost_job_goes_back_on_its_own_priority_queue(
+    jobs: JobService, async_redis: AsyncRedis, sync_redis: Redis, settings: Settings
+) -> None:
+    record, _ = await jobs.submit(
+        "low text", idempotency_key=None, tenant="public", request_id=None, priority=JobPriority.LOW
+    )
+    low = keys.llm_queue(settings.rq_queue, "LOW")
+    _lose_rq_entry(sync_redis, low, record.id)
+    await asyncio.sleep(0.01)  # older than the (tiny) interval
+    assert await _reconciler(async_redis, sync_redis, settings).reconcile() == 1
+    assert sync_redis.lrange(f"rq:queue:{low}", 0, -1) == [record.id.encode()]
+    assert record.id.encode() not in sync_redis.lrange(f"rq:queue:{settings.rq_queue}", 0, -1)
+    assert RQJob.fetch(record.id, connection=sync_redis).origin == low
+
+
 async def test_only_one_process_reconciles_at_a_time(
     async_redis: AsyncRedis, sync_redis: Redis, settings: Settings
 ) -> None:
     first = _reconciler(async_redis, sync_redis, settings)
-    second = Reconciler(async_redis, first.queue, first.settings, consumer="another")
+    second = Reconciler(async_redis, first.queues, first.settings, consumer="another")
     assert [await first._lead(), await second._lead(), await first._lead()] == [True, False, True]
 
 

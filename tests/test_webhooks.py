@@ -52,6 +52,7 @@ JOB = """query($id: ID!) { job(id: $id) {
   id status stage version createdAt updatedAt startedAt finishedAt attempts model
   result { summary sentiment tags entities { type value confidence } language toxicityScore }
   error { code message retryable } usage { promptTokens completionTokens totalTokens } costUsd requestId traceId
+  priority
   webhook { url status attempts lastStatusCode lastError nextAttemptAt deliveredAt }
 } }"""
 WEBHOOK_ONLY = "query($id: ID!) { job(id: $id) { status webhook { status attempts lastStatusCode lastError } } }"

@@ -58,7 +58,7 @@ async def metrics_endpoint(request: Request) -> Response:
     jobs: JobService = request.app.state.jobs
     body = await metrics.render(
         request.app.state.redis,
-        queue_key=jobs.queue.key,
+        queue_keys={p.value: q.key for p, q in jobs.queues.items()},
         webhook_queue_key=Queue.redis_queue_namespace_prefix + keys.webhook_queue(jobs.settings.rq_queue),
         subscribers=request.app.state.broadcast.subscriber_count,
         timeout_s=jobs.settings.redis_timeout_s,

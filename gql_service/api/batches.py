@@ -19,7 +19,7 @@ from gql_service.api.ids import check_ids
 from gql_service.api.jobs import JobService
 from gql_service.api.listing import MAX_LIST_SCAN
 from gql_service.api.subscription_spans import SubscriptionSpan
-from gql_service.models import BatchRecord, BatchStatus, JobRecord, JobStatus, utcnow
+from gql_service.models import BatchRecord, BatchStatus, JobPriority, JobRecord, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,10 @@ def _checked_metadata(metadata: object) -> dict[str, Any]:
 def _same_request(made: BatchRecord, asked: BatchRecord) -> BatchRecord:
     """The batch an idempotency key made, if it was asked for as now; a key reused for a
     different batch is refused, as for jobs."""
-    if (made.name, made.metadata) != (asked.name, asked.metadata):
+    if (made.name, made.metadata, made.priority) != (asked.name, asked.metadata, asked.priority):
         raise IdempotencyKeyReused(
-            "this idempotencyKey made a batch with a different name or metadata; use a new key for a new batch"
+            "this idempotencyKey made a batch with a different name, metadata or priority; "
+            "use a new key for a new batch"
         )
     return made
 
@@ -75,7 +76,13 @@ class BatchService:
 
     # -- creating and ending ----------------------------------------------------------------
     async def create(
-        self, *, name: str, metadata: dict[str, Any] | None, idempotency_key: str | None, tenant: str
+        self,
+        *,
+        name: str,
+        metadata: dict[str, Any] | None,
+        idempotency_key: str | None,
+        tenant: str,
+        priority: JobPriority = JobPriority.NORMAL,
     ) -> tuple[BatchRecord, bool]:
         """A new open batch, or the one this idempotency key made before (deduplicated)."""
         if not name.strip() or len(name) > MAX_NAME_CHARS:
@@ -83,7 +90,7 @@ class BatchService:
         metadata = _checked_metadata(metadata or {})
         record = BatchRecord(
             id=f"{keys.BATCH_ID_PREFIX}{uuid.uuid4().hex}", tenant=tenant, name=name, metadata=metadata,
-            created_at=utcnow(),
+            created_at=utcnow(), priority=priority,
         )  # fmt: skip
         idem = keys.batch_idempotency(tenant, idempotency_key) if idempotency_key is not None else None
         if idem is not None and (existing := await self._made_by(idem, tenant)) is not None:
@@ -156,10 +163,10 @@ class BatchService:
             raise NotFound(f"batch {batch_id} not found")
         return batch
 
-    async def check_owned(self, batch_id: str, *, tenant: str) -> None:
-        """NotFound unless the tenant has this batch. (Whether it still takes jobs is checked
+    async def check_owned(self, batch_id: str, *, tenant: str) -> BatchRecord:
+        """The batch, NotFound unless the tenant has it. (Whether it still takes jobs is checked
         as they are added, atomically; repeats of jobs it has are answered even once closed.)"""
-        await self._owned(batch_id, tenant)
+        return await self._owned(batch_id, tenant)
 
     async def page(
         self, *, tenant: str, first: int, after: tuple[float, str] | None

@@ -15,7 +15,6 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import WatchError
-from rq import Queue
 
 from gql_service import (
     batch_store,
@@ -38,7 +37,7 @@ from gql_service.api.listing import Listing, created_ms
 from gql_service.api.tenants import TenantSlots
 from gql_service.api.usage import Usage
 from gql_service.broadcast import Broadcast
-from gql_service.models import JobRecord, JobStatus, WebhookDelivery, utcnow
+from gql_service.models import JobPriority, JobRecord, JobStatus, WebhookDelivery, utcnow
 from gql_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,13 @@ class NewJob:
     fingerprint: str = ""
 
 
-def fingerprint(text: str, webhook_url: str | None, batch_id: str | None) -> str:
-    return hashlib.sha256(f"{webhook_url or ''}\0{batch_id or ''}\0{text}".encode()).hexdigest()[:32]
+def fingerprint(
+    text: str, webhook_url: str | None, batch_id: str | None, priority: JobPriority = JobPriority.NORMAL
+) -> str:
+    # NORMAL adds nothing, so keys written before there were priorities still match; a text
+    # never holds a NUL (validate_text), so what follows it can't be confused with it.
+    marked = "" if priority is JobPriority.NORMAL else f"\0{priority.value}"
+    return hashlib.sha256(f"{webhook_url or ''}\0{batch_id or ''}\0{text}{marked}".encode()).hexdigest()[:32]
 
 
 def _idem_value(job: NewJob) -> str:
@@ -74,7 +78,7 @@ def _idem_read(value: bytes | str) -> tuple[str, str | None]:
 
 def _reused() -> IdempotencyKeyReused:
     return IdempotencyKeyReused(
-        "this idempotencyKey was used for a different request (text, webhookUrl or batch); "
+        "this idempotencyKey was used for a different request (text, webhookUrl, batch or priority); "
         "use a new key for a new request"
     )
 
@@ -99,7 +103,7 @@ class JobService:
         self.sync_redis = sync_redis
         self.broadcast = broadcast
         self.settings = settings
-        self.queue = Queue(settings.rq_queue, connection=sync_redis)
+        self.queues = queueing.llm_queues(settings, sync_redis)
         self.slots = TenantSlots(
             max_watched=settings.max_watched_jobs_per_tenant,
             # Leave a connection of the command pool to the other tenants.
@@ -169,6 +173,7 @@ class JobService:
         webhook_url: str | None = None,
         batch_id: str | None = None,
         one_of_many: bool = False,
+        priority: JobPriority = JobPriority.NORMAL,
     ) -> NewJob:
         """Check one submission and give it its record; raises BadUserInput. A webhook URL
         must have passed `check_webhook`. While tracing is on, the record carries the current
@@ -179,12 +184,14 @@ class JobService:
             raise BadUserInput(f"idempotencyKey must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         record = JobRecord(
             id=uuid.uuid4().hex, tenant=tenant, request_id=request_id, webhook_url=webhook_url, batch_id=batch_id,
-            trace=tracing.current_job_trace(link=one_of_many) if tracing.active() else None,
+            priority=priority, trace=tracing.current_job_trace(link=one_of_many) if tracing.active() else None,
         )  # fmt: skip
         if not idempotency_key:
             return NewJob(record=record, text=text, idem=None)
         key = keys.idempotency(tenant, idempotency_key)
-        return NewJob(record=record, text=text, idem=key, fingerprint=fingerprint(text, webhook_url, batch_id))
+        return NewJob(
+            record=record, text=text, idem=key, fingerprint=fingerprint(text, webhook_url, batch_id, priority)
+        )
 
     async def submit(
         self,
@@ -194,11 +201,13 @@ class JobService:
         tenant: str,
         request_id: str | None,
         webhook_url: str | None = None,
+        priority: JobPriority = JobPriority.NORMAL,
     ) -> tuple[JobRecord, bool]:
         await self.check_webhook(webhook_url)
         job = self.new_job(
-            text, idempotency_key=idempotency_key, tenant=tenant, request_id=request_id, webhook_url=webhook_url
-        )
+            text, idempotency_key=idempotency_key, tenant=tenant, request_id=request_id, webhook_url=webhook_url,
+            priority=priority,
+        )  # fmt: skip
         [outcome] = await self.submit_many([job])
         if isinstance(outcome, ClientError):
             raise outcome
@@ -222,7 +231,7 @@ class JobService:
         throughput over RQ's synchronous enqueue in a thread).
         """
         async with self._redis_call():
-            await queueing.prime(self.queue, self.acked_redis)
+            await queueing.prime(self.queues, self.acked_redis)
             return await self._submit_many(jobs, batch_id)
 
     async def _submit_many(
@@ -309,7 +318,7 @@ class JobService:
         store.index_job(pipe, job.record, ttl_s=ttl_s)
         if job.idem:
             pipe.set(job.idem, _idem_value(job), ex=self.settings.idempotency_ttl_s)
-        queueing.enqueue_extraction(self.queue, job.record, pipe, self.settings)
+        queueing.enqueue_extraction(self.queues, job.record, pipe, self.settings)
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
         check_ids([job_id])

@@ -148,6 +148,7 @@ def submit_file(
     wait: bool,
     api_key: str | None,
     webhook: str | None = None,
+    priority: str = "NORMAL",
 ) -> tuple[int, list[dict[str, Any]]]:
     """(exit code, the jobs in the file's order once they have all ended; [] without waiting)."""
     if not items:
@@ -156,7 +157,11 @@ def submit_file(
     client = Client(url, api_key)
     progress = Progress(len(items), live=sys.stderr.isatty())
     metadata = {"file": name, "items": len(items), "sha256": digest}
-    batch = client.call(CREATE, input={"name": name, "metadata": metadata, "idempotencyKey": digest})
+    # The jobs have the batch's priority. The same file again at another one is refused
+    # (IDEMPOTENCY_KEY_REUSED): its batch exists, at the first.
+    batch = client.call(
+        CREATE, input={"name": name, "metadata": metadata, "idempotencyKey": digest, "priority": priority}
+    )
     batch_id = batch["data"]["createBatch"]["id"]
     print(f"batch {batch_id} ({len(items)} texts)", file=sys.stderr, flush=True)
     of_item: dict[str, str] = {}  # job id -> the item's id

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import websockets
 
-JOB_FIELDS = """id status stage version attempts requestId
+JOB_FIELDS = """id status stage version attempts requestId priority
   result { summary sentiment tags entities { type value confidence } language toxicityScore }
   error { code message retryable } usage { totalTokens }
   webhook { url status attempts lastStatusCode lastError nextAttemptAt deliveredAt }"""
@@ -63,7 +63,8 @@ def exit_code(jobs: Iterable[dict[str, Any]]) -> int:
 
 
 def describe(job: dict[str, Any]) -> str:
-    lines = [f"job {job['id']}: {job['status']} ({job['stage']}), attempts {job['attempts']}"]
+    priority = f", priority {job['priority']}" if job.get("priority") else ""
+    lines = [f"job {job['id']}: {job['status']} ({job['stage']}), attempts {job['attempts']}{priority}"]
     if job.get("result"):
         r = job["result"]
         lines += [
@@ -156,10 +157,17 @@ async def follow(
 
 
 def submit(
-    url: str, texts: list[str], *, wait: bool, as_json: bool, api_key: str | None, webhook: str | None = None
+    url: str,
+    texts: list[str],
+    *,
+    wait: bool,
+    as_json: bool,
+    api_key: str | None,
+    webhook: str | None = None,
+    priority: str = "NORMAL",
 ) -> int:
     hook = {"webhookUrl": webhook} if webhook else {}
-    body = _post(url, SUBMIT, {"inputs": [{"text": t, **hook} for t in texts]}, api_key)
+    body = _post(url, SUBMIT, {"inputs": [{"text": t, "priority": priority, **hook} for t in texts]}, api_key)
     for error in body.get("errors") or []:
         print(f"gql-service: {error['message']}", file=sys.stderr)
     jobs = [p["job"] for p in body["data"]["submitTexts"] if p]

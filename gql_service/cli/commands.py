@@ -122,7 +122,10 @@ def cmd_submit(args: argparse.Namespace) -> None:
         if args.file:
             code = _submit_file(args, texts, url, api_key)
         else:
-            code = client.submit(url, texts, wait=args.wait, as_json=args.json, api_key=api_key, webhook=args.webhook)
+            code = client.submit(
+                url, texts, wait=args.wait, as_json=args.json, api_key=api_key, webhook=args.webhook,
+                priority=args.priority,
+            )  # fmt: skip
     except client.ClientError as exc:
         print(f"gql-service: {exc}", file=sys.stderr)
         code = client.EXIT_USAGE
@@ -144,7 +147,7 @@ def _submit_file(args: argparse.Namespace, texts: list[str], url: str, api_key: 
     output = Path(args.output) if args.output else None
     code, ended = bulk.submit_file(
         url, items, source=source, name=path.name, output=output, wait=args.wait, api_key=api_key,
-        webhook=args.webhook,
+        webhook=args.webhook, priority=args.priority,
     )  # fmt: skip
     if args.wait and args.json:
         print(json.dumps(ended, indent=2))
@@ -256,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", metavar="FILE", help="with --file: write a JSON line per job as it ends")
             p.add_argument("--wait", action="store_true", help="follow the jobs live until they end")
             p.add_argument("--webhook", metavar="URL", help="POST a signed event to URL when each job ends")
+            p.add_argument(
+                "--priority", choices=("HIGH", "NORMAL", "LOW"), default="NORMAL",
+                help="the jobs' priority (with --file: the batch's): HIGH goes before NORMAL, NORMAL before LOW",
+            )  # fmt: skip
             p.set_defaults(func=cmd_submit)
         else:
             p.add_argument("id", metavar="JOB_ID", help="the job's id")

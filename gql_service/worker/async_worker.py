@@ -116,8 +116,10 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         await demand.start()
         # Every job on this loop gets the one Redis client and ear for interim frames.
         self.context = dataclasses.replace(shared, redis=redis, demand=demand)
-        # Slots per queue: deliveries (WEBHOOK_CONCURRENCY) never take an LLM job's place.
-        slots = {q.name: asyncio.Semaphore(self.slots_for(q.name)) for q in self.queues}
+        # Slots per kind of queue: deliveries (WEBHOOK_CONCURRENCY) never take an LLM job's
+        # place; the LLM queues of every priority share the worker's `concurrency`.
+        llm, hooks = asyncio.Semaphore(self.concurrency), asyncio.Semaphore(self.webhook_concurrency)
+        slots = {q.name: hooks if self.is_webhook_queue(q.name) else llm for q in self.queues}
         freed = asyncio.Event()
         heartbeats = asyncio.create_task(self._keep_heartbeats())
         started = 0
@@ -143,6 +145,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                     continue
                 job, queue = taken
                 started += 1
+                self.reorder_queues(queue)  # the order of the next take (worker/priorities.py)
                 await slots[queue.name].acquire()  # free: checked above, and only this loop takes
 
                 def release(semaphore: asyncio.Semaphore = slots[queue.name]) -> None:
@@ -161,8 +164,9 @@ class AsyncServiceWorker(Tuning, BaseWorker):
             await shared.provider.aclose()
         return started > 0
 
-    def slots_for(self, queue_name: str) -> int:
-        return self.webhook_concurrency if queue_name.endswith(WEBHOOK_QUEUE_SUFFIX) else self.concurrency
+    @staticmethod
+    def is_webhook_queue(queue_name: str) -> bool:
+        return queue_name.endswith(WEBHOOK_QUEUE_SUFFIX)
 
     async def _take(self, no_wait: bool, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
         """The next job, waiting up to a second for one (so a stop request is seen soon),

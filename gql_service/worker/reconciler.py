@@ -33,12 +33,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from rq import Queue
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQJobStatus
 
 from gql_service import keys, queueing, redis_conn, store
-from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
+from gql_service.models import JobError, JobErrorCode, JobPriority, JobRecord, JobStage, JobStatus
 from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
 from gql_service.worker import outbox
@@ -67,9 +66,9 @@ ONCE_TTL_S = 600
 
 
 class Reconciler:
-    def __init__(self, redis: Redis, queue: Queue, settings: Settings, *, consumer: str) -> None:
+    def __init__(self, redis: Redis, queues: queueing.Queues, settings: Settings, *, consumer: str) -> None:
         self.redis = redis
-        self.queue = queue
+        self.queues = queues  # by priority: a job goes back on its own priority's queue
         self.settings = settings
         self.consumer = consumer
         self.interval_s = settings.reconcile_interval_s
@@ -159,7 +158,8 @@ class Reconciler:
             return 0
         log.warning("job %s: %s; queued again", record.id, lost)
         attempts_left = settings.llm_max_attempts - record.attempts
-        await queueing.prime(self.queue, self.redis)
+        await queueing.prime(self.queues, self.redis)
+        queue = self.queues[record.priority or JobPriority.NORMAL]  # where RQ's job was too
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.multi()  # RQ's enqueue starts one itself unless it is in one already
             pipe.set(keys.write_once(token), 1, ex=ONCE_TTL_S)
@@ -168,9 +168,9 @@ class Reconciler:
                 # when it ended and its place in the ended registries, so the job queued
                 # again is a new one and outlives that expiry.
                 pipe.delete(RQJob.key_for(record.id))
-                pipe.zrem(self.queue.failed_job_registry.key, record.id)
-                pipe.zrem(self.queue.finished_job_registry.key, record.id)
-            queueing.enqueue_extraction(self.queue, done.record, pipe, settings, attempts_left=attempts_left)
+                pipe.zrem(queue.failed_job_registry.key, record.id)
+                pipe.zrem(queue.finished_job_registry.key, record.id)
+            queueing.enqueue_extraction(self.queues, done.record, pipe, settings, attempts_left=attempts_left)
             redis_conn.run_once(pipe, keys.write_once(token))  # a lost reply must not queue it twice
             await pipe.execute()
         return 1
@@ -178,7 +178,7 @@ class Reconciler:
 
 def start_in_thread(target: RedisTarget, settings: Settings, *, consumer: str) -> Callable[[], None]:
     """The worker process's reconciler; returns what stops it."""
-    queue = Queue(settings.rq_queue, connection=sync_client(target))
+    queues = queueing.llm_queues(settings, sync_client(target))
     return outbox.start_in_thread(
-        lambda redis: Reconciler(redis, queue, settings, consumer=consumer), target, name="reconciler"
+        lambda redis: Reconciler(redis, queues, settings, consumer=consumer), target, name="reconciler"
     )

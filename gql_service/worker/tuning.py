@@ -14,7 +14,7 @@ from rq.job import Job as RQJob
 
 from gql_service import keys, logs, store, tracing
 from gql_service.redis_conn import sync_client
-from gql_service.worker import context, deliveries, reconciler, trace_drops
+from gql_service.worker import context, deliveries, priorities, reconciler, trace_drops
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,10 @@ class OneQueueAtATime(Queue):
     For one queue RQ moves the job id into the queue's intermediate list (LMOVE), where its
     cleanup finds a job whose worker died before registering it; for several it pops it
     (BLPOP), and a worker killed in between loses the job. So: each queue in order without
-    waiting, then a bounded wait on the first (the LLM queue: it is the one whose latency
-    counts; a delivery waits at most DEQUEUE_WAIT_S more when the worker is idle).
+    waiting (the worker's order: gql_service.worker.priorities), then a bounded wait on
+    RQ_QUEUE itself, the NORMAL queue, where most jobs and their retries arrive. A job on
+    another queue (HIGH, LOW, a delivery) reaching an idle worker waits at most
+    DEQUEUE_WAIT_S more; a busy worker looks at every queue at each take.
     """
 
     def acquire_maintenance_lock(self) -> bool:
@@ -85,7 +87,8 @@ class OneQueueAtATime(Queue):
                 return found
         if timeout is None:
             return None
-        return super().dequeue_any(ordered[:1], min(timeout, DEQUEUE_WAIT_S), connection, **kwargs)
+        waits_on = [q for q in ordered if q.name == Tuning.rq_queue] or ordered[:1]
+        return super().dequeue_any(waits_on, min(timeout, DEQUEUE_WAIT_S), connection, **kwargs)
 
 
 DEQUEUE_WAIT_S = 1
@@ -107,6 +110,10 @@ class Tuning:
 
     lost_after_s: ClassVar[int] = 60
     job_timeout_s: ClassVar[int] = 180
+    # The LLM queues' base name and the priority share (PRIORITY_SHARE_EVERY): set by run_workers.
+    rq_queue: ClassVar[str] = "llm"
+    share_every: ClassVar[int] = 10
+    _takes = 0  # jobs this worker has taken: which one is next decides the queues' order
 
     @classmethod
     def tuned(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -124,6 +131,14 @@ class Tuning:
         kwargs["queue_class"] = OneQueueAtATime  # RQ's pool passes its own Queue class
         kwargs["job_class"] = context.ContextJob  # jobs run with the worker's context first
         return args, kwargs
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        """After each take (RQ calls it; the async worker too): the order of the next one."""
+        self._takes += 1
+        queues: list[Queue] = self.queues  # type: ignore[attr-defined]
+        self._ordered_queues = priorities.order(
+            queues, [q.name for q in queues], rq_queue=self.rq_queue, take=self._takes + 1, every=self.share_every
+        )
 
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:
         return self.lost_after_s

@@ -48,12 +48,13 @@ def run_workers(
     context.start(context.WorkerContext(settings=settings, provider=provider, redis_target=settings.redis_target))
     Tuning.lost_after_s = settings.worker_lost_after_s
     Tuning.job_timeout_s = settings.job_timeout_s
+    Tuning.rq_queue, Tuning.share_every = settings.rq_queue, settings.priority_share_every
     AsyncServiceWorker.concurrency = concurrency or settings.worker_concurrency
     AsyncServiceWorker.webhook_concurrency = settings.webhook_concurrency
     worker_class = WORKER_CLASSES[settings.worker_class]
-    # The LLM queue first: a worker of one job at a time (fork, simple) takes a delivery
-    # only when no LLM job waits.
-    queues = [settings.rq_queue, keys.webhook_queue(settings.rq_queue)]
+    # The LLM queues first, HIGH to LOW (reordered after each take: worker/priorities.py): a
+    # worker of one job at a time (fork, simple) takes a delivery only when no LLM job waits.
+    queues = [*keys.llm_queues(settings.rq_queue), keys.webhook_queue(settings.rq_queue)]
     # Everything loaded so far lives as long as the process: keep the collector from
     # scanning it, so forked work horses don't copy the pages it would touch (measured:
     # about 3 ms less per job).
@@ -61,8 +62,8 @@ def run_workers(
     gc.freeze()
     per_process = f" x {AsyncServiceWorker.concurrency} jobs" if settings.worker_class == "async" else ""
     log.info(
-        "worker: queue %r, provider %s (%s), %d %s process(es)%s",
-        settings.rq_queue,
+        "worker: queues %r, provider %s (%s), %d %s process(es)%s",
+        queues,
         settings.provider,
         provider.model,
         num_workers,

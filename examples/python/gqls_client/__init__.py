@@ -4,6 +4,7 @@ from .client import Client
 from .enums import (
     BatchStatus,
     JobErrorCode,
+    JobPriority,
     JobStage,
     JobStatus,
     Sentiment,
@@ -42,6 +43,7 @@ __all__ = [
     "GraphQLClientHttpError",
     "GraphQLClientInvalidResponseError",
     "JobErrorCode",
+    "JobPriority",
     "JobStage",
     "JobStatus",
     "JobUpdates",

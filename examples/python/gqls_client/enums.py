@@ -21,6 +21,12 @@ class JobErrorCode(str, Enum):
     INTERNAL = "INTERNAL"
 
 
+class JobPriority(str, Enum):
+    HIGH = "HIGH"
+    NORMAL = "NORMAL"
+    LOW = "LOW"
+
+
 class JobStage(str, Enum):
     QUEUED = "QUEUED"
     CALLING_LLM = "CALLING_LLM"

@@ -12,10 +12,19 @@ from gql_service.api.jobs import NewJob
 from gql_service.api.schema.context import caller
 from gql_service.api.schema.queries import MAX_BATCH
 from gql_service.api.schema.types import Batch, CreateBatchInput, Job, SubmitTextInput, SubmitTextPayload
+from gql_service.models import JobPriority
 
 
 async def _raise(error: Exception) -> None:
     raise error
+
+
+def in_batch(asked: JobPriority, batch: JobPriority | None) -> JobPriority:
+    """An item's priority: its own outside a batch; in one, the batch's. An item that asks for
+    another one than NORMAL (the default, which takes the batch's) is refused, not overruled."""
+    if batch is None or asked in (batch, JobPriority.NORMAL):
+        return batch or asked
+    raise BadUserInput(f"the batch's jobs have its priority, {batch.value}: leave priority out, or give {batch.value}")
 
 
 @strawberry.type
@@ -25,7 +34,7 @@ class Mutation:
         ctx = caller(info)
         record, deduplicated = await ctx.jobs.submit(
             input.text, idempotency_key=input.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id,
-            webhook_url=input.webhook_url,
+            webhook_url=input.webhook_url, priority=input.priority,
         )  # fmt: skip
         return SubmitTextPayload(job=Job.from_record(record), deduplicated=deduplicated)
 
@@ -46,8 +55,8 @@ class Mutation:
         if len(inputs) > MAX_BATCH:
             raise BadUserInput(f"at most {MAX_BATCH} inputs per call, got {len(inputs)}")
         batch = str(batch_id) if batch_id is not None else None
-        if batch is not None:
-            await ctx.batches.check_owned(batch, tenant=ctx.tenant)
+        # A batch's jobs have the batch's priority; without a batch, each item's own.
+        batch_priority = (await ctx.batches.check_owned(batch, tenant=ctx.tenant)).priority if batch else None
         accepted: list[tuple[int, NewJob]] = []
         errors: dict[int, ClientError] = {}
         refused = await ctx.jobs.refused_webhooks({i.webhook_url for i in inputs if i.webhook_url is not None})
@@ -58,6 +67,7 @@ class Mutation:
                 job = ctx.jobs.new_job(
                     item.text, idempotency_key=item.idempotency_key, tenant=ctx.tenant, request_id=ctx.request_id,
                     webhook_url=item.webhook_url, batch_id=batch, one_of_many=True,
+                    priority=in_batch(item.priority, batch_priority),
                 )  # fmt: skip
                 accepted.append((index, job))
             except BadUserInput as exc:
@@ -89,6 +99,7 @@ class Mutation:
             metadata=input.metadata,  # type: ignore[arg-type]  # the JSON scalar; create() checks it is an object
             idempotency_key=input.idempotency_key,
             tenant=ctx.tenant,
+            priority=input.priority,
         )
         return Batch.from_record(record)
 

@@ -21,6 +21,11 @@ JobStage = strawberry.enum(models.JobStage, description="What the worker is doin
 Sentiment = strawberry.enum(models.Sentiment)
 JobErrorCode = strawberry.enum(models.JobErrorCode)
 WebhookStatus = strawberry.enum(models.WebhookStatus, description="Where a webhook's delivery is.")
+JobPriority = strawberry.enum(
+    models.JobPriority,
+    description="Which queue a job waits on: workers take HIGH before NORMAL before LOW, keeping one take in "
+    "PRIORITY_SHARE_EVERY (10) for NORMAL and one for LOW, so neither waits forever.",
+)
 BatchStatus = strawberry.enum(
     models.BatchStatus,
     description="OPEN takes more jobs; RUNNING is closed with jobs not ended; COMPLETED is closed with every job "
@@ -135,6 +140,10 @@ class Job(Node):
         "tracing backend; null while tracing is off, and, for a job of a submitTexts call, until its first "
         "attempt starts (its spans have a trace of their own, linked to the request's)."
     )
+    priority: JobPriority | None = strawberry.field(  # type: ignore[valid-type]
+        description="The queue it waits on (a batch's jobs have the batch's); null for a job read back from the "
+        "PostgreSQL history, which does not keep it."
+    )
     partial: PartialExtraction | None = strawberry.field(
         default=None,
         description="On interim frames of a `partial: true` subscription, while the stage is CALLING_LLM "
@@ -215,6 +224,7 @@ class Batch(Node):
     completed_at: datetime | None
     counts: BatchCounts
     usage: TokenUsage = strawberry.field(description="Summed over the jobs that have ended.")
+    priority: JobPriority = strawberry.field(description="Every job of the batch has it.")  # type: ignore[valid-type]
     record: strawberry.Private[models.BatchRecord]
 
     @strawberry.field(description="The batch's jobs in the order they were added (1-100 a page).")
@@ -254,7 +264,8 @@ class Batch(Node):
             id=strawberry.ID(b.id), name=b.name, status=b.status, metadata=b.metadata,  # type: ignore[arg-type]
             version=b.version,
             created_at=b.created_at, closed_at=b.closed_at, completed_at=b.completed_at,
-            counts=BatchCounts(**b.counts.model_dump()), usage=TokenUsage(**b.usage.public()), record=b,
+            counts=BatchCounts(**b.counts.model_dump()), usage=TokenUsage(**b.usage.public()),
+            priority=b.priority, record=b,
         )  # fmt: skip
 
 
@@ -277,6 +288,9 @@ class CreateBatchInput:
     idempotency_key: str | None = strawberry.field(
         default=None, description="The same key gives back the same batch (a resumed upload finds its batch)."
     )
+    priority: JobPriority = strawberry.field(  # type: ignore[valid-type]
+        default=models.JobPriority.NORMAL, description="The priority of every job added to the batch."
+    )
 
 
 def _connection(edges: list[JobEdge], start: int, next_start: int | None) -> JobConnection:
@@ -295,6 +309,11 @@ class SubmitTextInput:
         default=None,
         description="Where to POST a signed event (Standard Webhooks) when the job ends: FINISHED, FAILED "
         "or CANCELED. http(s) only, to a public address.",
+    )
+    priority: JobPriority = strawberry.field(  # type: ignore[valid-type]
+        default=models.JobPriority.NORMAL,
+        description="HIGH jobs are taken before NORMAL ones, NORMAL before LOW. In a batch (submitTexts' "
+        "batchId) the jobs have the batch's priority: leave it NORMAL, or give the batch's.",
     )
 
 
