@@ -26,7 +26,7 @@ TEXT = f"I loved the clinic {MARKER}. Dr. Rao was kind. Waiting time was 10 minu
 SUBMIT = "mutation($text: String!) { submitText(input: {text: $text}) { job { id traceId } } }"
 JOB = "query($id: ID!) { job(id: $id) { id status traceId } }"
 # The spans only we start: every trace begins at one of them.
-OURS = ("mutation ", "query ", "subscription ", "POST /", "GET /", "job extract")
+OURS = ("mutation ", "query ", "subscription ", "POST /", "GET /", "job extract", "history archive", "webhook deliver")
 
 
 def env_for(receiver: OtlpReceiver, queue: str) -> dict[str, str]:
@@ -87,7 +87,7 @@ def _archived(pg: EmbeddedPostgres, job_id: str) -> bool:
         return conn.execute("SELECT 1 FROM jobs WHERE id = %s", (job_id,)).fetchone() is not None
 
 
-async def test_a_history_read_is_a_child_of_the_request_and_the_archive_starts_no_trace(
+async def test_history_reads_and_archive_writes_are_children_of_our_spans(
     e2e_redis: str, postgres: EmbeddedPostgres
 ) -> None:
     env = {"DATABASE_URL": postgres.url}
@@ -104,6 +104,11 @@ async def test_a_history_read_is_a_child_of_the_request_and_the_archive_starts_n
             requests = {s.span_id for s in spans if s.name == "query job"}
             return any(s.parent_span_id in requests and s.kind == CLIENT for s in spans)
 
+        def write_under_archive(spans: list[ReceivedSpan]) -> bool:
+            archives = {s.span_id for s in spans if s.name == "history archive"}
+            return any(s.parent_span_id in archives and s.kind == CLIENT for s in spans)
+
+        got.wait_for(write_under_archive, what="the archive write's statements")
         spans = got.wait_for(query_under_request, what="the history query's span")
     [request] = [s for s in spans if s.name == "query job"]
     # The query, and the pool's check of the connection it lends (history.pool), each a span.
@@ -114,6 +119,9 @@ async def test_a_history_read_is_a_child_of_the_request_and_the_archive_starts_n
     assert any("FROM jobs" in statement for statement in statements), statements
     assert not any(job_id in statement for statement in statements)  # the SQL, without its parameters
     _no_content(spans)
-    # The archive's upsert ran (the row is there) in the worker, outside any span of ours:
-    # exported, it would be a trace of its own; none is.
-    _roots_are_ours(spans)
+    # The archive's upsert, in the worker: psycopg's statements under our `history archive`.
+    [archive] = [s for s in spans if s.name == "history archive"]
+    writes = [str(s.attributes.get("db.query.text")) for s in spans if s.parent_span_id == archive.span_id]
+    assert any("INSERT INTO jobs" in statement for statement in writes), writes
+    assert not any(job_id in statement for statement in writes)
+    _roots_are_ours(spans)  # and no trace starts at an instrumentation's span
