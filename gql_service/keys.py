@@ -184,3 +184,9 @@ def llm_budget(endpoint: str, kind: str) -> str:
 def llm_paused(endpoint: str) -> str:
     """Set while the LLM endpoint has asked us to wait (429 Retry-After)."""
     return f"{PREFIX}:llm:paused:{_endpoint(endpoint)}"
+
+
+def llm_breaker(endpoint: str) -> str:
+    """The circuit breaker of an LLM endpoint+model (LLM_FALLBACKS): a hash of its failures
+    in a row, until when it is open, and the lease of the one half-open call trying it."""
+    return f"{PREFIX}:llm:breaker:{_endpoint(endpoint)}"
