@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -30,9 +30,9 @@ from gql_service.partials import Demand, PartialStream
 from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
 from gql_service.worker.context import WorkerContext, of_process, takes_context
+from gql_service.worker.fallbacks import routes
 from gql_service.worker.llm import FallsBackToJsonMode, Provider
 from gql_service.worker.pipeline import Attempt, RetryLater, fail_job
-from gql_service.worker.provider_limits import ProviderLimits
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ async def run_extraction(ctx: WorkerContext, job_id: str) -> str | None:
             return await _extract(ctx, redis, rq_job, job_id, demand)
     finally:
         if ctx.redis is None:
-            await ctx.provider.aclose()  # this job's event loop ends with it
+            for provider in (ctx.provider, *ctx.fallbacks):
+                await provider.aclose()  # this job's event loop ends with it
 
 
 # The attempt's own deadline comes this much before JOB_TIMEOUT_S, so that the job records
@@ -61,23 +62,19 @@ async def _extract(
 ) -> str | None:
     await adopt_retry_policy(redis, rq_job, ctx.settings)
     ttl_s = ctx.settings.result_ttl_s
-    limits = ProviderLimits(
-        redis,
-        endpoint=ctx.provider.endpoint,
-        max_in_flight=ctx.settings.llm_max_in_flight,
-        call_timeout_s=ctx.settings.llm_timeout_s,
-        rpm=ctx.settings.llm_rpm,
-        tpm=ctx.settings.llm_tpm,
-    )
+    primary, *fallbacks = routes(redis, ctx.settings, ctx.provider, ctx.fallbacks)
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
     bound, ack = ctx.settings.outbox_max_len, ctx.settings.replica_ack
     attempt = Attempt(
-        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, outbox_max_len=bound, ack=ack
-    )
+        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=primary.limits, fallbacks=fallbacks, partials=partials,
+        outbox_max_len=bound, ack=ack,
+    )  # fmt: skip
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
-        async with partials, _json_mode_memory(redis, ctx.provider), asyncio.timeout(deadline_s):
+        async with partials, AsyncExitStack() as memories, asyncio.timeout(deadline_s):
+            for provider in (ctx.provider, *ctx.fallbacks):
+                await memories.enter_async_context(_json_mode_memory(redis, provider))
             record = await attempt.run(retries_left=rq_job.retries_left or 0)
     except (RetryLater, RedisError):
         # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
