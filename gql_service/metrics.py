@@ -276,7 +276,7 @@ def _provider_labels(endpoint: str) -> list[str]:
     parts = urlsplit(base_url)
     if parts.password is not None or parts.username is not None:
         base_url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return [base_url, model]
+    return [base_url.rstrip("/"), model]  # as configured: the SDK adds a slash
 
 
 def _webhook_families(
