@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
 SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
-sentinel, http_streams, bulk, hostile, documents.
+sentinel, http_streams, bulk, hostile, documents, breaker.
 With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
 and the report says which run each section comes from.
 """
@@ -22,6 +22,7 @@ from tests.openai_stub import OpenAIStub
 
 from . import (
     async_worker,
+    breaker,
     bulk,
     documents,
     history,
@@ -50,6 +51,7 @@ ALL = (
     "bulk",
     "hostile",
     "documents",
+    "breaker",
 )
 NOTES = Path(__file__).with_name("NOTES.md")
 
@@ -104,6 +106,8 @@ def main() -> None:
                 results["hostile"] = hostile.hostile_queries(redis.url, sizes)
             if "documents" in only:
                 results["documents"] = documents.trusted_documents(redis.url, sizes)
+            if "breaker" in only:
+                results["breaker"] = breaker.breaker(redis.url, stub, sizes)
         if "sentinel" in only:
             results["sentinel"] = sentinel.sentinel(sizes)
     finally:

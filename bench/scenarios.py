@@ -64,6 +64,8 @@ class Sizes:
     bulk_jobs: int = 10_000
     bulk_llm_s: float = 1.0
     hostile_rounds: int = 50
+    breaker_jobs: int = 2000
+    breaker_rounds: int = 3
 
     @classmethod
     def only_subscribers(cls, counts: tuple[int, ...]) -> Sizes:
@@ -84,6 +86,7 @@ class Sizes:
             profile=False, partial_subscribers=20, partial_chunks=40, partial_seconds=0.5, archive_jobs=20,
             history_rows=500, list_requests=20, webhook_jobs=20, sentinel_seconds=0.5, sentinel_rounds=1,
             stream_subscribers=20, bulk_jobs=50, bulk_llm_s=0.05, hostile_rounds=2,
+            breaker_jobs=20, breaker_rounds=1,
         )  # fmt: skip
 
 
