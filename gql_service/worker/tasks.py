@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -72,9 +72,8 @@ async def _extract(
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
-        async with partials, AsyncExitStack() as memories, asyncio.timeout(deadline_s):
-            for provider in (ctx.provider, *ctx.fallbacks):
-                await memories.enter_async_context(_json_mode_memory(redis, provider))
+        providers = (ctx.provider, *ctx.fallbacks)
+        async with partials, _json_mode_memory(redis, providers), asyncio.timeout(deadline_s):
             record = await attempt.run(retries_left=rq_job.retries_left or 0)
     except (RetryLater, RedisError):
         # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
@@ -112,19 +111,25 @@ JSON_MODE_MEMORY_S = 24 * 3600
 
 
 @asynccontextmanager
-async def _json_mode_memory(redis: AsyncRedis, provider: Provider) -> AsyncIterator[None]:
+async def _json_mode_memory(redis: AsyncRedis, providers: tuple[Provider, ...]) -> AsyncIterator[None]:
     """Share "this endpoint refuses JSON schemas" with every job and worker, so each job
-    doesn't pay a refused call first (a work horse's own flip dies with it)."""
-    if not isinstance(provider, FallsBackToJsonMode):
+    doesn't pay a refused call first (a work horse's own flip dies with it); for the primary
+    and each fallback, read in one round trip."""
+    learners = [p for p in providers if isinstance(p, FallsBackToJsonMode)]
+    if not learners:
         yield
         return
-    provider.json_schema = not await store.json_mode_only(redis, provider.endpoint)
-    learnt_here = provider.json_schema
+    known = await store.json_modes_only(redis, [p.endpoint for p in learners])
+    for provider, json_mode in zip(learners, known, strict=True):
+        provider.json_schema = not json_mode
+    asked = [p.json_schema for p in learners]
     try:
         yield
     finally:
-        if learnt_here and not provider.json_schema:
-            await store.remember_json_mode_only(redis, provider.endpoint, ttl_s=JSON_MODE_MEMORY_S)
+        for provider, schema_asked in zip(learners, asked, strict=True):
+            if schema_asked and not provider.json_schema:
+                endpoint = provider.endpoint
+                await store.remember_json_mode_only(redis, endpoint, ttl_s=JSON_MODE_MEMORY_S)
 
 
 def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
