@@ -48,7 +48,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     streams = figures["http_streams"]["rows"]
     assert all(row["kib_per_sub"] > 0 and row["one_p99_ms"] > 0 for row in streams.values())
     assert all(row["p50_ms"] > 0 for row in figures["hostile"]["rows"].values())
-    assert figures["breaker"]["fallback_calls"] == 0 and figures["breaker"]["rows"]["on"]["jobs_per_s"] > 0
+    assert all(row["jobs_per_s"] > 0 and row["cpu_ms_per_job"] > 0 for row in figures["breaker"]["rows"].values())
     sentinel = figures["sentinel"]
     assert all(row["rps"] > 0 for row in sentinel["submit"].values())
     assert all(0 < row["window_s"] < 30 and row["refused"] > 0 for row in sentinel["failover"].values())
