@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
 SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
-sentinel, http_streams, bulk, hostile, documents, tracing, budgets, priorities.
+sentinel, http_streams, bulk, hostile, documents, tracing, budgets, priorities, breaker.
 With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
 and the report says which run each section comes from.
 """
@@ -22,6 +22,7 @@ from tests.openai_stub import OpenAIStub
 
 from . import (
     async_worker,
+    breaker,
     budgets,
     bulk,
     documents,
@@ -56,6 +57,7 @@ ALL = (
     "tracing",
     "budgets",
     "priorities",
+    "breaker",
 )
 NOTES = Path(__file__).with_name("NOTES.md")
 
@@ -116,6 +118,8 @@ def main() -> None:
                 results["budgets"] = budgets.budgets(redis.url, sizes)
             if "priorities" in only:
                 results["priorities"] = priorities.priorities(redis.url, stub, sizes)
+            if "breaker" in only:
+                results["breaker"] = breaker.breaker(redis.url, stub, sizes)
         if "sentinel" in only:
             results["sentinel"] = sentinel.sentinel(sizes)
     finally:

@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from .breaker import report as breaker_report
 from .harness import Machine
 
 TARGETS = {
@@ -24,7 +25,7 @@ TARGETS = {
 SECTION_NUMBERS = {
     "submit": 1, "fanout": 2, "pipeline": 3, "e2e": 4, "scale_out": 5, "async_worker": 6, "partials": 7,
     "history": 8, "webhooks": 9, "sentinel": 10, "http_streams": 11, "bulk": 12, "hostile": 13,
-    "documents": 14, "tracing": 15, "budgets": 16, "priorities": 17,
+    "documents": 14, "tracing": 15, "budgets": 16, "priorities": 17, "breaker": 18,
 }  # fmt: skip
 
 
@@ -266,6 +267,9 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     prio = results.get("priorities")
     if prio:
         lines += _priorities(prio)
+    fallbacks = results.get("breaker")
+    if fallbacks:
+        lines += breaker_report(fallbacks)  # its section's text lives beside its scenario
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]

@@ -206,3 +206,9 @@ def tenant_usage(tenant: str, kind: str, period: str) -> str:
     """A tenant's tokens or cost in one UTC day (`2026-03-01`) or month (`2026-03`), added by
     each job's terminal transition (store.py) and read by submissions and /metrics."""
     return f"{PREFIX}:usage:{tenant}:{kind}:{period}"
+
+
+def llm_breaker(endpoint: str) -> str:
+    """The circuit breaker of an LLM endpoint+model (LLM_FALLBACKS): a hash of its failures
+    in a row, until when it is open, and the lease of the one half-open call trying it."""
+    return f"{PREFIX}:llm:breaker:{_endpoint(endpoint)}"

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from dataclasses import field as default
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -47,6 +50,11 @@ class LimitWaits:
     seconds: float = 0.0  # waiting for a call slot or for a pause to end
     rate_limited: int = 0  # 429s received
     pauses: int = 0  # pauses this attempt applied to every worker (Retry-After, rate headers)
+    # By endpoint+model (a provider's `endpoint`): calls made, and those that failed in a way
+    # a fallback is for (gql_service.worker.breaker); and how often the attempt fell over.
+    calls: Counter[str] = default(default_factory=Counter)
+    failures: Counter[str] = default(default_factory=Counter)
+    fallbacks: int = 0
 
 
 async def record_attempt(
@@ -73,6 +81,11 @@ async def record_attempt(
             pipe.hincrbyfloat(keys.metrics("llm_limits"), "wait_seconds", waits.seconds)
             pipe.hincrby(keys.metrics("llm_limits"), "rate_limited", waits.rate_limited)
             pipe.hincrby(keys.metrics("llm_limits"), "pauses", waits.pauses)
+            if waits.fallbacks:
+                pipe.hincrby(keys.metrics("llm_limits"), "fallbacks", waits.fallbacks)
+            for kind, counts in (("calls", waits.calls), ("failures", waits.failures)):
+                for endpoint, count in counts.items():
+                    pipe.hincrby(keys.metrics("llm_providers"), f"{kind}|{endpoint}", count)
         await pipe.execute()
 
 
@@ -136,6 +149,7 @@ async def render(
             if budget_limits:
                 pipe.mget([limit.key for _, limit in budget_limits])
             pipe.hget(keys.metrics("tracing"), "spans_dropped")
+            pipe.hgetall(keys.metrics("llm_providers"))
             pipe.hgetall(keys.metrics("jobs"))
             pipe.hgetall(keys.metrics("tokens"))
             pipe.hgetall(keys.metrics("llm_limits"))
@@ -157,13 +171,14 @@ async def render(
                 pipe.llen(queue_key)
             everything = await pipe.execute()
             used = everything.pop(0) if budget_limits else []
-            spans_dropped, *replies = everything
+            spans_dropped, providers, *replies = everything
             depths, replies = replies[len(replies) - len(queue_keys) :], replies[: len(replies) - len(queue_keys)]
             jobs, tokens, limits, llm = replies[:4]
             stage_rows = replies[4 : 4 + len(stages)]
             boxes = replies[-2 * len(keys.OUTBOXES) :]
             workers, outbox, oldest, *hooks = replies[4 + len(stages) : -len(boxes)]
             in_flight = await _jobs_in_flight(redis, workers)
+            by_provider = await _provider_families(redis, providers)
     except (RedisError, OSError, TimeoutError):
         families.append(GaugeMetricFamily("gqls_redis_up", "Whether Redis answered this scrape", value=0))
         return generate_latest(REGISTRY) + _expose(families)
@@ -188,6 +203,10 @@ async def render(
         CounterMetricFamily(
             "gqls_llm_rate_limited", "429 answers received from the LLM endpoint", value=limit.get("rate_limited", 0.0)
         ),
+        CounterMetricFamily(
+            "gqls_llm_fallbacks", "Calls that went to the next LLM fallback", value=limit.get("fallbacks", 0.0)
+        ),
+        *by_provider,
         CounterMetricFamily(
             "gqls_llm_pauses",
             "Pauses applied to every worker: a 429 with Retry-After, or rate headers saying a budget is spent",
@@ -242,6 +261,53 @@ def _queue_depths(depths: dict[str, int]) -> Metric:
     for priority, depth in depths.items():
         family.add_metric([priority], float(depth))
     return family
+
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+async def _provider_families(redis: AsyncRedis, raw: dict[bytes, bytes]) -> list[Metric]:
+    """Calls and failures per LLM endpoint+model, and each one's circuit breaker (0 closed,
+    1 half-open, 2 open; gql_service.worker.breaker). The label values come from the workers'
+    settings (the primary and LLM_FALLBACKS), never from clients."""
+    labels = ["base_url", "model"]
+    calls = CounterMetricFamily("gqls_llm_provider_calls", "LLM calls by endpoint and model", labels=labels)
+    failures = CounterMetricFamily(
+        "gqls_llm_provider_failures",
+        "LLM calls that failed in a way a fallback is for (5xx, connection, timeout, 429 not waited out)",
+        labels=labels,
+    )
+    state = GaugeMetricFamily(
+        "gqls_llm_breaker_state", "Circuit breaker of each LLM endpoint and model: 0 closed, 1 half-open, 2 open",
+        labels=labels,
+    )  # fmt: skip
+    endpoints: list[str] = []
+    for name, count in raw.items():
+        kind, _, endpoint = name.decode().partition("|")
+        family = calls if kind == "calls" else failures
+        family.add_metric(_provider_labels(endpoint), float(count))
+        if kind == "calls":
+            endpoints.append(endpoint)
+    if endpoints:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for endpoint in endpoints:
+                pipe.hget(keys.llm_breaker(endpoint), "open_until")
+            (seconds, micros), *open_until = await pipe.execute()
+        now_ms = seconds * 1000 + micros // 1000
+        for endpoint, until in zip(endpoints, open_until, strict=True):
+            shown = "closed" if until is None else "open" if int(until) > now_ms else "half_open"
+            state.add_metric(_provider_labels(endpoint), BREAKER_STATES[shown])
+    return [calls, failures, state]
+
+
+def _provider_labels(endpoint: str) -> list[str]:
+    """`base_url|model` (a provider's `endpoint`) as label values, without any password."""
+    base_url, _, model = endpoint.rpartition("|")
+    parts = urlsplit(base_url)
+    if parts.password is not None or parts.username is not None:
+        base_url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return [base_url.rstrip("/"), model]  # as configured: the SDK adds a slash
 
 
 def _webhook_families(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,6 +48,62 @@ class ReplicaAck:
 
     replicas: int
     timeout_ms: int
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """An LLM endpoint+model tried when the one before it fails (LLM_FALLBACKS): any
+    OpenAI-compatible endpoint, with limits of its own (unset: LLM_MAX_IN_FLIGHT, LLM_RPM
+    and LLM_TPM apply to it as to the primary, counted separately)."""
+
+    model: str
+    base_url: str | None = None  # None: OPENAI_BASE_URL
+    api_key: str | None = field(default=None, repr=False)  # None: OPENAI_API_KEY
+    max_in_flight: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+_FALLBACK_FIELDS = {"model", "baseUrl", "apiKeyEnv", "maxInFlight", "rpm", "tpm"}
+
+
+def parse_fallbacks(value: str) -> tuple[Fallback, ...]:
+    """LLM_FALLBACKS, a JSON list of {"model", "baseUrl", "apiKeyEnv", "maxInFlight", "rpm",
+    "tpm"} (all but `model` optional); raises ValueError saying what is wrong, in one line
+    that never holds a key."""
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(items, list):
+        raise ValueError('must be a JSON list of {"model": ..., "baseUrl": ..., "apiKeyEnv": ...}')
+    fallbacks = []
+    for n, item in enumerate(items):
+        where = f"entry {n}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} is not an object")
+        if unknown := sorted(set(item) - _FALLBACK_FIELDS):
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}")
+        model, base_url, key_env = item.get("model"), item.get("baseUrl"), item.get("apiKeyEnv")
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"{where} needs a model")
+        if base_url is not None and (not isinstance(base_url, str) or not base_url.startswith(("http://", "https://"))):
+            raise ValueError(f"{where}: baseUrl must be an http(s) URL")
+        api_key = None
+        if key_env is not None:
+            if not isinstance(key_env, str) or not os.environ.get(key_env):
+                # Read from the process's environment only (not .env): the key is a secret
+                # the deployment provides, as OPENAI_API_KEY usually is.
+                raise ValueError(f"{where}: apiKeyEnv names {key_env!r}, which is not set")
+            api_key = os.environ[key_env]
+        limits = {}
+        for name in ("maxInFlight", "rpm", "tpm"):
+            number = item.get(name)
+            if number is not None and (not isinstance(number, int) or isinstance(number, bool) or number < 1):
+                raise ValueError(f"{where}: {name} must be a whole number of at least 1")
+            limits[name] = number
+        fallbacks.append(Fallback(model, base_url, api_key, limits["maxInFlight"], limits["rpm"], limits["tpm"]))
+    return tuple(fallbacks)
 
 
 class SettingsError(Exception):
@@ -105,6 +164,13 @@ class Settings(BaseSettings):
     # Requests and tokens per minute for the LLM endpoint, across every worker (unset: none).
     llm_rpm: int | None = Field(None, ge=1)
     llm_tpm: int | None = Field(None, ge=1)
+    # Other OpenAI-compatible endpoints+models, tried in order within an attempt when the one
+    # before fails transiently (JSON list; see parse_fallbacks). Unset: no fallback, no breaker.
+    llm_fallbacks: str | None = Field(None, repr=False)
+    # With fallbacks: an endpoint+model that fails this many calls in a row is skipped by
+    # every worker for LLM_BREAKER_OPEN_S, then one call tries it again (half-open).
+    llm_breaker_failures: int = Field(5, ge=1, le=1000)
+    llm_breaker_open_s: float = Field(30.0, gt=0, le=24 * 3600)
     job_timeout_s: int = Field(180, gt=0)
     result_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     # How long RQ keeps its own job entries; the job record (RESULT_TTL_S) is what clients read.
@@ -200,6 +266,26 @@ class Settings(BaseSettings):
         if self.llm_provider == "openai" and not self.openai_api_key:
             raise ValueError("LLM_PROVIDER=openai needs OPENAI_API_KEY")
         return self
+
+    @field_validator("llm_fallbacks")
+    @classmethod
+    def _check_fallbacks(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None  # LLM_FALLBACKS= (empty): unset
+        if value is not None:
+            parse_fallbacks(value)
+        return value
+
+    @model_validator(mode="after")
+    def _fallbacks_have_keys(self) -> Settings:
+        if any(f.api_key is None for f in self.fallbacks) and not self.openai_api_key:
+            raise ValueError("LLM_FALLBACKS: an entry without apiKeyEnv needs OPENAI_API_KEY")
+        return self
+
+    @cached_property
+    def fallbacks(self) -> tuple[Fallback, ...]:
+        """LLM_FALLBACKS, parsed (checked at start-up)."""
+        return parse_fallbacks(self.llm_fallbacks) if self.llm_fallbacks else ()
 
     @field_validator("redis_sentinels")
     @classmethod

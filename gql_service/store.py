@@ -371,6 +371,13 @@ async def json_mode_only(redis: AsyncRedis, endpoint: str) -> bool:
     return bool(await redis.exists(keys.json_mode_only(endpoint)))
 
 
+async def json_modes_only(redis: AsyncRedis, endpoints: list[str]) -> list[bool]:
+    """`json_mode_only` of each endpoint, in one round trip (a primary and its fallbacks)."""
+    if len(endpoints) == 1:
+        return [await json_mode_only(redis, endpoints[0])]
+    return [value is not None for value in await redis.mget([keys.json_mode_only(e) for e in endpoints])]
+
+
 async def remember_json_mode_only(redis: AsyncRedis, endpoint: str, *, ttl_s: int) -> None:
     # Expires, so an endpoint that learns JSON schemas later is asked again.
     await redis.set(keys.json_mode_only(endpoint), 1, ex=ttl_s)

@@ -10,7 +10,7 @@ content in `stream_chunks` pieces spread over `stream_seconds`, then the finish 
 (with `stream_options.include_usage`) a chunk with the usage and no choices, then `[DONE]`.
 
     stub = OpenAIStub().start()          # in a background thread
-    stub.script(Fault.status(429), Fault.ok())
+    stub.script(Fault.http(429), Fault.ok())
     ...; stub.requests[-1]["response_format"]
     stub.stop()
 
@@ -153,6 +153,9 @@ class OpenAIStub:
         # As a provider does: more than this many requests in any 60 s are answered 429.
         self.enforce_rpm: int | None = None
         self.over_limit = 0  # requests answered 429 for it
+        # Answer every request with this HTTP status (a provider that is down) until set
+        # back to None; the script is kept for after.
+        self.fail_all: int | None = None
         # Hold every request until this many are open at once, then answer them (after
         # latency_s): "all in flight together" however slowly a busy machine sends them.
         self.hold_until_open: int | None = None
@@ -189,6 +192,7 @@ class OpenAIStub:
             self.arrivals.clear()
             self.most_open_calls = self._open_calls = self.over_limit = 0
             self.enforce_rpm = None
+            self.fail_all = None
             self.hold_until_open, self._all_open = None, None
             self._generation += 1
             self.latency_s = 0.0
@@ -229,6 +233,8 @@ class OpenAIStub:
             self.over_limit += over
         if over:
             return JSONResponse({"error": {"message": "rate limit", "type": "requests"}}, 429)
+        if (down := self.fail_all) is not None:
+            return JSONResponse({"error": {"message": f"stub is down ({down})", "type": "server_error"}}, down)
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return JSONResponse({"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}, 401)
         fault = self._next()

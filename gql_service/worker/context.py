@@ -31,6 +31,8 @@ class WorkerContext:
     settings: Settings
     provider: Provider
     redis_target: RedisTarget
+    # LLM_FALLBACKS, in order: asked when the provider (or the fallback before) fails.
+    fallbacks: tuple[Provider, ...] = ()
     # The async worker's: one Redis client and one ear for interim-frame subscribers, shared
     # by every job on its event loop. None in RQ's fork and simple workers, where each job
     # runs on an event loop of its own and opens its own.
@@ -82,10 +84,10 @@ def start(context: WorkerContext) -> None:
 def of_process() -> WorkerContext:
     # A worker started by plain `rq worker` still works: the context is built on first use.
     if _process is None:
-        from gql_service.worker.llm.factory import make_provider
+        from gql_service.worker.llm.factory import make_fallbacks, make_provider
 
         settings = load_settings()
-        start(WorkerContext(settings, make_provider(settings), settings.redis_target))
+        start(WorkerContext(settings, make_provider(settings), settings.redis_target, make_fallbacks(settings)))
     assert _process is not None
     return _process
 

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -23,6 +24,8 @@ from gql_service.partials import PartialStream
 from gql_service.pricing import Price
 from gql_service.settings import ReplicaAck
 from gql_service.worker import job_spans
+from gql_service.worker.breaker import MAX_PAUSE_S, falls_over
+from gql_service.worker.fallbacks import Route
 from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
 from gql_service.worker.llm.base import OnText
 from gql_service.worker.provider_limits import ProviderLimits
@@ -32,9 +35,8 @@ log = logging.getLogger(__name__)
 
 # A call told to come back later (429 Retry-After) tries again this many times within its
 # attempt, if told to wait no more than MAX_PAUSE_S (longer waits would run into the job's
-# timeout); otherwise the 429 counts like any other (RETRYING, a new attempt with backoff).
+# timeout); otherwise the 429 counts like any other (the next fallback, or RETRYING).
 MAX_PAUSES_PER_CALL = 5
-MAX_PAUSE_S = 60.0
 # How long a transition waits for an unreachable Redis before the attempt gives up (and RQ
 # retries the job, or abandoned-job detection does once Redis is back).
 REDIS_OUTAGE_WAIT_S = 30.0
@@ -74,6 +76,7 @@ class Attempt:
         *,
         ttl_s: int,
         limits: ProviderLimits | None = None,
+        fallbacks: Sequence[Route] = (),
         partials: PartialStream | None = None,
         outbox_max_len: int = store.OUTBOX_MAX_LEN,
         ack: ReplicaAck | None = None,
@@ -85,6 +88,8 @@ class Attempt:
         self.ack = ack  # the end of the job waits for replicas (REDIS_MIN_REPLICAS_ACKED)
         self.provider = provider
         self.limits = limits
+        # The primary, then each fallback (LLM_FALLBACKS) in order.
+        self.routes = (Route(provider, limits), *fallbacks)
         self.partials = partials
         self.job_id = job_id
         self.ttl_s = ttl_s
@@ -149,58 +154,84 @@ class Attempt:
         self.spent = self.spent + usage
 
     async def _ask(self, text: str, repair: Repair | None = None) -> Completion:
+        """The answer of the first endpoint+model that gives one: when one fails in a way
+        another may not (5xx, no connection, a timeout, a 429 not waited out, its breaker
+        open), the next fallback is asked at once, within this attempt."""
+        for n, route in enumerate(self.routes):
+            try:
+                return await self._ask_route(route, text, repair)
+            except LLMError as exc:
+                if n == len(self.routes) - 1 or not exc.retryable:
+                    raise
+                to = self.routes[n + 1].provider.model
+                log.debug("job %s: %s failed (%s); asking %s", self.job_id, route.provider.model, exc, to)
+                job_spans.event(self.span, "llm.fallback", str(exc), **{"gqls.llm.from": route.provider.model,
+                                                                        "gqls.llm.to": to})  # fmt: skip
+                self.waits.fallbacks += 1
+        raise AssertionError("unreachable")
+
+    async def _ask_route(self, route: Route, text: str, repair: Repair | None) -> Completion:
+        limits = route.limits
         for pauses in range(MAX_PAUSES_PER_CALL + 1):
             try:
-                completion = await self._call(text, repair)
+                completion = await self._call(route, text, repair)
             except LLMError as exc:
                 self._add_usage(exc.usage)
                 if exc.code is JobErrorCode.RATE_LIMITED:
                     self.waits.rate_limited += 1
                 wait = exc.retry_after_s
-                if self.limits is None or wait is None or wait > MAX_PAUSE_S or pauses == MAX_PAUSES_PER_CALL:
+                if limits is None or wait is None or wait > MAX_PAUSE_S or pauses == MAX_PAUSES_PER_CALL:
                     raise
                 # The endpoint said when to come back: every worker waits that long, and
                 # this call tries again then, without spending an attempt.
                 job_spans.event(self.span, "llm.pause", exc.code.value, **{"gqls.pause.seconds": wait})
-                await self.limits.pause(wait)
+                await limits.pause(wait)
                 self.waits.pauses += 1
                 continue
             self._add_usage(completion.usage)
             return completion
         raise AssertionError("unreachable")
 
-    async def _call(self, text: str, repair: Repair | None) -> Completion:
-        if self.limits is None:
-            return await self._extract(text, repair)
+    async def _call(self, route: Route, text: str, repair: Repair | None) -> Completion:
+        limits = route.limits
+        if limits is None:
+            return await self._extract(route.provider, text, repair)
+        limits.skip_if_open()
         estimate = prompt.estimated_tokens(text, repair)
-        self.waits.seconds += await self.limits.take_budget(estimate)
-        async with self.limits.slot() as waited:
+        self.waits.seconds += await limits.take_budget(estimate)
+        async with limits.slot() as waited:
             self.waits.seconds += waited
-            completion = await self._extract(text, repair)
-        await self.limits.charge_tokens(estimate, completion.usage.total_tokens)
+            completion = await self._extract(route.provider, text, repair)
+        await limits.charge_tokens(estimate, completion.usage.total_tokens)
         if completion.spent_for_s is not None:
             # The endpoint's rate headers say a budget is spent until then: every worker
             # waits for it, rather than for the 429 the next call would get.
             wait = min(completion.spent_for_s, MAX_PAUSE_S)
             job_spans.event(self.span, "llm.pause", "rate limit headers", **{"gqls.pause.seconds": wait})
-            await self.limits.pause(wait)
+            await limits.pause(wait)
             self.waits.pauses += 1
         return completion
 
-    async def _extract(self, text: str, repair: Repair | None) -> Completion:
-        """One LLM call, timed; its answer streams to the interim frames while it is written."""
+    async def _extract(self, provider: Provider, text: str, repair: Repair | None) -> Completion:
+        """One LLM call, timed and counted; its answer streams to the interim frames while it
+        is written (a fallback's answer starts them afresh)."""
         partials = self.partials
         if partials is not None and self.last is not None:
             partials.begin(self.last.version, watchers=self._watchers)
         started = time.monotonic()
+        self.waits.calls[provider.endpoint] += 1
         try:
-            with job_spans.chat_span(self.provider, text=text, repair=repair is not None) as chat:
+            with job_spans.chat_span(provider, text=text, repair=repair is not None) as chat:
                 on_text: OnText | None = partials.feed if partials is not None else None
                 if on_text is not None and chat.is_recording():
                     on_text = _first_token_noted(chat, on_text)
-                completion = await self.provider.extract(text, repair=repair, on_text=on_text)
+                completion = await provider.extract(text, repair=repair, on_text=on_text)
                 job_spans.completed(chat, completion)
                 return completion
+        except LLMError as exc:
+            if falls_over(exc):
+                self.waits.failures[provider.endpoint] += 1
+            raise
         finally:
             self.llm_seconds.append(time.monotonic() - started)
             if partials is not None:

@@ -30,9 +30,9 @@ from gql_service.partials import Demand, PartialStream
 from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
 from gql_service.worker.context import WorkerContext, of_process, takes_context
+from gql_service.worker.fallbacks import routes
 from gql_service.worker.llm import FallsBackToJsonMode, Provider
 from gql_service.worker.pipeline import Attempt, RetryLater, fail_job
-from gql_service.worker.provider_limits import ProviderLimits
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ async def run_extraction(ctx: WorkerContext, job_id: str) -> str | None:
             return await _extract(ctx, redis, rq_job, job_id, demand)
     finally:
         if ctx.redis is None:
-            await ctx.provider.aclose()  # this job's event loop ends with it
+            for provider in (ctx.provider, *ctx.fallbacks):
+                await provider.aclose()  # this job's event loop ends with it
 
 
 # The attempt's own deadline comes this much before JOB_TIMEOUT_S, so that the job records
@@ -61,24 +62,18 @@ async def _extract(
 ) -> str | None:
     await adopt_retry_policy(redis, rq_job, ctx.settings)
     ttl_s = ctx.settings.result_ttl_s
-    limits = ProviderLimits(
-        redis,
-        endpoint=ctx.provider.endpoint,
-        max_in_flight=ctx.settings.llm_max_in_flight,
-        call_timeout_s=ctx.settings.llm_timeout_s,
-        rpm=ctx.settings.llm_rpm,
-        tpm=ctx.settings.llm_tpm,
-    )
+    primary, *fallbacks = routes(redis, ctx.settings, ctx.provider, ctx.fallbacks)
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
     bound, ack = ctx.settings.outbox_max_len, ctx.settings.replica_ack
     attempt = Attempt(
-        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=limits, partials=partials, outbox_max_len=bound, ack=ack,
-        prices=ctx.settings.llm_prices,
+        redis, ctx.provider, job_id, ttl_s=ttl_s, limits=primary.limits, fallbacks=fallbacks, partials=partials,
+        outbox_max_len=bound, ack=ack, prices=ctx.settings.llm_prices,
     )  # fmt: skip
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
-        async with partials, _json_mode_memory(redis, ctx.provider), asyncio.timeout(deadline_s):
+        providers = (ctx.provider, *ctx.fallbacks)
+        async with partials, _json_mode_memory(redis, providers), asyncio.timeout(deadline_s):
             record = await attempt.run(retries_left=rq_job.retries_left or 0)
     except (RetryLater, RedisError):
         # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
@@ -116,19 +111,25 @@ JSON_MODE_MEMORY_S = 24 * 3600
 
 
 @asynccontextmanager
-async def _json_mode_memory(redis: AsyncRedis, provider: Provider) -> AsyncIterator[None]:
+async def _json_mode_memory(redis: AsyncRedis, providers: tuple[Provider, ...]) -> AsyncIterator[None]:
     """Share "this endpoint refuses JSON schemas" with every job and worker, so each job
-    doesn't pay a refused call first (a work horse's own flip dies with it)."""
-    if not isinstance(provider, FallsBackToJsonMode):
+    doesn't pay a refused call first (a work horse's own flip dies with it); for the primary
+    and each fallback, read in one round trip."""
+    learners = [p for p in providers if isinstance(p, FallsBackToJsonMode)]
+    if not learners:
         yield
         return
-    provider.json_schema = not await store.json_mode_only(redis, provider.endpoint)
-    learnt_here = provider.json_schema
+    known = await store.json_modes_only(redis, [p.endpoint for p in learners])
+    for provider, json_mode in zip(learners, known, strict=True):
+        provider.json_schema = not json_mode
+    asked = [p.json_schema for p in learners]
     try:
         yield
     finally:
-        if learnt_here and not provider.json_schema:
-            await store.remember_json_mode_only(redis, provider.endpoint, ttl_s=JSON_MODE_MEMORY_S)
+        for provider, schema_asked in zip(learners, asked, strict=True):
+            if schema_asked and not provider.json_schema:
+                endpoint = provider.endpoint
+                await store.remember_json_mode_only(redis, endpoint, ttl_s=JSON_MODE_MEMORY_S)
 
 
 def _run(work: Callable[[AsyncRedis], Awaitable[T]]) -> T:

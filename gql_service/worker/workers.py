@@ -21,7 +21,7 @@ from gql_service.redis_conn import sync_client
 from gql_service.settings import Settings
 from gql_service.worker import context
 from gql_service.worker.async_worker import AsyncServiceWorker
-from gql_service.worker.llm.factory import make_provider
+from gql_service.worker.llm.factory import make_fallbacks, make_provider
 from gql_service.worker.rq_workers import InlineServiceWorker, ServiceWorker
 from gql_service.worker.tuning import Tuning
 
@@ -41,11 +41,15 @@ def run_workers(
     concurrency: int | None = None,
     burst: bool = False,
 ) -> None:
-    provider = make_provider(settings)
-    warm_up = getattr(provider, "warm_up", None)
-    if warm_up is not None:
-        warm_up()  # load models/lexicons once; every work horse inherits them by fork
-    context.start(context.WorkerContext(settings=settings, provider=provider, redis_target=settings.redis_target))
+    provider, fallbacks = make_provider(settings), make_fallbacks(settings)
+    for each in (provider, *fallbacks):
+        warm_up = getattr(each, "warm_up", None)
+        if warm_up is not None:
+            warm_up()  # load models/lexicons once; every work horse inherits them by fork
+    context.start(
+        context.WorkerContext(settings=settings, provider=provider, redis_target=settings.redis_target,
+                              fallbacks=fallbacks)
+    )  # fmt: skip
     Tuning.lost_after_s = settings.worker_lost_after_s
     Tuning.job_timeout_s = settings.job_timeout_s
     Tuning.rq_queue, Tuning.share_every = settings.rq_queue, settings.priority_share_every
@@ -62,10 +66,11 @@ def run_workers(
     gc.freeze()
     per_process = f" x {AsyncServiceWorker.concurrency} jobs" if settings.worker_class == "async" else ""
     log.info(
-        "worker: queues %r, provider %s (%s), %d %s process(es)%s",
+        "worker: queues %r, provider %s (%s)%s, %d %s process(es)%s",
         queues,
         settings.provider,
         provider.model,
+        "".join(f", then {f.model}" for f in fallbacks),
         num_workers,
         settings.worker_class,
         per_process,
