@@ -56,3 +56,18 @@ def test_a_jobs_function_is_called_by_rqs_private_execute_as_context_job_copies_
     context first: RQ's own must still be the call it copies."""
     source = inspect.getsource(Job._execute)
     assert "self.func(*self.args, **self.kwargs)" in source and "asyncio.run(result)" in source
+
+
+def test_a_dequeue_waits_a_fraction_of_a_second_as_asked(sync_redis: Redis) -> None:
+    """Idle workers wait DEQUEUE_WAIT_S (0.25 s) on RQ_QUEUE between looks at the others:
+    RQ's `timeout` is hinted `int`, and it must reach BLMOVE as the fraction it is (truncated
+    to 0 it would be refused; rounded up it would be a second)."""
+    from rq.exceptions import DequeueTimeout
+    from rq.queue import Queue
+
+    from gql_service.worker.tuning import DEQUEUE_WAIT_S
+
+    assert DEQUEUE_WAIT_S < 1
+    with pytest.raises(DequeueTimeout) as waited:
+        Queue.lmove(sync_redis, "rq:queue:pinned-empty", DEQUEUE_WAIT_S)  # type: ignore[arg-type]
+    assert waited.value.args[0] == DEQUEUE_WAIT_S
