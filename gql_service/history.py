@@ -21,7 +21,7 @@ from gql_service.models import JobRecord, JobStatus
 
 COLUMNS = (
     "id", "tenant", "status", "stage", "version", "created_at", "updated_at", "started_at", "finished_at",
-    "attempts", "model", "result", "error", "usage", "cost_usd", "request_id", "text",
+    "attempts", "model", "result", "error", "usage", "cost_usd", "priority", "request_id", "text",
 )  # fmt: skip
 
 # Idempotent: a row written twice (a drainer that died before acknowledging) is written
@@ -73,8 +73,8 @@ def pool(url: str, *, timeout_s: float) -> AsyncConnectionPool[Any]:
 
 
 def record_of(found: dict[str, Any]) -> JobRecord:
-    # The table has no priority column: unknown (None), rather than a NORMAL it may not have been.
-    return JobRecord.model_validate({k: v for k, v in found.items() if k != "text"} | {"priority": None})
+    # A row archived before the priority column (0003) has none: unknown (None), not NORMAL.
+    return JobRecord.model_validate({k: v for k, v in found.items() if k != "text"})
 
 
 async def upsert(conn: AsyncConnection[Any], rows: Iterable[dict[str, Any]]) -> None:

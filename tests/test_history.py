@@ -51,7 +51,7 @@ def postgres() -> Iterator[EmbeddedPostgres]:
 
 def rows(pg: EmbeddedPostgres, *job_ids: str) -> dict[str, dict[str, object]]:
     with psycopg.connect(pg.url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        cur.execute("SELECT id, status, version, text, result FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
+        cur.execute("SELECT id, status, version, text, result, priority FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
         return {r["id"]: r for r in cur.fetchall()}
 
 
@@ -293,3 +293,17 @@ async def test_jobs_pages_through_redis_and_the_history_as_one_list(
     assert list_all(archived_service, 20, **window) == [r.id for r in reversed(archived[100:150])]
     naive = post(archived_service, LIST, headers=AS_C, first=5, **{"from": "2026-01-01T00:00:00"}).json()
     assert naive["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+
+
+def test_an_archived_job_keeps_its_priority(
+    archived_service: Service, postgres: EmbeddedPostgres, e2e_redis: str
+) -> None:
+    submit_high = "mutation($t: String!) { submitText(input: {text: $t, priority: HIGH}) { job { id } } }"
+    body = post(archived_service, submit_high, headers=AS_A, t="Urgent: the clinic was kind.").json()
+    job_id = body["data"]["submitText"]["job"]["id"]
+    finished(archived_service, job_id, AS_A)
+    wait_until(lambda: job_id in rows(postgres, job_id), timeout_s=30, what="the job's row")
+    assert rows(postgres, job_id)[job_id]["priority"] == "HIGH"
+    forget_in_redis(Redis.from_url(e2e_redis), job_id)
+    job = post(archived_service, "query($id: ID!) { job(id: $id) { priority } }", headers=AS_A, id=job_id).json()
+    assert job["data"]["job"] == {"priority": "HIGH"}
