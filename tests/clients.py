@@ -44,6 +44,26 @@ def submit(svc: Service, text: str = TEXT, headers: dict[str, str] | None = None
     return str(body["data"]["submitText"]["job"]["id"])
 
 
+SUBMIT_MANY = "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { job { id } } }"
+
+
+def submit_many(
+    svc: Service, n: int, headers: dict[str, str] | None = None, *, priority: str | None = None
+) -> list[str]:
+    """`n` jobs, in submitTexts calls of 100; their ids in order."""
+    ids: list[str] = []
+    for start in range(0, n, 100):
+        inputs: list[dict[str, Any]] = [
+            {"text": f"{TEXT} ({priority or ''} {i})"} for i in range(start, min(n, start + 100))
+        ]
+        if priority is not None:
+            inputs = [{**item, "priority": priority} for item in inputs]
+        body = post(svc, SUBMIT_MANY, headers=headers, inputs=inputs).json()
+        assert "errors" not in body, body
+        ids += [answer["job"]["id"] for answer in body["data"]["submitTexts"]]
+    return ids
+
+
 # A guard against a hang, not a speed check: a worker process started while the whole suite
 # runs beside it took 30 s to import and take its first job on a 2-core CI machine.
 FOLLOW_GUARD_S = 90

@@ -15,11 +15,13 @@ from redis.asyncio import Redis as AsyncRedis
 from gql_service.api.jobs import JobService
 from gql_service.api.schema import Context
 from gql_service.broadcast import Broadcast
+from gql_service.cli import migrate
 from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.cli.procs import become_subreaper
 from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
 
+from .embedded_postgres import EmbeddedPostgres
 from .openai_stub import OpenAIStub
 from .service import Service
 
@@ -62,6 +64,15 @@ def no_process_outlives_the_tests() -> Iterator[None]:
                 process.kill()
     if leftovers:
         warnings.warn(f"killed {len(leftovers)} process(es) the tests left behind: {leftovers}", stacklevel=1)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL server of the module's own, its tables made by `gql-service migrate`'s
+    code (the job history)."""
+    with EmbeddedPostgres() as pg:
+        migrate.upgrade(pg.url)
+        yield pg
 
 
 @pytest.fixture(scope="session")

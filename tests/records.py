@@ -11,6 +11,8 @@ from redis.asyncio import Redis as AsyncRedis
 from gql_service import store
 from gql_service.models import JobRecord
 
+from .service import wait_until
+
 
 def update_job(redis: Redis, job_id: str, change: store.Change, *, ttl_s: int) -> tuple[JobRecord | None, bool]:
     """`store.update_job` through a client to the same server, on a loop of its own (so it
@@ -37,3 +39,16 @@ def create_job(
         store.create_job(pipe, record, text=text, ttl_s=ttl_s)
         pipe.execute()
     return record
+
+
+def records(redis: Redis, job_ids: list[str]) -> list[JobRecord]:
+    """The jobs' records now (every one must exist)."""
+    found = [store.get_job_sync(redis, job_id) for job_id in job_ids]
+    assert all(r is not None for r in found)
+    return found  # type: ignore[return-value]
+
+
+def until_ended(redis: Redis, job_ids: list[str], timeout_s: float = 30) -> list[JobRecord]:
+    """The jobs' records once every one has ended."""
+    wait_until(lambda: all(r.terminal for r in records(redis, job_ids)), timeout_s=timeout_s, what="every job to end")
+    return records(redis, job_ids)

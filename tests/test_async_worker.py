@@ -18,11 +18,12 @@ from rq import Queue, Worker
 from rq.job import Job as RQJob
 from rq.rate_limit import RateLimitRegistry
 
-from gql_service import keys, store
-from gql_service.models import JobRecord, JobStatus
+from gql_service import keys
+from gql_service.models import JobStatus
 
-from .clients import TEXT, post
+from .clients import post, submit_many
 from .openai_stub import Fault, OpenAIStub
+from .records import records, until_ended
 from .service import Service, wait_until
 
 LOST_AFTER_S = 3
@@ -32,35 +33,11 @@ LOST_AFTER_S = 3
 # bounds the noticing itself.
 RECOVERY_S = 120
 IN_FLIGHT = 50
-SUBMIT_MANY = "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { job { id } } }"
 CANCEL = "mutation($id: ID!) { cancelJob(id: $id) { id status } }"
 
 
 def env(stub: OpenAIStub, queue: str, **extra: str) -> dict[str, str]:
     return {**stub.env, "RQ_QUEUE": queue, "WORKER_LOST_AFTER_S": str(LOST_AFTER_S), "LLM_TIMEOUT_S": "90", **extra}
-
-
-def submit_many(svc: Service, n: int, headers: dict[str, str] | None = None) -> list[str]:
-    ids: list[str] = []
-    for start in range(0, n, 100):
-        inputs = [{"text": f"{TEXT} ({i})"} for i in range(start, min(n, start + 100))]
-        body = post(svc, SUBMIT_MANY, headers=headers, inputs=inputs).json()
-        assert "errors" not in body, body
-        ids += [answer["job"]["id"] for answer in body["data"]["submitTexts"]]
-    return ids
-
-
-def records(redis: Redis, job_ids: list[str]) -> list[JobRecord]:
-    found = [store.get_job_sync(redis, job_id) for job_id in job_ids]
-    assert all(r is not None for r in found)
-    return found  # type: ignore[return-value]
-
-
-def until_ended(sync_redis: Redis, job_ids: list[str], timeout_s: float = 30) -> list[JobRecord]:
-    wait_until(
-        lambda: all(r.terminal for r in records(sync_redis, job_ids)), timeout_s=timeout_s, what="every job to end"
-    )
-    return records(sync_redis, job_ids)
 
 
 @pytest.fixture

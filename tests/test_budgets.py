@@ -18,7 +18,6 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import budgets, history, keys, store
-from gql_service.cli import migrate
 from gql_service.models import JobRecord, JobStage, JobStatus, TokenUsage
 from gql_service.pricing import Price, job_cost, price_of
 from gql_service.settings import SettingsError, load_settings
@@ -105,13 +104,6 @@ async def test_a_jobs_end_counts_once_into_its_tenants_day_and_month(async_redis
 
 
 # -- the service ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as pg:
-        migrate.upgrade(pg.url)
-        yield pg
-
-
 @pytest.fixture(scope="module")
 def module_stub() -> Iterator[OpenAIStub]:
     stub = OpenAIStub().start()

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import hypothesis
@@ -23,7 +23,6 @@ from gql_service import history
 from gql_service.api.jobs import JobService
 from gql_service.api.schema import Context, schema
 from gql_service.broadcast import Broadcast
-from gql_service.cli import migrate
 from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
 
@@ -45,13 +44,6 @@ def nested(depth: int) -> dict[str, Any]:
     for _ in range(depth - 1):
         value = {"a": value}
     return value
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as pg:
-        migrate.upgrade(pg.url)
-        yield pg
 
 
 @contextlib.asynccontextmanager

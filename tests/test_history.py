@@ -42,13 +42,6 @@ LIST = """query($first: Int!, $after: String, $from: DateTime, $to: DateTime) {
 }"""
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as pg:
-        migrate.upgrade(pg.url)
-        yield pg
-
-
 def rows(pg: EmbeddedPostgres, *job_ids: str) -> dict[str, dict[str, object]]:
     with psycopg.connect(pg.url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute("SELECT id, status, version, text, result, priority FROM jobs WHERE id = ANY(%s)", (list(job_ids),))

@@ -24,7 +24,6 @@ from rq import Queue
 from rq.job import Job as RQJob
 
 from gql_service import delivery_store, keys, store
-from gql_service.cli import migrate
 from gql_service.cli import outbox as cli_outbox
 from gql_service.cli.embedded_redis import EmbeddedRedis
 from gql_service.models import Extraction, JobRecord, JobStage, JobStatus, WebhookDelivery, utcnow
@@ -223,13 +222,6 @@ async def test_two_attempts_at_once_both_count_in_the_delivery_state(
 
 
 # -- end to end: real workers, PostgreSQL, the webhook receiver -----------------------------
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as pg:
-        migrate.upgrade(pg.url)
-        yield pg
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     hooks = Receiver(WEBHOOK_SECRET).start()

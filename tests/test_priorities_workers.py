@@ -11,14 +11,14 @@ from datetime import datetime
 import pytest
 from redis import Redis
 
-from gql_service import keys, store
+from gql_service import keys
 from gql_service.models import JobRecord
 
-from .clients import TEXT, post
+from .clients import submit_many
 from .openai_stub import OpenAIStub
+from .records import records, until_ended
 from .service import Service, wait_until
 
-SUBMIT_MANY = "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { job { id } } }"
 LLM_S = 0.2
 
 
@@ -27,27 +27,6 @@ def slow_stub(stub: OpenAIStub) -> Iterator[OpenAIStub]:
     stub.latency_s = LLM_S
     yield stub
     stub.latency_s = 0.0
-
-
-def submit(svc: Service, n: int, priority: str) -> list[str]:
-    ids: list[str] = []
-    for start in range(0, n, 100):
-        inputs = [{"text": f"{TEXT} ({priority} {i})", "priority": priority} for i in range(start, min(n, start + 100))]
-        body = post(svc, SUBMIT_MANY, inputs=inputs).json()
-        assert "errors" not in body, body
-        ids += [answer["job"]["id"] for answer in body["data"]["submitTexts"]]
-    return ids
-
-
-def records(redis: Redis, job_ids: list[str]) -> list[JobRecord]:
-    found = [store.get_job_sync(redis, job_id) for job_id in job_ids]
-    assert all(r is not None for r in found)
-    return found  # type: ignore[return-value]
-
-
-def until_ended(redis: Redis, job_ids: list[str], timeout_s: float = 60) -> list[JobRecord]:
-    wait_until(lambda: all(r.terminal for r in records(redis, job_ids)), timeout_s=timeout_s, what="the jobs' ends")
-    return records(redis, job_ids)
 
 
 def waiting_at(when: datetime, jobs: list[JobRecord]) -> int:
@@ -70,11 +49,11 @@ def test_high_jobs_overtake_300_queued_low_ones(redis_url: str, sync_redis: Redi
     """One async worker at concurrency 4, the LLM at 200 ms: 300 LOW jobs queued, then 5
     HIGH. Every HIGH ends while at least 200 LOW still wait."""
     with service(redis_url, slow_stub, "prio-async", "async") as svc:
-        low = submit(svc, 300, "LOW")
+        low = submit_many(svc, 300, priority="LOW")
         listening(svc)
         wait_until(lambda: len(slow_stub.requests) >= 4, what="the first LOW jobs in their calls")
-        high = submit(svc, 5, "HIGH")
-        ended = until_ended(sync_redis, high)
+        high = submit_many(svc, 5, priority="HIGH")
+        ended = until_ended(sync_redis, high, timeout_s=60)
         last_high = max(r.finished_at for r in ended if r.finished_at is not None)
         assert all(r.status.value == "FINISHED" for r in ended)
         still = waiting_at(last_high, records(sync_redis, low))
@@ -87,11 +66,11 @@ def test_every_worker_class_takes_high_first(
 ) -> None:
     """A worker of one job at a time: 20 LOW jobs queued, then 2 HIGH, each taken next."""
     with service(redis_url, slow_stub, f"prio-{worker_class}", worker_class) as svc:
-        low = submit(svc, 20, "LOW")
+        low = submit_many(svc, 20, priority="LOW")
         listening(svc)
         wait_until(lambda: len(slow_stub.requests) >= 1, what="the first LOW job in its call")
-        high = submit(svc, 2, "HIGH")
-        last_high = max(r.finished_at for r in until_ended(sync_redis, high) if r.finished_at is not None)
+        high = submit_many(svc, 2, priority="HIGH")
+        last_high = max(r.finished_at for r in until_ended(sync_redis, high, timeout_s=60) if r.finished_at is not None)
         still = waiting_at(last_high, records(sync_redis, low))
         assert still >= 15, f"only {still} LOW jobs still waited when the last HIGH one ended"
 
@@ -109,11 +88,11 @@ class HighFlood:
     def _run(self) -> None:
         while not self.stop.is_set():
             if self.redis.llen(self.key) < self.depth:
-                self.ids += submit(self.svc, self.depth, "HIGH")
+                self.ids += submit_many(self.svc, self.depth, priority="HIGH")
             self.stop.wait(0.02)
 
     def __enter__(self) -> HighFlood:
-        self.ids += submit(self.svc, self.depth * 2, "HIGH")
+        self.ids += submit_many(self.svc, self.depth * 2, priority="HIGH")
         self.thread.start()
         return self
 
@@ -130,7 +109,7 @@ def test_low_and_normal_jobs_finish_while_high_ones_keep_arriving(
     jobs submitted before it was taken were still waiting."""
     queue = "prio-flood"
     with service(redis_url, slow_stub, queue, "async") as svc:
-        low, normal = submit(svc, 10, "LOW"), submit(svc, 10, "NORMAL")
+        low, normal = submit_many(svc, 10, priority="LOW"), submit_many(svc, 10, priority="NORMAL")
         with HighFlood(svc, sync_redis, queue) as flood:
             listening(svc)
             done = until_ended(sync_redis, low[:5] + normal[:5], timeout_s=90)

@@ -14,7 +14,6 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from gql_service import history, tracing
-from gql_service.cli import migrate
 from gql_service.cli.embedded_redis import EmbeddedRedis, free_port
 from gql_service.models import JobRecord, JobStage, JobStatus, JobTrace
 from gql_service.rendering import job_view
@@ -325,13 +324,6 @@ HOOK_ENV = {
     "WEBHOOK_RETRY_BASE_S": "1",  # the second attempt about 1 s after the first
     "WEBHOOK_MAX_ATTEMPTS": "3",
 }
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as pg:
-        migrate.upgrade(pg.url)
-        yield pg
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 from redis import Redis
 
 from gql_service import keys
-from gql_service.cli import migrate
 
 from .clients import follow, post
 from .embedded_postgres import EmbeddedPostgres
@@ -73,13 +72,6 @@ async def test_the_openai_http_request_is_a_child_of_the_chat_span(
     # Neither the text (the request's body) nor the API key (a header) is recorded.
     _no_content(spans, stub.env["OPENAI_API_KEY"])
     _roots_are_ours(receiver.spans)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as pg:
-        migrate.upgrade(pg.url)
-        yield pg
 
 
 def _archived(pg: EmbeddedPostgres, job_id: str) -> bool:
