@@ -157,3 +157,9 @@ class OtlpReceiver(SpanStore):
         self._release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def service_env(receiver: OtlpReceiver) -> dict[str, str]:
+    """The settings that send a service's spans to `receiver`, exported within 50 ms (the
+    tests wait for spans), with JSON log lines (which carry the trace and span ids)."""
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50", "LOG_FORMAT": "json"}

@@ -25,11 +25,10 @@ from gql_service.worker.provider_limits import ProviderLimits
 
 from .clients import follow, submit
 from .openai_stub import Fault, OpenAIStub
-from .otlp_receiver import OtlpReceiver, ReceivedSpan
+from .otlp_receiver import OtlpReceiver, ReceivedSpan, service_env
 from .service import Service, wait_until
 from .test_cli import run_cli
 from .test_observability import metric
-from .test_tracing import traced_env
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ async def test_a_failing_primary_falls_over_within_the_attempt_and_the_spans_say
 ) -> None:
     stub.script(Fault.http(503))
     with OtlpReceiver() as receiver:
-        env = {**fallback_env(stub, fallback, f"primary-traced-{stream}"), **traced_env(receiver),
+        env = {**fallback_env(stub, fallback, f"primary-traced-{stream}"), **service_env(receiver),
                "RQ_QUEUE": f"llm-fallback-{stream}", "LLM_STREAM": str(stream).lower()}  # fmt: skip
         with Service(e2e_redis, workers=1, env=env) as svc:
             job_id = submit(svc)

@@ -22,7 +22,7 @@ from .clients import follow, post
 from .conftest import WEBHOOK_SECRET
 from .embedded_postgres import EmbeddedPostgres
 from .openai_stub import Fault, OpenAIStub
-from .otlp_receiver import OtlpReceiver, ReceivedSpan
+from .otlp_receiver import OtlpReceiver, ReceivedSpan, service_env
 from .service import Service, wait_until
 from .webhook_receiver import Receiver
 
@@ -35,14 +35,6 @@ SUBMIT_MANY = "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inp
 JOB = "query($id: ID!) { job(id: $id) { traceId status usage { promptTokens completionTokens } } }"
 
 
-def traced_env(receiver: OtlpReceiver) -> dict[str, str]:
-    return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_BSP_SCHEDULE_DELAY": "50",  # export within 50 ms: the test waits for spans
-        "LOG_FORMAT": "json",
-    }
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[OtlpReceiver]:
     with OtlpReceiver() as r:
@@ -51,7 +43,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def traced(e2e_redis: str, receiver: OtlpReceiver) -> Iterator[Service]:
-    with Service(e2e_redis, workers=1, env=traced_env(receiver)) as svc:
+    with Service(e2e_redis, workers=1, env=service_env(receiver)) as svc:
         yield svc
 
 
@@ -202,7 +194,7 @@ async def test_every_worker_class_sends_its_spans(
 ) -> None:
     """A fork worker's work horse ends with os._exit (no exit hooks): it sends its spans
     before; a pool's workers are forked from the pool, each sets tracing up for itself."""
-    env = {**traced_env(receiver), "WORKER_CLASS": worker_class, "RQ_QUEUE": f"llm-{worker_class}"}
+    env = {**service_env(receiver), "WORKER_CLASS": worker_class, "RQ_QUEUE": f"llm-{worker_class}"}
     with Service(e2e_redis, workers=workers, env=env) as svc:
         body = post(svc, SUBMIT, text=TEXT).json()
         job_id, trace_id = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
@@ -221,7 +213,7 @@ async def test_retries_repairs_and_the_openai_call_in_one_trace(
 ) -> None:
     # A 500 (the attempt is retried), then an answer that is not JSON (a repair), then a good one.
     stub.script(Fault.http(500), Fault.raw("not json at all"))
-    env = {**traced_env(receiver), **stub.env, "RQ_QUEUE": "llm-openai"}
+    env = {**service_env(receiver), **stub.env, "RQ_QUEUE": "llm-openai"}
     with Service(e2e_redis, workers=1, env=env) as svc:
         body = post(svc, SUBMIT, text=TEXT).json()
         job_id, trace_id = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
@@ -263,7 +255,7 @@ async def test_a_retried_job_of_a_submit_texts_call_stays_in_its_own_trace(
     e2e_redis: str, receiver: OtlpReceiver, stub: OpenAIStub
 ) -> None:
     stub.script(Fault.http(500))
-    env = {**traced_env(receiver), **stub.env, "RQ_QUEUE": "llm-openai-many"}
+    env = {**service_env(receiver), **stub.env, "RQ_QUEUE": "llm-openai-many"}
     with Service(e2e_redis, workers=1, env=env) as svc:
         body = post(svc, SUBMIT_MANY, inputs=[{"text": TEXT}]).json()
         [answer] = body["data"]["submitTexts"]
@@ -283,7 +275,7 @@ async def test_a_retried_job_of_a_submit_texts_call_stays_in_its_own_trace(
 async def test_message_content_only_when_asked_for(e2e_redis: str) -> None:
     with OtlpReceiver() as got:
         capture = {"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true", "RQ_QUEUE": "llm-content"}
-        env = {**traced_env(got), **capture}
+        env = {**service_env(got), **capture}
         with Service(e2e_redis, workers=1, env=env) as svc:
             job_id = post(svc, SUBMIT, text=TEXT).json()["data"]["submitText"]["job"]["id"]
             assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
@@ -299,7 +291,7 @@ async def test_message_content_only_when_asked_for(e2e_redis: str) -> None:
 
 async def test_a_collector_that_hangs_holds_up_no_request_and_no_job(e2e_redis: str) -> None:
     env = {"RQ_QUEUE": "llm-stuck"}  # its own queue: the jobs run on this service's worker
-    with OtlpReceiver(hang=True) as stuck, Service(e2e_redis, workers=1, env={**traced_env(stuck), **env}) as svc:
+    with OtlpReceiver(hang=True) as stuck, Service(e2e_redis, workers=1, env={**service_env(stuck), **env}) as svc:
         first: dict[str, Any] = post(svc, SUBMIT, text=TEXT).json()
         assert (await follow(svc, first["data"]["submitText"]["job"]["id"]))[-1]["status"] == "FINISHED"
         stuck.wait_for_requests(2)  # both processes' exporters are now stuck on it
@@ -354,7 +346,7 @@ async def test_webhook_deliveries_and_archive_writes_are_spans_linked_to_the_job
     path = f"hook-{MARKER}"
     url = f"{hooks.url(path)}?token={MARKER}"
     hooks.script(path, 500)  # the first attempt fails, the second is delivered (204)
-    env = {**traced_env(receiver), **HOOK_ENV, "DATABASE_URL": postgres.url, "RQ_QUEUE": "llm-after"}
+    env = {**service_env(receiver), **HOOK_ENV, "DATABASE_URL": postgres.url, "RQ_QUEUE": "llm-after"}
     # A Redis of its own: the outboxes' streams it makes would take entries of every later test.
     with EmbeddedRedis() as redis, Service(redis.url, workers=1, env=env) as svc:
         body = post(svc, SUBMIT_HOOKED, text=TEXT, url=url).json()
@@ -470,7 +462,7 @@ async def test_spans_a_worker_drops_are_counted_on_the_apis_metrics(worker_class
     with (
         OtlpReceiver(hang=True) as stuck,
         EmbeddedRedis() as redis,
-        Service(redis.url, workers=1, env={**traced_env(stuck), **settings}) as svc,
+        Service(redis.url, workers=1, env={**service_env(stuck), **settings}) as svc,
     ):
         assert _worker_drops(svc) == 0
         for _ in range(2):

@@ -16,7 +16,7 @@ from gql_service import keys
 from .clients import follow, post
 from .embedded_postgres import EmbeddedPostgres
 from .openai_stub import OpenAIStub
-from .otlp_receiver import OtlpReceiver, ReceivedSpan
+from .otlp_receiver import OtlpReceiver, ReceivedSpan, service_env
 from .service import Service, wait_until
 
 CLIENT = 3  # opentelemetry.proto.trace.v1 Span.SpanKind
@@ -29,7 +29,7 @@ OURS = ("mutation ", "query ", "subscription ", "POST /", "GET /", "job extract"
 
 
 def env_for(receiver: OtlpReceiver, queue: str) -> dict[str, str]:
-    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50", "RQ_QUEUE": queue}
+    return {**service_env(receiver), "RQ_QUEUE": queue}
 
 
 @pytest.fixture(scope="module")

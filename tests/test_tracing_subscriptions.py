@@ -13,7 +13,7 @@ import pytest
 from bench.trace_picture import render
 
 from .clients import LEGACY_WS, TRANSPORT_WS, follow, post, submit
-from .otlp_receiver import OtlpReceiver, ReceivedSpan
+from .otlp_receiver import OtlpReceiver, ReceivedSpan, service_env
 from .service import Service
 
 SERVER, INTERNAL = 2, 1  # opentelemetry.proto.trace.v1 Span.SpanKind
@@ -29,8 +29,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def traced(e2e_redis: str, receiver: OtlpReceiver) -> Iterator[Service]:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    with Service(e2e_redis, workers=1, env=env) as svc:
+    with Service(e2e_redis, workers=1, env=service_env(receiver)) as svc:
         yield svc
 
 
