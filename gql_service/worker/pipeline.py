@@ -24,7 +24,7 @@ from gql_service.partials import PartialStream
 from gql_service.pricing import Price
 from gql_service.settings import ReplicaAck
 from gql_service.worker import job_spans
-from gql_service.worker.breaker import MAX_PAUSE_S, falls_over
+from gql_service.worker.breaker import MAX_PAUSE_S, falls_over, usable_pause
 from gql_service.worker.fallbacks import Route
 from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
 from gql_service.worker.llm.base import OnText
@@ -180,7 +180,7 @@ class Attempt:
                 if exc.code is JobErrorCode.RATE_LIMITED:
                     self.waits.rate_limited += 1
                 wait = exc.retry_after_s
-                if limits is None or wait is None or wait > MAX_PAUSE_S or pauses == MAX_PAUSES_PER_CALL:
+                if limits is None or wait is None or not usable_pause(exc) or pauses == MAX_PAUSES_PER_CALL:
                     raise
                 # The endpoint said when to come back: every worker waits that long, and
                 # this call tries again then, without spending an attempt.
