@@ -17,7 +17,7 @@ from redis import Redis
 
 from tests.service import Service
 
-from .harness import loadgen, median, park_jobs, progress
+from .harness import loadgen, median, parked_jobs, progress
 from .scenarios import Sizes, offline_env
 
 JOB = "query Job($id: ID!) { job(id: $id) { id status stage version createdAt } }"
@@ -25,23 +25,23 @@ JOB = "query Job($id: ID!) { job(id: $id) { id status stage version createdAt } 
 
 def trusted_documents(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     progress("14. a job query by documentId beside the same query in full")
-    [job_id] = park_jobs(Redis.from_url(redis_url), 1, "bench-documents")
-    digest = hashlib.sha256(JOB.encode()).hexdigest()
-    bodies = {
-        "full": {"query": JOB, "variables": {"id": job_id}},
-        "by_id": {"documentId": f"sha256:{digest}", "variables": {"id": job_id}},
-    }
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in bodies}
-    with tempfile.TemporaryDirectory() as folder:
-        manifest = Path(folder) / "persisted-documents.json"
-        manifest.write_text(json.dumps({digest: JOB}))
-        env = {**offline_env("bench-documents"), "TRUSTED_DOCUMENTS": str(manifest)}
-        with Service(redis_url, workers=0, env=env) as svc:
-            for _ in range(sizes.submit_rounds):
-                for name, body in bodies.items():
-                    runs[name].append(
-                        loadgen(svc.http_url, body, concurrency=sizes.concurrency, duration=sizes.submit_seconds)
-                    )
+    with parked_jobs(Redis.from_url(redis_url), 1, "bench-documents") as [job_id]:
+        digest = hashlib.sha256(JOB.encode()).hexdigest()
+        bodies = {
+            "full": {"query": JOB, "variables": {"id": job_id}},
+            "by_id": {"documentId": f"sha256:{digest}", "variables": {"id": job_id}},
+        }
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in bodies}
+        with tempfile.TemporaryDirectory() as folder:
+            manifest = Path(folder) / "persisted-documents.json"
+            manifest.write_text(json.dumps({digest: JOB}))
+            env = {**offline_env("bench-documents"), "TRUSTED_DOCUMENTS": str(manifest)}
+            with Service(redis_url, workers=0, env=env) as svc:
+                for _ in range(sizes.submit_rounds):
+                    for name, body in bodies.items():
+                        runs[name].append(
+                            loadgen(svc.http_url, body, concurrency=sizes.concurrency, duration=sizes.submit_seconds)
+                        )
     rows = {
         name: {
             "rps": median(r["rps"] for r in got),

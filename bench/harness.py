@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -9,14 +10,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 from redis import Redis
 
-from gql_service import store
+from gql_service import keys, store
 from gql_service.api.app import API_CLIENT_NAME
 from gql_service.models import JobRecord
 
@@ -70,14 +71,24 @@ def loadgen(
     return dict(json.loads(out.stdout))
 
 
-def park_jobs(redis: Redis, count: int, prefix: str) -> list[str]:
-    """QUEUED job records no worker will take: subscriptions to them stay open."""
+@contextlib.contextmanager
+def parked_jobs(redis: Redis, count: int, prefix: str) -> Iterator[list[str]]:
+    """QUEUED job records no worker will take: subscriptions to them stay open. Removed
+    afterwards: a later section's worker would find records without an RQ job and queue
+    them again (gql_service/worker/reconciler.py), running jobs that section never sent."""
     ids = [f"{prefix}-{i}" for i in range(count)]
     with redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
             store.create_job(pipe, JobRecord(id=job_id), text="parked", ttl_s=3600)
         pipe.execute()
-    return ids
+    try:
+        yield ids
+    finally:
+        job_keys = [keys.job(job_id) for job_id in ids]
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*job_keys)
+            pipe.zrem(keys.LIVE_JOBS, *job_keys)
+            pipe.execute()
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tests import records as job_records
 from tests.openai_stub import OpenAIStub
 from tests.service import Proc, Service, answers, wait_until
 
-from .harness import api_pid, api_redis_connections, loadgen, median, park_jobs, pct, progress, rss_mib
+from .harness import api_pid, api_redis_connections, loadgen, median, parked_jobs, pct, progress, rss_mib
 
 SUBMIT_BODY = {
     "query": "mutation($t: String!) { submitText(input: {text: $t}) { job { id } } }",
@@ -225,58 +225,59 @@ async def _fanout_one_size(
     svc: Service, redis: Redis, n: int, samples: int, subscribers: Callable[[Service], Any] | None = None
 ) -> dict[str, float]:
     """`subscribers(svc)`: the clients (default: graphql-transport-ws, a socket each)."""
-    job_ids = park_jobs(redis, n, f"fan{n}-{time.monotonic_ns()}")
-    pid = api_pid(svc)
-    base_rss = rss_mib(pid)
-    subs = subscribers(svc) if subscribers else Subscribers(svc.ws_url)
-    t0 = time.perf_counter()
-    await subs.open(job_ids)
-    opened_s = time.perf_counter() - t0
-    await asyncio.sleep(1.0)  # let allocations settle before reading memory
-    per_sub_kib = (rss_mib(pid) - base_rss) * 1024 / n
-    connections = api_redis_connections(redis)
-    progress(
-        f"    {n} subscriptions open in {opened_s:.1f} s; {per_sub_kib:.1f} KiB each; {connections} Redis connections"
-    )
+    with parked_jobs(redis, n, f"fan{n}-{time.monotonic_ns()}") as job_ids:
+        pid = api_pid(svc)
+        base_rss = rss_mib(pid)
+        subs = subscribers(svc) if subscribers else Subscribers(svc.ws_url)
+        t0 = time.perf_counter()
+        await subs.open(job_ids)
+        opened_s = time.perf_counter() - t0
+        await asyncio.sleep(1.0)  # let allocations settle before reading memory
+        per_sub_kib = (rss_mib(pid) - base_rss) * 1024 / n
+        connections = api_redis_connections(redis)
+        progress(
+            f"    {n} subscriptions open in {opened_s:.1f} s; {per_sub_kib:.1f} KiB each; "
+            f"{connections} Redis connections"
+        )
 
-    # One job changes while every other subscription idles.
-    one: list[float] = []
-    target = job_ids[n // 2]
-    for _ in range(samples):
-        before = len(subs.received[target])
+        # One job changes while every other subscription idles.
+        one: list[float] = []
+        target = job_ids[n // 2]
+        for _ in range(samples):
+            before = len(subs.received[target])
+            start = time.perf_counter()
+            await asyncio.to_thread(job_records.update_job, redis, target, _bump, ttl_s=3600)
+            while len(subs.received[target]) == before:
+                await asyncio.sleep(0)
+            one.append((subs.received[target][-1][0] - start) * 1000)
+
+        # Every job changes at once: one pipeline of N transitions.
+        version = 2 + 0  # parked jobs are at version 1 (the target is higher; it is excluded)
+        others = [j for j in job_ids if j != target]
+        script = redis.register_script(store._CAS_LUA)
         start = time.perf_counter()
-        await asyncio.to_thread(job_records.update_job, redis, target, _bump, ttl_s=3600)
-        while len(subs.received[target]) == before:
-            await asyncio.sleep(0)
-        one.append((subs.received[target][-1][0] - start) * 1000)
-
-    # Every job changes at once: one pipeline of N transitions.
-    version = 2 + 0  # parked jobs are at version 1 (the target is higher; it is excluded)
-    others = [j for j in job_ids if j != target]
-    script = redis.register_script(store._CAS_LUA)
-    start = time.perf_counter()
-    with redis.pipeline(transaction=False) as pipe:
-        for job_id in others:
-            current = JobRecord(id=job_id)
-            new = _bump(current).model_copy(update={"version": 2})
-            keys_, args = store._cas_args(current, new, 3600, f"bench-{job_id}")
-            script(keys=keys_, args=args, client=pipe)
-        await asyncio.to_thread(pipe.execute)
-    await _wait_version(subs, others, version)
-    everyone = [(subs.received[j][-1][0] - start) * 1000 for j in others]
-    await subs.close()
-    wait_until(lambda: svc_subscriptions(redis) == 0, timeout_s=60, what="subscriptions to close")
-    return {
-        "subscribers": n,
-        "open_s": opened_s,
-        "kib_per_sub": per_sub_kib,
-        "rss_mib": base_rss + per_sub_kib * n / 1024,
-        "redis_connections": connections,
-        "one_p50_ms": pct(one, 50),
-        "one_p99_ms": pct(one, 99),
-        "all_p50_ms": pct(everyone, 50),
-        "all_p99_ms": pct(everyone, 99),
-    }
+        with redis.pipeline(transaction=False) as pipe:
+            for job_id in others:
+                current = JobRecord(id=job_id)
+                new = _bump(current).model_copy(update={"version": 2})
+                keys_, args = store._cas_args(current, new, 3600, f"bench-{job_id}")
+                script(keys=keys_, args=args, client=pipe)
+            await asyncio.to_thread(pipe.execute)
+        await _wait_version(subs, others, version)
+        everyone = [(subs.received[j][-1][0] - start) * 1000 for j in others]
+        await subs.close()
+        wait_until(lambda: svc_subscriptions(redis) == 0, timeout_s=60, what="subscriptions to close")
+        return {
+            "subscribers": n,
+            "open_s": opened_s,
+            "kib_per_sub": per_sub_kib,
+            "rss_mib": base_rss + per_sub_kib * n / 1024,
+            "redis_connections": connections,
+            "one_p50_ms": pct(one, 50),
+            "one_p99_ms": pct(one, 99),
+            "all_p50_ms": pct(everyone, 50),
+            "all_p99_ms": pct(everyone, 99),
+        }
 
 
 def svc_subscriptions(redis: Redis) -> int:
