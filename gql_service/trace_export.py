@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import Counter
@@ -100,32 +101,47 @@ def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
     return None
 
 
-def instrument(provider: TracerProvider) -> None:
+# Instrumentations are named as OpenTelemetry's auto-instrumentation names them, in the
+# standard variable that turns them off. Unset, the aiohttp client's is off: with the openai
+# SDK's own retries off (gql_service/worker/llm/openai_provider.py), its span repeats the
+# `chat` span it sits in, and it cost about 250 us a job attempt (README's Tracing section).
+DISABLED_INSTRUMENTATIONS = "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"
+DEFAULT_DISABLED = "aiohttp-client"
+
+
+def _instrumentors(environ: Mapping[str, str]) -> list[BaseInstrumentor]:
+    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+    disabled = {name.strip() for name in environ.get(DISABLED_INSTRUMENTATIONS, DEFAULT_DISABLED).split(",")}
+    known: dict[str, BaseInstrumentor] = {
+        "aiohttp-client": AioHttpClientInstrumentor(),
+        "psycopg": PsycopgInstrumentor(),
+    }
+    return [instrumentor for name, instrumentor in known.items() if name not in disabled]
+
+
+def instrument(provider: TracerProvider, environ: Mapping[str, str]) -> None:
     """The maintained instrumentations that fit (measured in README's Tracing section): the
-    openai SDK's HTTP requests, through its aiohttp transport, as children of each `chat`
-    span; the job history's queries (psycopg). Not redis-py's (a span per command: +18 % CPU
-    per submitText), nor ASGI's (it records the query string, a GET's GraphQL variables), nor
-    httpx's for webhook deliveries (a receiver's URL may carry a token in its query; the
-    `webhook deliver` span has the status and the host). Both record no content: a URL
-    without credentials, a SQL text without its parameters."""
+    job history's queries (psycopg), and, when asked for, the openai SDK's HTTP requests
+    through its aiohttp transport, as children of each `chat` span. Not redis-py's (a span
+    per command: +18 % CPU per submitText), nor ASGI's (it records the query string, a GET's
+    GraphQL variables), nor httpx's for webhook deliveries (a receiver's URL may carry a token
+    in its query; the `webhook deliver` span has the status and the host). Both record no
+    content: a URL without credentials, a SQL text without its parameters."""
     # The stable HTTP and database conventions, as our own spans follow (http.request.method,
     # db.query.text), unless the operator chose: the instrumentations' default is the old ones.
     # Read once, by the first instrumentation imported below.
     os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http,database")
-    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
-    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
-
-    AioHttpClientInstrumentor().instrument(tracer_provider=provider)
-    PsycopgInstrumentor().instrument(tracer_provider=provider)
+    for instrumentor in _instrumentors(environ):
+        instrumentor.instrument(tracer_provider=provider)
 
 
 def uninstrument() -> None:
     """Undo `instrument` (its patches hold the provider, which a shutdown ends)."""
-    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
-    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
-
-    AioHttpClientInstrumentor().uninstrument()
-    PsycopgInstrumentor().uninstrument()
+    for instrumentor in _instrumentors({DISABLED_INSTRUMENTATIONS: ""}):
+        if instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.uninstrument()
 
 
 def processor(exporter: SpanExporter, environ: Mapping[str, str], *, dropped: Counter) -> SpanProcessor:

@@ -95,7 +95,7 @@ def setup(default_service_name: str, environ: Mapping[str, str] = os.environ) ->
         provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER(_ARG)
         provider.add_span_processor(trace_export.processor(exporter, environ, dropped=SPANS_DROPPED))
         trace.set_tracer_provider(provider)
-        trace_export.instrument(provider)  # before any HTTP session or database pool is made
+        trace_export.instrument(provider, environ)  # before any HTTP session or database pool is made
         _provider, _tracer = provider, provider.get_tracer(trace_export.OWN)
         capture_content = (
             environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip().lower() == "true"

@@ -1,7 +1,8 @@
 """The maintained instrumentations tracing switches on (gql_service/trace_export.py instrument):
-the openai SDK's HTTP requests (aiohttp) and the job history's queries (psycopg) arrive at a
-real OTLP receiver as children of our spans, and hold no user text; an instrumentation's span
-outside any of ours (the archive's writes) starts no trace of its own."""
+the job history's queries (psycopg) and, when OTEL_PYTHON_DISABLED_INSTRUMENTATIONS no longer
+names it, the openai SDK's HTTP requests (aiohttp) arrive at a real OTLP receiver as children
+of our spans, and hold no user text; an instrumentation's span outside any of ours (the
+archive's writes) starts no trace of its own."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def _roots_are_ours(spans: list[ReceivedSpan]) -> None:
 async def test_the_openai_http_request_is_a_child_of_the_chat_span(
     e2e_redis: str, receiver: OtlpReceiver, stub: OpenAIStub
 ) -> None:
-    with Service(e2e_redis, workers=1, env={**env_for(receiver, "llm-instr-openai"), **stub.env}) as svc:
+    every = {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": ""}  # none disabled: the aiohttp client's is on
+    with Service(e2e_redis, workers=1, env={**env_for(receiver, "llm-instr-openai"), **stub.env, **every}) as svc:
         body = post(svc, SUBMIT, text=TEXT).json()
         job_id, trace_id = body["data"]["submitText"]["job"]["id"], body["data"]["submitText"]["job"]["traceId"]
         assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
@@ -72,6 +74,21 @@ async def test_the_openai_http_request_is_a_child_of_the_chat_span(
     # Neither the text (the request's body) nor the API key (a header) is recorded.
     _no_content(spans, stub.env["OPENAI_API_KEY"])
     _roots_are_ours(receiver.spans)
+
+
+async def test_the_openai_http_request_has_no_span_of_its_own_unless_asked_for(
+    e2e_redis: str, stub: OpenAIStub
+) -> None:
+    with OtlpReceiver() as got:
+        with Service(e2e_redis, workers=1, env={**env_for(got, "llm-instr-default"), **stub.env}) as svc:
+            job_id = post(svc, SUBMIT, text=TEXT).json()["data"]["submitText"]["job"]["id"]
+            assert (await follow(svc, job_id))[-1]["status"] == "FINISHED"
+        # The processes have stopped, and so sent every span they had.
+        spans = got.wait_for(lambda spans: any(s.name.startswith("chat ") for s in spans), what="the chat span")
+    [chat] = [s for s in spans if s.name.startswith("chat ")]
+    assert chat.kind == CLIENT and chat.attributes["gen_ai.usage.output_tokens"]
+    assert [s for s in spans if s.parent_span_id == chat.span_id] == []
+    assert {s.name for s in spans} >= {"mutation submitText", "job extract"}
 
 
 def _archived(pg: EmbeddedPostgres, job_id: str) -> bool:
