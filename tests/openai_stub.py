@@ -241,8 +241,6 @@ class OpenAIStub:
         if latency_s := fault.extra.get("latency_s", self.latency_s):
             await asyncio.sleep(latency_s)
         model = fault.extra.get("model") or body.get("model", "stub-model")
-        if fault.kind == "body":
-            return Response(fault.content, 200, media_type=fault.extra["content_type"])
         refused_format = (body.get("response_format") or {}).get("type") == "json_schema"
         if (
             body.get("stream")
@@ -250,6 +248,17 @@ class OpenAIStub:
             and not (fault.kind == "reject_json_schema" and refused_format)
         ):
             return self._stream(fault, body, model)
+        if fault.kind == "hang":
+            await asyncio.sleep(fault.seconds)
+        elif fault.kind == "gate":
+            await asyncio.to_thread(fault.extra["gate"].wait, fault.seconds)
+        return self._reply(fault, body, model)
+
+    def _reply(self, fault: Fault, body: dict[str, Any], model: str) -> Response:
+        """The non-streamed answer to a chat request under `fault`, once any wait is over:
+        shared by the interactive endpoint and the lines of a batch (tests/openai_stub_batches.py)."""
+        if fault.kind == "body":
+            return Response(fault.content, 200, media_type=fault.extra["content_type"])
         if fault.kind == "ok":
             return JSONResponse(_completion(fault.content, model=model), headers=fault.extra.get("headers"))
         if fault.kind == "status":
@@ -262,11 +271,7 @@ class OpenAIStub:
             return JSONResponse(_completion(None, refusal="I can't help with that.", model=model))
         if fault.kind == "length":
             return JSONResponse(_completion('{"summary": "cut of', finish_reason="length", model=model))
-        if fault.kind == "hang":
-            await asyncio.sleep(fault.seconds)
-            return JSONResponse(_completion(json.dumps(VALID_EXTRACTION), model=model))
-        if fault.kind == "gate":
-            await asyncio.to_thread(fault.extra["gate"].wait, fault.seconds)
+        if fault.kind in ("hang", "gate"):  # the wait is the caller's: here, the valid answer after it
             return JSONResponse(_completion(json.dumps(VALID_EXTRACTION), model=model))
         if fault.kind == "reject_json_schema":
             if (body.get("response_format") or {}).get("type") == "json_schema":
