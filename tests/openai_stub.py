@@ -14,6 +14,13 @@ content in `stream_chunks` pieces spread over `stream_seconds`, then the finish 
     ...; stub.requests[-1]["response_format"]
     stub.stop()
 
+It also serves OpenAI's Batch API (`/v1/files`, `/v1/batches`), whose lines are answered by
+the same code as `/v1/chat/completions` and take the same script: tests/openai_stub_batches.py,
+kept as `stub.batches` (its controls and records are described there).
+
+    stub.batches.expire_share = 0.1      # a tenth of the next batch's lines expire
+    ...; stub.batches.created[-1].status; stub.batches.calls_interactive
+
 `python -m tests.openai_stub --port 8100 --latency-ms 500` runs it on its own.
 """
 
@@ -35,6 +42,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from .openai_stub_batches import BatchAPI
 
 VALID_EXTRACTION: dict[str, Any] = {
     "summary": "A patient praises a kind doctor and a short wait at the clinic.",
@@ -166,10 +175,15 @@ class OpenAIStub:
         self._open_calls = 0
         self._generation = 0
         self._script: deque[Fault] = deque()
-        self._lock = threading.Lock()
+        # Re-entrant: a batch's lines are answered under it, and take the script's faults under it.
+        self._lock = threading.RLock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-        self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        # The Batch and Files APIs: their state, controls and records (openai_stub_batches.py).
+        self.batches = BatchAPI(self._answer_batched, self._lock, self._refuse)
+        self.app = Starlette(
+            routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]), *self.batches.routes()]
+        )
 
     @property
     def base_url(self) -> str:
@@ -197,6 +211,7 @@ class OpenAIStub:
             self._generation += 1
             self.latency_s = 0.0
             self.stream_chunks, self.stream_seconds = 8, 0.0
+            self.batches.reset()
 
     def _next(self) -> Fault:
         with self._lock:
@@ -231,12 +246,11 @@ class OpenAIStub:
             self.arrivals.append(now := time.monotonic())
             over = self.enforce_rpm is not None and sum(now - t < 60 for t in self.arrivals) > self.enforce_rpm
             self.over_limit += over
+            self.batches.calls_interactive += 1
         if over:
             return JSONResponse({"error": {"message": "rate limit", "type": "requests"}}, 429)
-        if (down := self.fail_all) is not None:
-            return JSONResponse({"error": {"message": f"stub is down ({down})", "type": "server_error"}}, down)
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return JSONResponse({"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}, 401)
+        if (refused := self._refuse(request)) is not None:
+            return refused
         fault = self._next()
         if latency_s := fault.extra.get("latency_s", self.latency_s):
             await asyncio.sleep(latency_s)
@@ -253,6 +267,21 @@ class OpenAIStub:
         elif fault.kind == "gate":
             await asyncio.to_thread(fault.extra["gate"].wait, fault.seconds)
         return self._reply(fault, body, model)
+
+    def _refuse(self, request: Request) -> Response | None:
+        """The answer to any request while the stub is down (`fail_all`) or the key is wrong."""
+        if (down := self.fail_all) is not None:
+            return JSONResponse({"error": {"message": f"stub is down ({down})", "type": "server_error"}}, down)
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse({"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}, 401)
+        return None
+
+    def _answer_batched(self, body: dict[str, Any], fault: Fault | None) -> tuple[int, bytes]:
+        """A batch line's answer (status, body): `fault`, else the script's next, as `_reply`
+        gives it, without the latency, hang or gate waits (a batch line holds no connection)."""
+        fault = fault or self._next()
+        response = self._reply(fault, body, fault.extra.get("model") or body.get("model", "stub-model"))
+        return response.status_code, bytes(response.body)
 
     def _reply(self, fault: Fault, body: dict[str, Any], model: str) -> Response:
         """The non-streamed answer to a chat request under `fault`, once any wait is over:
