@@ -32,7 +32,9 @@ and with `unfinished_in_error_file`, each line left unanswered by an expiry or a
     {"id": "batch_req_…", "custom_id": "…", "response": null,
      "error": {"code": "batch_expired" | "batch_cancelled", "message": "…"}}
 
-(`Fault.body(text)` puts `text` verbatim where the body goes: a line that is not JSON.)
+The error body is the provider's own for `error_ids` / `error_share` lines, and the stub's
+interactive one for a scripted `Fault.http(...)` (`{"error": {"message", "type"}}`).
+`Fault.body(text)` puts `text` verbatim where the body goes: a line that is not JSON.
 
 Controls a test sets on `stub.batches` (`reset()` restores them). The first group is taken
 when a batch is created, so changing them never alters a batch already made:
@@ -54,11 +56,13 @@ Read at each poll: `progress_share: float` (0.25), `instant: bool` (False).
 Anytime: `faults[custom_id] = Fault...` (used once), `cancel(batch_id)` (a provider-side
 cancel), `finish(batch_id)` (run it to its end or its hold, from the test's thread).
 
-Recorded: `created` (every batch, a `StubBatch`), `uploads` (every uploaded file, bytes kept
-after a delete), `deleted` (file ids), `calls_batched` / `calls_interactive` (chat requests
-answered through batches / by `POST /v1/chat/completions`). Memory is bounded: at most
-`max_batches` batches and `max_files` files / `max_stored_bytes` bytes are kept (the oldest
-go first), an upload over `max_file_bytes` is refused 413.
+Recorded: `created` (every batch, a `StubBatch`: its lines, the ids chosen to expire or
+fail, its output and error lines, `polls`, `cancelled_by`), `batch(id)`, `uploads` (every
+uploaded file, bytes kept after a delete), `content(file_id)` (any file's bytes), `deleted`
+(file ids), `calls_batched` / `calls_interactive` (chat requests answered through batches /
+by `POST /v1/chat/completions`). Memory is bounded: at most `max_batches` batches and
+`max_files` files / `max_stored_bytes` bytes are kept (the oldest go first), an upload over
+`max_file_bytes` is refused 413 (a test may lower these; `reset()` restores them).
 """
 
 from __future__ import annotations
@@ -318,12 +322,6 @@ class BatchAPI:
         self._answer = answer
         self._lock = lock  # the stub's, re-entrant: a line's answer takes it again for the script
         self._guard = guard
-        # Bounds on what is kept (not reset: a test may lower them for its run).
-        self.max_batches = 200
-        self.max_files = 500
-        self.max_stored_bytes = 256 * 2**20
-        self.max_file_bytes = 64 * 2**20
-        self.content_chunk_bytes = 4096  # a line often spans two chunks of a streamed download
         self._files: OrderedDict[str, StubFile] = OrderedDict()  # live and deleted, oldest first
         self._batches: OrderedDict[str, StubBatch] = OrderedDict()
         self.deleted: list[str] = []
@@ -337,6 +335,12 @@ class BatchAPI:
             self._files.clear()
             self._batches.clear()
             self.deleted = []
+            # Bounds on what is kept (a test may lower them; the next reset() restores them).
+            self.max_batches = 200
+            self.max_files = 500
+            self.max_stored_bytes = 256 * 2**20
+            self.max_file_bytes = 64 * 2**20
+            self.content_chunk_bytes = 4096  # a line often spans two chunks of a streamed download
             self.calls_batched = 0
             self.calls_interactive = 0
             self.faults = {}
@@ -421,6 +425,9 @@ class BatchAPI:
     async def _upload(self, request: Request) -> Response:
         if (refused := self._guard and self._guard(request)) is not None:
             return refused
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > self.max_file_bytes + 64 * 1024:  # refused unread
+            return _error(413, f"File too large: the stub takes at most {self.max_file_bytes} bytes.")
         data = await request.body()
         if len(data) > self.max_file_bytes + 64 * 1024:  # the form's own headers are small
             return _error(413, f"File too large: the stub takes at most {self.max_file_bytes} bytes.")
