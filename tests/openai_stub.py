@@ -18,7 +18,7 @@ It also serves OpenAI's Batch API (`/v1/files`, `/v1/batches`), whose lines are 
 the same code as `/v1/chat/completions` and take the same script: tests/openai_stub_batches.py,
 kept as `stub.batches` (its controls and records are described there).
 
-    stub.batches.expire_share = 0.1      # a tenth of the next batch's lines expire
+    stub.batches.expire_share = 0.1      # a tenth of the lines of batches made from now expire
     ...; stub.batches.created[-1].status; stub.batches.calls_interactive
 
 `python -m tests.openai_stub --port 8100 --latency-ms 500` runs it on its own.
