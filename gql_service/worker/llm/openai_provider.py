@@ -58,7 +58,7 @@ def make_client(*, api_key: str, base_url: str | None, timeout_s: float) -> Clie
     return make
 
 
-def _usage(response: Any) -> TokenUsage:
+def usage_of(response: Any) -> TokenUsage:
     u = getattr(response, "usage", None)
     if u is None:
         return TokenUsage()
@@ -144,6 +144,41 @@ async def _broke_off_as_such(chunks: AsyncIterator[ChatCompletionChunk]) -> Asyn
 def _broke_off() -> LLMError:
     # Cut off by the endpoint, a proxy or the network; the next try may get through.
     return LLMError(JobErrorCode.PROVIDER_ERROR, "the LLM's streamed answer broke off before it ended", retryable=True)
+
+
+def completion_of(
+    content: str | None,
+    refusal: str | None,
+    finish_reason: str | None,
+    usage: TokenUsage,
+    model: str,
+    response_id: str | None = None,
+    spent_for_s: float | None = None,
+) -> Completion:
+    """The answer, or the LLMError that it is: streamed, not, or a line of a provider batch's
+    output (gql_service.worker.llm.provider_batches)."""
+    if refusal:
+        # As long as the model likes: JobError bounds every message it stores.
+        raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal}", usage=usage)
+    if finish_reason == "content_filter":
+        raise LLMError(JobErrorCode.REFUSED, "the answer was stopped by the content filter", usage=usage)
+    if finish_reason == "length":
+        raise LLMError(JobErrorCode.TRUNCATED, "the answer was cut off at the token limit", usage=usage)
+    return Completion(
+        content=content or "", usage=usage, model=model[:MAX_MODEL_CHARS],
+        response_id=(response_id or "")[:MAX_MODEL_CHARS] or None, finish_reasons=(finish_reason or "stop",),
+        spent_for_s=spent_for_s,
+    )  # fmt: skip
+
+
+def request_options(model: str, *, json_schema: bool) -> dict[str, Any]:
+    """A chat completion request's options besides its messages: the same for an interactive
+    call and for a line of a provider batch."""
+    return {
+        "model": model,
+        "temperature": 0,
+        "response_format": STRUCTURED_FORMAT if json_schema else JSON_MODE_FORMAT,
+    }
 
 
 class OpenAIProvider:
@@ -243,13 +278,13 @@ class OpenAIProvider:
             raise _not_a_completion() from exc
         if not isinstance(response, ChatCompletion):  # the SDK hands back the text of a non-JSON body
             raise _not_a_completion()
-        usage = _usage(response)
+        usage = usage_of(response)
         if not response.choices:
             raise LLMError(JobErrorCode.PROVIDER_ERROR, "the LLM answered with no choices", retryable=True, usage=usage)
         choice = response.choices[0]
-        return self._completion(
+        return completion_of(
             choice.message.content, getattr(choice.message, "refusal", None), choice.finish_reason, usage,
-            response.model, response.id, rate_headers.spent_for_s(raw.headers),
+            response.model or self._model, response.id, rate_headers.spent_for_s(raw.headers),
         )  # fmt: skip
 
     async def _streamed(self, messages: Any, on_text: OnText | None) -> Completion:
@@ -265,7 +300,7 @@ class OpenAIProvider:
                 model = chunk.model or model
                 response_id = chunk.id or response_id
                 if chunk.usage is not None:  # the last chunk, with no choices (include_usage)
-                    usage = _usage(chunk)
+                    usage = usage_of(chunk)
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
@@ -278,48 +313,24 @@ class OpenAIProvider:
                 finish_reason = choice.finish_reason or finish_reason
         if finish_reason is None:  # the stream ended without saying why
             raise _broke_off()
-        return self._completion(
-            "".join(content), "".join(refusal), finish_reason, usage, model, response_id, spent_for_s
+        return completion_of(
+            "".join(content), "".join(refusal), finish_reason, usage, model or self._model, response_id, spent_for_s
         )
-
-    def _completion(
-        self,
-        content: str | None,
-        refusal: str | None,
-        finish_reason: str | None,
-        usage: TokenUsage,
-        model: str | None,
-        response_id: str | None = None,
-        spent_for_s: float | None = None,
-    ) -> Completion:
-        """The answer, or the LLMError that it is, streamed or not."""
-        if refusal:
-            # As long as the model likes: JobError bounds every message it stores.
-            raise LLMError(JobErrorCode.REFUSED, f"the model refused: {refusal}", usage=usage)
-        if finish_reason == "content_filter":
-            raise LLMError(JobErrorCode.REFUSED, "the answer was stopped by the content filter", usage=usage)
-        if finish_reason == "length":
-            raise LLMError(JobErrorCode.TRUNCATED, "the answer was cut off at the token limit", usage=usage)
-        return Completion(
-            content=content or "", usage=usage, model=(model or self._model)[:MAX_MODEL_CHARS],
-            response_id=(response_id or "")[:MAX_MODEL_CHARS] or None, finish_reasons=(finish_reason or "stop",),
-            spent_for_s=spent_for_s,
-        )  # fmt: skip
 
     async def _create(self, messages: Any, *, stream: bool = False) -> Any:  # Any: the SDK's TypedDict params
         """The stream, or (not streaming) the raw response: its headers are read too."""
         client = self._client()
         create = client.chat.completions.create if stream else client.chat.completions.with_raw_response.create
-        options: dict[str, Any] = {"model": self._model, "messages": messages, "temperature": 0}
+        options: dict[str, Any] = {"messages": messages}
         if stream:
             # include_usage: the last chunk carries the token counts, recorded as without streaming.
             options |= {"stream": True, "stream_options": {"include_usage": True}}
         if self.json_schema:
             try:
-                return await create(response_format=STRUCTURED_FORMAT, **options)
+                return await create(**request_options(self._model, json_schema=True), **options)
             except openai.BadRequestError as exc:
                 if not _rejects_json_schema(exc):
                     raise
                 log.warning("endpoint refuses json_schema structured outputs; using JSON mode from now on")
                 self.json_schema = False
-        return await create(response_format=JSON_MODE_FORMAT, **options)
+        return await create(**request_options(self._model, json_schema=False), **options)

@@ -1,0 +1,136 @@
+"""A provider's Batch API (OpenAI's, and the compatible ones), through the official SDK: the
+JSONL of chat completion requests an economy batch's jobs become, its upload, the provider
+batch made of it, and its answers read back one line at a time.
+
+Each request is the interactive path's own (the same prompt, options and strict JSON schema:
+gql_service.worker.llm.openai_provider), with the job's id as its `custom_id`; each answer
+goes through the same reading as an interactive one (refusal, truncation, content filter), so
+what a job ends with does not depend on the path it took. The client is an argument: this
+module holds no connection of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from openai import AsyncOpenAI
+from openai.types import Batch
+from openai.types.chat import ChatCompletion
+from pydantic import ValidationError
+
+from gql_service.models import JobErrorCode, TokenUsage
+from gql_service.worker.llm import prompt
+from gql_service.worker.llm.base import Completion, LLMError
+from gql_service.worker.llm.openai_provider import completion_of, request_options, usage_of
+
+ENDPOINT: Final = "/v1/chat/completions"
+COMPLETION_WINDOW: Final = "24h"  # the only window OpenAI offers
+MAX_REQUESTS = 50_000  # OpenAI's limit of requests per batch
+# A batch input of 50,000 requests runs to about 100 MB (the schema is in every line): past
+# this it goes to a temporary file on its way up, never held whole in memory.
+SPOOL_BYTES = 8 * 2**20
+# The provider's words for a batch that will change no more.
+ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+def request_line(job_id: str, text: str, *, model: str, json_schema: bool = True) -> bytes:
+    """One line of a batch's input: the interactive call's request, named by the job's id."""
+    body = {**request_options(model, json_schema=json_schema), "messages": prompt.messages(text)}
+    line = {"custom_id": job_id, "method": "POST", "url": ENDPOINT, "body": body}
+    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+
+async def upload(client: AsyncOpenAI, lines: Iterable[bytes], *, name: str = "batch.jsonl") -> str:
+    """Upload the lines as one file for a batch (purpose `batch`); its id."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+        for line in lines:
+            spool.write(line)
+        spool.seek(0)
+        # A file object, not bytes: the SDK streams it into the multipart body.
+        uploaded = await client.files.create(file=(name, spool, "application/jsonl"), purpose="batch")
+    return uploaded.id
+
+
+async def create(client: AsyncOpenAI, input_file_id: str, *, metadata: Mapping[str, str] | None = None) -> Batch:
+    """The provider batch of an uploaded input: answered within 24 h, at the batch price."""
+    return await client.batches.create(
+        input_file_id=input_file_id, endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW,
+        metadata=dict(metadata) if metadata else None,
+    )  # fmt: skip
+
+
+async def retrieve(client: AsyncOpenAI, batch_id: str) -> Batch:
+    return await client.batches.retrieve(batch_id)
+
+
+async def cancel(client: AsyncOpenAI, batch_id: str) -> Batch:
+    """Ask the provider to stop: what it answered so far still comes in the output file."""
+    return await client.batches.cancel(batch_id)
+
+
+async def delete_file(client: AsyncOpenAI, file_id: str) -> None:
+    await client.files.delete(file_id)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One line of a batch's output or error file: a job's completion, or why it has none."""
+
+    job_id: str
+    completion: Completion | None = None
+    error: LLMError | None = None
+
+
+async def answers(client: AsyncOpenAI, file_id: str, *, model: str) -> AsyncIterator[Answer]:
+    """The lines of an output (or error) file, read as they arrive: a file of 50,000 answers
+    is never held whole. A line that is not one of the provider's is skipped: it names no job
+    (the job it was for counts as missing, and runs again)."""
+    async with client.files.with_streaming_response.content(file_id) as response:
+        async for line in response.iter_lines():
+            if line.strip():
+                answer = parse(line, model=model)
+                if answer is not None:
+                    yield answer
+
+
+def parse(line: str, *, model: str) -> Answer | None:
+    """A line of an output or error file; None for one that names no job."""
+    try:
+        item: Any = json.loads(line)
+    except ValueError:
+        return None
+    job_id = item.get("custom_id") if isinstance(item, dict) else None
+    if not isinstance(job_id, str) or not job_id:
+        return None
+    response = item.get("response") if isinstance(item.get("response"), dict) else None
+    status = response.get("status_code") if response else None
+    if status != 200 or not isinstance(response, dict):
+        return Answer(job_id, error=_failed(item.get("error"), status))
+    try:
+        completion = ChatCompletion.model_validate(response.get("body"))
+    except ValidationError:
+        message = "the provider's batch answered 200 with a body that is not a chat completion"
+        return Answer(job_id, error=LLMError(JobErrorCode.PROVIDER_ERROR, message, retryable=True))
+    usage: TokenUsage = usage_of(completion)
+    if not completion.choices:
+        error = LLMError(JobErrorCode.PROVIDER_ERROR, "the LLM answered with no choices", retryable=True, usage=usage)
+        return Answer(job_id, error=error)
+    choice = completion.choices[0]
+    try:
+        return Answer(job_id, completion=completion_of(
+            choice.message.content, getattr(choice.message, "refusal", None), choice.finish_reason, usage,
+            completion.model or model, completion.id,
+        ))  # fmt: skip
+    except LLMError as error:
+        return Answer(job_id, error=error)
+
+
+def _failed(error: Any, status: Any) -> LLMError:
+    """A request the provider's batch did not answer: retryable, as an interactive 5xx is."""
+    code = error.get("code") if isinstance(error, dict) else None
+    said = f" ({str(code)[:80]})" if code else ""
+    return LLMError(JobErrorCode.PROVIDER_ERROR, f"the provider's batch answered {status}{said}", retryable=True)
