@@ -27,7 +27,7 @@ An answer with HTTP status < 400 goes to the output file, any other to the error
     {"id": "batch_req_…", "custom_id": "…", "response": {"status_code": 500,
      "request_id": "<32 hex>", "body": {"error": {"message", "type", "param", "code"}}}, "error": null}
 
-and with `unfinished_in_error_file`, each line left unanswered by an expiry or a cancel:
+and (`unfinished_in_error_file`, the default) each line left unanswered by an expiry or a cancel:
 
     {"id": "batch_req_…", "custom_id": "…", "response": null,
      "error": {"code": "batch_expired" | "batch_cancelled", "message": "…"}}
@@ -38,13 +38,14 @@ interactive one for a scripted `Fault.http(...)` (`{"error": {"message", "type"}
 
 Controls a test sets on `stub.batches` (`reset()` restores them). The first group is taken
 when a batch is created, so changing them never alters a batch already made:
-    expire_share: float, expire_ids: set[str]   lines the provider lets expire: answered in
-        neither file (unless unfinished_in_error_file); the batch ends `expired` with
+    expire_share: float, expire_ids: set[str]   lines the provider lets expire: unanswered,
+        in the error file as `batch_expired` (below); the batch ends `expired` with
         `expired_at`, its counts leaving them out of completed and failed
     error_share: float, error_ids: set[str], error_status: int (500)   lines answered in the
         error file with that status (an expiring line is not also an error line)
-    unfinished_in_error_file: bool (False)   expired / cancelled lines written to the error
-        file (and counted failed), as OpenAI's batch guide documents for expiry
+    unfinished_in_error_file: bool (True)   expired / cancelled lines written to the error
+        file (counted neither completed nor failed), as OpenAI's batch guide documents;
+        False: left out of both files, as some compatible servers do
     shuffle_output: bool (True)   output and error lines in another order than the input's
         (OpenAI does not keep it): a fixed permutation per batch, never the identity
     hold: threading.Event | None   batches made while set stay `in_progress` (all lines
@@ -170,6 +171,9 @@ class StubBatch:
     cancelled_by: str | None = None  # "client" or "provider"
     outputs: dict[str, str] = field(default_factory=dict)  # custom_id -> its output file line
     failures: dict[str, str] = field(default_factory=dict)  # custom_id -> its error file line
+    # Lines an expiry or a cancel left unanswered, in the error file too but not counted as
+    # failed (as OpenAI reports them: `completed + failed < total`).
+    unfinished: dict[str, str] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -348,7 +352,7 @@ class BatchAPI:
             self.instant = False
             self.expire_share, self.expire_ids = 0.0, set()
             self.error_share, self.error_ids, self.error_status = 0.0, set(), 500
-            self.unfinished_in_error_file = False
+            self.unfinished_in_error_file = True
             self.shuffle_output = True
             self.hold: threading.Event | None = None
             self._fail_next: dict[str, Any] | None = None
@@ -669,9 +673,9 @@ class BatchAPI:
                         "response": None,
                         "error": {"code": code, "message": UNFINISHED_MESSAGES[code]},
                     }
-                    batch.failures[line.custom_id] = json.dumps(entry)
+                    batch.unfinished[line.custom_id] = json.dumps(entry)
         now = int(time.time())
-        for kind, entries in (("output", batch.outputs), ("error", batch.failures)):
+        for kind, entries in (("output", batch.outputs), ("error", batch.failures | batch.unfinished)):
             if not entries:
                 continue
             ordered = list(entries.values())

@@ -89,7 +89,8 @@ def test_a_request_the_batch_did_not_answer_is_a_retryable_provider_error() -> N
     # The error file's other shape: no response, an `error` object.
     item = {"id": "batch_req_2", "custom_id": "job-4", "response": None, "error": {"code": "batch_expired"}}
     expired = batches.parse(json.dumps(item), model=MODEL)
-    assert expired is not None and isinstance(expired.error, LLMError) and "batch_expired" in expired.error.message
+    assert expired is not None and isinstance(expired.error, LLMError) and "expired" in expired.error.message
+    assert expired.error.retryable  # run again (ECONOMY_FALLBACK): it was never tried
 
 
 def test_a_body_that_is_not_a_completion_is_a_provider_error() -> None:
@@ -156,14 +157,57 @@ async def test_two_hundred_texts_make_one_provider_batch_and_come_back_answered(
     assert set(stub.batches.deleted) == {stub.batches.uploads[0].id, batch.output_file_id}
 
 
-async def test_expired_and_failed_lines_are_told_apart_from_answers(stub: OpenAIStub) -> None:
+@pytest.mark.parametrize("in_error_file", [True, False])
+async def test_expired_and_failed_lines_are_told_apart_from_answers(stub: OpenAIStub, in_error_file: bool) -> None:
+    """OpenAI writes expired requests to the error file (`batch_expired`); some compatible
+    servers leave them out: either way each is known, as an error or as missing."""
     texts = {f"job-{i}": f"{TEXT} ({i})" for i in range(40)}
+    stub.batches.unfinished_in_error_file = in_error_file
     stub.batches.expire_share = 0.3
     stub.batches.error_ids = {"job-1", "job-2"}
     batch, got = await run_to_end(stub, texts)
     [made] = stub.batches.created
-    assert batch.status == "expired" and made.expire_ids and not made.expire_ids & set(got)
-    assert set(got) | made.expire_ids == set(texts)  # what is missing is exactly what expired
+    assert batch.status == "expired" and made.expire_ids and batch.request_counts is not None
+    assert batch.request_counts.failed == 2  # expired lines are counted neither completed nor failed
     for job_id in ("job-1", "job-2"):
         error = got[job_id].error
         assert error is not None and error.retryable and error.code == JobErrorCode.PROVIDER_ERROR
+    if in_error_file:
+        assert set(got) == set(texts)
+        for job_id in made.expire_ids:
+            error = got[job_id].error
+            assert error is not None and error.retryable and "expired" in error.message
+    else:
+        assert set(got) == set(texts) - made.expire_ids  # what is missing is exactly what expired
+
+
+@pytest.mark.parametrize(
+    ("status", "body_error", "code", "retryable"),
+    [
+        (500, {"message": "boom", "type": "server_error"}, JobErrorCode.PROVIDER_ERROR, True),
+        (429, {"message": "slow down", "type": "requests"}, JobErrorCode.RATE_LIMITED, True),
+        (400, {"message": "too long", "code": "context_length_exceeded"}, JobErrorCode.PROVIDER_ERROR, False),
+        (400, {"message": "no", "code": "content_filter"}, JobErrorCode.REFUSED, False),
+        (401, {"message": "bad key"}, JobErrorCode.PROVIDER_AUTH, False),
+    ],
+)
+def test_a_failed_line_is_classified_as_the_same_interactive_answer_would_be(
+    status: int, body_error: dict[str, Any], code: JobErrorCode, retryable: bool
+) -> None:
+    """A request that can never succeed (a context too long) must not be run again and again."""
+    answer = batches.parse(output_line("job-9", {"error": body_error}, status), model=MODEL)
+    assert answer is not None and answer.error is not None
+    assert (answer.error.code, answer.error.retryable) == (code, retryable)
+
+
+def test_a_200_line_with_an_error_is_not_an_answer() -> None:
+    line = json.loads(output_line("job-10", completion_body({"content": "{}"})))
+    line["error"] = {"code": "server_error", "message": "partial"}
+    answer = batches.parse(json.dumps(line), model=MODEL)
+    assert answer is not None and answer.completion is None and answer.error is not None and answer.error.retryable
+
+
+def test_a_server_that_says_its_error_as_a_string_keeps_it() -> None:
+    item = {"id": "vllm-1", "custom_id": "job-11", "response": None, "error": "engine overloaded"}
+    answer = batches.parse(json.dumps(item), model=MODEL)
+    assert answer is not None and answer.error is not None and "engine overloaded" in answer.error.message

@@ -88,7 +88,8 @@ class Answer:
 async def answers(client: AsyncOpenAI, file_id: str, *, model: str) -> AsyncIterator[Answer]:
     """The lines of an output (or error) file, read as they arrive: a file of 50,000 answers
     is never held whole. A line that is not one of the provider's is skipped: it names no job
-    (the job it was for counts as missing, and runs again)."""
+    (the job it was for counts as missing, and runs again). A job named twice, or one never
+    sent, is the caller's to settle: it knows which jobs it sent and which have ended."""
     async with client.files.with_streaming_response.content(file_id) as response:
         async for line in response.iter_lines():
             if line.strip():
@@ -108,8 +109,9 @@ def parse(line: str, *, model: str) -> Answer | None:
         return None
     response = item.get("response") if isinstance(item.get("response"), dict) else None
     status = response.get("status_code") if response else None
-    if status != 200 or not isinstance(response, dict):
-        return Answer(job_id, error=_failed(item.get("error"), status))
+    # A line with an `error` is not an answer, whatever its status says.
+    if status != 200 or item.get("error") or not isinstance(response, dict):
+        return Answer(job_id, error=_failed(item.get("error"), status, response.get("body") if response else None))
     try:
         completion = ChatCompletion.model_validate(response.get("body"))
     except ValidationError:
@@ -129,8 +131,33 @@ def parse(line: str, *, model: str) -> Answer | None:
         return Answer(job_id, error=error)
 
 
-def _failed(error: Any, status: Any) -> LLMError:
-    """A request the provider's batch did not answer: retryable, as an interactive 5xx is."""
-    code = error.get("code") if isinstance(error, dict) else None
-    said = f" ({str(code)[:80]})" if code else ""
-    return LLMError(JobErrorCode.PROVIDER_ERROR, f"the provider's batch answered {status}{said}", retryable=True)
+# Why a request the provider's batch did not answer, by the `error` code of the line.
+_UNFINISHED = {
+    "batch_expired": "the provider's batch expired before answering it",
+    "batch_cancelled": "the provider's batch was cancelled before answering it",
+}
+# Refusals by the provider's filters, as an interactive call's content filter is.
+_FILTERED = frozenset({"content_filter", "content_policy_violation"})
+
+
+def _failed(error: Any, status: Any, body: Any) -> LLMError:
+    """A request the provider's batch did not answer, classified as the interactive path
+    classifies the same HTTP answer (openai_provider.classify): a 5xx, 408, 409, 429 or an
+    unfinished request may succeed another time; any other 4xx (a context too long, a schema
+    refused) never will, and a filter's refusal is REFUSED."""
+    said = body.get("error") if isinstance(body, dict) else None
+    detail = said if isinstance(said, dict) else error if isinstance(error, dict) else {}
+    code = str(detail.get("code") or "")
+    if error or not isinstance(status, int):
+        # Not answered (the line's own `error`: an object, or from some servers a string).
+        message = _UNFINISHED.get(code) or f"the provider's batch did not answer it ({(code or str(error))[:80]})"
+        return LLMError(JobErrorCode.PROVIDER_ERROR, message, retryable=True)
+    if code in _FILTERED:
+        return LLMError(JobErrorCode.REFUSED, f"the provider refused the request ({code})")
+    if status in (401, 403):
+        return LLMError(JobErrorCode.PROVIDER_AUTH, f"the provider's batch refused our credentials ({status})")
+    if status == 429:
+        return LLMError(JobErrorCode.RATE_LIMITED, "the provider's batch was rate limited (429)", retryable=True)
+    retryable = status >= 500 or status in (408, 409)
+    suffix = f" ({code[:80]})" if code else ""
+    return LLMError(JobErrorCode.PROVIDER_ERROR, f"the provider's batch answered {status}{suffix}", retryable=retryable)
