@@ -37,6 +37,9 @@ FIRST_FORK = "first-fork"  # the pool has just forked its first worker: hit on p
 JOB_IN_FLIGHT = "job-in-flight"  # a worker is waiting on the LLM, which would take a minute
 SIGTERM_PREFIX = "sigterm-"  # as a process manager (or `kill`) stops ./scripts/run
 SCENARIOS: tuple[str, ...] = (FIRST_FORK, JOB_IN_FLIGHT, *(f"{d}s" for d in DELAYS), f"{SIGTERM_PREFIX}1.0s")
+# The scenarios' devs all start at once: about 40 Python processes on a 2-core machine that also
+# runs the rest of the suite. 60 s was once not enough for one of them to answer (a CI run).
+START_S = 150
 # "Within a few seconds": dev's grace for a clean stop, then whatever is left is killed.
 STOP_BOUND_S = 8.0
 MARK = "GQLS_TEST_TREE"
@@ -69,7 +72,7 @@ def _marked(mark: str) -> list[psutil.Process]:
 
 
 def _wait_for_first_fork(dev_pid: int) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + START_S
     pool = None
     while pool is None:
         pool = next((p for p in psutil.Process(dev_pid).children() if "worker" in p.cmdline()), None)
@@ -114,7 +117,7 @@ def _stop_dev(scenario: str, stub: OpenAIStub) -> Outcome:
             if scenario == FIRST_FORK:
                 _wait_for_first_fork(dev.pid)
             else:
-                wait_until(api_answers, timeout_s=60, what="dev's API")
+                wait_until(api_answers, timeout_s=START_S, what="dev's API")
                 if scenario == JOB_IN_FLIGHT:
                     _submit_and_wait_for_the_llm_call(port, stub)
                 else:
