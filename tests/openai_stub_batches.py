@@ -538,21 +538,26 @@ class BatchAPI:
                 self._batches.popitem(last=False)
             return JSONResponse(batch.to_json())
 
-    async def _get_batch(self, request: Request) -> Response:
+    def _on_batch(self, request: Request, act: Callable[[StubBatch], Response]) -> Response:
+        """`act` on the batch the path names, under the lock; or why not (refused, unknown)."""
         if (refused := self._guard and self._guard(request)) is not None:
             return refused
         with self._lock:
             batch = self._batches.get(request.path_params["batch_id"])
-            if batch is None:
-                return self._no_batch(request)
-            batch.polls += 1
-            # One step per poll, so a client sees each state and its counts rise; or all at once.
-            if self.instant:
-                while self._step(batch):
-                    pass
-            else:
-                self._step(batch)
-            return JSONResponse(batch.to_json())
+            return self._no_batch(request) if batch is None else act(batch)
+
+    async def _get_batch(self, request: Request) -> Response:
+        return self._on_batch(request, self._polled)
+
+    def _polled(self, batch: StubBatch) -> Response:
+        batch.polls += 1
+        # One step per poll, so a client sees each state and its counts rise; or all at once.
+        if self.instant:
+            while self._step(batch):
+                pass
+        else:
+            self._step(batch)
+        return JSONResponse(batch.to_json())
 
     async def _list(self, request: Request) -> Response:
         if (refused := self._guard and self._guard(request)) is not None:
@@ -579,17 +584,14 @@ class BatchAPI:
             )
 
     async def _cancel(self, request: Request) -> Response:
-        if (refused := self._guard and self._guard(request)) is not None:
-            return refused
-        with self._lock:
-            batch = self._batches.get(request.path_params["batch_id"])
-            if batch is None:
-                return self._no_batch(request)
-            if batch.status in TERMINAL:
-                return _error(409, f"Cannot cancel a batch with status '{batch.status}'.")
-            if batch.status != "cancelling":
-                self._start_cancel(batch, "client")
-            return JSONResponse(batch.to_json())
+        return self._on_batch(request, self._cancelled)
+
+    def _cancelled(self, batch: StubBatch) -> Response:
+        if batch.status in TERMINAL:
+            return _error(409, f"Cannot cancel a batch with status '{batch.status}'.")
+        if batch.status != "cancelling":
+            self._start_cancel(batch, "client")
+        return JSONResponse(batch.to_json())
 
     # --- how a batch advances (all under the lock) ----------------------------------------
 
