@@ -29,7 +29,6 @@ from gql_service.worker.llm.openai_provider import completion_of, request_option
 
 ENDPOINT: Final = "/v1/chat/completions"
 COMPLETION_WINDOW: Final = "24h"  # the only window OpenAI offers
-MAX_REQUESTS = 50_000  # OpenAI's limit of requests per batch
 # A batch input of 50,000 requests runs to about 100 MB (the schema is in every line): past
 # this it goes to a temporary file on its way up, never held whole in memory.
 SPOOL_BYTES = 8 * 2**20
