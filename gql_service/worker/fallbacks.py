@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from gql_service.settings import Fallback, Settings
+from gql_service.fallback_settings import Fallback
+from gql_service.settings import Settings
 from gql_service.worker.breaker import Breaker
 from gql_service.worker.llm import Provider
 from gql_service.worker.provider_limits import ProviderLimits
