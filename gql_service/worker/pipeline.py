@@ -12,7 +12,6 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 from opentelemetry.trace import INVALID_SPAN, Span
 from pydantic import ValidationError
@@ -26,6 +25,7 @@ from gql_service.settings import ReplicaAck
 from gql_service.worker import job_spans
 from gql_service.worker.breaker import MAX_PAUSE_S, falls_over, usable_pause
 from gql_service.worker.fallbacks import Route
+from gql_service.worker.job_ends import transition as _transition
 from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
 from gql_service.worker.llm.base import OnText
 from gql_service.worker.provider_limits import ProviderLimits
@@ -353,36 +353,3 @@ def _first_token_noted(span: Span, on_text: OnText) -> OnText:
         on_text(piece)
 
     return feed
-
-
-async def _transition(redis: Redis, job_id: str, change: store.Change, **options: Any) -> store.Transition:
-    """`store.transition`; an end that replicas did not confirm in time stands all the same.
-
-    There is no client waiting to be told SERVICE_UNAVAILABLE: the end is on the primary,
-    and should a failover lose it, the job's record is back where it was before and the
-    reconciler queues the job again (gql_service.worker.reconciler)."""
-    try:
-        return await store.transition(redis, job_id, change, **options)
-    except store.EndNotReplicated as exc:
-        log.warning("job %s: its end is not confirmed by the replicas (%s)", job_id, exc)
-        return exc.done
-
-
-async def fail_job(
-    redis: Redis,
-    job_id: str,
-    error: JobError,
-    *,
-    ttl_s: int,
-    outbox_max_len: int = store.OUTBOX_MAX_LEN,
-    ack: ReplicaAck | None = None,
-) -> JobRecord | None:
-    """End a job as FAILED from outside an attempt (crash handlers, enqueue failures)."""
-
-    def change(job: JobRecord) -> JobRecord:
-        return job.model_copy(
-            update={"status": JobStatus.FAILED, "stage": JobStage.FAILED, "error": error, "finished_at": utcnow()}
-        )
-
-    done = await _transition(redis, job_id, change, ttl_s=ttl_s, outbox_max_len=outbox_max_len, ack=ack)
-    return done.record

@@ -41,7 +41,7 @@ from gql_service.models import JobError, JobErrorCode, JobPriority, JobRecord, J
 from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
 from gql_service.worker import outbox
-from gql_service.worker.pipeline import fail_job
+from gql_service.worker.job_ends import fail_job
 
 log = logging.getLogger(__name__)
 

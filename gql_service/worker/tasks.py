@@ -31,8 +31,9 @@ from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
 from gql_service.worker.context import WorkerContext, of_process, takes_context
 from gql_service.worker.fallbacks import routes
+from gql_service.worker.job_ends import fail_job
 from gql_service.worker.llm import FallsBackToJsonMode, Provider
-from gql_service.worker.pipeline import Attempt, RetryLater, fail_job
+from gql_service.worker.pipeline import Attempt, RetryLater
 
 log = logging.getLogger(__name__)
 
