@@ -50,6 +50,9 @@ when a batch is created, so changing them never alters a batch already made:
         (OpenAI does not keep it): a fixed permutation per batch, never the identity
     hold: threading.Event | None   batches made while set stay `in_progress` (all lines
         answered) until the event is set
+    create_gate: threading.Event | None   POST /v1/batches waits for it before it makes the
+        batch (`create_asked` is set when such a request arrives): a client can be killed
+        while its create is in flight, and the batch still made
     fail_next(message, code=...)  the next batch created fails as a whole at validation
     cancel_next(after_lines=0)    the next batch is cancelled by the provider once this many
         of its lines are answered
@@ -68,6 +71,7 @@ by `POST /v1/chat/completions`). Memory is bounded: at most `max_batches` batche
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -355,6 +359,8 @@ class BatchAPI:
             self.unfinished_in_error_file = True
             self.shuffle_output = True
             self.hold: threading.Event | None = None
+            self.create_gate: threading.Event | None = None
+            self.create_asked = threading.Event()
             self._fail_next: dict[str, Any] | None = None
             self._cancel_next: int | None = None
 
@@ -504,6 +510,9 @@ class BatchAPI:
         ):
             return _error(400, "Invalid 'metadata': at most 16 string keys and values.", param="metadata")
         input_file_id = params.get("input_file_id")
+        self.create_asked.set()
+        if (gate := self.create_gate) is not None:  # the batch is made once the test lets it
+            await asyncio.to_thread(gate.wait, 120)
         with self._lock:
             file = self._live_file(input_file_id) if isinstance(input_file_id, str) else None
             if file is None:

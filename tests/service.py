@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -54,7 +55,7 @@ class Proc:
         self._log_file = self.log.open("wb")
         self.popen = subprocess.Popen(
             [python, "-m", "gql_service", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-            preexec_fn=preexec_fn,
+            preexec_fn=preexec_fn, process_group=0,  # its own group: a pool's workers go with it (stop)
         )  # fmt: skip
 
     def output(self) -> str:
@@ -68,8 +69,16 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        # Whatever it started and left (a pool's workers, once it is SIGKILLed or hangs) goes
+        # too: a worker left running would take later tests' jobs from their queues.
+        self.kill_group()
         self._log_file.close()
         return self.popen.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and everything it started (as `kill -9` on a host would)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
 
 
 class Service:
