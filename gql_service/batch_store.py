@@ -17,7 +17,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 
 from gql_service import keys, store
-from gql_service.models import BatchCounts, BatchRecord, JobPriority, TokenUsage
+from gql_service.models import BatchCounts, BatchMode, BatchRecord, JobPriority, TokenUsage
 
 _COUNTS = ("total", "queued", "running", "finished", "failed", "canceled")
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -32,6 +32,7 @@ def create_batch(pipe: AsyncPipeline, record: BatchRecord, *, ttl_s: int) -> Non
         "metadata": json.dumps(record.metadata, separators=(",", ":")),
         "created_at": record.created_at.isoformat(),
         "priority": record.priority.value,
+        "mode": record.mode.value,
         "v": 1,
         **dict.fromkeys(_COUNTS + _USAGE, 0),
     }
@@ -83,6 +84,7 @@ def decode(batch_id: str, fields: dict[bytes, bytes]) -> BatchRecord | None:
         canceled_at=when("canceled_at"),
         # A batch made before there were priorities has none stored: its jobs were NORMAL.
         priority=JobPriority(f.get("priority", JobPriority.NORMAL.value)),
+        mode=BatchMode(f.get("mode", BatchMode.INTERACTIVE.value)),
         counts=BatchCounts(**{name: int(f.get(name, 0)) for name in _COUNTS}),
         usage=TokenUsage(**{name: int(f.get(name, 0)) for name in _USAGE}),
     )

@@ -97,6 +97,62 @@ def batch_idempotency(tenant: str, key: str) -> str:
     return idempotency(tenant, f"batch\0{key}")
 
 
+# -- ECONOMY batches (gql_service.economy_store) -----------------------------------------
+# Batches with jobs waiting to be sent to the provider's Batch API, by when the first came (ms).
+ECONOMY_BATCHES = f"{PREFIX}:economy:batches"
+# The chunks (one provider batch each) not yet done with: what every worker's loop looks at.
+ECONOMY_CHUNKS = f"{PREFIX}:economy:chunks"
+
+
+def economy_waiting(batch_id: str) -> str:
+    """Sorted set of an ECONOMY batch's jobs that wait to be sent, by creation time (ms)."""
+    return f"{PREFIX}:batch:{batch_id}:economy:waiting"
+
+
+def batch_chunks(batch_id: str) -> str:
+    """List of the batch's chunks, in the order they were made (`Batch.providerBatches`)."""
+    return f"{PREFIX}:batch:{batch_id}:economy:chunks"
+
+
+def economy_chunk(chunk_id: str) -> str:
+    """A chunk's hash: its batch, state, files, provider batch and the provider's counts."""
+    return f"{PREFIX}:economy:chunk:{chunk_id}"
+
+
+def economy_chunk_jobs(chunk_id: str) -> str:
+    """Set of the job ids a chunk sent."""
+    return f"{PREFIX}:economy:chunk:{chunk_id}:jobs"
+
+
+def economy_lock(name: str) -> str:
+    """Held by the one worker that makes the chunks (`flush`), or that works on one chunk."""
+    return f"{PREFIX}:economy:lock:{name}"
+
+
+# The field of a job's hash (keys.job) that holds its provider batch's answer until an attempt
+# validates it (gql_service.worker.pipeline).
+ANSWER_FIELD = "a"
+
+
+def economy_handed(job_id: str) -> str:
+    """Exists once a job's answer (or its fallback) left its chunk: written with it, so a
+    worker that reads the same output again hands nothing over twice."""
+    return f"{PREFIX}:economy:handed:{job_id}"
+
+
+# The offline provider's Batch API (gql_service.worker.offline_batches): files, batches, and
+# the batch made for each chunk.
+OFFLINE_BATCH_TAGS = f"{PREFIX}:offline:batch-tags"
+
+
+def offline_batch_file(file_id: str) -> str:
+    return f"{PREFIX}:offline:file:{file_id}"
+
+
+def offline_batch(batch_id: str) -> str:
+    return f"{PREFIX}:offline:batch:{batch_id}"
+
+
 # Ended jobs waiting to be written to the PostgreSQL history: a stream, drained by the
 # workers' archivers as one consumer group (gql_service.worker.archiver).
 ARCHIVE_OUTBOX = f"{PREFIX}:archive:outbox"

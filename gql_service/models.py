@@ -49,6 +49,8 @@ class JobStage(enum.Enum):
     CALLING_LLM = "CALLING_LLM"
     VALIDATING = "VALIDATING"
     REPAIRING = "REPAIRING"
+    # An ECONOMY batch's job, sent in a provider batch: its answer comes within 24 h.
+    PROVIDER_BATCH = "PROVIDER_BATCH"
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELED = "CANCELED"
@@ -229,6 +231,9 @@ class JobRecord(BaseModel):
     # priorities have none stored and were queued as NORMAL. None only for a job read back
     # from the PostgreSQL history, which does not keep it.
     priority: JobPriority | None = JobPriority.NORMAL
+    # Of `usage`, what a provider batch answered (an ECONOMY batch's job): priced at the
+    # batch discount (LLM_BATCH_DISCOUNT). Not shown to clients.
+    batch_usage: TokenUsage | None = None
 
     @property
     def terminal(self) -> bool:
@@ -249,6 +254,15 @@ BUCKETS = {
     JobStatus.FAILED: "failed",
     JobStatus.CANCELED: "canceled",
 }
+
+
+class BatchMode(enum.Enum):
+    """How a batch's jobs reach the LLM: one call each as they come (INTERACTIVE), or gathered
+    into the provider's Batch API at its batch price, answered within 24 h (ECONOMY:
+    gql_service.worker.economy)."""
+
+    INTERACTIVE = "INTERACTIVE"
+    ECONOMY = "ECONOMY"
 
 
 class BatchStatus(enum.Enum):
@@ -284,6 +298,7 @@ class BatchRecord(BaseModel):
     completed_at: datetime | None = None
     canceled_at: datetime | None = None
     priority: JobPriority = JobPriority.NORMAL  # every job of the batch waits with it
+    mode: BatchMode = BatchMode.INTERACTIVE
     counts: BatchCounts = Field(default_factory=BatchCounts)
     usage: TokenUsage = Field(default_factory=lambda: TokenUsage())
 

@@ -44,7 +44,18 @@ def cost_usd(usage: TokenUsage, price: Price) -> float:
     ) / MTOK
 
 
-def job_cost(prices: dict[str, Price] | None, model: str | None, usage: TokenUsage | None) -> float | None:
-    """The cost of `usage` at `model`'s prices; None when the model has no price."""
+def job_cost(
+    prices: dict[str, Price] | None,
+    model: str | None,
+    usage: TokenUsage | None,
+    *,
+    batch_usage: TokenUsage | None = None,
+    batch_discount: float = 1.0,
+) -> float | None:
+    """The cost of `usage` at `model`'s prices; None when the model has no price. The part of
+    it a provider batch answered (`batch_usage`) costs `batch_discount` of the price."""
     price = price_of(prices, model)
-    return None if price is None else cost_usd(usage or TokenUsage(), price)
+    if price is None:
+        return None
+    full = cost_usd(usage or TokenUsage(), price)
+    return full if batch_usage is None else full - (1 - batch_discount) * cost_usd(batch_usage, price)

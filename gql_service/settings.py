@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     # The offline provider reveals its answer a piece (about a word) every this many ms;
     # 0: all at once. `dev` sets 20 when unset, so the console shows it being written.
     offline_stream_delay_ms: float = Field(0.0, ge=0, le=10_000)
+    # ECONOMY batches (gql_service.worker.economy): their waiting jobs are sent when the batch
+    # closes, ECONOMY_FLUSH_S after the first came, or once ECONOMY_MAX_REQUESTS wait; each
+    # provider batch is read every ECONOMY_POLL_S; what it does not answer runs interactively
+    # (or FAILS, ECONOMY_FALLBACK=fail).
+    economy_flush_s: float = Field(300.0, gt=0, le=24 * 3600)
+    economy_max_requests: int = Field(50_000, ge=1, le=50_000)
+    economy_poll_s: float = Field(30.0, gt=0, le=3600)
+    economy_fallback: Literal["interactive", "fail"] = "interactive"
+    # What a provider batch's tokens cost, as a share of LLM_PRICES (OpenAI's: half).
+    llm_batch_discount: float = Field(0.5, ge=0, le=1)
+    # The offline provider's batches end this long after they are made.
+    offline_batch_delay_ms: float = Field(2000.0, ge=0, le=3_600_000)
     llm_max_attempts: int = Field(3, ge=1, le=20)
     # Seconds before the first retry of a transient LLM failure; doubles each time.
     retry_backoff_s: float = Field(2.0, ge=0)

@@ -198,12 +198,13 @@ def get_job_sync(redis: Redis, job_id: str) -> JobRecord | None:
     return decode(raw) if raw is not None else None
 
 
-async def get_job_and_text(redis: AsyncRedis, job_id: str) -> tuple[JobRecord | None, str]:
-    """The record and its submitted text, in one round trip (what a worker starts with)."""
-    raw, text = await redis.hmget(keys.job(job_id), ["d", "t"])
+async def get_for_attempt(redis: AsyncRedis, job_id: str) -> tuple[JobRecord | None, str, bytes | str | None]:
+    """The record, its submitted text, and the answer a provider batch gave it if any
+    (keys.ANSWER_FIELD), in one round trip: what a worker starts an attempt with."""
+    raw, text, answer = await redis.hmget(keys.job(job_id), ["d", "t", keys.ANSWER_FIELD])
     if raw is None:
-        return None, ""
-    return decode(raw), text.decode() if isinstance(text, bytes) else (text or "")
+        return None, "", None
+    return decode(raw), text.decode() if isinstance(text, bytes) else (text or ""), answer
 
 
 def _next(current: JobRecord, change: Change) -> JobRecord | None:

@@ -12,14 +12,14 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from gql_service import batch_store, keys, store
+from gql_service import batch_store, economy_store, keys, store
 from gql_service.api.calls import redis_call
 from gql_service.api.errors import BadUserInput, IdempotencyKeyReused, NotFound
 from gql_service.api.ids import check_ids
 from gql_service.api.jobs import JobService
 from gql_service.api.listing import MAX_LIST_SCAN
 from gql_service.api.subscription_spans import SubscriptionSpan
-from gql_service.models import BatchRecord, BatchStatus, JobPriority, JobRecord, JobStatus, utcnow
+from gql_service.models import BatchMode, BatchRecord, BatchStatus, JobPriority, JobRecord, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def _checked_metadata(metadata: object) -> dict[str, Any]:
 def _same_request(made: BatchRecord, asked: BatchRecord) -> BatchRecord:
     """The batch an idempotency key made, if it was asked for as now; a key reused for a
     different batch is refused, as for jobs."""
-    if (made.name, made.metadata, made.priority) != (asked.name, asked.metadata, asked.priority):
+    if (made.name, made.metadata, made.priority, made.mode) != (asked.name, asked.metadata, asked.priority, asked.mode):
         raise IdempotencyKeyReused(
-            "this idempotencyKey made a batch with a different name, metadata or priority; "
+            "this idempotencyKey made a batch with a different name, metadata, priority or mode; "
             "use a new key for a new batch"
         )
     return made
@@ -83,6 +83,7 @@ class BatchService:
         idempotency_key: str | None,
         tenant: str,
         priority: JobPriority = JobPriority.NORMAL,
+        mode: BatchMode = BatchMode.INTERACTIVE,
     ) -> tuple[BatchRecord, bool]:
         """A new open batch, or the one this idempotency key made before (deduplicated)."""
         if not name.strip() or len(name) > MAX_NAME_CHARS:
@@ -90,7 +91,7 @@ class BatchService:
         metadata = _checked_metadata(metadata or {})
         record = BatchRecord(
             id=f"{keys.BATCH_ID_PREFIX}{uuid.uuid4().hex}", tenant=tenant, name=name, metadata=metadata,
-            created_at=utcnow(), priority=priority,
+            created_at=utcnow(), priority=priority, mode=mode,
         )  # fmt: skip
         idem = keys.batch_idempotency(tenant, idempotency_key) if idempotency_key is not None else None
         if idem is not None and (existing := await self._made_by(idem, tenant)) is not None:
@@ -129,6 +130,8 @@ class BatchService:
             raise BadUserInput(f"batch {batch_id} is already COMPLETED")
         async with redis_call(self.settings.redis_timeout_s):
             await batch_store.close(self.redis, batch_id, now=utcnow(), cancel=True)
+            if batch.mode is BatchMode.ECONOMY:  # its waiting jobs, and its provider batches too
+                await economy_store.request_cancel(self.redis, batch_id)
         start, unconfirmed = 0, None
         while True:  # the batch takes no more jobs now: this list only shrinks in what it leaves
             async with redis_call(self.settings.redis_timeout_s):
@@ -156,6 +159,13 @@ class BatchService:
         async with redis_call(self.settings.redis_timeout_s):
             found = await batch_store.get_batches(self.redis, batch_ids)
         return [b if b is not None and b.tenant == tenant else None for b in found]
+
+    async def provider_batches(self, batch: BatchRecord) -> list[economy_store.Chunk]:
+        """An ECONOMY batch's provider batches, in the order they were made."""
+        if batch.mode is not BatchMode.ECONOMY:
+            return []
+        async with redis_call(self.settings.redis_timeout_s):
+            return await economy_store.of_batch(self.redis, batch.id)
 
     async def _owned(self, batch_id: str, tenant: str) -> BatchRecord:
         batch = await self.get(batch_id, tenant=tenant)

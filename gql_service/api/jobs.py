@@ -20,6 +20,7 @@ from gql_service import (
     batch_store,
     budgets,
     delivery_store,
+    economy_store,
     history,
     keys,
     queueing,
@@ -214,12 +215,14 @@ class JobService:
         return outcome
 
     async def submit_many(
-        self, jobs: list[NewJob], *, batch_id: str | None = None
+        self, jobs: list[NewJob], *, batch_id: str | None = None, economy: bool = False
     ) -> list[tuple[JobRecord, bool] | ClientError]:
         """Every job (QUEUED, v1) + its RQ job + its idempotency key in one MULTI/EXEC; with
         `batch_id` (the jobs' records name it), counted into that batch in the same MULTI.
         A job whose idempotency key was used for another request is that job's
-        IDEMPOTENCY_KEY_REUSED error, in its place in the answer.
+        IDEMPOTENCY_KEY_REUSED error, in its place in the answer. `economy`: the batch is an
+        ECONOMY one; its jobs wait for a provider batch (gql_service.economy_store) instead of
+        going on an RQ queue.
 
         Applied once: the commands run as one script guarded by the first new job's record
         (redis_conn.run_once), so a reply lost on the way back (redis-py then sends it all
@@ -232,10 +235,10 @@ class JobService:
         """
         async with self._redis_call():
             await queueing.prime(self.queues, self.acked_redis)
-            return await self._submit_many(jobs, batch_id)
+            return await self._submit_many(jobs, batch_id, economy)
 
     async def _submit_many(
-        self, jobs: list[NewJob], batch_id: str | None
+        self, jobs: list[NewJob], batch_id: str | None, economy: bool
     ) -> list[tuple[JobRecord, bool] | ClientError]:
         idem_keys = sorted({j.idem for j in jobs if j.idem})
         # A batch takes jobs until it is closed: its open flag is watched, so a close that
@@ -269,7 +272,7 @@ class JobService:
                             same = prior_fingerprint in (None, job.fingerprint)
                             results.append((prior, True) if same else _reused())
                             continue
-                        self._queue_job(pipe, job)
+                        self._queue_job(pipe, job, held=economy)
                         new.append(job)
                         if job.idem:
                             existing[job.idem] = (job.record, job.fingerprint)  # a repeat within the batch
@@ -280,6 +283,8 @@ class JobService:
                             await pipe.reset()
                             raise BadUserInput(f"batch {batch_id} is closed: it takes no more jobs")  # (repeats do)
                         batch_store.add_jobs(pipe, batch_id, added, ttl_s=self.settings.result_ttl_s)
+                        if economy:
+                            economy_store.hold(pipe, batch_id, added, ttl_s=self.settings.result_ttl_s)
                     spendable = self._budget(new)
                     if new:
                         within = [(limit.key, limit.limit) for limit in spendable]
@@ -312,13 +317,14 @@ class JobService:
         tenant = new[0].record.tenant  # one request's jobs are one tenant's
         return budgets.limits(budgets.budget_for(self.settings.tenant_budgets, tenant), tenant, utcnow())
 
-    def _queue_job(self, pipe: AsyncPipeline, job: NewJob) -> None:
+    def _queue_job(self, pipe: AsyncPipeline, job: NewJob, *, held: bool = False) -> None:
         ttl_s = self.settings.result_ttl_s
         store.create_job(pipe, job.record, text=job.text, ttl_s=ttl_s)
         store.index_job(pipe, job.record, ttl_s=ttl_s)
         if job.idem:
             pipe.set(job.idem, _idem_value(job), ex=self.settings.idempotency_ttl_s)
-        queueing.enqueue_extraction(self.queues, job.record, pipe, self.settings)
+        if not held:
+            queueing.enqueue_extraction(self.queues, job.record, pipe, self.settings)
 
     async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
         check_ids([job_id])

@@ -38,7 +38,8 @@ ADD = (
 CLOSE = "mutation($id: ID!) { closeBatch(id: $id) { status } }"
 WATCH = (
     "query($id: ID!, $after: String) { batch(id: $id) { status counts { total queued running finished failed "
-    "canceled } endedJobs(first: 1000, after: $after) { edges { node { %s } } pageInfo { endCursor hasNextPage } } } }"
+    "canceled } providerBatches { requestCounts { total completed failed } } "
+    "endedJobs(first: 1000, after: $after) { edges { node { %s } } pageInfo { endCursor hasNextPage } } } }"
     % JOB_FIELDS
 )
 
@@ -107,6 +108,7 @@ class Progress:
         self.started = time.monotonic()
         self._last_line = 0.0
         self._bar: Any = None
+        self._provider: Any = None  # the provider's bar, once an ECONOMY batch has one
         if live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -118,7 +120,15 @@ class Progress:
             self._submit = self._bar.add_task("submitted", total=total, info="")
             self._end = self._bar.add_task("ended    ", total=total, info="")
 
-    def update(self, *, submitted: int, counts: dict[str, int] | None = None, final: bool = False) -> None:
+    def update(
+        self,
+        *,
+        submitted: int,
+        counts: dict[str, int] | None = None,
+        provider: tuple[int, int] | None = None,
+        final: bool = False,
+    ) -> None:
+        """`provider`: (answered, total) of an ECONOMY batch's requests at the provider."""
         ended = sum(counts[k] for k in ("finished", "failed", "canceled")) if counts else 0
         elapsed = time.monotonic() - self.started
         rate = ended / elapsed if elapsed > 0 else 0.0
@@ -126,6 +136,10 @@ class Progress:
         failed = counts["failed"] if counts else 0
         info = f"{failed} failed, {rate:.1f} jobs/s"
         if self._bar is not None:
+            if provider is not None:
+                if self._provider is None:
+                    self._provider = self._bar.add_task("provider ", total=provider[1], info="answered")
+                self._bar.update(self._provider, completed=provider[0], total=provider[1])
             self._bar.update(self._submit, completed=submitted)
             self._bar.update(self._end, completed=ended, info=info)
             if final:
@@ -134,7 +148,8 @@ class Progress:
         if final or time.monotonic() - self._last_line >= PLAIN_EVERY_S:
             self._last_line = time.monotonic()
             eta = f", about {left:.0f} s left" if left is not None and not final else ""
-            print(f"submitted {submitted}/{self.total}, ended {ended} ({failed} failed), {rate:.1f} jobs/s{eta}",
+            at = f", provider answered {provider[0]}/{provider[1]}" if provider is not None else ""
+            print(f"submitted {submitted}/{self.total}, ended {ended} ({failed} failed), {rate:.1f} jobs/s{at}{eta}",
                   file=sys.stderr, flush=True)  # fmt: skip
 
 
@@ -149,6 +164,7 @@ def submit_file(
     api_key: str | None,
     webhook: str | None = None,
     priority: str = "NORMAL",
+    mode: str = "INTERACTIVE",
 ) -> tuple[int, list[dict[str, Any]]]:
     """(exit code, the jobs in the file's order once they have all ended; [] without waiting)."""
     if not items:
@@ -157,11 +173,10 @@ def submit_file(
     client = Client(url, api_key)
     progress = Progress(len(items), live=sys.stderr.isatty())
     metadata = {"file": name, "items": len(items), "sha256": digest}
-    # The jobs have the batch's priority. The same file again at another one is refused
-    # (IDEMPOTENCY_KEY_REUSED): its batch exists, at the first.
-    batch = client.call(
-        CREATE, input={"name": name, "metadata": metadata, "idempotencyKey": digest, "priority": priority}
-    )
+    # The jobs have the batch's priority and mode. The same file again at another one is
+    # refused (IDEMPOTENCY_KEY_REUSED): its batch exists, at the first.
+    made = {"name": name, "metadata": metadata, "idempotencyKey": digest, "priority": priority, "mode": mode}
+    batch = client.call(CREATE, input=made)
     batch_id = batch["data"]["createBatch"]["id"]
     print(f"batch {batch_id} ({len(items)} texts)", file=sys.stderr, flush=True)
     of_item: dict[str, str] = {}  # job id -> the item's id
@@ -218,7 +233,10 @@ def _follow(
             # Every end read (not len(ended) == total: a job whose record expired everywhere
             # is never listed, and waiting for it would never end).
             done = batch["status"] in ("COMPLETED", "CANCELED") and not page["pageInfo"]["hasNextPage"]
-            progress.update(submitted=counts["total"], counts=counts, final=done)
+            # An ECONOMY batch: the provider's own counts, while its jobs wait for its answers.
+            asked = [p["requestCounts"] for p in batch["providerBatches"]]
+            answered = (sum(c["completed"] + c["failed"] for c in asked), sum(c["total"] for c in asked))
+            progress.update(submitted=counts["total"], counts=counts, provider=answered if asked else None, final=done)
             if done:
                 break
             if not page["edges"]:

@@ -102,6 +102,8 @@ def _texts(args: argparse.Namespace) -> list[str]:
     texts = [sys.stdin.read() if text == "-" else text for text in args.texts]
     if not texts and not args.file:
         raise fail("nothing to submit: give a text, - to read one from stdin, or --file")
+    if args.economy and not args.file:
+        raise fail("--economy makes a batch of a file: give --file")
     return texts
 
 
@@ -147,7 +149,7 @@ def _submit_file(args: argparse.Namespace, texts: list[str], url: str, api_key: 
     output = Path(args.output) if args.output else None
     code, ended = bulk.submit_file(
         url, items, source=source, name=path.name, output=output, wait=args.wait, api_key=api_key,
-        webhook=args.webhook, priority=args.priority,
+        webhook=args.webhook, priority=args.priority, mode="ECONOMY" if args.economy else "INTERACTIVE",
     )  # fmt: skip
     if args.wait and args.json:
         print(json.dumps(ended, indent=2))
@@ -262,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--priority", choices=("HIGH", "NORMAL", "LOW"), default="NORMAL",
                 help="the jobs' priority (with --file: the batch's): HIGH goes before NORMAL, NORMAL before LOW",
+            )  # fmt: skip
+            p.add_argument(
+                "--economy", action="store_true",
+                help="with --file: an ECONOMY batch, through the provider's Batch API at its batch price (answered "
+                "within 24 h; the offline provider's in OFFLINE_BATCH_DELAY_MS)",
             )  # fmt: skip
             p.set_defaults(func=cmd_submit)
         else:

@@ -28,6 +28,7 @@ from gql_service.worker.fallbacks import Route
 from gql_service.worker.job_ends import transition as _transition
 from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
 from gql_service.worker.llm.base import OnText
+from gql_service.worker.llm.provider_batches import stored_answer
 from gql_service.worker.provider_limits import ProviderLimits
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,11 @@ class Attempt:
         outbox_max_len: int = store.OUTBOX_MAX_LEN,
         ack: ReplicaAck | None = None,
         prices: dict[str, Price] | None = None,
+        batch_discount: float = 1.0,
     ) -> None:
         self.redis = redis
         self.prices = prices  # LLM_PRICES: the job's cost is written with its usage
+        self.batch_discount = batch_discount  # LLM_BATCH_DISCOUNT, for what a provider batch answered
         self.outbox_max_len = outbox_max_len  # OUTBOX_MAX_LEN, for the outboxes the job's end goes to
         self.ack = ack  # the end of the job waits for replicas (REDIS_MIN_REPLICAS_ACKED)
         self.provider = provider
@@ -118,7 +121,10 @@ class Attempt:
             changed = job.model_copy(update=changes)
             if "usage" in changes:
                 # The cost goes with the usage, at the prices of the model that answered last.
-                changed.cost_usd = pricing.job_cost(self.prices, changed.model, changed.usage)
+                changed.cost_usd = pricing.job_cost(
+                    self.prices, changed.model, changed.usage, batch_usage=changed.batch_usage,
+                    batch_discount=self.batch_discount,
+                )  # fmt: skip
             return changed
 
         done = await self._write(change, self.last)
@@ -263,27 +269,36 @@ class Attempt:
             log.exception("job %s: could not record metrics", self.job_id)
 
     async def _run(self, *, retries_left: int) -> JobRecord | None:
-        current, text = await store.get_job_and_text(self.redis, self.job_id)
+        current, text, answer = await store.get_for_attempt(self.redis, self.job_id)
         if current is None:
             log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
             return None
+        # An ECONOMY batch's job whose provider batch answered (gql_service.worker.economy):
+        # that answer is validated (and repaired) as an interactive one would be.
+        batched = stored_answer(answer) if answer and current.stage is JobStage.PROVIDER_BATCH else None
         with job_spans.job_span(current) as span:
             self.span = span
             try:
-                return await self._attempt(current, text, retries_left=retries_left)
+                return await self._attempt(current, text, batched, retries_left=retries_left)
             finally:
                 self.span = INVALID_SPAN  # ended: nothing more goes on it
 
-    async def _attempt(self, current: JobRecord, text: str, *, retries_left: int) -> JobRecord | None:
-        started = await self._start(current)
+    async def _attempt(
+        self, current: JobRecord, text: str, batched: Completion | None, *, retries_left: int
+    ) -> JobRecord | None:
+        started = await self._start(current, batched)
         if started is None:
             log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
             return None
         logs.request_id.set(started.request_id)  # worker log lines about this job carry it
-        log.info("job %s: attempt %d with %s", self.job_id, started.attempts, self.provider.model)
+        log.info("job %s: attempt %d with %s", self.job_id, started.attempts, started.model)
         self.usage = started.usage or TokenUsage()
         try:
-            completion = await self._ask(text)
+            if batched is not None:
+                completion = batched
+                self._add_usage(batched.usage)
+            else:
+                completion = await self._ask(text)
             await self._set(stage=JobStage.VALIDATING, usage=self.usage)
             try:
                 result = validate(completion.content)
@@ -316,18 +331,19 @@ class Attempt:
             finished_at=utcnow(),
         )
 
-    async def _start(self, current: JobRecord) -> JobRecord | None:
+    async def _start(self, current: JobRecord, batched: Completion | None) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
-            return job.model_copy(
-                update={
-                    "status": JobStatus.STARTED,
-                    "stage": JobStage.CALLING_LLM,
-                    "attempts": job.attempts + 1,
-                    "started_at": job.started_at or utcnow(),
-                    "model": self.provider.model,
-                    "trace": job_spans.own_trace(self.span, job),
-                }
-            )
+            update = {
+                "status": JobStatus.STARTED,
+                "stage": JobStage.CALLING_LLM,
+                "attempts": job.attempts + 1,
+                "started_at": job.started_at or utcnow(),
+                "model": self.provider.model,
+                "trace": job_spans.own_trace(self.span, job),
+            }
+            if batched is not None:  # answered already: it goes on to VALIDATING
+                update.update(stage=JobStage.PROVIDER_BATCH, model=batched.model, batch_usage=batched.usage)
+            return job.model_copy(update=update)
 
         done = await self._write(change, current)
         if done.changed and done.record is not None:

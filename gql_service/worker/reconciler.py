@@ -12,6 +12,8 @@ own writes) and have not changed for that long, and compares each with RQ:
 
 * RQ still has it (queued, started, scheduled, deferred, held by a tenant cap): RQ's own
   machinery runs it, or retries it when its worker is lost. Nothing to do.
+* A provider batch has it, or it waits to be sent in one (an ECONOMY batch's job,
+  gql_service.worker.economy): the economy loop answers for it. Nothing to do.
 * RQ has no job for it, or one that has ended: the job is queued again (status RETRYING,
   `WORKER_LOST`, retryable, so subscribers see why) with what is left of its attempts, or
   FAILED with `WORKER_LOST` once they are spent.
@@ -36,7 +38,7 @@ from redis.exceptions import RedisError
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQJobStatus
 
-from gql_service import keys, queueing, redis_conn, store
+from gql_service import economy_store, keys, queueing, redis_conn, store
 from gql_service.models import JobError, JobErrorCode, JobPriority, JobRecord, JobStage, JobStatus
 from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
@@ -121,7 +123,7 @@ class Reconciler:
                 pipe.hget(keys.job(job_id), "d")
                 pipe.hget(RQJob.key_for(job_id), "status")
             found = await pipe.execute()
-        acted = 0
+        lost: list[tuple[JobRecord, str | None]] = []
         for n, job_id in enumerate(job_ids):
             raw, rq_status = found[2 * n], found[2 * n + 1]
             record = store.decode(raw) if raw is not None else None
@@ -131,7 +133,17 @@ class Reconciler:
             status = None if rq_status is None else rq_status.decode()
             if status is not None and status not in RQ_ENDED:
                 continue  # RQ holds it (a state it runs, retries or holds back, or one unknown here)
-            acted += await self._revive(record, status)
+            if status is None and record.stage is JobStage.PROVIDER_BATCH:
+                continue  # a provider batch has it (gql_service.worker.economy)
+            lost.append((record, status))
+        # An ECONOMY batch's job that waits to be sent has no RQ job either.
+        maybe_held = [(r.id, r.batch_id) for r, status in lost if status is None and r.batch_id]
+        waiting = await economy_store.held(self.redis, maybe_held) if maybe_held else []
+        held = {job_id for (job_id, _), is_held in zip(maybe_held, waiting, strict=True) if is_held}
+        acted = 0
+        for record, status in lost:
+            if record.id not in held:
+                acted += await self._revive(record, status)
         return acted
 
     async def _revive(self, record: JobRecord, rq_status: str | None) -> int:

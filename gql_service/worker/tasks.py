@@ -68,7 +68,7 @@ async def _extract(
     bound, ack = ctx.settings.outbox_max_len, ctx.settings.replica_ack
     attempt = Attempt(
         redis, ctx.provider, job_id, ttl_s=ttl_s, limits=primary.limits, fallbacks=fallbacks, partials=partials,
-        outbox_max_len=bound, ack=ack, prices=ctx.settings.llm_prices,
+        outbox_max_len=bound, ack=ack, prices=ctx.settings.llm_prices, batch_discount=ctx.settings.llm_batch_discount,
     )  # fmt: skip
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)

@@ -14,7 +14,7 @@ from rq.job import Job as RQJob
 
 from gql_service import keys, logs, store, tracing
 from gql_service.redis_conn import sync_client
-from gql_service.worker import context, deliveries, priorities, reconciler, trace_drops
+from gql_service.worker import context, deliveries, economy, priorities, reconciler, trace_drops
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,10 @@ def background(name: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _drainers(name: str) -> Iterator[None]:
     ctx = context.of_process()
-    stops = [reconciler.start_in_thread(ctx.redis_target, ctx.settings, consumer=name)]
+    stops = [
+        reconciler.start_in_thread(ctx.redis_target, ctx.settings, consumer=name),
+        economy.start_in_thread(ctx.redis_target, ctx.settings, ctx.provider),
+    ]
     if ctx.settings.database_url is not None:
         from gql_service.worker import archiver  # psycopg, only where the history is on
 

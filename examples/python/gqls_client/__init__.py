@@ -2,6 +2,7 @@ from .async_base_client import AsyncBaseClient
 from .base_model import BaseModel, Upload
 from .client import Client
 from .enums import (
+    BatchMode,
     BatchStatus,
     JobErrorCode,
     JobPriority,
@@ -32,6 +33,7 @@ from .submit_text import SubmitText, SubmitTextSubmitText, SubmitTextSubmitTextJ
 __all__ = [
     "AsyncBaseClient",
     "BaseModel",
+    "BatchMode",
     "BatchStatus",
     "Client",
     "CreateBatchInput",

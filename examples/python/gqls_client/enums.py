@@ -1,6 +1,11 @@
 from enum import Enum
 
 
+class BatchMode(str, Enum):
+    INTERACTIVE = "INTERACTIVE"
+    ECONOMY = "ECONOMY"
+
+
 class BatchStatus(str, Enum):
     OPEN = "OPEN"
     RUNNING = "RUNNING"
@@ -32,6 +37,7 @@ class JobStage(str, Enum):
     CALLING_LLM = "CALLING_LLM"
     VALIDATING = "VALIDATING"
     REPAIRING = "REPAIRING"
+    PROVIDER_BATCH = "PROVIDER_BATCH"
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELED = "CANCELED"

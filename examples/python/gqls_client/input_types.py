@@ -3,7 +3,7 @@ from typing import Any, Optional
 from pydantic import Field
 
 from .base_model import BaseModel
-from .enums import JobPriority
+from .enums import BatchMode, JobPriority
 
 
 class CreateBatchInput(BaseModel):
@@ -14,6 +14,8 @@ class CreateBatchInput(BaseModel):
     "The same key gives back the same batch (a resumed upload finds its batch)."
     priority: JobPriority = JobPriority.NORMAL
     "The priority of every job added to the batch."
+    mode: BatchMode = BatchMode.INTERACTIVE
+    "ECONOMY: the jobs wait, then go to the provider's Batch API at its batch price, answered within 24 h (sent when the batch closes, ECONOMY_FLUSH_S after its first text, or at ECONOMY_MAX_REQUESTS texts)."
 
 
 class SubmitTextInput(BaseModel):

@@ -12,7 +12,7 @@ from gql_service.api.jobs import NewJob
 from gql_service.api.schema.context import caller
 from gql_service.api.schema.queries import MAX_BATCH
 from gql_service.api.schema.types import Batch, CreateBatchInput, Job, SubmitTextInput, SubmitTextPayload
-from gql_service.models import JobPriority
+from gql_service.models import BatchMode, JobPriority
 
 
 async def _raise(error: Exception) -> None:
@@ -55,8 +55,10 @@ class Mutation:
         if len(inputs) > MAX_BATCH:
             raise BadUserInput(f"at most {MAX_BATCH} inputs per call, got {len(inputs)}")
         batch = str(batch_id) if batch_id is not None else None
-        # A batch's jobs have the batch's priority; without a batch, each item's own.
-        batch_priority = (await ctx.batches.check_owned(batch, tenant=ctx.tenant)).priority if batch else None
+        # A batch's jobs have the batch's priority (and mode); without a batch, each item's own.
+        in_batch_of = await ctx.batches.check_owned(batch, tenant=ctx.tenant) if batch else None
+        batch_priority = in_batch_of.priority if in_batch_of else None
+        economy = in_batch_of is not None and in_batch_of.mode is BatchMode.ECONOMY
         accepted: list[tuple[int, NewJob]] = []
         errors: dict[int, ClientError] = {}
         refused = await ctx.jobs.refused_webhooks({i.webhook_url for i in inputs if i.webhook_url is not None})
@@ -72,7 +74,8 @@ class Mutation:
                 accepted.append((index, job))
             except BadUserInput as exc:
                 errors[index] = BadUserInput(f"inputs[{index}]: {exc.message}", index=index)
-        submitted = await ctx.jobs.submit_many([job for _, job in accepted], batch_id=batch) if accepted else []
+        news = [job for _, job in accepted]
+        submitted = await ctx.jobs.submit_many(news, batch_id=batch, economy=economy) if accepted else []
         answers: list[Any] = [None] * len(inputs)
         for (index, _), outcome in zip(accepted, submitted, strict=True):
             if isinstance(outcome, ClientError):
@@ -100,6 +103,7 @@ class Mutation:
             idempotency_key=input.idempotency_key,
             tenant=ctx.tenant,
             priority=input.priority,
+            mode=input.mode,
         )
         return Batch.from_record(record)
 

@@ -32,6 +32,12 @@ BatchStatus = strawberry.enum(
     "ended; CANCELED takes no more and its jobs not ended are CANCELED.",
 )
 
+BatchMode = strawberry.enum(
+    models.BatchMode,
+    description="INTERACTIVE: each job is one LLM call as it comes. ECONOMY: the jobs go to the provider's "
+    "Batch API at its batch price (LLM_BATCH_DISCOUNT), answered within 24 h.",
+)
+
 
 MAX_ENDED_PAGE = 1000
 
@@ -213,6 +219,26 @@ class BatchCounts:
     canceled: int
 
 
+@strawberry.type(description="The provider's counts of the requests of one of its batches.")
+class ProviderRequestCounts:
+    total: int
+    completed: int
+    failed: int
+
+
+@strawberry.type(
+    description="One batch at the LLM provider's Batch API, made of an ECONOMY batch's jobs (up to "
+    "ECONOMY_MAX_REQUESTS of them), as the provider last reported it."
+)
+class ProviderBatch:
+    id: str | None = strawberry.field(description="The provider's batch id; null until it is made.")
+    status: str = strawberry.field(
+        description="The provider's word: validating, in_progress, finalizing, completed, expired, cancelling, "
+        "cancelled or failed; `preparing` until the provider has it."
+    )
+    request_counts: ProviderRequestCounts
+
+
 @strawberry.type(description="Jobs submitted together (`submitTexts(batchId:)`), counted as they go.")
 class Batch(Node):
     name: str
@@ -225,7 +251,17 @@ class Batch(Node):
     counts: BatchCounts
     usage: TokenUsage = strawberry.field(description="Summed over the jobs that have ended.")
     priority: JobPriority = strawberry.field(description="Every job of the batch has it.")  # type: ignore[valid-type]
+    mode: BatchMode  # type: ignore[valid-type]
     record: strawberry.Private[models.BatchRecord]
+
+    @strawberry.field(description="An ECONOMY batch's provider batches, in the order they were made; empty otherwise.")
+    async def provider_batches(self, info: Info) -> list[ProviderBatch]:
+        chunks = await caller(info).batches.provider_batches(self.record)
+        return [
+            ProviderBatch(id=c.provider_batch, status=c.status,
+                          request_counts=ProviderRequestCounts(total=c.total, completed=c.completed, failed=c.failed))
+            for c in chunks
+        ]  # fmt: skip
 
     @strawberry.field(description="The batch's jobs in the order they were added (1-100 a page).")
     async def jobs(
@@ -265,7 +301,7 @@ class Batch(Node):
             version=b.version,
             created_at=b.created_at, closed_at=b.closed_at, completed_at=b.completed_at,
             counts=BatchCounts(**b.counts.model_dump()), usage=TokenUsage(**b.usage.public()),
-            priority=b.priority, record=b,
+            priority=b.priority, mode=b.mode, record=b,
         )  # fmt: skip
 
 
@@ -290,6 +326,12 @@ class CreateBatchInput:
     )
     priority: JobPriority = strawberry.field(  # type: ignore[valid-type]
         default=models.JobPriority.NORMAL, description="The priority of every job added to the batch."
+    )
+    mode: BatchMode = strawberry.field(  # type: ignore[valid-type]
+        default=models.BatchMode.INTERACTIVE,
+        description="ECONOMY: the jobs wait, then go to the provider's Batch API at its batch price, answered "
+        "within 24 h (sent when the batch closes, ECONOMY_FLUSH_S after its first text, or at "
+        "ECONOMY_MAX_REQUESTS texts).",
     )
 
 

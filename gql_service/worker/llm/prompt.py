@@ -26,6 +26,11 @@ def fence(text: str) -> str:
     return "<text>\n" + text.replace("</text>", "<\\/text>") + "\n</text>"
 
 
+def unfence(fenced: str) -> str:
+    """The text `fence` wrapped (the offline provider's batches read it back from a request)."""
+    return fenced.removeprefix("<text>\n").removesuffix("\n</text>").replace("<\\/text>", "</text>")
+
+
 def messages(text: str, repair: Repair | None = None) -> list[dict[str, str]]:
     msgs = [
         {"role": "system", "content": SYSTEM_PROMPT},

@@ -11,12 +11,14 @@ module holds no connection of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+import openai
 from openai import AsyncOpenAI
 from openai.types import Batch
 from openai.types.chat import ChatCompletion
@@ -43,11 +45,20 @@ def request_line(job_id: str, text: str, *, model: str, json_schema: bool = True
     return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
 
-async def upload(client: AsyncOpenAI, lines: Iterable[bytes], *, name: str = "batch.jsonl") -> str:
-    """Upload the lines as one file for a batch (purpose `batch`); its id."""
+async def upload(
+    client: AsyncOpenAI, lines: Iterable[bytes] | AsyncIterable[bytes], *, name: str = "batch.jsonl"
+) -> str | None:
+    """Upload the lines as one file for a batch (purpose `batch`); its id (None, and nothing
+    uploaded, for no lines)."""
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-        for line in lines:
-            spool.write(line)
+        if isinstance(lines, AsyncIterable):
+            async for line in lines:
+                spool.write(line)
+        else:
+            for line in lines:
+                spool.write(line)
+        if not spool.tell():
+            return None
         spool.seek(0)
         # A file object, not bytes: the SDK streams it into the multipart body.
         uploaded = await client.files.create(file=(name, spool, "application/jsonl"), purpose="batch")
@@ -75,6 +86,68 @@ async def delete_file(client: AsyncOpenAI, file_id: str) -> None:
     await client.files.delete(file_id)
 
 
+class BatchAPI(Protocol):
+    """A Batch API as the economy loop (gql_service.worker.economy) uses it: the provider's,
+    through the SDK (`OpenAIBatches`), or the offline twin (gql_service.worker.offline_batches)."""
+
+    async def upload(self, lines: AsyncIterable[bytes], *, name: str) -> str | None: ...
+    async def create(self, input_file_id: str, *, tag: str) -> Batch: ...
+    async def find(self, tag: str, *, since: float) -> Batch | None: ...
+    async def retrieve(self, batch_id: str) -> Batch: ...
+    async def cancel(self, batch_id: str) -> None: ...
+    def answers(self, file_id: str) -> AsyncIterator[Answer]: ...
+    async def delete_file(self, file_id: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+# The provider batch's metadata key that names the chunk it was made for.
+TAG = "gqls_chunk"
+# How many provider batches, newest first, `find` looks through at most.
+FIND_MOST = 1000
+
+
+class OpenAIBatches:
+    """`BatchAPI` over an OpenAI-compatible endpoint, through the official SDK."""
+
+    def __init__(self, client: AsyncOpenAI, *, model: str) -> None:
+        self.client = client
+        self.model = model
+
+    async def upload(self, lines: AsyncIterable[bytes], *, name: str) -> str | None:
+        return await upload(self.client, lines, name=name)
+
+    async def create(self, input_file_id: str, *, tag: str) -> Batch:
+        return await create(self.client, input_file_id, metadata={TAG: tag})
+
+    async def find(self, tag: str, *, since: float) -> Batch | None:
+        """The batch made for `tag`, among those made since `since` (epoch seconds)."""
+        seen = 0
+        async for made in self.client.batches.list(limit=100):
+            if (made.metadata or {}).get(TAG) == tag:
+                return made
+            seen += 1
+            if made.created_at < since or seen >= FIND_MOST:
+                break
+        return None
+
+    async def retrieve(self, batch_id: str) -> Batch:
+        return await retrieve(self.client, batch_id)
+
+    async def cancel(self, batch_id: str) -> None:
+        with contextlib.suppress(openai.ConflictError, openai.NotFoundError):  # it ended meanwhile
+            await cancel(self.client, batch_id)
+
+    def answers(self, file_id: str) -> AsyncIterator[Answer]:
+        return answers(self.client, file_id, model=self.model)
+
+    async def delete_file(self, file_id: str) -> None:
+        with contextlib.suppress(openai.NotFoundError):
+            await delete_file(self.client, file_id)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 @dataclass(frozen=True)
 class Answer:
     """One line of a batch's output or error file: a job's completion, or why it has none."""
@@ -95,6 +168,22 @@ async def answers(client: AsyncOpenAI, file_id: str, *, model: str) -> AsyncIter
                 answer = parse(line, model=model)
                 if answer is not None:
                     yield answer
+
+
+def answer_to_store(completion: Completion) -> str:
+    """A batch's answer as it waits beside its job's record for the attempt that validates it."""
+    return json.dumps({
+        "content": completion.content, "usage": completion.usage.model_dump(), "model": completion.model,
+        "response_id": completion.response_id, "finish_reasons": list(completion.finish_reasons),
+    })  # fmt: skip
+
+
+def stored_answer(raw: bytes | str) -> Completion:
+    item = json.loads(raw)
+    return Completion(
+        content=item["content"], usage=TokenUsage.model_validate(item["usage"]), model=item["model"],
+        response_id=item.get("response_id"), finish_reasons=tuple(item.get("finish_reasons") or ()),
+    )  # fmt: skip
 
 
 def parse(line: str, *, model: str) -> Answer | None:
