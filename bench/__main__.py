@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
 SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
-sentinel, http_streams, bulk, hostile, documents, tracing, budgets, priorities, breaker.
+sentinel, http_streams, bulk, hostile, documents, tracing, budgets, priorities, breaker, economy.
 With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
 and the report says which run each section comes from.
 """
@@ -26,6 +26,7 @@ from . import (
     budgets,
     bulk,
     documents,
+    economy,
     history,
     hostile,
     http_streams,
@@ -58,6 +59,7 @@ ALL = (
     "budgets",
     "priorities",
     "breaker",
+    "economy",
 )
 NOTES = Path(__file__).with_name("NOTES.md")
 
@@ -120,6 +122,8 @@ def main() -> None:
                 results["priorities"] = priorities.priorities(redis.url, stub, sizes)
             if "breaker" in only:
                 results["breaker"] = breaker.breaker(redis.url, stub, sizes)
+            if "economy" in only:
+                results["economy"] = economy.economy(redis.url, stub, sizes)
         if "sentinel" in only:
             results["sentinel"] = sentinel.sentinel(sizes)
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .breaker import report as breaker_report
+from .economy import report as economy_report
 from .harness import Machine
 
 TARGETS = {
@@ -26,6 +27,7 @@ SECTION_NUMBERS = {
     "submit": 1, "fanout": 2, "pipeline": 3, "e2e": 4, "scale_out": 5, "async_worker": 6, "partials": 7,
     "history": 8, "webhooks": 9, "sentinel": 10, "http_streams": 11, "bulk": 12, "hostile": 13,
     "documents": 14, "tracing": 15, "budgets": 16, "priorities": 17, "breaker": 18,
+    "economy": 19,
 }  # fmt: skip
 
 
@@ -270,6 +272,9 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     fallbacks = results.get("breaker")
     if fallbacks:
         lines += breaker_report(fallbacks)  # its section's text lives beside its scenario
+    batched = results.get("economy")
+    if batched:
+        lines += economy_report(batched)
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]

@@ -70,6 +70,8 @@ class Sizes:
     priority_llm_s: float = 0.5
     breaker_jobs: int = 2000
     breaker_rounds: int = 3
+    economy_jobs: int = 10_000
+    economy_llm_s: float = 1.0
 
     @classmethod
     def only_subscribers(cls, counts: tuple[int, ...]) -> Sizes:
@@ -91,6 +93,7 @@ class Sizes:
             history_rows=500, list_requests=20, webhook_jobs=20, sentinel_seconds=0.5, sentinel_rounds=1,
             stream_subscribers=20, bulk_jobs=50, bulk_llm_s=0.05, hostile_rounds=2, tracing_rounds=1,
             priority_low_jobs=200, priority_high_jobs=3, priority_llm_s=0.05, breaker_jobs=20, breaker_rounds=1,
+            economy_jobs=50, economy_llm_s=0.05,
         )  # fmt: skip
 
 

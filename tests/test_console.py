@@ -150,3 +150,27 @@ async def test_the_console_lists_batches_with_their_progress_live(e2e_redis: str
             width = await browser.evaluate(f"{row}.querySelector('.bar span').style.width")
     assert before.startswith("0/30 ended") and status == "COMPLETED"
     assert after.startswith("30/30 ended") and width == "100%"
+
+
+async def test_the_console_shows_an_economy_batch_s_provider_count(e2e_redis: str, stub: OpenAIStub) -> None:
+    stub.batches.hold = answer = threading.Event()  # the provider batch stays in progress until then
+    env = {"RQ_QUEUE": "llm-console-economy", "ECONOMY_POLL_S": "0.2", "LLM_STREAM": "false", **stub.env}
+    try:
+        with Service(e2e_redis, workers=1, env=env) as svc:
+            made = post(svc, 'mutation { createBatch(input: {name: "Archive", mode: ECONOMY}) { id } }').json()
+            batch_id = made["data"]["createBatch"]["id"]
+            inputs = [{"text": f"Letter {n}: thank you for the quick refund."} for n in range(8)]
+            add = "mutation($i: [SubmitTextInput!]!, $b: ID) { submitTexts(inputs: $i, batchId: $b) { job { id } } }"
+            post(svc, add, i=inputs, b=batch_id)
+            async with Browser() as browser:
+                await browser.goto(f"http://127.0.0.1:{svc.port}/")
+                line = f"document.querySelector('[data-testid=batch][data-id={batch_id}] [data-testid=batch-provider]')"
+                waiting = await browser.until(f"{line}?.textContent")
+                post(svc, "mutation($id: ID!) { closeBatch(id: $id) { id } }", id=batch_id)
+                running = await browser.until(f"(t => t && t.includes('in_progress') ? t : null)({line}?.textContent)")
+                answer.set()
+                done = await browser.until(f"(t => t && t.includes('completed') ? t : null)({line}?.textContent)")
+    finally:
+        answer.set()
+    assert waiting == "economy · waiting to be sent"
+    assert "(in_progress)" in running and done == "economy · provider answered 8/8 (completed)"

@@ -132,3 +132,22 @@ def test_what_a_provider_batch_answered_costs_the_batch_discount() -> None:
     assert pricing.job_cost(prices, "m", batch, batch_usage=batch, batch_discount=0.5) == 1.5
     # A repair re-ask is an interactive call: its tokens cost the full price.
     assert pricing.job_cost(prices, "m", batch + repair, batch_usage=batch, batch_discount=0.5) == 2.5
+
+
+async def test_a_server_without_a_batch_api_sends_the_jobs_the_interactive_way(
+    jobs: JobService, async_redis: AsyncRedis, sync_redis: Redis, settings: Settings, stub: OpenAIStub
+) -> None:
+    batch_id, ids = await economy_jobs(jobs, 12)
+    # An OpenAI-compatible server that has chat completions and no /files: a 404 to the upload.
+    client = AsyncOpenAI(api_key="sk-test", base_url=f"{stub.base_url}/no-batch-api", max_retries=0)
+    work = Economy(async_redis, OpenAIBatches(client, model=MODEL), queueing.llm_queues(settings, sync_redis), settings,
+                   model=MODEL, endpoint="stub")  # fmt: skip
+    await work.flush()
+    [chunk_id] = await economy_store.active(async_redis)
+    await work.advance(chunk_id)
+    assert sorted(queued(sync_redis, settings)) == sorted(ids)  # each on its RQ queue, once
+    assert await economy_store.active(async_redis) == []
+    [chunk] = await economy_store.of_batch(async_redis, batch_id)
+    assert chunk.state is ChunkState.DONE and chunk.status == "failed"
+    await work.advance(chunk_id)  # a second look changes nothing
+    assert len(queued(sync_redis, settings)) == len(ids)

@@ -25,6 +25,8 @@ from gql_service.cli.common import fail, log, migrate_history, quiet_client_logs
 # REDIS_URL, retried as WORKER_LOST), and Ctrl-C should feel immediate.
 DEV_STOP_GRACE_S = 2.0
 DEV_OFFLINE_STREAM_DELAY_MS = 20
+# An ECONOMY batch in `dev` is looked at every second, not every 30: a person is watching.
+DEV_ECONOMY_POLL_S = 1
 
 
 def _local(host: str) -> str:
@@ -141,6 +143,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     if "offline_stream_delay_ms" not in settings.model_fields_set:
         # The offline provider writes its answer at a pace a person can watch in the console.
         env["OFFLINE_STREAM_DELAY_MS"] = str(DEV_OFFLINE_STREAM_DELAY_MS)
+    if "economy_poll_s" not in settings.model_fields_set:
+        env["ECONOMY_POLL_S"] = str(DEV_ECONOMY_POLL_S)
     if "trusted_documents_allow_playground" not in settings.model_fields_set:
         # Trusted documents locked down, and yet the playground and console open in `dev`.
         env["TRUSTED_DOCUMENTS_ALLOW_PLAYGROUND"] = "true"

@@ -66,6 +66,14 @@ CHUNK_LOCK_S = 15.0
 ADOPT_SLACK_S = 600
 
 
+_IN_CHUNK = (JobStage.PROVIDER_BATCH, JobStage.QUEUED)
+
+
+def _refused(exc: openai.APIStatusError) -> bool:
+    """A 4xx that asking again will not change (not a timeout, a conflict or a 429)."""
+    return 400 <= exc.status_code < 500 and exc.status_code not in (408, 409, 429)
+
+
 def _groups(items: list[str]) -> Iterable[list[str]]:
     return (items[n : n + GROUP] for n in range(0, len(items), GROUP))
 
@@ -156,7 +164,19 @@ class Economy:
                 await self.redis.srem(keys.ECONOMY_CHUNKS, chunk_id)
                 return
             step = steps.get(chunk.state)
-            if step is None or not await step(chunk):
+            if step is None:
+                return
+            try:
+                if not await step(chunk):
+                    return
+            except openai.APIStatusError as exc:
+                if not _refused(exc):
+                    raise  # the next pass tries again
+                # Asking again will not help (a server without a Batch API answers 404, say):
+                # its jobs go the other way now rather than wait for ever.
+                reason = f"the provider refused its batch ({exc.status_code}: {str(exc.message)[:200]})"
+                log.warning("economy: chunk %s: %s", chunk.id, reason)
+                await self._give_up(chunk, reason)
                 return
 
     # -- the steps: each returns whether the chunk moved on --------------------------------
@@ -244,6 +264,17 @@ class Economy:
                 await self.api.delete_file(file_id)
         return await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.DONE)
 
+    async def _give_up(self, chunk: Chunk, reason: str) -> None:
+        """Every job of the chunk that is still in it, as if the provider left it unanswered."""
+        error = LLMError(JobErrorCode.PROVIDER_ERROR, reason, retryable=True)
+        for group in _groups(await economy_store.job_ids(self.redis, chunk.id)):
+            await self._settle(chunk, [Answer(job_id, error=error) for job_id in group])
+        for file_id in (chunk.input_file, chunk.output_file, chunk.error_file):
+            if file_id:
+                with contextlib.suppress(openai.APIError):
+                    await self.api.delete_file(file_id)
+        await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.DONE, status="failed")
+
     # -- a job leaving its chunk -------------------------------------------------------------
     async def _settle(self, chunk: Chunk, answers: list[Answer]) -> None:
         """Hand over each answer whose job is the chunk's, still waits for it, and was not
@@ -260,7 +291,8 @@ class Economy:
         for n, answer in enumerate(answers):
             raw, handed, member = found[3 * n : 3 * n + 3]
             record = store.decode(raw) if raw is not None and not handed and member else None
-            if record is not None and record.stage is JobStage.PROVIDER_BATCH and not record.terminal:
+            # In PROVIDER_BATCH; or still QUEUED, when the provider refused the batch itself.
+            if record is not None and record.stage in _IN_CHUNK and not record.terminal:
                 if answer.completion is not None:
                     pending.append(self._hand_over(record, answer.completion))
                 else:
@@ -296,17 +328,19 @@ class Economy:
                 return None
             return job.model_copy(update={"status": JobStatus.RETRYING, "stage": JobStage.QUEUED, "error": job_error})
 
-        # Written before it is queued: a worker that takes it at once must not find it still
-        # in PROVIDER_BATCH. (Killed in between, it waits RETRYING for the reconciler.)
-        done = await self._write(record.id, back)
-        if not done.changed or done.record is None:
-            return
+        if record.stage is JobStage.PROVIDER_BATCH:
+            # Written before it is queued: a worker that takes it at once must not find it
+            # still in PROVIDER_BATCH. (Killed in between, it waits RETRYING for the reconciler.)
+            done = await self._write(record.id, back)
+            if not done.changed or done.record is None:
+                return
+            record = done.record
         guard = keys.economy_handed(record.id)
         await queueing.prime(self.queues, self.redis)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.multi()
             pipe.set(guard, 1, ex=self.ttl_s)
-            queueing.enqueue_extraction(self.queues, done.record, pipe, self.settings)
+            queueing.enqueue_extraction(self.queues, record, pipe, self.settings)
             redis_conn.run_once(pipe, guard)
             await pipe.execute()
 
