@@ -11,8 +11,7 @@ moves forward, by compare-and-set (`advance`):
 PREPARED: its jobs are known; UPLOADED: its input file is at the provider; CREATED: the
 provider batch exists; RUNNING: its jobs are in stage PROVIDER_BATCH and it is polled;
 READING: it has ended and its answers are being handed over; DONE: every job has left it.
-The worker side is gql_service.worker.economy; the API reads chunks for `Batch.providerBatches`
-and asks for their cancel.
+The worker side is gql_service.worker.economy; the API reads chunks for `Batch.providerBatches`.
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ class Chunk:
     input_file: str | None = None
     output_file: str | None = None
     error_file: str | None = None
-    cancel: bool = False  # its batch was canceled: the provider batch is to be cancelled too
     made: int = 0  # when (epoch seconds)
 
 
@@ -77,9 +75,13 @@ async def waiting_batches(redis: AsyncRedis) -> list[tuple[str, float, int, bool
     ]
 
 
-# Up to ARGV[1] of the batch's oldest waiting jobs into a new chunk, in one step. SADD in
-# slices: Lua's unpack() of 50,000 values would overflow its stack.
+# Up to ARGV[1] of the batch's oldest waiting jobs into a new chunk, in one step; with
+# ARGV[6] = '1' only a full chunk (another worker may have taken the rest meanwhile). A chunk
+# that exists already is this very take, repeated after a lost reply: nothing more is taken.
+# SADD in slices: Lua's unpack() of 50,000 values would overflow its stack.
 _TAKE_LUA = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if ARGV[6] == '1' and redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then return 0 end
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #ids > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #ids - 1)
@@ -100,16 +102,17 @@ return #ids
 """
 
 
-async def take(redis: AsyncRedis, batch_id: str, chunk_id: str, *, most: int, ttl_s: int) -> int:
+async def take(redis: AsyncRedis, batch_id: str, chunk_id: str, *, most: int, ttl_s: int, full: bool = False) -> int:
     """Move up to `most` of the batch's oldest waiting jobs into the new chunk `chunk_id`
-    (PREPARED); how many it took."""
+    (PREPARED); how many it took. `full`: only if `most` wait."""
     script_keys = [
         keys.economy_waiting(batch_id), keys.ECONOMY_BATCHES, keys.economy_chunk(chunk_id),
         keys.economy_chunk_jobs(chunk_id), keys.ECONOMY_CHUNKS, keys.batch_chunks(batch_id),
         keys.batch(batch_id), keys.batch_events(batch_id),
     ]  # fmt: skip
     made = int(time.time())
-    return int(await redis.eval(_TAKE_LUA, len(script_keys), *script_keys, most, batch_id, chunk_id, ttl_s, made))
+    args = (most, batch_id, chunk_id, ttl_s, made, int(full))
+    return int(await redis.eval(_TAKE_LUA, len(script_keys), *script_keys, *args))
 
 
 async def active(redis: AsyncRedis) -> list[str]:
@@ -126,7 +129,7 @@ def _decode(chunk_id: str, fields: dict[bytes, bytes]) -> Chunk | None:
         id=chunk_id, batch_id=f["batch"], state=ChunkState(f["state"]), provider_batch=f.get("provider_batch"),
         status=f.get("status", "preparing"), total=int(f.get("total", 0)), completed=int(f.get("completed", 0)),
         failed=int(f.get("failed", 0)), input_file=f.get("input_file"), output_file=f.get("output_file") or None,
-        error_file=f.get("error_file") or None, cancel=f.get("cancel") == "1", made=int(f.get("made", 0)),
+        error_file=f.get("error_file") or None, made=int(f.get("made", 0)),
     )  # fmt: skip
 
 
@@ -188,22 +191,26 @@ async def note_counts(redis: AsyncRedis, chunk: Chunk, status: str, total: int, 
     return bool(await redis.eval(_COUNTS_LUA, 3, *script_keys, status, total, completed, failed))
 
 
-async def request_cancel(redis: AsyncRedis, batch_id: str) -> None:
-    """A canceled batch: its waiting jobs wait no more, and each of its chunks that is not
-    done is marked for the worker working on it to cancel its provider batch."""
-    listed: Any = await redis.lrange(keys.batch_chunks(batch_id), 0, -1)
-    chunk_ids = [member.decode() for member in listed]
+async def stop_waiting(redis: AsyncRedis, batch_id: str) -> None:
+    """A canceled batch's waiting jobs wait no more. (Its chunks see the batch canceled, its
+    `canceled_at`, and the worker at each cancels its provider batch.)"""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.economy_waiting(batch_id))
         pipe.zrem(keys.ECONOMY_BATCHES, batch_id)
-        for chunk_id in chunk_ids:
-            pipe.hset(keys.economy_chunk(chunk_id), "cancel", 1)
         await pipe.execute()
 
 
+async def canceled(redis: AsyncRedis, batch_id: str) -> bool:
+    return bool(await redis.hexists(keys.batch(batch_id), "canceled_at"))
+
+
 async def held(redis: AsyncRedis, jobs: list[tuple[str, str]]) -> list[bool]:
-    """Of (job id, batch id) pairs, which jobs wait to be sent (the reconciler leaves them)."""
+    """Of (job id, batch id) pairs, which jobs the economy loop answers for: an ECONOMY
+    batch's, not yet handed over (to the RQ queue) by it. The reconciler leaves them."""
     async with redis.pipeline(transaction=False) as pipe:
         for job_id, batch_id in jobs:
-            pipe.zscore(keys.economy_waiting(batch_id), job_id)
-        return [score is not None for score in await pipe.execute()]
+            pipe.hget(keys.batch(batch_id), "mode")
+            pipe.exists(keys.economy_handed(job_id))
+        found = await pipe.execute()
+    economy = b"ECONOMY"
+    return [found[2 * n] == economy and not found[2 * n + 1] for n in range(len(jobs))]

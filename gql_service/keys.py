@@ -125,7 +125,7 @@ def economy_chunk_jobs(chunk_id: str) -> str:
 
 
 def economy_lock(name: str) -> str:
-    """Held by the one worker that makes the chunks (`flush`), or that works on one chunk."""
+    """Held by the one worker that works on the chunk `name`."""
     return f"{PREFIX}:economy:lock:{name}"
 
 

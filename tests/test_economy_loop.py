@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import httpx
+import openai
 import pytest
 from openai import AsyncOpenAI
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.lock import Lock
+from rq.job import Job as RQJob
 
 from gql_service import economy_store, keys, pricing, queueing, store
 from gql_service.api.batches import BatchService
@@ -22,7 +26,7 @@ from gql_service.pricing import Price
 from gql_service.settings import Settings
 from gql_service.worker import economy
 from gql_service.worker.economy import Economy
-from gql_service.worker.llm.provider_batches import OpenAIBatches
+from gql_service.worker.llm.provider_batches import Answer, OpenAIBatches
 from gql_service.worker.reconciler import Reconciler
 
 from .openai_stub import OpenAIStub
@@ -67,17 +71,17 @@ async def test_a_worker_killed_while_reading_the_output_hands_each_job_over_once
     stub.batches.instant = True
     monkeypatch.setattr(economy, "GROUP", 10)
 
-    class DiesWhileReading(Economy):
-        groups = 0
+    doomed = loop(async_redis, sync_redis, settings, stub)
+    settle, groups = doomed.jobs.settle, 0
 
-        async def _settle(self, chunk: economy_store.Chunk, answers: list[economy.Answer]) -> None:
-            if self.groups == 2:
-                raise Killed
-            self.groups += 1
-            await super()._settle(chunk, answers)
+    async def dies_at_the_third_group(chunk_id: str, answers: list[Answer]) -> None:
+        nonlocal groups
+        if groups == 2:
+            raise Killed
+        groups += 1
+        await settle(chunk_id, answers)
 
-    first = loop(async_redis, sync_redis, settings, stub)
-    doomed = DiesWhileReading(async_redis, first.api, first.queues, settings, model=MODEL, endpoint="stub")
+    doomed.jobs.settle = dies_at_the_third_group  # type: ignore[method-assign]
     assert await doomed.flush() == 1
     [chunk_id] = await economy_store.active(async_redis)
     with pytest.raises(Killed):
@@ -151,3 +155,88 @@ async def test_a_server_without_a_batch_api_sends_the_jobs_the_interactive_way(
     assert chunk.state is ChunkState.DONE and chunk.status == "failed"
     await work.advance(chunk_id)  # a second look changes nothing
     assert len(queued(sync_redis, settings)) == len(ids)
+
+
+async def test_the_reconciler_revives_a_handed_over_job_whose_rq_entry_was_lost(
+    jobs: JobService, async_redis: AsyncRedis, sync_redis: Redis, settings: Settings, stub: OpenAIStub
+) -> None:
+    reconciling = settings.model_copy(update={"reconcile_interval_s": 0.001})
+    reconciler = Reconciler(async_redis, queueing.llm_queues(settings, sync_redis), reconciling, consumer="test")
+    _, ids = await economy_jobs(jobs, 3)
+    stub.batches.instant = True
+    work = loop(async_redis, sync_redis, settings, stub)
+    await work.flush()
+    [chunk_id] = await economy_store.active(async_redis)
+    await asyncio.sleep(0.01)
+    assert await reconciler.reconcile() == 0  # taken into a chunk, not yet at the provider: the loop's
+    await work.advance(chunk_id)
+    assert sorted(queued(sync_redis, settings)) == sorted(ids)
+    lost = ids[0]  # a failover loses its RQ entry after the hand-over
+    sync_redis.delete(RQJob.key_for(lost))
+    sync_redis.lrem(queueing.llm_queues(settings, sync_redis)[JobPriority.NORMAL].key, 0, lost)
+    await asyncio.sleep(0.01)
+    assert await reconciler.reconcile() == 1
+    assert lost in queued(sync_redis, settings)
+
+
+async def test_a_take_repeated_after_a_lost_reply_takes_nothing_more(async_redis: AsyncRedis) -> None:
+    async with async_redis.pipeline(transaction=True) as pipe:
+        economy_store.hold(pipe, "batch_x", {f"job{n}": float(n) for n in range(5)}, ttl_s=60)
+        await pipe.execute()
+    assert await economy_store.take(async_redis, "batch_x", "chunk1", most=2, ttl_s=60) == 2
+    assert await economy_store.take(async_redis, "batch_x", "chunk1", most=2, ttl_s=60) == 0  # the same take again
+    assert await economy_store.job_ids(async_redis, "chunk1") == ["job0", "job1"]
+    # Only a full chunk, when asked so: 3 wait, 5 would make one.
+    assert await economy_store.take(async_redis, "batch_x", "chunk2", most=5, ttl_s=60, full=True) == 0
+    assert await economy_store.take(async_redis, "batch_x", "chunk2", most=5, ttl_s=60) == 3
+
+
+async def test_a_chunk_that_fails_now_holds_up_no_other(
+    jobs: JobService, async_redis: AsyncRedis, sync_redis: Redis, settings: Settings, stub: OpenAIStub
+) -> None:
+    stub.batches.instant = True
+    for _ in range(2):
+        await economy_jobs(jobs, 3)
+    work = loop(async_redis, sync_redis, settings, stub)
+    await work.flush()
+    first, second = await economy_store.active(async_redis)
+    advance = work.advance
+
+    async def provider_away_for_the_first(chunk_id: str, lock: object = None) -> None:
+        if chunk_id == first:
+            raise openai.APIConnectionError(request=httpx.Request("GET", stub.base_url))
+        await advance(chunk_id)
+
+    work.advance = provider_away_for_the_first  # type: ignore[method-assign,assignment]
+    await work.step()
+    assert await economy_store.active(async_redis) == [first]  # the second went all the way
+
+
+async def test_a_canceled_batch_s_chunk_is_never_sent(
+    jobs: JobService, async_redis: AsyncRedis, sync_redis: Redis, settings: Settings, stub: OpenAIStub
+) -> None:
+    batch_id, _ = await economy_jobs(jobs, 4)
+    work = loop(async_redis, sync_redis, settings, stub)
+    await work.flush()  # taken into a chunk: the cancel finds no waiting job, and the chunk sees it
+    await BatchService(jobs).cancel(batch_id, tenant="public")
+    [chunk_id] = await economy_store.active(async_redis)
+    await work.advance(chunk_id)
+    [chunk] = await economy_store.of_batch(async_redis, batch_id)
+    assert chunk.state is ChunkState.DONE and chunk.status == "cancelled"
+    assert stub.batches.uploads == [] and stub.batches.created == []
+    in_chunk = await store.get_jobs(async_redis, await economy_store.job_ids(async_redis, chunk_id))
+    assert {r.status for r in in_chunk if r} == {JobStatus.CANCELED}  # by cancelBatch, as every job of it
+
+
+async def test_a_worker_whose_lock_lapsed_makes_no_provider_batch(
+    jobs: JobService, async_redis: AsyncRedis, sync_redis: Redis, settings: Settings, stub: OpenAIStub
+) -> None:
+    await economy_jobs(jobs, 4)
+    work = loop(async_redis, sync_redis, settings, stub)
+    await work.flush()
+    [chunk_id] = await economy_store.active(async_redis)
+    lapsed = Lock(async_redis, keys.economy_lock(chunk_id), timeout=5)  # never acquired: not this worker's
+    await work.advance(chunk_id, lapsed)
+    chunk = await economy_store.chunk(async_redis, chunk_id)
+    assert chunk is not None and chunk.state is ChunkState.UPLOADED  # uploaded, then it stopped
+    assert stub.batches.created == []

@@ -41,17 +41,17 @@ import openai
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
-from gql_service import economy_store, keys, queueing, redis_conn, store
+from gql_service import economy_store, keys, queueing, store
 from gql_service.economy_store import Chunk, ChunkState
-from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus, utcnow
+from gql_service.models import JobErrorCode
 from gql_service.redis_conn import sync_client
 from gql_service.settings import RedisTarget, Settings
 from gql_service.worker import outbox
-from gql_service.worker.job_ends import fail_job, transition
+from gql_service.worker.economy_jobs import ChunkJobs
 from gql_service.worker.llm import provider_batches
-from gql_service.worker.llm.base import Completion, LLMError, Provider
+from gql_service.worker.llm.base import LLMError, Provider
 from gql_service.worker.llm.offline import OfflineProvider
 from gql_service.worker.llm.provider_batches import Answer, BatchAPI, OpenAIBatches
 from gql_service.worker.offline_batches import OfflineBatches
@@ -64,9 +64,6 @@ CHUNK_LOCK_S = 15.0
 # How far back, before a chunk was made, the provider's batches are searched for one it may
 # have made already (the provider's clock and ours may differ a little).
 ADOPT_SLACK_S = 600
-
-
-_IN_CHUNK = (JobStage.PROVIDER_BATCH, JobStage.QUEUED)
 
 
 def _refused(exc: openai.APIStatusError) -> bool:
@@ -89,28 +86,35 @@ class Economy:
         self.model = model
         self.endpoint = endpoint  # whose JSON-schema support the interactive path learnt
         self.ttl_s = settings.result_ttl_s
+        self._lock: Lock | None = None  # the lock of the chunk being advanced
+        self.jobs = ChunkJobs(redis, queues, settings)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
-                try:
-                    await self.step()
-                except (RedisError, OSError, openai.APIError) as exc:  # away for now: next pass
-                    log.warning("economy: %s: %s", type(exc).__name__, exc)
-                except Exception:  # a bug: logged whole, and the loop lives on
-                    log.exception("economy: the pass failed")
+                await self._guarded("the pass", self.step())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.economy_poll_s)
         finally:
             await self.api.close()
 
     async def step(self) -> None:
-        """One pass: make the chunks that are due, then move each chunk no one else holds."""
-        await self.flush()
+        """One pass: make the chunks that are due, then move each chunk no one else holds.
+        What fails in one chunk (its provider away for now, say) holds up no other."""
+        await self._guarded("flush", self.flush())
         for chunk_id in await economy_store.active(self.redis):
-            async with self._holding(chunk_id) as held:
-                if held:
-                    await self.advance(chunk_id)
+            async with self._holding(chunk_id) as lock:
+                if lock is not None:
+                    await self._guarded(f"chunk {chunk_id}", self.advance(chunk_id, lock))
+
+    @staticmethod
+    async def _guarded(what: str, work: Awaitable[object]) -> None:
+        try:
+            await work
+        except (RedisError, OSError, openai.APIError) as exc:  # away for now: the next pass tries again
+            log.warning("economy: %s: %s: %s", what, type(exc).__name__, exc)
+        except Exception:  # a bug: logged whole, and the loop lives on
+            log.exception("economy: %s failed", what)
 
     async def flush(self) -> int:
         """Take the jobs of each due batch into chunks; how many chunks were made."""
@@ -118,30 +122,38 @@ class Economy:
         now_ms = time.time() * 1000
         for batch_id, first_ms, count, still_open in await economy_store.waiting_batches(self.redis):
             aged = now_ms - first_ms >= self.settings.economy_flush_s * 1000
-            # Closed or aged: all of it now; else only full chunks.
-            rounds = math.ceil(count / most) if (aged or not still_open) else count // most
-            for _ in range(rounds):
+            # Closed or aged: all of it now; else only full chunks (so that two workers flushing
+            # at once make no small one of what the other left).
+            whole = aged or not still_open
+            for _ in range(math.ceil(count / most) if whole else count // most):
                 chunk_id = uuid.uuid4().hex
-                if await economy_store.take(self.redis, batch_id, chunk_id, most=most, ttl_s=self.ttl_s):
+                if await economy_store.take(self.redis, batch_id, chunk_id, most=most, ttl_s=self.ttl_s,
+                                            full=not whole):  # fmt: skip
                     made += 1
                     log.info("economy: batch %s: chunk %s made", batch_id, chunk_id)
         return made
 
     @contextlib.asynccontextmanager
-    async def _holding(self, chunk_id: str) -> AsyncIterator[bool]:
+    async def _holding(self, chunk_id: str) -> AsyncIterator[Lock | None]:
+        """The chunk's lock, renewed while held; None if another worker holds it."""
         lock = Lock(self.redis, keys.economy_lock(chunk_id), timeout=CHUNK_LOCK_S, blocking=False)
         if not await lock.acquire():
-            yield False  # another worker is at it
+            yield None
             return
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(CHUNK_LOCK_S / 3)
-                await lock.reacquire()
+                try:
+                    await lock.reacquire()
+                except LockNotOwnedError:
+                    return  # lapsed (Redis away for longer than it): `_create` checks it
+                except RedisError as exc:
+                    log.warning("economy: chunk %s: its lock not renewed yet: %s", chunk_id, exc)
 
         renewing = asyncio.create_task(renew())
         try:
-            yield True
+            yield lock
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError, LockError, RedisError):
@@ -149,8 +161,9 @@ class Economy:
             with contextlib.suppress(LockError, RedisError):
                 await lock.release()
 
-    async def advance(self, chunk_id: str) -> None:
-        """Take the chunk through as many of its steps as it can go now."""
+    async def advance(self, chunk_id: str, lock: Lock | None = None) -> None:
+        """Take the chunk through as many of its steps as it can go now (holding `lock`)."""
+        self._lock = lock
         steps: dict[ChunkState, Callable[[Chunk], Awaitable[bool]]] = {
             ChunkState.PREPARED: self._upload,
             ChunkState.UPLOADED: self._create,
@@ -165,6 +178,11 @@ class Economy:
                 return
             step = steps.get(chunk.state)
             if step is None:
+                return
+            if chunk.state in (ChunkState.PREPARED, ChunkState.UPLOADED) and await economy_store.canceled(
+                self.redis, chunk.batch_id
+            ):
+                await self._drop(chunk)  # its batch was canceled before the provider had it
                 return
             try:
                 if not await step(chunk):
@@ -202,7 +220,9 @@ class Economy:
         if file_id is None:  # every job was canceled before it was sent
             return await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.DONE)
         if not await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.UPLOADED, input_file=file_id):
-            await self.api.delete_file(file_id)  # another worker uploaded it first
+            now = await economy_store.chunk(self.redis, chunk.id)
+            if now is None or now.input_file != file_id:  # (not this very write, its reply lost)
+                await self.api.delete_file(file_id)  # another worker uploaded it first
             return False
         return True
 
@@ -211,6 +231,8 @@ class Economy:
         # One its maker (a worker that died before noting it) left: adopted, not made twice.
         made = await self.api.find(chunk.id, since=chunk.made - ADOPT_SLACK_S)
         if made is None:
+            if self._lock is not None and not await self._lock.owned():
+                return False  # its lock lapsed: another worker may be here too, and only one may make it
             made = await self.api.create(chunk.input_file, tag=chunk.id)
             log.info("economy: chunk %s: provider batch %s made", chunk.id, made.id)
         else:
@@ -219,19 +241,15 @@ class Economy:
         return await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.CREATED, **fields)
 
     async def _start(self, chunk: Chunk) -> bool:
-        def sent(job: JobRecord) -> JobRecord | None:
-            if job.stage is not JobStage.QUEUED:
-                return None  # moved already (by a worker that died after), or canceled
-            return job.model_copy(update={"status": JobStatus.STARTED, "stage": JobStage.PROVIDER_BATCH,
-                                          "started_at": job.started_at or utcnow()})  # fmt: skip
-
         for group in _groups(await economy_store.job_ids(self.redis, chunk.id)):
-            await asyncio.gather(*(self._write(job_id, sent) for job_id in group))
+            await self.jobs.sent(group)
         return await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.RUNNING)
 
     async def _poll(self, chunk: Chunk) -> bool:
         assert chunk.provider_batch is not None
-        if chunk.cancel and chunk.status not in provider_batches.ENDED | {"cancelling"}:
+        if chunk.status not in provider_batches.ENDED | {"cancelling"} and await economy_store.canceled(
+            self.redis, chunk.batch_id
+        ):
             await self.api.cancel(chunk.provider_batch)
         made = await self.api.retrieve(chunk.provider_batch)
         counts = made.request_counts
@@ -251,103 +269,39 @@ class Economy:
                 async for answer in self.api.answers(file_id):
                     group.append(answer)
                     if len(group) == GROUP:
-                        await self._settle(chunk, group)
+                        await self.jobs.settle(chunk.id, group)
                         group = []
-                await self._settle(chunk, group)
+                await self.jobs.settle(chunk.id, group)
         # What is left had no line at all (the provider lost or dropped it): unanswered.
         unanswered = LLMError(JobErrorCode.PROVIDER_ERROR, f"the provider's batch ended {chunk.status} without "
                               "answering it", retryable=True)  # fmt: skip
         for group_ids in _groups(await economy_store.job_ids(self.redis, chunk.id)):
-            await self._settle(chunk, [Answer(job_id, error=unanswered) for job_id in group_ids])
+            await self.jobs.settle(chunk.id, [Answer(job_id, error=unanswered) for job_id in group_ids])
         for file_id in (chunk.input_file, chunk.output_file, chunk.error_file):
             if file_id:
                 await self.api.delete_file(file_id)
         return await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.DONE)
 
+    async def _drop(self, chunk: Chunk) -> None:
+        """A canceled batch's chunk the provider does not have yet: nothing is sent. (Its
+        jobs are the API's to cancel: cancelBatch cancels every job of the batch.)"""
+        if chunk.input_file:
+            await self.api.delete_file(chunk.input_file)
+        await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.DONE, status="cancelled")
+
     async def _give_up(self, chunk: Chunk, reason: str) -> None:
         """Every job of the chunk that is still in it, as if the provider left it unanswered."""
+        if chunk.provider_batch and chunk.status not in provider_batches.ENDED:
+            with contextlib.suppress(openai.APIError):  # not to be paid for twice
+                await self.api.cancel(chunk.provider_batch)
         error = LLMError(JobErrorCode.PROVIDER_ERROR, reason, retryable=True)
         for group in _groups(await economy_store.job_ids(self.redis, chunk.id)):
-            await self._settle(chunk, [Answer(job_id, error=error) for job_id in group])
+            await self.jobs.settle(chunk.id, [Answer(job_id, error=error) for job_id in group])
         for file_id in (chunk.input_file, chunk.output_file, chunk.error_file):
             if file_id:
                 with contextlib.suppress(openai.APIError):
                     await self.api.delete_file(file_id)
         await economy_store.advance(self.redis, chunk.id, chunk.state, ChunkState.DONE, status="failed")
-
-    # -- a job leaving its chunk -------------------------------------------------------------
-    async def _settle(self, chunk: Chunk, answers: list[Answer]) -> None:
-        """Hand over each answer whose job is the chunk's, still waits for it, and was not
-        handed over before (a line named twice, or a file read again)."""
-        if not answers:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for answer in answers:
-                pipe.hget(keys.job(answer.job_id), "d")
-                pipe.exists(keys.economy_handed(answer.job_id))
-                pipe.sismember(keys.economy_chunk_jobs(chunk.id), answer.job_id)
-            found = await pipe.execute()
-        pending = []
-        for n, answer in enumerate(answers):
-            raw, handed, member = found[3 * n : 3 * n + 3]
-            record = store.decode(raw) if raw is not None and not handed and member else None
-            # In PROVIDER_BATCH; or still QUEUED, when the provider refused the batch itself.
-            if record is not None and record.stage in _IN_CHUNK and not record.terminal:
-                if answer.completion is not None:
-                    pending.append(self._hand_over(record, answer.completion))
-                else:
-                    assert answer.error is not None
-                    pending.append(self._fall_back(record, answer.error))
-        await asyncio.gather(*pending)
-
-    async def _hand_over(self, record: JobRecord, completion: Completion) -> None:
-        """The answer beside the job, and the job on its RQ queue: in one step, once."""
-        guard = keys.economy_handed(record.id)
-        await queueing.prime(self.queues, self.redis)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.multi()  # RQ's enqueue starts one itself unless it is in one already
-            pipe.set(guard, 1, ex=self.ttl_s)
-            pipe.hset(keys.job(record.id), keys.ANSWER_FIELD, provider_batches.answer_to_store(completion))
-            queueing.enqueue_extraction(self.queues, record, pipe, self.settings)
-            redis_conn.run_once(pipe, guard)
-            await pipe.execute()
-
-    async def _fall_back(self, record: JobRecord, error: LLMError) -> None:
-        """A request the provider's batch did not answer: queued again for the interactive
-        path, or FAILED (ECONOMY_FALLBACK=fail, or an error another try cannot fix)."""
-        if self.settings.economy_fallback == "fail" or not error.retryable:
-            bound, ack = self.settings.outbox_max_len, self.settings.replica_ack
-            ended = JobError(code=error.code, message=error.message)
-            await fail_job(self.redis, record.id, ended, ttl_s=self.ttl_s, outbox_max_len=bound, ack=ack)
-            return
-        message = f"{error.message}; queued for an interactive call"
-        job_error = JobError(code=error.code, message=message, retryable=True)
-
-        def back(job: JobRecord) -> JobRecord | None:
-            if job.stage is not JobStage.PROVIDER_BATCH:
-                return None
-            return job.model_copy(update={"status": JobStatus.RETRYING, "stage": JobStage.QUEUED, "error": job_error})
-
-        if record.stage is JobStage.PROVIDER_BATCH:
-            # Written before it is queued: a worker that takes it at once must not find it
-            # still in PROVIDER_BATCH. (Killed in between, it waits RETRYING for the reconciler.)
-            done = await self._write(record.id, back)
-            if not done.changed or done.record is None:
-                return
-            record = done.record
-        guard = keys.economy_handed(record.id)
-        await queueing.prime(self.queues, self.redis)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.multi()
-            pipe.set(guard, 1, ex=self.ttl_s)
-            queueing.enqueue_extraction(self.queues, record, pipe, self.settings)
-            redis_conn.run_once(pipe, guard)
-            await pipe.execute()
-
-    async def _write(self, job_id: str, change: store.Change) -> store.Transition:
-        settings = self.settings
-        return await transition(self.redis, job_id, change, ttl_s=self.ttl_s, outbox_max_len=settings.outbox_max_len,
-                                ack=settings.replica_ack)  # fmt: skip
 
 
 def batch_api(redis: Redis, settings: Settings, provider: Provider) -> BatchAPI:

@@ -12,8 +12,9 @@ own writes) and have not changed for that long, and compares each with RQ:
 
 * RQ still has it (queued, started, scheduled, deferred, held by a tenant cap): RQ's own
   machinery runs it, or retries it when its worker is lost. Nothing to do.
-* A provider batch has it, or it waits to be sent in one (an ECONOMY batch's job,
-  gql_service.worker.economy): the economy loop answers for it. Nothing to do.
+* It is an ECONOMY batch's job that the economy loop has not handed over yet (waiting to be
+  sent, or in a provider batch: gql_service.worker.economy): the loop answers for it.
+  Nothing to do. Once handed over, it is RQ's like any job.
 * RQ has no job for it, or one that has ended: the job is queued again (status RETRYING,
   `WORKER_LOST`, retryable, so subscribers see why) with what is left of its attempts, or
   FAILED with `WORKER_LOST` once they are spent.
@@ -133,10 +134,8 @@ class Reconciler:
             status = None if rq_status is None else rq_status.decode()
             if status is not None and status not in RQ_ENDED:
                 continue  # RQ holds it (a state it runs, retries or holds back, or one unknown here)
-            if status is None and record.stage is JobStage.PROVIDER_BATCH:
-                continue  # a provider batch has it (gql_service.worker.economy)
             lost.append((record, status))
-        # An ECONOMY batch's job that waits to be sent has no RQ job either.
+        # An ECONOMY batch's job has no RQ job either until the economy loop hands it over.
         maybe_held = [(r.id, r.batch_id) for r, status in lost if status is None and r.batch_id]
         waiting = await economy_store.held(self.redis, maybe_held) if maybe_held else []
         held = {job_id for (job_id, _), is_held in zip(maybe_held, waiting, strict=True) if is_held}
