@@ -110,6 +110,7 @@ def report(e: dict[str, Any]) -> list[str]:
         f"An `ECONOMY` job took {e['cpu_ratio']:.2f}x the worker CPU of an `INTERACTIVE` one (its economy loop: the",
         "upload, the polls, the output read line by line, then the ordinary attempt that validates the answer) and",
         f"{e['memory_ratio']:.2f}x the Redis memory while it waits (no RQ job yet, only its place in the batch's",
-        "waiting set). Its wall time is the provider's: minutes to 24 h at a real one, seconds at this stub.",
+        "waiting set). Its wall time here is the worker's CPU, as the stub answers at once; at a real provider it",
+        "is the provider's: minutes to 24 h.",
         "",
     ]
