@@ -54,6 +54,8 @@ def parse_fallbacks(value: str) -> tuple[Fallback, ...]:
                 # the deployment provides, as OPENAI_API_KEY usually is.
                 raise ValueError(f"{where}: apiKeyEnv names {key_env!r}, which is not set")
             api_key = os.environ[key_env]
+            if not (api_key.isascii() and api_key.isprintable() and api_key == api_key.strip()):
+                raise ValueError(f"{where}: the key in {key_env} holds a character an HTTP header can't carry")
         limits = {}
         for name in ("maxInFlight", "rpm", "tpm"):
             number = item.get(name)

@@ -222,6 +222,15 @@ class Settings(BaseSettings):
             raise ValueError("LLM_PROVIDER=openai needs OPENAI_API_KEY")
         return self
 
+    @field_validator("openai_api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # It goes in an HTTP header, which holds printable ASCII only: a key pasted with a
+        # typographic character (the README's "sk-…") made every call fail unsent.
+        if value is not None and not _header_safe(value.get_secret_value()):
+            raise ValueError(HEADER_UNSAFE)
+        return value
+
     @field_validator("llm_fallbacks")
     @classmethod
     def _check_fallbacks(cls, value: str | None) -> str | None:
@@ -333,6 +342,13 @@ def _sentinel_addresses(value: str) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"must be host:port pairs separated by commas, got {item.strip()!r}")
         addresses.append((host, int(port)))
     return tuple(addresses)
+
+
+HEADER_UNSAFE = "holds a character an HTTP header can't carry (a typographic dash or ellipsis, pasted?)"
+
+
+def _header_safe(key: str) -> bool:
+    return key.isascii() and key.isprintable() and key == key.strip()
 
 
 def load_settings(**overrides: object) -> Settings:
