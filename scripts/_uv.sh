@@ -12,6 +12,26 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   exit 1
 fi
 
+# Run a long command (an install) so that a stop signal sent to this script stops it at once.
+# bash waits for a foreground command before it acts on a SIGINT sent to its own pid (not
+# the group): the install ran to its end and the service started anyway. So the command
+# runs in the background, and `wait` returns at the signal. (A background command ignores
+# SIGINT in a script: it is stopped with SIGTERM.)
+interruptible() {
+  "$@" &
+  _child=$!
+  trap '_stop_child; echo "interrupted" >&2; exit 130' INT
+  trap '_stop_child; exit 143' TERM
+  _status=0
+  wait "$_child" || _status=$?
+  trap - INT TERM
+  return "$_status"
+}
+_stop_child() {
+  kill -TERM "$_child" 2>/dev/null || true
+  wait "$_child" 2>/dev/null || true
+}
+
 uv="$(command -v uv || true)"
 if [ -z "$uv" ]; then
   tools="$root/.tools/uv-$UV_VERSION"
@@ -24,8 +44,8 @@ if [ -z "$uv" ]; then
       "$python" -m venv "$root/.tools/pip" && installer="$root/.tools/pip/bin/python"
     fi
     mkdir -p "$root/.tools"
-    if ! "$installer" -m pip install --disable-pip-version-check --quiet --target "$tools" "uv==$UV_VERSION" \
-      >"$root/.tools/install.log" 2>&1; then
+    if ! interruptible "$installer" -m pip install --disable-pip-version-check --quiet --target "$tools" \
+      "uv==$UV_VERSION" >"$root/.tools/install.log" 2>&1; then
       cat "$root/.tools/install.log" >&2
       echo "could not install uv (log: .tools/install.log)" >&2
       exit 1

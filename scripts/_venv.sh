@@ -17,7 +17,7 @@ done
 # their bytecode is compiled here once, in parallel, not by every process at once (a fresh
 # clone's first API took over 60 s to answer on CI while they all compiled the same files).
 case ",$wanted," in *,test,*) extras+=(--compile-bytecode) ;; esac
-if ! "$uv" sync --locked --inexact "${extras[@]}"; then
+if ! interruptible "$uv" sync --locked --inexact "${extras[@]}"; then
   echo "the environment could not be synced from uv.lock (above). If pyproject.toml changed," >&2
   echo "refresh the lock with ./scripts/upgrade (or \`uv lock\`) and commit uv.lock with it." >&2
   exit 1

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,3 +60,32 @@ def test_a_second_sync_keeps_the_environment(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Removed virtual environment" not in second.stderr, second.stderr[-3000:]
     assert kept.exists()
+
+
+def test_a_stop_signal_during_the_first_use_install_stops_the_script_at_once(tmp_path: Path) -> None:
+    """SIGINT to ./scripts/run's own process (not its group, as `kill -INT` does) while it
+    installs: it stops then, and the service never starts. uv is a stand-in that takes its
+    time, so the signal lands mid-install by construction."""
+    project = project_copy(tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    started = tmp_path / "uv-started"
+    (fake / "uv").write_text(f"#!/bin/sh\ntouch {started}\nexec sleep 60\n")
+    (fake / "uv").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")}
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    run = subprocess.Popen(
+        ["bash", "scripts/run"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while not started.exists():  # the stand-in's own mark: the install is under way
+        assert time.monotonic() < deadline and run.poll() is None, "the install never started"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=10)  # at once: not after the 60 s install
+    assert run.returncode == 130, err
+    assert "interrupted" in err and "dev" not in out
+    left = subprocess.run(["pgrep", "-f", f"touch {started}|sleep 60"], capture_output=True, text=True)
+    assert not any(
+        (Path(f"/proc/{pid}/cwd").resolve() == project) for pid in left.stdout.split() if Path(f"/proc/{pid}").exists()
+    )
