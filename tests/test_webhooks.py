@@ -438,3 +438,15 @@ async def test_a_receiver_slower_than_httpxs_default_timeout_is_delivered_within
     asyncio.get_running_loop().call_later(5.5, receiver.release)  # the answer comes after 5.5 s
     outcome = await webhooks.post(receiver.url("slow"), "{}", {}, timeout_s=10, allow_private=True)
     assert outcome.delivered and outcome.status_code == 200, outcome
+
+
+def test_no_retry_of_a_delivery_waits_longer_than_the_cap_and_they_span_about_17_hours() -> None:
+    from gql_service.worker.deliveries import JITTER, MAX_WAIT_S, retry_waits
+
+    settings = Settings(_env_file=None, webhook_secret=WEBHOOK_SECRET)  # type: ignore[call-arg]
+    schedules = [retry_waits(settings) for _ in range(2000)]
+    assert max(max(waits) for waits in schedules) <= MAX_WAIT_S
+    spans_h = [sum(waits) / 3600 for waits in schedules]
+    assert min(spans_h) > 16 and max(spans_h) < 19  # 7 waits from 5 s, ±20 %, the last at the cap: "about 17 hours"
+    firsts = {waits[0] for waits in schedules}
+    assert min(firsts) >= 5 * (1 - JITTER) - 1 and max(firsts) <= 5 * (1 + JITTER) + 1 and len(firsts) > 1

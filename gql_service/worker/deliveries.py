@@ -48,8 +48,10 @@ def retry_waits(settings: Settings) -> list[int]:
     """The waits before each retry, in whole seconds (RQ's scheduler keeps whole seconds)."""
     waits = []
     for attempt in range(settings.webhook_max_attempts - 1):
-        wait = min(settings.webhook_retry_base_s * GROWTH**attempt, MAX_WAIT_S)
-        waits.append(max(1, round(wait * random.uniform(1 - JITTER, 1 + JITTER))))
+        # Capped after the jitter: no wait is ever longer than MAX_WAIT_S (jittered before,
+        # the last ones reached 14.4 h).
+        wait = settings.webhook_retry_base_s * GROWTH**attempt * random.uniform(1 - JITTER, 1 + JITTER)
+        waits.append(max(1, round(min(wait, MAX_WAIT_S))))
     return waits
 
 
