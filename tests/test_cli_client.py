@@ -104,6 +104,16 @@ def test_unreachable_service_is_a_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 2 and "cannot reach" in done.stderr and "Traceback" not in done.stderr
 
 
+def shown_on(leader: int) -> bytes:
+    """Everything written to a pseudo-terminal, read from its other end until the process closes it."""
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO: the terminal's other end closed with the process
+        while chunk := os.read(leader, 4096):
+            shown += chunk
+    os.close(leader)
+    return shown
+
+
 def test_submit_wait_in_a_terminal_shows_the_summary_being_written(e2e_redis: str, stub: OpenAIStub) -> None:
     stub.stream_chunks, stub.stream_seconds = 60, 2.0
     env = {"RQ_QUEUE": "llm-cli-tty", **stub.env}
@@ -115,11 +125,7 @@ def test_submit_wait_in_a_terminal_shows_the_summary_being_written(e2e_redis: st
             env={**os.environ, "GQLS_URL": svc.http_url}, stdout=subprocess.PIPE, stderr=terminal, text=True,
         )  # fmt: skip
         os.close(terminal)
-        shown = b""
-        with contextlib.suppress(OSError):  # EIO: the terminal's other end closed with the process
-            while chunk := os.read(leader, 4096):
-                shown += chunk
-        os.close(leader)
+        shown = shown_on(leader)
         out, _ = follow.communicate(timeout=60)
     assert follow.returncode == 0, shown
     rewrites = [line for line in shown.decode().split("\r\x1b[K") if line.strip()]
@@ -127,3 +133,24 @@ def test_submit_wait_in_a_terminal_shows_the_summary_being_written(e2e_redis: st
     growing = [s for s in summaries if VALID_EXTRACTION["summary"].startswith(s.strip())]
     assert len(set(growing)) >= 3, rewrites  # one line, rewritten as the summary grows
     assert f"summary:   {VALID_EXTRACTION['summary']}" in out
+
+
+def test_submit_file_json_redirected_in_a_terminal_keeps_the_bar_on_stderr(service: Service, tmp_path: Path) -> None:
+    """`submit --wait --json --file F > out.json` typed in a terminal: the bar is drawn live on
+    the terminal (stderr), and out.json holds the JSON alone (it once held the bar's last frame)."""
+    texts = tmp_path / "redirected.txt"
+    texts.write_text("The bar goes to the terminal.\nThe JSON goes to the file.\n")
+    out = tmp_path / "out.json"
+    leader, terminal = pty.openpty()
+    with out.open("w") as stdout:
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "gql_service", "submit", "--wait", "--json", "--file", str(texts)],
+            env={**os.environ, "GQLS_URL": service.http_url, "TERM": "xterm-256color"}, stdin=subprocess.DEVNULL,
+            stdout=stdout, stderr=terminal,
+        )  # fmt: skip
+    os.close(terminal)
+    shown = shown_on(leader).decode(errors="replace")
+    assert follow.wait(60) == 0, shown
+    assert [job["status"] for job in json.loads(out.read_text())] == ["FINISHED"] * 2
+    assert "submitted" in shown and "ended" in shown and "2/2" in shown, shown
+    assert "\x1b[" in shown  # drawn in place, as on a terminal: not a plain line every few seconds

@@ -110,11 +110,14 @@ class Progress:
         self._bar: Any = None
         self._provider: Any = None  # the provider's bar, once an ECONOMY batch has one
         if live:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            # On stderr, where `live` looked: rich's default console is stdout's, and stdout
+            # holds the results (`--json > out.json` once got the bar's last frame too).
             self._bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(), transient=False, console=None,
+                TimeRemainingColumn(), transient=False, console=Console(stderr=True),
             )  # fmt: skip
             self._bar.start()
             self._submit = self._bar.add_task("submitted", total=total, info="")
