@@ -8,6 +8,9 @@ import os
 import pty
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .clients import submit
@@ -112,6 +115,57 @@ def shown_on(leader: int) -> bytes:
             shown += chunk
     os.close(leader)
     return shown
+
+
+class _NotFound(BaseHTTPRequestHandler):
+    """An HTML 404 for everything, as a web server that is not the service answers."""
+
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>404</title><h1>Not Found</h1>"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def html_404() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_wrong_url_is_one_line_saying_so_and_exit_2(service: Service, tmp_path: Path) -> None:
+    """The service's root instead of its /graphql (405 text/plain), or another web server's
+    HTML 404: one line naming the endpoint to use, and 2, never a traceback and 1 (a failed job)."""
+    texts = tmp_path / "nowhere.txt"
+    texts.write_text("A text for nowhere.\n")
+    commands = (["status", "some-job"], ["submit", "A text."], ["submit", "--wait", "A text."],
+                ["submit", "--file", str(texts)])  # fmt: skip
+    with html_404() as elsewhere:
+        for url, answered in ((f"http://127.0.0.1:{service.port}/", "405 text/plain"), (elsewhere, "404 text/html")):
+            for command in commands:
+                done = subprocess.run([sys.executable, "-m", "gql_service", *command, "--url", url],
+                                      capture_output=True, text=True, timeout=60)  # fmt: skip
+                assert done.returncode == 2 and done.stderr.splitlines() == [
+                    f"gql-service: {url} is not a GraphQL endpoint (it answered {answered}); did you mean {url}graphql?"
+                ], (command, done.stderr)
+                assert done.stdout == ""
+        # --debug adds the traceback, for a bug report; the line and the exit code stay.
+        debug = subprocess.run([sys.executable, "-m", "gql_service", "status", "--debug", "--url", elsewhere, "x"],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert debug.returncode == 2 and "Traceback" in debug.stderr, debug.stderr
+    assert debug.stderr.splitlines()[-1].startswith(f"gql-service: {elsewhere} is not a GraphQL endpoint")
 
 
 def test_submit_wait_in_a_terminal_shows_the_summary_being_written(e2e_redis: str, stub: OpenAIStub) -> None:

@@ -24,7 +24,16 @@ from typing import IO, Any
 
 import httpx
 
-from gql_service.cli.client import EXIT_CANCELED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, JOB_FIELDS, ClientError, _headers
+from gql_service.cli.client import (
+    EXIT_CANCELED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    JOB_FIELDS,
+    ClientError,
+    _headers,
+    answer,
+)
 
 CHUNK = 100  # submitTexts' most inputs per call
 POLL_S = 0.5
@@ -92,12 +101,10 @@ class Client:
 
     def call(self, query: str, **variables: Any) -> dict[str, Any]:
         try:
-            body: dict[str, Any] = self.http.post(self.url, json={"query": query, "variables": variables}).json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise ClientError(f"cannot reach {self.url}: {exc}") from None
-        if body.get("errors") and not body.get("data"):
-            raise ClientError("; ".join(e["message"] for e in body["errors"]))
-        return body
+            response = self.http.post(self.url, json={"query": query, "variables": variables})
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise ClientError(f"cannot reach {self.url}: {exc}") from exc
+        return answer(self.url, response)
 
 
 class Progress:
@@ -123,6 +130,10 @@ class Progress:
             self._submit = self._bar.add_task("submitted", total=total, info="")
             self._end = self._bar.add_task("ended    ", total=total, info="")
 
+    def close(self) -> None:
+        if self._bar is not None and self._bar.live.is_started:
+            self._bar.stop()  # once: rich adds a blank line at each stop on a dumb terminal
+
     def update(
         self,
         *,
@@ -146,7 +157,7 @@ class Progress:
             self._bar.update(self._submit, completed=submitted)
             self._bar.update(self._end, completed=ended, info=info)
             if final:
-                self._bar.stop()
+                self.close()
             return
         if final or time.monotonic() - self._last_line >= PLAIN_EVERY_S:
             self._last_line = time.monotonic()
@@ -174,37 +185,49 @@ def submit_file(
         raise ClientError("nothing to submit: the file holds no text")
     digest = hashlib.sha256(source).hexdigest()[:32]
     client = Client(url, api_key)
-    progress = Progress(len(items), live=sys.stderr.isatty())
     metadata = {"file": name, "items": len(items), "sha256": digest}
     # The jobs have the batch's priority and mode. The same file again at another one is
     # refused (IDEMPOTENCY_KEY_REUSED): its batch exists, at the first.
     made = {"name": name, "metadata": metadata, "idempotencyKey": digest, "priority": priority, "mode": mode}
-    batch = client.call(CREATE, input=made)
-    batch_id = batch["data"]["createBatch"]["id"]
+    batch_id = client.call(CREATE, input=made)["data"]["createBatch"]["id"]
     print(f"batch {batch_id} ({len(items)} texts)", file=sys.stderr, flush=True)
-    of_item: dict[str, str] = {}  # job id -> the item's id
-    position: dict[str, int] = {}  # job id -> the item's place in the file
-    hook = {"webhookUrl": webhook} if webhook else {}
+    # Drawn once the service has answered: a wrong --url is its one line, with no bar above it.
+    progress = Progress(len(items), live=sys.stderr.isatty())
+    try:
+        hook = {"webhookUrl": webhook} if webhook else {}
+        of_item, position, problems = _add(client, batch_id, items, digest, hook, progress)
+        client.call(CLOSE, id=batch_id)
+        for problem in problems:
+            print(f"gql-service: {problem}", file=sys.stderr)
+        if not (wait or output):
+            progress.update(submitted=len(items), final=True)
+            print(batch_id)
+            return (EXIT_USAGE if problems else EXIT_OK), []
+        code, ended = _follow(client, batch_id, of_item, progress, output, problems)
+    finally:
+        progress.close()  # a connection lost midway: its line goes below the bar, not into it
+    return code, sorted(ended, key=lambda job: position.get(job["id"], len(position)))
+
+
+def _add(
+    client: Client, batch_id: str, items: list[Item], digest: str, hook: dict[str, str], progress: Progress
+) -> tuple[dict[str, str], dict[str, int], list[str]]:
+    """Every item into the batch, a chunk a call: (job id -> item id, job id -> the item's
+    place in the file, the problems the service reported)."""
+    of_item: dict[str, str] = {}
+    position: dict[str, int] = {}
     problems = []
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
         inputs = [{"text": it.text, "idempotencyKey": f"{digest}:{start + n}", **hook} for n, it in enumerate(chunk)]
         body = client.call(ADD, inputs=inputs, batch=batch_id)
-        for item, answer in zip(chunk, body["data"]["submitTexts"], strict=True):
-            if answer is not None:
-                of_item[answer["job"]["id"]] = item.id
-                position[answer["job"]["id"]] = len(position)
+        for item, given in zip(chunk, body["data"]["submitTexts"], strict=True):
+            if given is not None:
+                of_item[given["job"]["id"]] = item.id
+                position[given["job"]["id"]] = len(position)
         problems += [e["message"] for e in body.get("errors") or []]
         progress.update(submitted=start + len(chunk))
-    client.call(CLOSE, id=batch_id)
-    for problem in problems:
-        print(f"gql-service: {problem}", file=sys.stderr)
-    if not (wait or output):
-        progress.update(submitted=len(items), final=True)
-        print(batch_id)
-        return (EXIT_USAGE if problems else EXIT_OK), []
-    code, ended = _follow(client, batch_id, of_item, progress, output, problems)
-    return code, sorted(ended, key=lambda job: position.get(job["id"], len(position)))
+    return of_item, position, problems
 
 
 def _follow(

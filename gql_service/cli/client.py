@@ -1,7 +1,8 @@
 """`gql-service submit` and `gql-service status`: a small client of a running service.
 
 Exit codes a script can rely on: 0 every job FINISHED, 1 a job FAILED, 3 a job was
-CANCELED, 4 still running (status without --wait), 2 bad usage or the service said no.
+CANCELED, 4 still running (status without --wait), 2 bad usage, no service there, or the
+service said no; a problem is one line on stderr (with --debug, after its traceback).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import asyncio
 import json
 import shutil
 import sys
-from collections.abc import Iterable
+import traceback
+from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import websockets
@@ -40,15 +43,60 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def run(action: Callable[[], int], *, debug: bool) -> int:
+    """`action`'s exit code; whatever stops it is one line on stderr and EXIT_USAGE (with
+    `debug`, after its traceback). Never Python's traceback and 1: a script reads 1 as a
+    failed job."""
+    try:
+        return action()
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, ClientError):
+            print(f"gql-service: {exc}", file=sys.stderr)
+        else:  # not foreseen: say what it was, and how to see where
+            print(f"gql-service: {type(exc).__name__}: {exc} (--debug shows where)", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def _post(url: str, query: str, variables: dict[str, Any], api_key: str | None) -> dict[str, Any]:
     try:
         response = httpx.post(url, json={"query": query, "variables": variables}, headers=_headers(api_key), timeout=30)
-    except httpx.HTTPError as exc:
-        raise ClientError(f"cannot reach {url}: {exc}") from None
-    body = response.json()
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise ClientError(f"cannot reach {url}: {exc}") from exc
+    return answer(url, response)
+
+
+def answer(url: str, response: httpx.Response) -> dict[str, Any]:
+    """A GraphQL response's body; a ClientError if it is no GraphQL response, or only errors."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not ("data" in body or "errors" in body):
+        raise ClientError(_not_graphql(url, response))
     if body.get("errors") and not body.get("data"):
         raise ClientError("; ".join(e["message"] for e in body["errors"]))
-    return dict(body)
+    return body
+
+
+def _not_graphql(url: str, response: httpx.Response) -> str:
+    answered = f"{response.status_code} {response.headers.get('content-type', 'without a type').split(';')[0]}"
+    # A 404 or 405 (the service's own root only serves GET), a redirect, an HTML page: a
+    # wrong URL, most often without the /graphql. Anything else is the server's to explain.
+    if response.status_code in (404, 405) or response.status_code < 400:
+        guess = _endpoint_guess(url)
+        hint = f"; did you mean {guess}?" if guess != url else ""
+        return f"{url} is not a GraphQL endpoint (it answered {answered}){hint}"
+    said = " ".join(response.text.split())[:200]
+    return f"{url} answered {answered}" + (f": {said}" if said else "")
+
+
+def _endpoint_guess(url: str) -> str:
+    """Where the service answers GraphQL, on the server `url` names: its /graphql."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    return urlunsplit(parts._replace(path=path if path.endswith("/graphql") else "/graphql", query="", fragment=""))
 
 
 def exit_code(jobs: Iterable[dict[str, Any]]) -> int:
@@ -156,6 +204,16 @@ async def follow(
     return latest
 
 
+def _follow_submitted(
+    url: str, ids: list[str], api_key: str | None, *, progress: Progress | None
+) -> dict[str, dict[str, Any]]:
+    try:
+        return asyncio.run(follow(url, ids, api_key, progress=progress))
+    except (websockets.exceptions.WebSocketException, OSError) as exc:
+        # Submitted all the same: say which jobs, so that `status` can find them later.
+        raise ClientError(f"cannot follow the jobs {' '.join(ids)} at {url}: {exc}") from exc
+
+
 def submit(
     url: str,
     texts: list[str],
@@ -175,7 +233,7 @@ def submit(
         return EXIT_USAGE
     if wait:
         progress = None if as_json else Progress(live=sys.stderr.isatty())
-        final = asyncio.run(follow(url, [j["id"] for j in jobs], api_key, progress=progress))
+        final = _follow_submitted(url, [j["id"] for j in jobs], api_key, progress=progress)
         jobs = [final.get(j["id"], j) for j in jobs]
     print(json.dumps(jobs, indent=2) if as_json else "\n".join(describe(j) if wait else j["id"] for j in jobs))
     code = exit_code(jobs) if wait else EXIT_OK

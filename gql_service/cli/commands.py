@@ -111,26 +111,31 @@ def _client_target(args: argparse.Namespace) -> tuple[str, str | None]:
     return args.url or os.environ.get("GQLS_URL") or DEFAULT_URL, args.api_key or os.environ.get("GQLS_API_KEY")
 
 
+def _client_logs(args: argparse.Namespace) -> None:
+    if not args.debug:  # with --debug, httpx's line per request shows what answered
+        quiet_client_logs()
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from gql_service.cli import client
 
-    quiet_client_logs()
+    _client_logs(args)
     # Ctrl-C interrupts, even when started with SIGINT ignored (a shell's background job, a
     # test runner's worker): the same command then resumes a file where this one stopped.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     texts = _texts(args)
     url, api_key = _client_target(args)
-    try:
+
+    def submit() -> int:
         if args.file:
-            code = _submit_file(args, texts, url, api_key)
-        else:
-            code = client.submit(
-                url, texts, wait=args.wait, as_json=args.json, api_key=api_key, webhook=args.webhook,
-                priority=args.priority,
-            )  # fmt: skip
-    except client.ClientError as exc:
-        print(f"gql-service: {exc}", file=sys.stderr)
-        code = client.EXIT_USAGE
+            return _submit_file(args, texts, url, api_key)
+        return client.submit(
+            url, texts, wait=args.wait, as_json=args.json, api_key=api_key, webhook=args.webhook,
+            priority=args.priority,
+        )  # fmt: skip
+
+    try:
+        code = client.run(submit, debug=args.debug)
     except KeyboardInterrupt:
         # Run the same command again: it finds its batch and submits only what is missing.
         print("gql-service: interrupted; the same command resumes where this one stopped", file=sys.stderr)
@@ -167,14 +172,13 @@ def cmd_webhook_secret(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from gql_service.cli import client
 
-    quiet_client_logs()
+    _client_logs(args)
     url, api_key = _client_target(args)
-    try:
-        code = client.status(url, args.id, as_json=args.json, api_key=api_key)
-    except client.ClientError as exc:
-        print(f"gql-service: {exc}", file=sys.stderr)
-        code = client.EXIT_USAGE
-    raise SystemExit(code)
+
+    def status() -> int:
+        return client.status(url, args.id, as_json=args.json, api_key=api_key)
+
+    raise SystemExit(client.run(status, debug=args.debug))
 
 
 def _add_concurrency(p: argparse.ArgumentParser) -> None:
@@ -247,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--url", help=f"the service's GraphQL endpoint (default: $GQLS_URL, else {DEFAULT_URL})")
         p.add_argument("--api-key", help="API key, when the service has API_KEYS (default: $GQLS_API_KEY)")
         p.add_argument("--json", action="store_true", help="print the jobs as JSON")
+        p.add_argument("--debug", action="store_true", help="on a problem, its traceback too (else one line)")
         if name == "submit":
             p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to submit; - reads one from stdin")
             p.add_argument(
@@ -274,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("id", metavar="JOB_ID", help="the job's id")
             p.set_defaults(func=cmd_status)
-        p.epilog = "exit codes: 0 finished, 1 failed, 3 canceled, 4 still running, 2 bad input or no service"
+        p.epilog = (
+            "exit codes: 0 finished, 1 failed, 3 canceled, 4 still running, 2 bad input, no service or another "
+            "problem (one line; --debug shows its traceback)"
+        )
 
     p = command("webhook-secret", "print a new WEBHOOK_SECRET (whsec_ + 32 random bytes, base64)")
     p.set_defaults(func=cmd_webhook_secret)
