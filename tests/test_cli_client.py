@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .clients import submit
+from .clients import post, submit
 from .openai_stub import VALID_EXTRACTION, OpenAIStub
 from .service import Service
 
@@ -74,6 +74,23 @@ def test_submit_priority_reaches_the_jobs_and_a_file_s_batch(service: Service, t
     assert again.returncode == 2 and "priority" in again.stderr, again.stderr
     status = cli(service, "status", json.loads(done.stdout)[0]["id"])
     assert "priority LOW" in status.stdout.splitlines()[0], status.stdout
+
+
+def test_an_unwritable_output_or_one_without_a_file_is_refused_before_submitting(
+    service: Service, tmp_path: Path
+) -> None:
+    texts = tmp_path / "unwritten.txt"
+    texts.write_text("Never submitted: its results would have had nowhere to go.\n")
+    for output, why in ((tmp_path / "no-dir" / "out.jsonl", "No such file or directory"), (tmp_path, "Is a directory")):
+        done = cli(service, "submit", "--file", str(texts), "--output", str(output))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [f"gql-service: cannot write --output {output}: {why}"]
+    # Said before anything was sent (it once came as a traceback after the whole file was submitted).
+    batches = post(service, "{ batches(first: 100) { edges { node { name } } } }").json()["data"]["batches"]
+    assert "unwritten.txt" not in [edge["node"]["name"] for edge in batches["edges"]]
+    alone = cli(service, "submit", "--output", str(tmp_path / "out.jsonl"), "A text with no file.")
+    assert alone.returncode == 2 and alone.stdout == ""  # once ignored: the text submitted, and 0
+    assert alone.stderr.splitlines() == ["gql-service: --output writes the results of a --file: give --file"]
 
 
 def test_submit_without_wait_prints_ids(service: Service) -> None:

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -69,6 +71,20 @@ def read_items(path: Path, *, fmt: str | None, column: str, id_column: str) -> l
         raise ClientError(f"cannot read --file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ClientError(f"cannot read --file {path}: not UTF-8 ({exc.reason})") from None
+
+
+def check_output(path: Path) -> None:
+    """Raises ClientError unless `path` can be written: said before anything is submitted,
+    not when the results start to come, after the whole file."""
+    if path.is_dir():
+        problem = errno.EISDIR
+    elif not path.parent.is_dir():
+        problem = errno.ENOENT if not path.parent.exists() else errno.ENOTDIR
+    elif not os.access(path if path.exists() else path.parent, os.W_OK):
+        problem = errno.EACCES
+    else:
+        return
+    raise ClientError(f"cannot write --output {path}: {os.strerror(problem)}")
 
 
 def _items(f: IO[str], kind: str, column: str, id_column: str) -> Iterator[Item]:
@@ -240,7 +256,10 @@ def _follow(
 ) -> tuple[int, list[dict[str, Any]]]:
     ended: list[dict[str, Any]] = []
     after = None
-    out = output.open("w", encoding="utf-8") if output else None
+    try:
+        out = output.open("w", encoding="utf-8") if output else None
+    except OSError as exc:  # changed since check_output
+        raise ClientError(f"cannot write --output {output}: {exc.strerror or exc}") from exc
     try:
         while True:
             batch = client.call(WATCH, id=batch_id, after=after)["data"]["batch"]

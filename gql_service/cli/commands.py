@@ -104,6 +104,8 @@ def _texts(args: argparse.Namespace) -> list[str]:
         raise fail("nothing to submit: give a text, - to read one from stdin, or --file")
     if args.economy and not args.file:
         raise fail("--economy makes a batch of a file: give --file")
+    if args.output and not args.file:
+        raise fail("--output writes the results of a --file: give --file")
     return texts
 
 
@@ -147,11 +149,13 @@ def _submit_file(args: argparse.Namespace, texts: list[str], url: str, api_key: 
     from gql_service.cli import bulk
 
     path = Path(args.file)
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        bulk.check_output(output)
     # Texts given as arguments first, then the file's, as without a file.
     items = [bulk.Item(f"arg-{n}", text) for n, text in enumerate(texts, start=1)]
     items += bulk.read_items(path, fmt=args.format, column=args.column, id_column=args.id_column)
     source = b"\0".join(t.encode() for t in texts) + b"\0" + path.read_bytes()
-    output = Path(args.output) if args.output else None
     code, ended = bulk.submit_file(
         url, items, source=source, name=path.name, output=output, wait=args.wait, api_key=api_key,
         webhook=args.webhook, priority=args.priority, mode="ECONOMY" if args.economy else "INTERACTIVE",
