@@ -154,16 +154,26 @@ def wait_for_line(lines: queue.Queue[str], text: str, timeout_s: float) -> str:
 
 def test_dev_runs_everything_and_one_sigint_stops_it_all(tmp_path: Path) -> None:
     port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "REDIS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "REDIS_", "GQLS_"))}
     env |= {"EMBEDDED_REDIS_PORT": str(redis_port), "PYTHONUNBUFFERED": "1"}
     dev = subprocess.Popen(
         [sys.executable, "-m", "gql_service", "dev", "--port", str(port), "--workers", "2"],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        ready = wait_for_line(lines_of(dev.stdout), "dev: ready", timeout_s=60)
+        said = lines_of(dev.stdout)
+        ready = wait_for_line(said, "dev: ready", timeout_s=60)
         # "ready" means it: the API answers and both workers listen on the queue, at that very moment.
         assert f"http://127.0.0.1:{port}/graphql" in ready
+        # And a line to paste into another shell, after which the client finds this dev.
+        export = wait_for_line(said, "GQLS_URL", timeout_s=10).strip()
+        assert export == f"export GQLS_URL=http://127.0.0.1:{port}/graphql"
+        client = f"{sys.executable} -m gql_service"
+        pasted = subprocess.run(
+            ["sh", "-c", f'{export}\n{client} status "$({client} submit "Pasted into another shell.")"'],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert pasted.returncode in (0, 4) and pasted.stdout.startswith("job "), pasted.stderr  # 4: not ended yet
         assert answers(f"http://127.0.0.1:{port}/readyz")
         with Redis(port=redis_port) as redis:  # EMBEDDED_REDIS_PORT chose the port
             assert Worker.count(queue=Queue("llm", connection=redis)) == 2

@@ -73,6 +73,9 @@ def _announce_ready(
                 "dev: ready: %s/graphql (console at %s/), %d worker(s) on queue %r; Ctrl-C stops everything",
                 api, api, workers, queue,
             )  # fmt: skip
+            # A line to paste as it is (no log prefix) into the shell that runs `gql-service
+            # submit` or `status`: they find the service by GQLS_URL, else port 8000.
+            print(f"export GQLS_URL={api}/graphql", flush=True)
             return
         stopping.wait(0.1)
 
