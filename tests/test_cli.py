@@ -28,6 +28,7 @@ from gql_service import keys, store
 from gql_service.cli.embedded_redis import free_port
 from gql_service.settings import load_settings
 
+from .embedded_postgres import EmbeddedPostgres
 from .service import answers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +107,35 @@ def test_worker_without_redis_is_one_clear_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gql-service: cannot reach Redis at redis://:***@127.0.0.1:")
     assert "REDIS_URL" in lines[0] and "hunter22" not in result.stderr
+
+
+def test_migrate_without_its_postgresql_is_one_line(tmp_path: Path) -> None:
+    url = f"postgresql://gqls:hunter22@127.0.0.1:{free_port()}/gqls"
+    result = run_cli("migrate", env={"DATABASE_URL": url}, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr  # once Alembic's seven INFO lines came first
+    assert lines[0].startswith("gql-service: cannot reach the job history's PostgreSQL: ") and "refused" in lines[0]
+    assert "hunter22" not in result.stderr
+    nonsense = run_cli("migrate", env={"DATABASE_URL": "nonsense"}, cwd=tmp_path)
+    assert nonsense.returncode == 2 and nonsense.stderr.splitlines() == [
+        "gql-service: bad setting: DATABASE_URL: not a URL such as postgresql://user:password@host:5432/db"
+    ]
+
+
+def test_migrate_says_what_it_applied_and_nothing_of_alembic_s(tmp_path: Path) -> None:
+    with EmbeddedPostgres() as pg:
+        first = run_cli("migrate", env={"DATABASE_URL": pg.url}, cwd=tmp_path)
+        again = run_cli("migrate", env={"DATABASE_URL": pg.url}, cwd=tmp_path)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+
+    def said(result: subprocess.CompletedProcess[str]) -> list[str]:
+        return [line.split(" gql_service [-] ", 1)[1] for line in result.stderr.splitlines()]  # no other logger's
+
+    applied = said(first)
+    assert applied[0] == "migrate: applied 0001, The jobs table: every ended job, newest first per tenant."
+    head = applied[-2].split(",")[0].removeprefix("migrate: applied ")
+    assert applied[-1] == f"migrate: the job history's schema is up to date ({head})"
+    assert said(again) == [f"migrate: the job history's schema was up to date already ({head})"]
 
 
 @contextmanager

@@ -91,10 +91,22 @@ def migrate_history(database_url: str) -> None:
     from gql_service.cli import migrate
 
     try:
-        migrate.upgrade(database_url)
+        applied, head = migrate.upgrade(database_url)
+    except sqlalchemy.exc.ArgumentError:
+        raise fail("bad setting: DATABASE_URL: not a URL such as postgresql://user:password@host:5432/db") from None
     except sqlalchemy.exc.OperationalError as exc:
-        raise fail(f"cannot reach the job history's PostgreSQL: {str(exc.orig).strip()}") from None
-    log.info("migrate: the job history's schema is up to date")
+        raise fail(f"cannot reach the job history's PostgreSQL: {_one_line(exc.orig)}") from None
+    except sqlalchemy.exc.DBAPIError as exc:  # reached, and refused: a permission, a table changed by hand
+        raise fail(f"the job history's migration failed: {_one_line(exc.orig)}") from None
+    for step in applied:
+        log.info("migrate: applied %s", step)
+    state = "is up to date" if applied else "was up to date already"
+    log.info("migrate: the job history's schema %s (%s)", state, head)
+
+
+def _one_line(error: BaseException | None) -> str:
+    # psycopg's messages run over lines ("…refused\n\tIs the server running…").
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def quiet_client_logs() -> None:
