@@ -25,6 +25,14 @@ class Fallback:
 _FALLBACK_FIELDS = {"model", "baseUrl", "apiKeyEnv", "maxInFlight", "rpm", "tpm"}
 
 
+HEADER_UNSAFE = "holds a character an HTTP header can't carry (a typographic dash or ellipsis, pasted?)"
+
+
+def header_safe(key: str) -> bool:
+    """Whether an API key can go in an HTTP header as it is (printable ASCII, no padding)."""
+    return key.isascii() and key.isprintable() and key == key.strip()
+
+
 def parse_fallbacks(value: str) -> tuple[Fallback, ...]:
     """LLM_FALLBACKS, a JSON list of {"model", "baseUrl", "apiKeyEnv", "maxInFlight", "rpm",
     "tpm"} (all but `model` optional); raises ValueError saying what is wrong, in one line
@@ -54,8 +62,8 @@ def parse_fallbacks(value: str) -> tuple[Fallback, ...]:
                 # the deployment provides, as OPENAI_API_KEY usually is.
                 raise ValueError(f"{where}: apiKeyEnv names {key_env!r}, which is not set")
             api_key = os.environ[key_env]
-            if not (api_key.isascii() and api_key.isprintable() and api_key == api_key.strip()):
-                raise ValueError(f"{where}: the key in {key_env} holds a character an HTTP header can't carry")
+            if not header_safe(api_key):
+                raise ValueError(f"{where}: the key in {key_env} {HEADER_UNSAFE}")
         limits = {}
         for name in ("maxInFlight", "rpm", "tpm"):
             number = item.get(name)

@@ -1,52 +1,39 @@
-"""Settings, read once from the environment and `.env`, validated at start-up."""
+"""Settings, read once from the environment and `.env`, validated at start-up.
+
+Each field's docstring is its description in the settings reference, which docsgen/settings_ref.py
+generates from this model (reading the docstrings from this file's source at build time: the
+service itself never parses them), and its marker says which processes read it.
+"""
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gql_service.budgets import Budget
-from gql_service.fallback_settings import Fallback, parse_fallbacks
+from gql_service.fallback_settings import HEADER_UNSAFE, Fallback, header_safe, parse_fallbacks
 from gql_service.pricing import Price
+from gql_service.redis_target import DEFAULT_REDIS_URL, sentinel_addresses
+from gql_service.redis_target import RedisTarget as RedisTarget
+from gql_service.redis_target import ReplicaAck as ReplicaAck
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """Where Redis is: a server's URL, or sentinels and the name of the primary they watch.
-
-    With sentinels, `url` gives only the primary's username, password and database.
-    """
-
-    url: str = field(default=DEFAULT_REDIS_URL, repr=False)  # it may hold a password
-    sentinels: tuple[tuple[str, int], ...] = ()
-    master: str = "mymaster"
-    sentinel_password: str | None = field(default=None, repr=False)
-
-    def __str__(self) -> str:
-        # For logs and messages: never a password.
-        if self.sentinels:
-            where = ",".join(f"{host}:{port}" for host, port in self.sentinels)
-            return f"sentinel {where}, primary {self.master!r}"
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+ReadBy = Literal["api", "worker", "both", "all", "dev"]  # both: the API and the workers; all: every command too
 
 
-@dataclass(frozen=True)
-class ReplicaAck:
-    """A write counts once this many replicas have it (Redis WAIT), within `timeout_ms`."""
+def read_by(process: ReadBy, *, default: str | None = None) -> Any:
+    """A setting's marker (`Annotated[int, WORKER]`): the processes that read it, and what its
+    default means where the value alone does not say (`default`, shown beside it)."""
+    extra: dict[str, Any] = {"read_by": process}
+    if default is not None:
+        extra["default_note"] = default
+    return Field(json_schema_extra=extra)
 
-    replicas: int
-    timeout_ms: int
+
+API, WORKER, BOTH, ALL = read_by("api"), read_by("worker"), read_by("both"), read_by("all")
 
 
 class SettingsError(Exception):
@@ -56,161 +43,229 @@ class SettingsError(Exception):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
-    redis_url: str | None = None
-    # Redis behind Sentinel: `host:port,host:port`; the primary named REDIS_SENTINEL_MASTER is
-    # found through them (REDIS_URL then gives only its password and database).
-    redis_sentinels: str | None = None
-    redis_sentinel_master: str = Field("mymaster", min_length=1)
-    redis_sentinel_password: SecretStr | None = Field(None, repr=False)
-    # Submissions (and jobs' ends) answer only once this many replicas have their writes
-    # (Redis WAIT); 0: as soon as the primary has them.
-    redis_min_replicas_acked: int = Field(0, ge=0, le=16)
-    redis_replica_ack_timeout_ms: int = Field(1000, ge=1, le=60_000)
-    # How often the workers look for jobs whose queue entry is gone (a failover lost it),
-    # and how long such a job's record must have stood still before it is queued again.
-    reconcile_interval_s: float = Field(30.0, gt=0, le=3600)
-    # The PostgreSQL job history (postgresql://…). Unset: jobs live in Redis only.
-    database_url: str | None = None
-    # Whether the history keeps each job's submitted text.
-    archive_text: bool = True
-    # Ended jobs older than this are deleted from the history (hourly).
-    archive_retention_days: int = Field(30, ge=1, le=36_500)
-    # An archive batch a worker took and did not confirm (it died) is taken over by another
-    # worker after this long.
-    archive_claim_after_s: float = Field(30.0, gt=0)
-    # An outbox entry (archive, webhooks) taken this many times and never done is moved to
-    # its outbox's dead letters (`gql-service outbox`), so it can't hold up the ones after it.
-    outbox_max_deliveries: int = Field(5, ge=1, le=1000)
-    # A safety bound on each outbox stream (and its dead letters), applied as XADD MAXLEN ~:
-    # past it, the oldest entries are dropped rather than Redis's memory filling up.
-    outbox_max_len: int = Field(1_000_000, ge=1000)
-    # The port of the Redis that `dev` starts when REDIS_URL is unset; unset: any free port.
-    embedded_redis_port: int | None = Field(None, ge=1, le=65535)
-    rq_queue: str = Field("llm", min_length=1)
-    llm_provider: Literal["openai", "offline"] | None = None
-    openai_api_key: SecretStr | None = None
-    openai_base_url: str | None = None
-    openai_model: str = Field("gpt-4o-mini", min_length=1)
-    llm_timeout_s: float = Field(60.0, gt=0)
-    # Ask the LLM for a streamed answer, so subscribers can watch it form (`partial: true`).
-    llm_stream: bool = True
-    # Interim frames of one job go out at most this often (the latest text wins).
-    partial_interval_ms: int = Field(100, ge=0, le=60_000)
-    # The offline provider reveals its answer a piece (about a word) every this many ms;
-    # 0: all at once. `dev` sets 20 when unset, so the console shows it being written.
-    offline_stream_delay_ms: float = Field(0.0, ge=0, le=10_000)
-    # ECONOMY batches (gql_service.worker.economy): their waiting jobs are sent when the batch
-    # closes, ECONOMY_FLUSH_S after the first came, or once ECONOMY_MAX_REQUESTS wait; each
-    # provider batch is read every ECONOMY_POLL_S; what it does not answer runs interactively
-    # (or FAILS, ECONOMY_FALLBACK=fail).
-    economy_flush_s: float = Field(300.0, gt=0, le=24 * 3600)
-    economy_max_requests: int = Field(50_000, ge=1, le=50_000)
-    economy_poll_s: float = Field(30.0, gt=0, le=3600)
-    economy_fallback: Literal["interactive", "fail"] = "interactive"
-    # What a provider batch's tokens cost, as a share of LLM_PRICES (OpenAI's: half).
-    llm_batch_discount: float = Field(0.5, ge=0, le=1)
-    # The offline provider's batches end this long after they are made.
-    offline_batch_delay_ms: float = Field(2000.0, ge=0, le=3_600_000)
-    llm_max_attempts: int = Field(3, ge=1, le=20)
-    # Seconds before the first retry of a transient LLM failure; doubles each time.
-    retry_backoff_s: float = Field(2.0, ge=0)
-    # The most LLM calls open at once across every worker process and host (unset: no limit).
-    llm_max_in_flight: int | None = Field(None, ge=1)
-    # Requests and tokens per minute for the LLM endpoint, across every worker (unset: none).
-    llm_rpm: int | None = Field(None, ge=1)
-    llm_tpm: int | None = Field(None, ge=1)
-    # Other OpenAI-compatible endpoints+models, tried in order within an attempt when the one
-    # before fails transiently (JSON list; see parse_fallbacks). Unset: no fallback, no breaker.
-    llm_fallbacks: str | None = Field(None, repr=False)
-    # With fallbacks: an endpoint+model that fails this many calls in a row is skipped by
-    # every worker for LLM_BREAKER_OPEN_S, then one call tries it again (half-open).
-    llm_breaker_failures: int = Field(5, ge=1, le=1000)
-    llm_breaker_open_s: float = Field(30.0, gt=0, le=24 * 3600)
-    job_timeout_s: int = Field(180, gt=0)
-    result_ttl_s: int = Field(7 * 24 * 3600, gt=0)
-    # How long RQ keeps its own job entries; the job record (RESULT_TTL_S) is what clients read.
-    rq_result_ttl_s: int = Field(3600, ge=0)
-    max_text_chars: int = Field(20_000, gt=0, le=1_000_000)
-    idempotency_ttl_s: int = Field(24 * 3600, gt=0)
-    # A job whose worker died is noticed this long after its last heartbeat, then retried.
-    worker_lost_after_s: int = Field(60, ge=3)
-    # A worker started while Redis can't be reached waits this long for it (a log line per
-    # attempt), then exits 2: Redis and workers often start together under a supervisor.
-    worker_start_timeout_s: float = Field(120.0, ge=0)
-    # async: many jobs at once per process on one event loop; fork: a work horse process per
-    # job (RQ's Worker); simple: one job at a time in the worker itself (RQ's SimpleWorker).
-    worker_class: Literal["async", "fork", "simple"] = "async"
-    # The most jobs of one tenant queued for or running on the workers at once, cluster-wide
-    # (unset: no cap); the rest wait as QUEUED and go in oldest first as slots free.
-    tenant_max_in_flight: int | None = Field(None, ge=1)
-    # Jobs one async worker process runs at once (`gql-service worker --concurrency`).
-    worker_concurrency: int = Field(64, ge=1, le=10_000)
-    # Of every this many jobs a worker takes, the last looks at LOW's queue first and the
-    # middle one at NORMAL's, so neither starves behind HIGH (gql_service.worker.priorities).
-    priority_share_every: int = Field(10, ge=3, le=1000)
-    # API keys as JSON, key -> tenant. Unset: the service is open (one tenant, "public").
-    api_keys: dict[str, str] | None = Field(None, repr=False)
-    # Budgets as JSON, tenant -> {"tokensPerDay": N, "tokensPerMonth": N, "costPerMonthUsd": X}
-    # ("*": every tenant not named). A tenant whose budget is spent can't submit until it
-    # resets (gql_service.budgets). Unset: no budgets.
-    tenant_budgets: dict[str, Budget] | None = None
-    # Prices as JSON, model -> {"inputPerMTok": X, "outputPerMTok": Y, "cachedInputPerMTok": Z}
-    # (USD per million tokens): a job's costUsd, and costPerMonthUsd budgets (gql_service.pricing).
-    llm_prices: dict[str, Price] | None = None
-    max_body_bytes: int = Field(1_048_576, ge=1024)
-    # Automatic persisted queries (Apollo's protocol): on, kept in Redis this long, at most
-    # this many documents of at most this many bytes each (gql_service/api/documents.py).
-    apq: bool = True
-    apq_ttl_s: int = Field(24 * 3600, gt=0)
-    apq_max_documents: int = Field(1000, ge=1, le=1_000_000)
-    apq_max_document_bytes: int = Field(16_384, ge=256, le=1_048_576)
-    # Trusted documents: manifest files ({"<sha256 hex>": "<document>"}), comma-separated.
-    trusted_documents: str | None = None
-    # Run nothing but those (a full document must be one of them) ...
-    trusted_documents_only: bool = False
-    # ... and only when named by their id (a full document is refused even if trusted).
-    trusted_documents_require_id: bool = False
-    # Except for this service's own pages (the playground and the console: same Origin).
-    trusted_documents_allow_playground: bool = False
-    max_subscriptions_per_connection: int = Field(100, ge=1)
-    # graphql-sse's single connection mode: event streams one tenant may have reserved at
-    # once per API process (open or not), and how long a reserved stream may wait to be opened.
-    max_sse_reservations_per_tenant: int = Field(100, ge=1)
-    sse_reservation_ttl_s: float = Field(30.0, gt=0)
-    ws_init_timeout_s: float = Field(10.0, gt=0)
-    # A connection must send a whole request head (request line and headers) within this long
-    # of opening, or of its previous response's end; else it is closed (gql_service/api/edge.py).
-    header_timeout_s: float = Field(10.0, gt=0, le=3600)
-    # Connections one API process holds at once, websockets and streams included. Unset: what
-    # the file limit (ulimit -n) allows, less a reserve for everything else the process opens.
-    max_connections: int | None = Field(None, ge=1)
-    # The most one API operation waits on Redis (a connection from the pool included):
-    # an unreachable or hung Redis is SERVICE_UNAVAILABLE after this, never a hang.
-    redis_timeout_s: float = Field(2.0, gt=0)
-    # Jobs one tenant may watch at once over subscriptions, per API process (jobUpdates
-    # counts 1, jobsUpdates its number of ids).
-    max_watched_jobs_per_tenant: int = Field(1000, ge=1)
-    # The pub/sub link is pinged after this long without traffic; no answer within as long
-    # again counts as a drop (a half-open TCP connection, a hung Redis).
-    pubsub_health_check_s: float = Field(5.0, gt=0)
-    # Command connections per API process (pub/sub has one more of its own). Requests share
-    # them; a burst waits for a free one rather than opening more.
-    redis_max_connections: int = Field(2, ge=1, le=1000)
-    # Webhooks (`webhookUrl`): the Standard Webhooks signing secret, `whsec_` + base64 of
-    # 24 to 64 random bytes (`gql-service webhook-secret` makes one). Unset: webhooks are off.
-    webhook_secret: SecretStr | None = Field(None, repr=False)
-    # A delivery counts when the receiver answers 2xx within this long.
-    webhook_timeout_s: float = Field(10.0, gt=0, le=300)
-    # The first retry waits about this long, each next one five times longer (with jitter).
-    webhook_retry_base_s: float = Field(5.0, ge=1, le=3600)
-    # Attempts in all before a delivery is FAILED (the default 8 span about 17 hours).
-    webhook_max_attempts: int = Field(8, ge=1, le=20)
-    # Allow webhook URLs that resolve to loopback, private or link-local addresses.
-    webhook_allow_private: bool = False
-    # Deliveries one async worker process runs at once, besides its LLM jobs.
-    webhook_concurrency: int = Field(16, ge=1, le=1000)
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    database_url: Annotated[str | None, BOTH] = None
+    """The PostgreSQL job history (see Job history); unset: jobs live in Redis only."""
+    archive_text: Annotated[bool, WORKER] = True
+    """Whether the history keeps each job's submitted text."""
+    archive_retention_days: Annotated[int, WORKER] = Field(30, ge=1, le=36_500)
+    """Rows of jobs that ended longer ago are deleted, hourly."""
+    archive_claim_after_s: Annotated[float, BOTH] = Field(30.0, gt=0)
+    """A batch a dead worker took from an outbox (archive, webhooks) is taken over after this long; `/readyz` says the
+    archive lags past twice this.
+    """
+    outbox_max_deliveries: Annotated[int, WORKER] = Field(5, ge=1, le=1000)
+    """An outbox entry taken this many times and never done goes to the outbox's dead letters (see Outboxes)."""
+    outbox_max_len: Annotated[int, BOTH] = Field(1_000_000, ge=1000)
+    """The bound on each outbox stream and its dead letters (`XADD MAXLEN ~`): past it, the oldest entries are dropped.
+    """
+    webhook_secret: Annotated[SecretStr | None, read_by("both", default="webhooks off")] = Field(None, repr=False)
+    """The Standard Webhooks signing secret, `whsec_` + base64 of 24-64 random bytes (`gql-service webhook-secret`);
+    needed for `webhookUrl` (see Webhooks).
+    """
+    webhook_timeout_s: Annotated[float, WORKER] = Field(10.0, gt=0, le=300)
+    """A delivery counts when the receiver answers 2xx within this."""
+    webhook_retry_base_s: Annotated[float, WORKER] = Field(5.0, ge=1, le=3600)
+    """The first retry's wait; each next one is five times longer (±20 %, at most 12 h)."""
+    webhook_max_attempts: Annotated[int, WORKER] = Field(8, ge=1, le=20)
+    """Attempts in all before a delivery is `FAILED` (8 span about 17 h: seven waits of 5 s, 25 s, 2 min, 10 min, 52
+    min, 4.3 h and 12 h, the cap on one wait, each ±20 %).
+    """
+    webhook_allow_private: Annotated[bool, BOTH] = False
+    """Allow webhook URLs that resolve to loopback, private or link-local addresses."""
+    webhook_concurrency: Annotated[int, WORKER] = Field(16, ge=1, le=1000)
+    """Deliveries one `async` worker process runs at once, besides its LLM jobs."""
+    redis_url: Annotated[str | None, ALL] = None
+    """Redis to use. Unset (and no `REDIS_SENTINELS`): `dev` starts an embedded one; `serve` and `worker` use
+    `redis://127.0.0.1:6379/0`.
+    """
+    embedded_redis_port: Annotated[int | None, read_by("dev", default="a free port")] = Field(None, ge=1, le=65535)
+    """Port of the Redis `dev` starts when `REDIS_URL` is unset."""
+    redis_sentinels: Annotated[str | None, ALL] = None
+    """`host:port,host:port`: find the primary through these sentinels (see Redis with Sentinel); `REDIS_URL` then
+    gives only the primary's password and database.
+    """
+    redis_sentinel_master: Annotated[str, ALL] = Field("mymaster", min_length=1)
+    """The name the sentinels monitor the primary under."""
+    redis_sentinel_password: Annotated[SecretStr | None, ALL] = Field(None, repr=False)
+    """The sentinels' own password (`requirepass` in sentinel.conf)."""
+    redis_min_replicas_acked: Annotated[int, BOTH] = Field(0, ge=0, le=16)
+    """Submissions (and jobs' ends) wait until this many replicas have their writes; not confirmed in time:
+    `SERVICE_UNAVAILABLE`.
+    """
+    redis_replica_ack_timeout_ms: Annotated[int, BOTH] = Field(1000, ge=1, le=60_000)
+    """How long that wait may take; at most half of `REDIS_TIMEOUT_S` (to raise it, raise that too)."""
+    reconcile_interval_s: Annotated[float, WORKER] = Field(30.0, gt=0, le=3600)
+    """How often the reconciler looks for jobs whose RQ entry is gone (a failover), and how long such a job must have
+    stood still.
+    """
+    rq_queue: Annotated[str, BOTH] = Field("llm", min_length=1)
+    """The RQ queue `NORMAL` jobs go on; `HIGH` ones go on `<RQ_QUEUE>-high`, `LOW` ones on `<RQ_QUEUE>-low`,
+    deliveries on `<RQ_QUEUE>-webhooks` (not a namespace: two deployments need a Redis, or a database number, each,
+    as they share every other key, outboxes included).
+    """
+    priority_share_every: Annotated[int, WORKER] = Field(10, ge=3, le=1000)
+    """Of every this many jobs a worker process takes, the last looks at the `LOW` queue first and the middle one at
+    `NORMAL`'s, so neither starves behind `HIGH` (3: the three in turn; see Priorities).
+    """
+    llm_provider: Annotated[
+        Literal["openai", "offline"] | None,
+        read_by("worker", default="then `openai` if `OPENAI_API_KEY` is set, else `offline`"),
+    ] = None
+    """Which provider the workers use."""
+    openai_api_key: Annotated[SecretStr | None, WORKER] = None
+    """Key for the `openai` provider."""
+    openai_base_url: Annotated[str | None, read_by("worker", default="OpenAI's API")] = None
+    """Any OpenAI-compatible endpoint."""
+    openai_model: Annotated[str, WORKER] = Field("gpt-4o-mini", min_length=1)
+    """Model name sent to the endpoint."""
+    llm_timeout_s: Annotated[float, WORKER] = Field(60.0, gt=0)
+    """One LLM call is cut after this."""
+    llm_stream: Annotated[bool, WORKER] = True
+    """Ask the endpoint for a streamed answer (`stream=True` with usage), so `partial: true` subscribers watch it form;
+    `false` for an endpoint that can't stream.
+    """
+    partial_interval_ms: Annotated[int, WORKER] = Field(100, ge=0, le=60_000)
+    """Interim frames of one job go out at most this often; the latest text wins."""
+    offline_stream_delay_ms: Annotated[float, read_by("worker", default="`dev`: `20`")] = Field(0.0, ge=0, le=10_000)
+    """The offline provider reveals its answer a word every this many ms; `0`: all at once."""
+    offline_batch_delay_ms: Annotated[float, WORKER] = Field(2000.0, ge=0, le=3_600_000)
+    """The offline provider's batches (ECONOMY) end this long after they are made, their count rising meanwhile."""
+    economy_flush_s: Annotated[float, WORKER] = Field(300.0, gt=0, le=24 * 3600)
+    """An ECONOMY batch's waiting jobs are sent this long after the first came, if the batch is not closed before."""
+    economy_max_requests: Annotated[int, WORKER] = Field(50_000, ge=1, le=50_000)
+    """The most requests in one provider batch (OpenAI's limit); this many waiting are sent at once."""
+    economy_poll_s: Annotated[float, read_by("worker", default="`dev`: `1`")] = Field(30.0, gt=0, le=3600)
+    """How often each provider batch is read (and due batches looked for)."""
+    economy_fallback: Annotated[Literal["interactive", "fail"], WORKER] = "interactive"
+    """What becomes of a request a provider batch did not answer (an error line, expired, missing, the batch failed):
+    `interactive` runs it again as an ordinary job; `fail` ends it `FAILED`.
+    """
+    llm_batch_discount: Annotated[float, WORKER] = Field(0.5, ge=0, le=1)
+    """What a provider batch's tokens cost, as a share of `LLM_PRICES`."""
+    llm_max_attempts: Annotated[int, WORKER] = Field(3, ge=1, le=20)
+    """Attempts for transient LLM failures."""
+    retry_backoff_s: Annotated[float, WORKER] = Field(2.0, ge=0)
+    """Wait before the first retry; doubles each time."""
+    llm_max_in_flight: Annotated[int | None, read_by("worker", default="no limit")] = Field(None, ge=1)
+    """The most LLM calls open at once across every worker process and host (leases in Redis; a killed worker's lease
+    expires after `LLM_TIMEOUT_S` + 30 s).
+    """
+    llm_rpm: Annotated[int | None, read_by("worker", default="no limit")] = Field(None, ge=1)
+    """Requests per minute to the LLM endpoint across every worker process and host."""
+    llm_tpm: Annotated[int | None, read_by("worker", default="no limit")] = Field(None, ge=1)
+    """Tokens per minute to the LLM endpoint across every worker process and host (estimated before a call, corrected
+    after).
+    """
+    llm_fallbacks: Annotated[str | None, read_by("worker", default="no fallback, no breaker")] = Field(None, repr=False)
+    """JSON list of OpenAI-compatible endpoints+models tried in order, within the same attempt, when the one before
+    fails transiently: `[{"model": "gpt-4.1-mini", "baseUrl": "https://…/v1", "apiKeyEnv": "BACKUP_KEY",
+    "maxInFlight": 20, "rpm": 500, "tpm": 200000}]`, all but `model` optional (see Fallbacks and the circuit
+    breaker).
+    """
+    llm_breaker_failures: Annotated[int, WORKER] = Field(5, ge=1, le=1000)
+    """With `LLM_FALLBACKS`: an endpoint+model failing this many calls in a row is skipped by every worker …"""
+    llm_breaker_open_s: Annotated[float, WORKER] = Field(30.0, gt=0, le=24 * 3600)
+    """… for this long; then one call, cluster-wide, tries it again (half-open)."""
+    job_timeout_s: Annotated[int, WORKER] = Field(180, gt=0)
+    """An attempt running longer than this ends `FAILED` `TIMEOUT` (per job, in every worker class)."""
+    tenant_max_in_flight: Annotated[int | None, read_by("api", default="no cap")] = Field(None, ge=1)
+    """The most jobs of one tenant queued for or running on the workers at once, cluster-wide (RQ's concurrency
+    `RateLimit`); the rest wait as `QUEUED`, oldest first, a `HIGH` job counted a minute older and a `LOW` one a
+    minute younger.
+    """
+    result_ttl_s: Annotated[int, read_by("both", default="7 days")] = Field(7 * 24 * 3600, gt=0)
+    """How long a job and its result are kept."""
+    rq_result_ttl_s: Annotated[int, API] = Field(3600, ge=0)
+    """How long RQ keeps its own entries (clients never read them)."""
+    max_text_chars: Annotated[int, API] = Field(20_000, gt=0, le=1_000_000)
+    """Longest text accepted."""
+    idempotency_ttl_s: Annotated[int, API] = Field(24 * 3600, gt=0)
+    """How long an `idempotencyKey` maps to its job."""
+    worker_lost_after_s: Annotated[int, WORKER] = Field(60, ge=3)
+    """A job whose worker died is noticed this long after its last heartbeat."""
+    worker_start_timeout_s: Annotated[float, WORKER] = Field(120.0, ge=0)
+    """A worker started while Redis can't be reached waits this long for it, a log line per attempt, then exits 2 with
+    one line (`worker --burst` doesn't wait).
+    """
+    api_keys: Annotated[dict[str, str] | None, API] = Field(None, repr=False)
+    """JSON object, API key → tenant; unset means open."""
+    tenant_budgets: Annotated[dict[str, Budget] | None, read_by("api", default="no budgets")] = None
+    """JSON object, tenant (or `"*"`) → `{"tokensPerDay": N, "tokensPerMonth": N, "costPerMonthUsd": X}`, each optional
+    and at least 0; a spent budget refuses the tenant's submissions with `QUOTA_EXCEEDED` until it resets (see
+    Budgets, cost and usage).
+    """
+    llm_prices: Annotated[dict[str, Price] | None, read_by("worker", default="no costs")] = None
+    """JSON object, model → `{"inputPerMTok": X, "outputPerMTok": Y, "cachedInputPerMTok": Z}` in USD per million
+    tokens (`cachedInputPerMTok` optional): `Job.costUsd` and the `costPerMonthUsd` budgets.
+    """
+    max_body_bytes: Annotated[int, API] = Field(1_048_576, ge=1024)
+    """Largest HTTP body or websocket frame."""
+    apq: Annotated[bool, API] = True
+    """Automatic persisted queries (see Persisted queries and trusted documents)."""
+    apq_ttl_s: Annotated[int, API] = Field(24 * 3600, gt=0)
+    """How long a registered persisted query is kept."""
+    apq_max_documents: Annotated[int, API] = Field(1000, ge=1, le=1_000_000)
+    """The most persisted queries kept in Redis (the oldest go first)."""
+    apq_max_document_bytes: Annotated[int, API] = Field(16_384, ge=256, le=1_048_576)
+    """The largest persisted query kept (a larger one runs, unkept)."""
+    trusted_documents: Annotated[str | None, API] = None
+    """Trusted-document manifests, comma-separated paths."""
+    trusted_documents_only: Annotated[bool, API] = False
+    """Run only the trusted documents."""
+    trusted_documents_require_id: Annotated[bool, API] = False
+    """Run them only when named by id."""
+    trusted_documents_allow_playground: Annotated[bool, read_by("api", default="`true` under `dev`")] = False
+    """Let the playground and console (same `Origin`) run any document."""
+    max_subscriptions_per_connection: Annotated[int, API] = Field(100, ge=1)
+    """Operations one websocket, or one single-connection event stream, may run at once."""
+    max_sse_reservations_per_tenant: Annotated[int, API] = Field(100, ge=1)
+    """Event streams one tenant may have reserved at once per API process (graphql-sse's single connection mode), open
+    or not; more is 429 `RATE_LIMITED`.
+    """
+    sse_reservation_ttl_s: Annotated[float, API] = Field(30.0, gt=0)
+    """A reserved event stream not opened within this long is dropped, with any operation already sent to it."""
+    ws_init_timeout_s: Annotated[float, API] = Field(10.0, gt=0)
+    """Time a websocket gets to send `connection_init` (both protocols)."""
+    header_timeout_s: Annotated[float, API] = Field(10.0, gt=0, le=3600)
+    """A connection must send a whole request head (request line and headers, a websocket upgrade's too) within this
+    long of opening, or of its previous response's end; else it is closed.
+    """
+    max_connections: Annotated[
+        int | None,
+        read_by("api", default="the file limit less a reserve: 768 under `ulimit -n` 1024, 57,216 under 65,536"),
+    ] = Field(None, ge=1)
+    """Connections one API process holds, websockets and streams included; at the bound a new connection closes the one
+    waiting longest without a whole request head, or, with every connection busy, is answered 503. A value past what
+    the file limit allows is lowered to it.
+    """
+    redis_timeout_s: Annotated[float, BOTH] = Field(2.0, gt=0)
+    """The most one API operation (or `/readyz`, `/metrics`) waits on Redis, a free pool connection included; then
+    `SERVICE_UNAVAILABLE` (the workers read it for their start-up check only).
+    """
+    pubsub_health_check_s: Annotated[float, API] = Field(5.0, gt=0)
+    """The API pings its pub/sub link after this long without traffic; no answer within as long again counts as a drop
+    (resync follows).
+    """
+    max_watched_jobs_per_tenant: Annotated[int, API] = Field(1000, ge=1)
+    """Jobs one tenant may follow at once per API process (`jobUpdates` counts 1, `jobsUpdates` one per id); more is
+    `RATE_LIMITED`.
+    """
+    log_format: Annotated[Literal["text", "json"], ALL] = "text"
+    """`json`: one JSON object a line (time, level, name, message, request_id; `trace_id` and `span_id` while tracing
+    is on).
+    """
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], ALL] = "INFO"
+    """`DEBUG`, `INFO`, `WARNING`, `ERROR`."""
+    redis_max_connections: Annotated[int, API] = Field(2, ge=1, le=1000)
+    """Command connections per API process (pub/sub has one more, and with `REDIS_MIN_REPLICAS_ACKED` the writes that
+    wait have a pool of this size of their own); requests share them.
+    """
+    worker_class: Annotated[Literal["async", "fork", "simple"], WORKER] = "async"
+    """`async`: many jobs at once per process on one event loop; `fork`: RQ's `Worker`, a work horse process per job;
+    `simple`: RQ's `SimpleWorker`, one job at a time in the process (see Worker classes).
+    """
+    worker_concurrency: Annotated[int, WORKER] = Field(64, ge=1, le=10_000)
+    """Jobs one `async` worker process runs at once (`worker --concurrency N`)."""
 
     @model_validator(mode="after")
     def _pick_provider(self) -> Settings:
@@ -225,9 +280,8 @@ class Settings(BaseSettings):
     @field_validator("openai_api_key")
     @classmethod
     def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
-        # It goes in an HTTP header, which holds printable ASCII only: a key pasted with a
-        # typographic character (the README's "sk-…") made every call fail unsent.
-        if value is not None and not _header_safe(value.get_secret_value()):
+        # It goes in an HTTP header: one pasted with "…" made every call fail unsent.
+        if value is not None and not header_safe(value.get_secret_value()):
             raise ValueError(HEADER_UNSAFE)
         return value
 
@@ -257,7 +311,7 @@ class Settings(BaseSettings):
         if value is not None and not value.strip():
             return None  # REDIS_SENTINELS= (empty): unset
         if value is not None:
-            _sentinel_addresses(value)
+            sentinel_addresses(value)
         return value
 
     @field_validator("webhook_secret")
@@ -315,7 +369,7 @@ class Settings(BaseSettings):
         password = self.redis_sentinel_password.get_secret_value() if self.redis_sentinel_password else None
         return RedisTarget(
             url=url,
-            sentinels=_sentinel_addresses(self.redis_sentinels),
+            sentinels=sentinel_addresses(self.redis_sentinels),
             master=self.redis_sentinel_master,
             sentinel_password=password,
         )
@@ -331,24 +385,6 @@ class Settings(BaseSettings):
     def provider(self) -> Literal["openai", "offline"]:
         assert self.llm_provider is not None
         return self.llm_provider
-
-
-def _sentinel_addresses(value: str) -> tuple[tuple[str, int], ...]:
-    addresses = []
-    for item in value.split(","):
-        host, _, port = item.strip().rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"must be host:port pairs separated by commas, got {item.strip()!r}")
-        addresses.append((host, int(port)))
-    return tuple(addresses)
-
-
-HEADER_UNSAFE = "holds a character an HTTP header can't carry (a typographic dash or ellipsis, pasted?)"
-
-
-def _header_safe(key: str) -> bool:
-    return key.isascii() and key.isprintable() and key == key.strip()
 
 
 def load_settings(**overrides: object) -> Settings:
