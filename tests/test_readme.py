@@ -1,4 +1,5 @@
-"""Every code block in README.md runs as pasted, against a live service, or is marked a fragment.
+"""Every code block in README.md and in the documentation site's pages (docs/**/*.md) runs as
+pasted, against a live service, or is marked a fragment.
 
 A block is a fragment when the line before its fence is `<!-- fragment: why -->` (the
 quick-start commands themselves, diagrams, usage synopses, settings that need a real
@@ -37,6 +38,7 @@ from .service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 JS = Path(__file__).resolve().parent / "readme"
 PLACEHOLDER_ID = re.compile(r"[0-9a-f]{4}…")
 RUNNERS = {"bash", "python", "js", "graphql"}
@@ -44,19 +46,26 @@ RUNNERS = {"bash", "python", "js", "graphql"}
 
 @dataclass(frozen=True)
 class Block:
+    path: str  # the page, relative to the repository: README.md, docs/clients/urql.md
     line: int
     lang: str
     body: str
     fragment: str | None  # why it is not run
-    in_root: bool = False  # run in the repository's root, as a reader of the README would
+    in_root: bool = False  # run in the repository's root, as a reader of the page would
 
     @property
     def name(self) -> str:
-        return f"README.md:{self.line}:{self.lang or 'text'}"
+        return f"{self.path}:{self.line}:{self.lang or 'text'}"
 
 
-def readme_blocks() -> list[Block]:
-    blocks, lines = [], README.read_text().splitlines()
+def pages() -> list[Path]:
+    """README.md, then every page of the site in the order of their paths."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def page_blocks(page: Path) -> list[Block]:
+    path = page.relative_to(ROOT).as_posix()
+    blocks, lines = [], page.read_text().splitlines()
     i = 0
     while i < len(lines):
         if lines[i].startswith("```"):
@@ -66,13 +75,13 @@ def readme_blocks() -> list[Block]:
             marker = re.fullmatch(r"<!--\s*fragment:\s*(.+?)\s*-->", before)
             body = "\n".join(lines[start + 1 : end]) + "\n"
             in_root = re.fullmatch(r"<!--\s*cwd:\s*root\s*-->", before) is not None
-            blocks.append(Block(start + 1, lang, body, marker.group(1) if marker else None, in_root))
+            blocks.append(Block(path, start + 1, lang, body, marker.group(1) if marker else None, in_root))
             i = end
         i += 1
     return blocks
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [block for page in pages() for block in page_blocks(page)]
 RUN = [b for b in BLOCKS if b.fragment is None]
 
 
@@ -80,12 +89,13 @@ def test_every_block_is_run_or_marked_a_fragment() -> None:
     unrunnable = [b.name for b in RUN if b.lang not in RUNNERS]
     assert not unrunnable, f"mark these as <!-- fragment: why --> or give them a language the test runs: {unrunnable}"
     assert len(RUN) >= 7  # the snippets people copy first are all run
+    assert any(b.path == "README.md" for b in RUN)  # the front door's first job too
 
 
 @pytest.fixture(scope="module")
 def js_deps() -> Path:
     npm = shutil.which("npm")
-    assert npm, "Node.js and npm run the README's JavaScript snippets"
+    assert npm, "Node.js and npm run the JavaScript snippets of README.md and docs/"
     installed = subprocess.run(
         [npm, "ci", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True, timeout=300
     )
@@ -128,7 +138,7 @@ def test_readme_block_runs(block: Block, service: Service, tmp_path: Path, reque
         args = [sys.executable, "snippet.py"]
     else:
         deps = request.getfixturevalue("js_deps")
-        script = deps / f"snippet-{block.line}.mjs"
+        script = deps / f"snippet-{re.sub(r'[^A-Za-z0-9]+', '-', block.path)}-{block.line}.mjs"
         script.write_text(code)
         request.addfinalizer(script.unlink)
         args, tmp_path = ["node", script.name], deps
