@@ -21,9 +21,9 @@ def test_mypy_strict_passes() -> None:
 
 
 def test_ruff_lint_and_format_pass() -> None:
-    lint = run("ruff", "check", "gql_service", "tests", "worker.py")
+    lint = run("ruff", "check", "gql_service", "tests", "worker.py", "docsgen")
     assert lint.returncode == 0, lint.stdout
-    fmt = run("ruff", "format", "--check", "gql_service", "tests", "worker.py")
+    fmt = run("ruff", "format", "--check", "gql_service", "tests", "worker.py", "docsgen")
     assert fmt.returncode == 0, fmt.stdout
 
 
