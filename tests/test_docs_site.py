@@ -147,3 +147,20 @@ def test_the_graphql_reference_lists_every_type_and_nothing_else() -> None:
     operations = sections(page, "###")
     for root in schema_ref.roots(schema):
         assert [name for name, _ in rows(operations[root.name])] == list(root.fields), root.name
+
+
+def test_the_readme_is_a_front_door() -> None:
+    """What it is, the two commands, a first job followed live, and the way into the site:
+    at most 200 lines, the rest is on the site's pages."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    for needed in (
+        "./scripts/run",
+        "./scripts/test",
+        "docs/console.png",
+        "(docs/getting-started.md)",
+        "./scripts/docs",
+    ):
+        assert needed in readme, needed
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):  # the pages it points to exist
+        assert (ROOT / link).exists(), link

@@ -89,6 +89,7 @@ def test_every_block_is_run_or_marked_a_fragment() -> None:
     unrunnable = [b.name for b in RUN if b.lang not in RUNNERS]
     assert not unrunnable, f"mark these as <!-- fragment: why --> or give them a language the test runs: {unrunnable}"
     assert len(RUN) >= 7  # the snippets people copy first are all run
+    assert any(b.path == "README.md" for b in RUN)  # the front door's first job too
 
 
 @pytest.fixture(scope="module")
