@@ -1,5 +1,5 @@
-"""`python -m bench.trace_picture [--out docs/trace.svg]`: the README's example trace, drawn
-from a real one.
+"""`python -m bench.trace_picture [--out docs/trace.svg]`: the example trace of
+docs/operations/tracing.md, drawn from a real one.
 
 It starts Redis, the API and one worker with tracing on, sends their spans to the tests' OTLP
 receiver (which decodes the protobuf as a collector would), submits one text to the tests'

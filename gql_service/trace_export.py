@@ -104,7 +104,7 @@ def exporter(environ: Mapping[str, str]) -> SpanExporter | None:
 # Instrumentations are named as OpenTelemetry's auto-instrumentation names them, in the
 # standard variable that turns them off. Unset, the aiohttp client's is off: with the openai
 # SDK's own retries off (gql_service/worker/llm/openai_provider.py), its span repeats the
-# `chat` span it sits in, and it cost about 250 us a job attempt (README's Tracing section).
+# `chat` span it sits in, and it cost about 250 us a job attempt (docs/operations/tracing.md).
 DISABLED_INSTRUMENTATIONS = "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"
 DEFAULT_DISABLED = "aiohttp-client"
 
@@ -122,7 +122,7 @@ def _instrumentors(environ: Mapping[str, str]) -> list[BaseInstrumentor]:
 
 
 def instrument(provider: TracerProvider, environ: Mapping[str, str]) -> None:
-    """The maintained instrumentations that fit (measured in README's Tracing section): the
+    """The maintained instrumentations that fit (measured in docs/operations/tracing.md): the
     job history's queries (psycopg), and, when asked for, the openai SDK's HTTP requests
     through its aiohttp transport, as children of each `chat` span. Not redis-py's (a span
     per command: +18 % CPU per submitText), nor ASGI's (it records the query string, a GET's

@@ -155,7 +155,7 @@ def e2e_redis(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
 
 
-# The webhook secret of the shared service (README's receiver example verifies with it).
+# The webhook secret of the shared service (the receiver example of docs/operations/webhooks.md verifies with it).
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"gql-service webhook test secret!").decode()
 
 

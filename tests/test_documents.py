@@ -148,7 +148,8 @@ async def test_a_hostile_client_cant_grow_the_apq_store_past_its_bound(e2e_redis
     assert set(statuses) == {200}
     assert redis.hlen(keys.APQ_DOCUMENTS) == redis.zcard(keys.APQ_REGISTERED) == 200
     used = sum(redis.memory_usage(key) or 0 for key in (keys.APQ_DOCUMENTS, keys.APQ_REGISTERED))
-    # The README's bound: APQ_MAX_DOCUMENTS x APQ_MAX_DOCUMENT_BYTES, plus Redis's own overhead.
+    # The bound docs/api/persisted-queries.md gives: APQ_MAX_DOCUMENTS x APQ_MAX_DOCUMENT_BYTES, plus Redis's
+    # own overhead.
     assert used < 200 * 1024 * 1.5, used
     oversized = "{ b: __typename }" + " " * 1100
     with Service(e2e_redis, workers=0, env=env) as svc:

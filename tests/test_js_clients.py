@@ -65,7 +65,7 @@ def test_relay_compiles_the_app_against_the_schema_and_runs_it_by_persisted_ids(
 ) -> None:
     """relay-compiler persists every operation (relay.config.json's persistConfig, SHA256):
     the artifacts carry ids, and the app runs against a service that trusts that manifest
-    alone and takes ids only (`doc_id`). (The README runs the same app with the texts.)"""
+    alone and takes ids only (`doc_id`). (docs/clients/relay.md runs the same app with the texts.)"""
     generated = CLIENTS / "relay" / "__generated__"
     for artifact in generated.glob("*.graphql.js"):
         artifact.unlink()
