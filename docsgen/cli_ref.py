@@ -30,16 +30,20 @@ def commands(
     """`gql-service`, then each command and subcommand, depth first, as `gql-service outbox replay`,
     each with what it does (its description, else the help its parent lists it with)."""
     yield " ".join((parser.prog.split()[0], *path)), parser, parser.description or summary
-    helps = dict(subcommands(parser))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from commands(sub, (*path, name), helps.get(name, ""))
+            for choice in action._choices_actions:  # each command once, under its name (not its aliases)
+                yield from commands(action.choices[choice.dest], (*path, choice.dest), choice.help or "")
 
 
 def arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    """A parser's own arguments and options: not --help, not its subcommands."""
-    return [a for a in parser._actions if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction)]
+    """A parser's own arguments and options, as --help lists them: not --help itself, not its
+    subcommands (they have sections of their own), not an option whose help is suppressed."""
+    return [
+        a
+        for a in parser._actions
+        if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction) and a.help != argparse.SUPPRESS
+    ]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:

@@ -103,9 +103,9 @@ def expected_cli(parser: argparse.ArgumentParser, path: str = "gql-service") -> 
     found: dict[str, set[str]] = {path: set()}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                found |= expected_cli(sub, f"{path} {name}")
-        elif not isinstance(action, argparse._HelpAction):
+            for choice in action._choices_actions:  # as --help lists them: names, not aliases
+                found |= expected_cli(action.choices[choice.dest], f"{path} {choice.dest}")
+        elif not isinstance(action, argparse._HelpAction) and action.help != argparse.SUPPRESS:
             found[path] |= set(action.option_strings) or {str(action.metavar or action.dest)}
     return found
 
@@ -131,7 +131,9 @@ def test_the_cli_reference_follows_the_parser() -> None:
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     subparsers.choices["status"].add_argument("--watch", action="store_true", help="follow it")
+    subparsers.choices["status"].add_argument("--hidden", action="store_true", help=argparse.SUPPRESS)
     page = cli_ref.page(parser)
+    assert "--hidden" not in page  # as --help has it
     assert "| `--debug` |  | tracebacks instead of one-line errors |" in sections(page, "##")["gql-service"]
     assert "`--watch`" in sections(page, "##")["gql-service status"]
     assert documented_cli(page) == expected_cli(parser)
