@@ -212,7 +212,8 @@ examples:
   gql-service export-schema > schema.graphql       the GraphQL SDL
 
 Settings (REDIS_URL, OPENAI_API_KEY, LLM_PROVIDER, ...) come from the environment and
-./.env; see README.md. `gql-service COMMAND --help` shows a command's options."""
+./.env (every setting: the settings reference, ./scripts/docs). `gql-service COMMAND --help`
+shows a command's options."""
 
 
 def build_parser() -> argparse.ArgumentParser:
