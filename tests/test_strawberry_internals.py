@@ -48,3 +48,21 @@ def test_the_transport_ws_handler_asks_one_static_method_what_closes_the_socket(
     error = GraphQLSyntaxError(Source("{"), 1, "Expected Name, found <EOF>.")
     assert BaseGraphQLTransportWSHandler._get_pre_execution_close_reason(error) == error.message
     assert TransportWSHandler._get_pre_execution_close_reason(error) is None
+
+
+def test_graphql_cores_executor_is_as_gql_service_api_executor_expects() -> None:
+    """ServiceExecutor replaces the memo a per-event copy shares and the helpers bound to the
+    executor itself; a graphql-core that builds them otherwise needs a new look at it."""
+    import inspect
+
+    from graphql.execution.executor import Executor
+
+    from gql_service.api.executor import ServiceExecutor
+
+    init = inspect.getsource(Executor.__init__)
+    assert "self.async_helpers = GraphQLResolveInfoHelpers(" in init
+    assert "gather=self.gather_async_work, track=self.track_async_work" in init
+    assert "self._relevant_sub_fields: dict[" in init and "self._stream_usages: RefMap[" in init
+    assert "executor = copy(self)" in inspect.getsource(Executor.build_per_event_executor)
+    assert issubclass(ServiceExecutor, Executor)
+    assert schema.execution_context_class is ServiceExecutor

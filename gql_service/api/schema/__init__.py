@@ -13,6 +13,7 @@ from graphql import GraphQLError
 from strawberry.extensions import AddValidationRules, MaxTokensLimiter, ParserCache, ValidationCache
 
 from gql_service.api.error_codes import ValidationCodes
+from gql_service.api.executor import ServiceExecutor
 from gql_service.api.operations import OperationMetrics, Schema
 from gql_service.api.query_limits import QueryLimits
 from gql_service.api.schema.context import Context
@@ -59,6 +60,7 @@ schema = Schema(
     query=Query,
     mutation=Mutation,
     subscription=Subscription,
+    execution_context_class=ServiceExecutor,  # frames that leave no garbage behind (executor.py)
     # Factories: each request gets fresh extension instances; the caches live at module level.
     extensions=[
         # One rule class for every request: ValidationCache keys on the rule tuple, so a fresh
