@@ -130,7 +130,7 @@ class BatchService:
             raise BadUserInput(f"batch {batch_id} is already COMPLETED")
         async with redis_call(self.settings.redis_timeout_s):
             await batch_store.close(self.redis, batch_id, now=utcnow(), cancel=True)
-            if batch.mode is BatchMode.ECONOMY:  # its waiting jobs, and its provider batches too
+            if batch.mode is BatchMode.ECONOMY:  # its waiting jobs are sent no more (its chunks see canceled_at)
                 await economy_store.stop_waiting(self.redis, batch_id)
         start, unconfirmed = 0, None
         while True:  # the batch takes no more jobs now: this list only shrinks in what it leaves
