@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
+from gql_service.redis_packing import HiredisPacking, url_options
 from gql_service.settings import RedisTarget, ReplicaAck
 
 CONNECT_TIMEOUT_S = 2.0
@@ -82,7 +83,7 @@ class _FollowingConnection(SentinelManagedConnection):
             raise ConnectionError("the Redis primary became a replica (a failover)") from None
 
 
-class _AsyncFollowingConnection(AsyncSentinelManagedConnection):
+class _AsyncFollowingConnection(HiredisPacking, AsyncSentinelManagedConnection):
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
@@ -135,7 +136,7 @@ def async_client(
     options = _pool_options(timeout_s, name, max_connections, socket_timeout=False)
     retry = AsyncRetry(_backoff(), retries)
     if not target.sentinels:
-        pool = AsyncBlockingConnectionPool.from_url(target.url, retry=retry, **options)
+        pool = AsyncBlockingConnectionPool(retry=retry, **url_options(target.url), **options)
         return AsyncRedis.from_pool(pool)
     to_sentinels, to_primary = _sentinel_options(target)
     sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=to_sentinels)
