@@ -63,6 +63,6 @@ _PACKED: dict[type, type[AbstractConnection]] = {
 def url_options(url: str) -> dict[str, Any]:
     """redis-py's options for `url` (redis://, rediss://, unix://) with the packed twin of the
     connection class it picks: its `from_url` lets the URL's class override one passed in."""
-    options = parse_url(url)
+    options: dict[str, Any] = dict(parse_url(url))
     options["connection_class"] = _PACKED[options.get("connection_class", Connection)]
     return options
