@@ -69,6 +69,11 @@ class ValidationCodes(SchemaExtension):
 
     def on_validate(self) -> Iterator[None]:
         yield
-        for error in self.execution_context.pre_execution_errors or []:
-            if not isinstance(error, GraphQLSyntaxError) and "code" not in (error.extensions or {}):
-                stamp(error, VALIDATION_FAILED)
+        stamp_validation(self.execution_context.pre_execution_errors)
+
+
+def stamp_validation(errors: list[GraphQLError] | None) -> None:
+    """Stamp validation's errors, as validation ends (`ValidationCodes`, the schema's checks)."""
+    for error in errors or []:
+        if not isinstance(error, GraphQLSyntaxError) and "code" not in (error.extensions or {}):
+            stamp(error, VALIDATION_FAILED)
