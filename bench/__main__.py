@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out BENCHMARKS.md] [--only SECTIONS]`
 
 SECTIONS, comma-separated: submit, fanout, pipeline, e2e, scale_out, async_worker, partials, history, webhooks,
-sentinel, http_streams, bulk, hostile, documents, tracing, budgets, priorities, breaker, economy.
+sentinel, http_streams, bulk, hostile, documents, tracing, budgets, priorities, breaker, economy, garbage.
 With --only, the other sections are kept from the last run (BENCHMARKS.json beside --out),
 and the report says which run each section comes from.
 """
@@ -27,6 +27,7 @@ from . import (
     bulk,
     documents,
     economy,
+    fanout_memory,
     history,
     hostile,
     http_streams,
@@ -60,6 +61,7 @@ ALL = (
     "priorities",
     "breaker",
     "economy",
+    "garbage",
 )
 NOTES = Path(__file__).with_name("NOTES.md")
 
@@ -124,6 +126,8 @@ def main() -> None:
                 results["breaker"] = breaker.breaker(redis.url, stub, sizes)
             if "economy" in only:
                 results["economy"] = economy.economy(redis.url, stub, sizes)
+            if "garbage" in only:
+                results["garbage"] = fanout_memory.fanout_memory(redis.url, stub, sizes)
         if "sentinel" in only:
             results["sentinel"] = sentinel.sentinel(sizes)
     finally:

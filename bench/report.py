@@ -8,6 +8,7 @@ from typing import Any
 
 from .breaker import report as breaker_report
 from .economy import report as economy_report
+from .fanout_memory import report as garbage_report
 from .harness import Machine
 
 TARGETS = {
@@ -27,7 +28,7 @@ SECTION_NUMBERS = {
     "submit": 1, "fanout": 2, "pipeline": 3, "e2e": 4, "scale_out": 5, "async_worker": 6, "partials": 7,
     "history": 8, "webhooks": 9, "sentinel": 10, "http_streams": 11, "bulk": 12, "hostile": 13,
     "documents": 14, "tracing": 15, "budgets": 16, "priorities": 17, "breaker": 18,
-    "economy": 19,
+    "economy": 19, "garbage": 20,
 }  # fmt: skip
 
 
@@ -275,6 +276,8 @@ def write(results: dict[str, Any], out: Path, *, command: str, smoke: bool) -> N
     batched = results.get("economy")
     if batched:
         lines += economy_report(batched)
+    if results.get("garbage"):
+        lines += garbage_report(results["garbage"])
     notes = results.get("notes")
     if notes:
         lines += ["## What bounds the figures", "", notes.strip(), ""]

@@ -72,6 +72,11 @@ class Sizes:
     breaker_rounds: int = 3
     economy_jobs: int = 10_000
     economy_llm_s: float = 1.0
+    garbage_jobs: int = 1600
+    garbage_clients: int = 9
+    garbage_window: int = 100
+    garbage_chunks: int = 40
+    garbage_stream_s: float = 2.0
 
     @classmethod
     def only_subscribers(cls, counts: tuple[int, ...]) -> Sizes:
@@ -93,7 +98,8 @@ class Sizes:
             history_rows=500, list_requests=20, webhook_jobs=20, sentinel_seconds=0.5, sentinel_rounds=1,
             stream_subscribers=20, bulk_jobs=50, bulk_llm_s=0.05, hostile_rounds=2, tracing_rounds=1,
             priority_low_jobs=200, priority_high_jobs=3, priority_llm_s=0.05, breaker_jobs=20, breaker_rounds=1,
-            economy_jobs=50, economy_llm_s=0.05,
+            economy_jobs=50, economy_llm_s=0.05, garbage_jobs=20, garbage_clients=2, garbage_window=10,
+            garbage_chunks=20, garbage_stream_s=0.3,
         )  # fmt: skip
 
 
