@@ -28,6 +28,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "## 8. The PostgreSQL job history", "## 9. Webhooks", "## 10. Redis behind Sentinel",
         "## 11. Subscriptions over HTTP", "## 12. A file of", "## 13. Hostile queries",
         "## 15. What tracing costs", "## 16. Tenant budgets", "## 17. Priorities", "## 18. Fallbacks",
+        "## 20. Fan-out without garbage",
     )  # fmt: skip
     for heading in headings:
         assert heading in report
@@ -57,6 +58,9 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert 0.95 <= submit["always_on"]["spans_per_request"] <= 1.05 and worker["always_on"]["spans_per_job"] == 2
     assert all(row["dropped"] == 0 for row in submit.values()) and all(r["drop_warnings"] == 0 for r in worker.values())
     assert all(row["jobs_per_s"] > 0 and row["cpu_ms_per_job"] > 0 for row in figures["breaker"]["rows"].values())
+    garbage = figures["garbage"]
+    # Every client saw every job's snapshot at least (interim frames depend on timing).
+    assert garbage["frames"] >= garbage["clients"] * garbage["jobs"] and garbage["healthz"]["requests"] > 0
     sentinel = figures["sentinel"]
     assert all(row["rps"] > 0 for row in sentinel["submit"].values())
     assert all(0 < row["window_s"] < 30 and row["refused"] > 0 for row in sentinel["failover"].values())
