@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -113,6 +116,8 @@ def stub_env(queue: str, stub: OpenAIStub) -> dict[str, str]:
 
 # -- 1. submitText against the REST baseline ----------------------------------------------
 def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    """submitText beside the REST baseline, and the same mutation named by `documentId` (a
+    trusted document, looked up in the manifest loaded at start-up), in alternating rounds."""
     progress("1. submitText vs the REST baseline: starting both APIs (no workers)")
     rest_port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "RQ_QUEUE": "bench-rest"}
@@ -122,29 +127,37 @@ def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     rest_url = f"http://127.0.0.1:{rest_port}/llm/submit"
-    results: dict[str, list[dict[str, float]]] = {"graphql": [], "rest": [], "job": []}
+    results: dict[str, list[dict[str, float]]] = {"graphql": [], "rest": [], "by_id": [], "job": []}
+    digest = hashlib.sha256(SUBMIT_BODY["query"].encode()).hexdigest()
+    by_id = {"documentId": f"sha256:{digest}", "variables": SUBMIT_BODY["variables"]}
     try:
-        with Service(redis_url, workers=0, env=offline_env("bench-gql")) as svc:
-            wait_until(lambda: answers(rest_url.replace("/llm/submit", "/docs")), what="the REST baseline")
-            # One unmeasured round each: the first seconds of either server are slower.
-            for url, body in ((svc.http_url, SUBMIT_BODY), (rest_url, REST_BODY)):
-                loadgen(url, body, concurrency=sizes.concurrency, duration=sizes.submit_seconds / 2)
-            for round_ in range(sizes.submit_rounds):
-                # Alternate, so both see the same machine conditions.
-                for name, url, body in (("graphql", svc.http_url, SUBMIT_BODY), ("rest", rest_url, REST_BODY)):
-                    stats = loadgen(url, body, concurrency=sizes.concurrency, duration=sizes.submit_seconds)
-                    results[name].append(stats)
-                    progress(
-                        f"    round {round_ + 1} {name:8s} {stats['rps']:7.0f} req/s  p50 {stats['p50_ms']:.1f} ms"
-                    )
-            job_id = httpx.post(svc.http_url, json=SUBMIT_BODY).json()["data"]["submitText"]["job"]["id"]
-            job_body = {
-                "query": "query($id: ID!) { job(id: $id) { id status stage version } }",
-                "variables": {"id": job_id},
-            }
-            stats = loadgen(svc.http_url, job_body, concurrency=sizes.concurrency, duration=sizes.submit_seconds)
-            results["job"].append(stats)
-            progress(f"    job query {stats['rps']:7.0f} req/s")
+        with tempfile.TemporaryDirectory() as folder:
+            manifest = Path(folder) / "persisted-documents.json"
+            manifest.write_text(json.dumps({digest: SUBMIT_BODY["query"]}))
+            env = {**offline_env("bench-gql"), "TRUSTED_DOCUMENTS": str(manifest)}
+            with Service(redis_url, workers=0, env=env) as svc:
+                wait_until(lambda: answers(rest_url.replace("/llm/submit", "/docs")), what="the REST baseline")
+                rounds = (("graphql", svc.http_url, SUBMIT_BODY), ("rest", rest_url, REST_BODY),
+                          ("by_id", svc.http_url, by_id))  # fmt: skip
+                # One unmeasured round each: the first seconds of either server are slower.
+                for _, url, body in rounds:
+                    loadgen(url, body, concurrency=sizes.concurrency, duration=sizes.submit_seconds / 2)
+                for round_ in range(sizes.submit_rounds):
+                    # Alternate, so all see the same machine conditions.
+                    for name, url, body in rounds:
+                        stats = loadgen(url, body, concurrency=sizes.concurrency, duration=sizes.submit_seconds)
+                        results[name].append(stats)
+                        progress(
+                            f"    round {round_ + 1} {name:8s} {stats['rps']:7.0f} req/s  p50 {stats['p50_ms']:.1f} ms"
+                        )
+                job_id = httpx.post(svc.http_url, json=SUBMIT_BODY).json()["data"]["submitText"]["job"]["id"]
+                job_body = {
+                    "query": "query($id: ID!) { job(id: $id) { id status stage version } }",
+                    "variables": {"id": job_id},
+                }
+                stats = loadgen(svc.http_url, job_body, concurrency=sizes.concurrency, duration=sizes.submit_seconds)
+                results["job"].append(stats)
+                progress(f"    job query {stats['rps']:7.0f} req/s")
     finally:
         rest.terminate()
         rest.wait(10)
@@ -154,9 +167,14 @@ def submit_throughput(redis_url: str, sizes: Sizes) -> dict[str, Any]:
             "errors": sum(r["errors"] for r in runs)
         }
 
-    gql, rst = summary(results["graphql"]), summary(results["rest"])
-    ratios = [g["rps"] / r["rps"] for g, r in zip(results["graphql"], results["rest"], strict=True)]
-    return {"graphql": gql, "rest": rst, "job": summary(results["job"]), "ratio": median(ratios), "ratios": ratios}
+    def ratios(name: str) -> list[float]:
+        return [g["rps"] / r["rps"] for g, r in zip(results[name], results["rest"], strict=True)]
+
+    return {
+        "graphql": summary(results["graphql"]), "rest": summary(results["rest"]), "by_id": summary(results["by_id"]),
+        "job": summary(results["job"]), "ratio": median(ratios("graphql")), "ratios": ratios("graphql"),
+        "by_id_ratio": median(ratios("by_id")), "by_id_ratios": ratios("by_id"),
+    }  # fmt: skip
 
 
 # -- 2. subscription fan-out ----------------------------------------------------------------
