@@ -92,6 +92,11 @@ class Subscription:
         self._ready.set()
 
     async def get(self) -> tuple[str, bytes] | _Resync:
+        if self._items:
+            # A turn of the loop per event, even when one is waiting: a subscriber behind by
+            # many events would otherwise render and send them all in one turn, and every
+            # other request wait for it (measured: a 2.8 s /healthz behind 9 of them).
+            await asyncio.sleep(0)
         while not self._items:
             self._ready.clear()
             await self._ready.wait()

@@ -81,6 +81,32 @@ def test_resync_supersedes_queued_events_and_is_never_dropped() -> None:
     assert list(sub._items) == [RESYNC, ("ch", b"3"), ("ch", b"4")]
 
 
+async def test_a_subscriber_with_a_backlog_lets_the_loop_run_between_its_events() -> None:
+    """A mailbox that already holds events must still give the loop a turn per event: its
+    subscription would otherwise render and send its whole backlog in one turn, and every
+    other request waited behind it (measured: /healthz at 2.8 s behind 9 such subscribers)."""
+    sub = Subscription([f"job-{i}" for i in range(100)], per_channel=8)
+    for i in range(100):
+        sub.push(f"job-{i}", b"event")
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_work())
+    await asyncio.sleep(0)  # the ticker is running
+    seen = []
+    for _ in range(100):
+        before = turns
+        await sub.get()
+        seen.append(turns - before)
+    ticker.cancel()
+    assert min(seen) >= 1, "an event was taken without the loop running anything else"
+
+
 async def test_one_mailbox_watches_many_channels(broadcast: Broadcast, async_redis: AsyncRedis) -> None:
     async with asyncio.timeout(10), broadcast.subscribe("x", "y", "x") as sub:
         assert sub.channels == ("x", "y")
