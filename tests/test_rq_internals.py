@@ -1,6 +1,7 @@
 """What the async worker (gql_service/worker/async_worker.py, the one place that reaches into
 RQ's internals) relies on in RQ, pinned: an RQ upgrade that changes it fails here, not in a
-worker that silently stops recording its jobs."""
+worker that silently stops recording its jobs. Also the job class the API queues with
+(gql_service/queueing.py)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,21 @@ def test_a_dequeue_waits_a_fraction_of_a_second_as_asked(sync_redis: Redis) -> N
     with pytest.raises(DequeueTimeout) as waited:
         Queue.lmove(sync_redis, "rq:queue:pinned-empty", DEQUEUE_WAIT_S)  # type: ignore[arg-type]
     assert waited.value.args[0] == DEQUEUE_WAIT_S
+
+
+def test_the_api_makes_rqs_jobs_with_rqs_default_serializer(sync_redis: Redis) -> None:
+    """gql_service/queueing.py hands RQ's Job.create no serializer for the default one (the
+    check it skips is slow): the job must still be RQ's, with RQ's default, as workers read it."""
+    from rq.serializers import DefaultSerializer
+
+    from gql_service import keys, queueing
+    from gql_service.models import JobPriority
+    from gql_service.settings import Settings
+
+    queue = queueing.llm_queues(Settings(), sync_redis)[JobPriority.NORMAL]
+    made = queue.create_job(keys.TASK, args=("job-1",), job_id="job-1")
+    assert isinstance(made, Job) and made.serializer is DefaultSerializer
+    made.save()
+    read = Job.fetch("job-1", connection=sync_redis)
+    assert read.func_name == keys.TASK and read.args == ("job-1",)
+    assert "serializer" in inspect.signature(Job.create).parameters
