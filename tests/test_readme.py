@@ -92,6 +92,15 @@ def test_every_block_is_run_or_marked_a_fragment() -> None:
     assert any(b.path == "README.md" for b in RUN)  # the front door's first job too
 
 
+def test_the_figures_the_readme_quotes_are_the_committed_runs() -> None:
+    """The README's measured figures are what BENCHMARKS.json holds (./scripts/bench writes
+    both): a figure edited by hand, or a run committed without its README, fails here."""
+    from bench import readme_quote
+
+    results = json.loads((ROOT / "BENCHMARKS.json").read_text())
+    assert readme_quote.quoted(README.read_text()) == readme_quote.block(results)
+
+
 @pytest.fixture(scope="module")
 def js_deps() -> Path:
     npm = shutil.which("npm")
