@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from redis import Redis
@@ -65,3 +66,31 @@ async def test_cancelling_a_finished_job_is_bad_user_input(service: Service) -> 
 def test_cancelling_an_unknown_job_is_not_found(service: Service) -> None:
     body = cancel(service, "no-such-job")
     assert body["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+
+
+def test_a_job_a_worker_takes_as_it_is_canceled_is_stopped(sync_redis: Redis) -> None:
+    """The cancel reads the RQ job queued; a worker takes it and ends an execution before RQ's
+    cancel runs, which then reads each execution its registry lists and raised on the gone
+    one ("Execution ... not found"): cancelBatch answered INTERNAL_SERVER_ERROR under load.
+    The job is read again and, now started, its worker is told to stop it."""
+    from rq import Queue
+    from rq.command import PUBSUB_CHANNEL_TEMPLATE
+    from rq.executions import ExecutionRegistry
+
+    from gql_service.api.cancel import Canceller
+    from gql_service.settings import Settings
+
+    queue = Queue("llm-cancel-race", connection=sync_redis)
+    queued = queue.enqueue("gql_service.worker.tasks.nothing", job_id="job-r")
+    read_before = RQJob.fetch(queued.id, connection=sync_redis)  # what the cancel saw: queued
+    # Then a worker took it: started, its name on the job, an execution listed that has ended.
+    sync_redis.hset(queued.key, mapping={"status": "started", "worker_name": "w-1"})
+    sync_redis.zadd(ExecutionRegistry(queued.id, connection=sync_redis).key, {"gone": time.time() + 60})
+    commands = sync_redis.pubsub()
+    commands.subscribe(PUBSUB_CHANNEL_TEMPLATE % "w-1")
+    assert commands.get_message(timeout=1) is not None  # subscribed
+    canceller = Canceller(redis=None, acked_redis=None, sync_redis=sync_redis, settings=Settings())  # type: ignore[arg-type]
+    canceller._stop_rq_job(read_before)
+    told = commands.get_message(timeout=2)
+    assert told is not None and b"stop-job" in told["data"] and b"job-r" in told["data"], told
+    commands.close()

@@ -85,10 +85,20 @@ class Canceller:
 
     def _stop_rq_jobs(self, job_ids: list[str]) -> None:
         for rq_job in RQJob.fetch_many(job_ids, connection=self.sync_redis):
-            if rq_job is None:
-                continue  # already gone: nothing left to stop
-            with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
-                if rq_job.get_status(refresh=False) == RQJobStatus.STARTED:
-                    send_stop_job_command(self.sync_redis, rq_job.id)
-                else:
-                    rq_job.cancel()
+            if rq_job is not None:  # (None: already gone, nothing left to stop)
+                self._stop_rq_job(rq_job)
+
+    def _stop_rq_job(self, rq_job: RQJob, *, fresh: bool = False) -> None:
+        with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
+            if rq_job.get_status(refresh=fresh) == RQJobStatus.STARTED:
+                send_stop_job_command(self.sync_redis, rq_job.id)
+                return
+            try:
+                rq_job.cancel()
+            except ValueError:
+                # RQ's cancel lists the job's executions and reads each: a worker that took
+                # the job after it was read here, and ended an execution in between, makes
+                # it raise ("Execution ... not found"). Decide again on what the job is now.
+                if fresh:
+                    raise
+                self._stop_rq_job(rq_job, fresh=True)
