@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -138,10 +139,12 @@ async def test_frames_are_coalesced_and_only_published_while_someone_watches(
 ) -> None:
     stub.stream_chunks, stub.stream_seconds = 100, 1.0
     reader = FrameReader(sync_redis, job.id)
+    started = time.monotonic()
     watched = await run_with_frames(async_redis, openai(), job.id)
+    took_s = time.monotonic() - started  # a 1 s answer, stretched by a loaded machine
     frames = reader.frames()
-    # At most one per 100 ms of a 1 s answer (the first at once, and one for the latest text).
-    assert 3 <= len(frames) <= 1.0 / 0.1 + 2, len(frames)
+    # At most one per 100 ms of the answer (the first at once, and one for the latest text).
+    assert 3 <= len(frames) <= took_s / 0.1 + 2, (len(frames), took_s)
     assert watched.published == len(frames)
     assert {(job_id, version) for job_id, version, _, _ in frames} == {(job.id, 2)}  # CALLING_LLM's version
     seqs = [seq for _, _, seq, _ in frames]
