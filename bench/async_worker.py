@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -192,6 +194,7 @@ def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, An
     progress("6. many calls in flight per worker process: async vs fork vs simple")
     redis = Redis.from_url(redis_url)
     stub.latency_s = sizes.async_llm_s
+    ceiling = against_the_sdk(redis, redis_url, stub, sizes)
     side_by_side = [
         run_workers(redis, redis_url, stub, worker_class="async", workers=1, concurrency=256, jobs=sizes.async_jobs),
         run_workers(redis, redis_url, stub, worker_class="fork", workers=8, concurrency=1, jobs=sizes.async_jobs),
@@ -207,7 +210,42 @@ def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, An
     profile = _profile(redis, redis_url, stub, sizes) if sizes.profile else None
     stub.latency_s = 0.0
     rpm = rpm_budget(redis_url, stub, sizes)
-    return {"side_by_side": side_by_side, "sweep": sweep, "cpu": cpu, "profile": profile, "rpm": rpm}
+    return {
+        "side_by_side": side_by_side, "ceiling": ceiling, "sweep": sweep, "cpu": cpu, "profile": profile, "rpm": rpm,
+    }  # fmt: skip
+
+
+def sdk_alone(stub: OpenAIStub, *, calls: int, concurrency: int) -> dict[str, Any]:
+    """The worker's LLM client alone (bench/sdk_alone.py), in a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.sdk_alone", stub.base_url, str(calls), str(concurrency)],
+        capture_output=True, text=True, check=True, timeout=calls * max(stub.latency_s, 0.01) + 120,
+    )  # fmt: skip
+    row: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    progress(
+        f"    the SDK alone, {calls} calls at concurrency {concurrency}, LLM {stub.latency_s * 1000:.0f} ms: "
+        f"{row['calls_per_s']:.1f} calls/s, {row['cpu_ms_per_call']:.2f} CPU ms/call"
+    )
+    return row
+
+
+def against_the_sdk(redis: Redis, redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
+    """One async worker at concurrency 256 against its client's ceiling: the SDK alone making
+    as many calls, as many at once, to the same stub, in alternating rounds so that both see
+    the same machine (it is shared). Not streamed (LLM_STREAM=false) on either side."""
+    concurrency, jobs, rounds = 256, sizes.async_jobs, []
+    for n in range(sizes.ceiling_rounds):
+        sdk = sdk_alone(stub, calls=jobs, concurrency=concurrency)
+        worker = run_workers(
+            redis, redis_url, stub, worker_class="async", workers=1, concurrency=concurrency, jobs=jobs,
+            settings={"LLM_STREAM": "false"}, queue=f"bench-ceiling-{n}",
+        )  # fmt: skip
+        rounds.append({"sdk": sdk, "worker": worker, "ratio": worker["jobs_per_s"] / sdk["calls_per_s"]})
+        progress(f"      round {n + 1}: the worker at {rounds[-1]['ratio']:.2f}x the SDK alone")
+    return {
+        "concurrency": concurrency, "jobs": jobs, "llm_ms": stub.latency_s * 1000, "rounds": rounds,
+        "ratio": statistics.median(r["ratio"] for r in rounds),
+    }  # fmt: skip
 
 
 def rpm_budget(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]:
