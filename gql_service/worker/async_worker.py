@@ -30,7 +30,7 @@ from rq.worker import BaseWorker, WorkerStatus
 from gql_service import keys
 from gql_service.partials import Demand
 from gql_service.redis_conn import ASYNC_OUTAGE_ERRORS, Outage, async_client
-from gql_service.worker import context
+from gql_service.worker import context, rq_batches
 from gql_service.worker.tuning import Tuning, background, is_extraction
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._books = ThreadPoolExecutor(1, thread_name_prefix="rq-bookkeeping")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="rq-dequeue")
+        # RQ's bookkeeping of the jobs starting, and of those that ended well, a batch at a
+        # time (worker/rq_batches.py): one pipeline or MULTI for every job ready meanwhile.
+        self._prepares = rq_batches.Coalescer(functools.partial(rq_batches.prepare_many, self), self._bookkeeping)
+        self._finishes = rq_batches.Coalescer(functools.partial(rq_batches.finish_many, self), self._bookkeeping)
 
     # -- RQ's entry point ------------------------------------------------------------------
     def work(self, burst: bool = False, with_scheduler: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
@@ -133,8 +137,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 # While a queue's slots are all taken, no blocking wait on the others: a
                 # blocked dequeue would not see that queue's slot free up.
                 every_queue = len(open_queues) == len(self.queues)
-                taken = await self._take(burst or not every_queue, open_queues)
-                if taken is None:
+                taken = await self._take(burst or not every_queue, open_queues, slots)
+                if not taken:
                     if every_queue and burst:
                         break
                     if not every_queue:  # poll again soon, or at once when a slot frees
@@ -143,16 +147,16 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                             async with asyncio.timeout(FULL_QUEUE_POLL_S):
                                 await freed.wait()
                     continue
-                job, queue = taken
-                started += 1
-                self.reorder_queues(queue)  # the order of the next take (worker/priorities.py)
-                await slots[queue.name].acquire()  # free: checked above, and only this loop takes
+                for job, queue in taken:  # every one: they left their queue, a stop request or not
+                    started += 1
+                    self.reorder_queues(queue)  # the order of the next take (worker/priorities.py)
+                    await slots[queue.name].acquire()  # free: no more were taken than were free
 
-                def release(semaphore: asyncio.Semaphore = slots[queue.name]) -> None:
-                    semaphore.release()
-                    freed.set()
+                    def release(semaphore: asyncio.Semaphore = slots[queue.name]) -> None:
+                        semaphore.release()
+                        freed.set()
 
-                self._start(job, queue, release)
+                    self._start(job, queue, release)
             if self._running:
                 log.info("worker %s: finishing %d job(s) in flight", self.name, len(self._running))
             while self._running and not self._cold:
@@ -168,26 +172,50 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     def is_webhook_queue(queue_name: str) -> bool:
         return queue_name.endswith(WEBHOOK_QUEUE_SUFFIX)
 
-    async def _take(self, no_wait: bool, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
-        """The next job, waiting up to a second for one (so a stop request is seen soon),
-        unless `no_wait`.
+    async def _take(
+        self, no_wait: bool, queues: list[Queue], slots: dict[str, asyncio.Semaphore]
+    ) -> list[tuple[RQJob, Queue]]:
+        """The next jobs, as many as the free slots of `queues` allow (up to TAKE_AT_MOST), in
+        one round trip; if there are none, waiting up to a second for one (so a stop request
+        is seen soon), unless `no_wait`.
         Redis unreachable: the one outage policy waits for it, until a stop request; the
         jobs in flight carry on meanwhile."""
+        # Semaphore._value: the slots free (asyncio's own count; only this loop takes them).
+        room = min(rq_batches.TAKE_AT_MOST, *(slots[q.name]._value for q in queues))
+        names = {q.name for q in queues}
+        # Take n looks at the queues in the order the worker would give take n one by one.
+        orders = [queues] + [
+            [q for q in self.order_of_take(self._takes + 1 + n) if q.name in names] for n in range(1, room)
+        ]
 
-        async def take() -> tuple[RQJob, Queue] | None:
+        async def take() -> list[tuple[RQJob, Queue]]:
             if self.should_run_maintenance_tasks:
                 await self._bookkeeping(self.run_maintenance_tasks)
-            taken = await self._dequeue(None, queues)
-            if taken is None and not no_wait:
+            taken = await self._take_many(orders)
+            if not taken and not no_wait:
                 if not self._running:
                     await self._bookkeeping(self.set_state, WorkerStatus.IDLE)
-                taken = await self._dequeue(1, queues)
+                one = await self._dequeue(1, queues)
+                taken = [one] if one is not None else []
             return taken
 
         try:
             return await self._outage.call(take)
         except ASYNC_OUTAGE_ERRORS:
-            return None  # stopping
+            return []  # stopping
+
+    async def _take_many(self, orders: list[list[Queue]]) -> list[tuple[RQJob, Queue]]:
+        def take_many() -> list[tuple[RQJob, Queue]]:
+            if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
+                one = self.queue_class.dequeue_any(
+                    orders[0], None, connection=self.connection, job_class=self.job_class,
+                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+                )  # fmt: skip
+                return [one] if one is not None else []
+            return rq_batches.take_many(self, orders)
+
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._waiter, take_many)
 
     async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
         def dequeue() -> tuple[RQJob, Queue] | None:
@@ -216,7 +244,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
             execution: Execution | None = None
             try:
                 try:
-                    execution = await self._bookkeeping(self._prepare, job)
+                    execution = await self._prepares(job)
                 except Exception:
                     log.exception("job %s: could not start; abandoned-job detection will retry it", job.id)
                     return
@@ -230,12 +258,6 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         task = asyncio.create_task(run(), name=f"job {job.id}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-
-    def _prepare(self, job: RQJob) -> Execution:
-        """What RQ does before a job runs, in one trip to the bookkeeping thread."""
-        execution = self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=True)
-        return execution
 
     async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
         """RQ's `perform_job`, with the job awaited instead of called."""
@@ -256,7 +278,10 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         except Exception:
             await self._finalize(self._finalize_failure, job, queue, execution, sys.exc_info())
         else:
-            await self._finalize(self._finalize_success, job, queue, execution, result)
+            try:
+                await self._finishes((job, queue, execution, result, contextvars.copy_context()))
+            except Exception:  # as in _finalize
+                log.exception("job %s: could not record how it ended", job.id)
         finally:
             # A stop request that raced the job's end (it finished first) is forgotten too.
             self._stopping.discard(job.id)

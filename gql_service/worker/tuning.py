@@ -142,9 +142,13 @@ class Tuning:
     def reorder_queues(self, reference_queue: Queue) -> None:
         """After each take (RQ calls it; the async worker too): the order of the next one."""
         self._takes += 1
+        self._ordered_queues = self.order_of_take(self._takes + 1)
+
+    def order_of_take(self, take: int) -> list[Queue]:
+        """The queues in the order take number `take` looks at them (worker/priorities.py)."""
         queues: list[Queue] = self.queues  # type: ignore[attr-defined]
-        self._ordered_queues = priorities.order(
-            queues, [q.name for q in queues], rq_queue=self.rq_queue, take=self._takes + 1, every=self.share_every
+        return priorities.order(
+            queues, [q.name for q in queues], rq_queue=self.rq_queue, take=take, every=self.share_every
         )
 
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:

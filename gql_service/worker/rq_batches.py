@@ -1,0 +1,255 @@
+"""RQ's per-job bookkeeping for many jobs at once, for the async worker (issue 31, item 2).
+
+RQ does a job's bookkeeping one job at a time: two to three round trips to take it (an LMOVE
+per queue looked at, then its hash), two pipelines to start it, and four to end it (the
+heartbeat, a WATCH, a read of its dependents, the MULTI). With hundreds of jobs in flight on
+one process, those round trips on the bookkeeping thread cost about as much CPU as the LLM
+calls themselves, and their socket waits hand the GIL back and forth with the event loop.
+Here the same RQ calls (`Execution.create`, `Job.prepare_for_execution`, `Job._handle_success`,
+`cleanup_execution`, ...) go onto one pipeline for every job that is ready at that moment:
+
+* `take_many`: several takes in one script call, each looking at the queues in its own order
+  (gql_service.worker.priorities) and moving the id to the queue's intermediate list as RQ's
+  LMOVE does, then their hashes in one pipeline (`Job.fetch_many`);
+* `prepare_many`: what `prepare_execution` and `prepare_job_execution` write, in one pipeline;
+* `finish_many`: what `_finalize_success` writes for jobs that ended well, in one MULTI, under
+  one WATCH of their dependents' keys as RQ's own WATCH; a job whose end RQ handles with more
+  than that (a success callback, a `Retry`, dependents to release) goes through RQ's own
+  `_finalize_success`.
+
+`Coalescer` gathers the jobs: each call waits for the batch it joins, and a batch is every
+call made while the previous one ran on the bookkeeping thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from redis import Redis
+from redis.exceptions import WatchError
+from rq import Queue
+from rq.executions import Execution
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job as RQJob
+from rq.job import JobStatus, Retry
+from rq.logutils import blue, green
+from rq.rate_limit import release_slot
+from rq.utils import as_text, now
+from rq.worker import BaseWorker, WorkerStatus
+
+I = TypeVar("I")  # noqa: E741 - an item of a batch
+R = TypeVar("R")
+
+# At most this many jobs in one take: the worker's free slots bound it too, so one worker
+# process does not take a long queue's head from the others in one go.
+TAKE_AT_MOST = 32
+
+# Take after take, each looking at the queues in its order (ARGV[2..], a string of queue
+# numbers, 1-based), as RQ's LMOVE does for one queue: from the head of the queue (KEYS[i])
+# to the tail of its intermediate list (KEYS[n + i]). An empty take ends it: so would the
+# next ones, the script being atomic.
+_TAKE_LUA = """
+local n, out = tonumber(ARGV[1]), {}
+for t = 2, #ARGV do
+  local found = false
+  for c in string.gmatch(ARGV[t], '%d') do
+    local i = tonumber(c)
+    local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+    if id then
+      out[#out + 1] = i
+      out[#out + 1] = id
+      found = true
+      break
+    end
+  end
+  if not found then return out end
+end
+return out
+"""
+
+
+def take_many(worker: BaseWorker, orders: Sequence[Sequence[Queue]]) -> list[tuple[RQJob, Queue]]:
+    """One take per order of queues (each the order of that take), in one script call; then
+    the jobs' hashes in one round trip. A job whose hash is gone is skipped, as RQ's dequeue
+    skips it (its id stays in the intermediate list, which RQ's cleanup handles)."""
+    queues = list({q.name: q for order in orders for q in order}.values())
+    if len(queues) > 9:
+        raise ValueError("take_many numbers the queues with one digit")
+    number = {q.name: str(n) for n, q in enumerate(queues, 1)}
+    connection: Redis = worker.connection
+    script = connection.register_script(_TAKE_LUA)
+    keys_ = [q.key for q in queues] + [IntermediateQueue.get_intermediate_queue_key(q.key) for q in queues]
+    found = script(keys=keys_, args=[len(queues), *("".join(number[q.name] for q in order) for order in orders)])
+    taken = [(queues[int(found[i]) - 1], as_text(found[i + 1])) for i in range(0, len(found), 2)]
+    if not taken:
+        return []
+    jobs = worker.job_class.fetch_many(
+        [job_id for _, job_id in taken], connection=connection, serializer=worker.serializer
+    )
+    return [(job, queue) for job, (queue, _) in zip(jobs, taken, strict=True) if job is not None]
+
+
+def prepare_many(worker: BaseWorker, jobs: Sequence[RQJob]) -> list[Execution]:
+    """What RQ's `prepare_execution` and `prepare_job_execution(remove_from_intermediate_queue=True)`
+    write for each job, in one pipeline: the execution and its registry entries, the job's
+    heartbeat and STARTED state, the worker BUSY and heartbeaten once."""
+    with worker.connection.pipeline() as pipe:
+        executions: list[Execution] = []
+        ttls = []
+        for job in jobs:
+            ttl = worker.get_heartbeat_ttl(job)
+            ttls.append(ttl)
+            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
+            executions.append(execution)
+            job.heartbeat(now(), ttl, pipeline=pipe)
+            job.prepare_for_execution(worker.name, pipeline=pipe)
+            pipe.persist(job.key)
+            queue_key = Queue(job.origin, connection=worker.connection).key
+            pipe.lrem(IntermediateQueue.get_intermediate_queue_key(queue_key), 1, job.id)
+        worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
+        worker.heartbeat(max(ttls), pipeline=pipe)
+        pipe.execute()
+    for execution in executions:  # as prepare_execution does, once the execution is written
+        worker.executions[execution.id] = execution
+    return executions
+
+
+Ended = tuple[RQJob, Queue, Execution, Any, contextvars.Context]
+
+
+def finish_many(worker: BaseWorker, ended: Sequence[Ended]) -> list[BaseException | None]:
+    """RQ's `_finalize_success` for each job (job, queue, execution, return value, the context
+    of its task: RQ's log lines about it carry its request id), in one MULTI when RQ would do
+    no more than write its end. Each job's outcome: None, or what its bookkeeping raised."""
+    outcomes: dict[int, BaseException | None] = {}
+    plain = [n for n, (job, _, _, value, _) in enumerate(ended) if _plainly_ended(job, value)]
+    by_rq = [n for n in range(len(ended)) if n not in set(plain)]
+    if plain:
+        try:
+            if not _write_successes(worker, [ended[n] for n in plain]):
+                by_rq += plain  # a job has dependents to release: RQ's own path, which does it
+            else:
+                outcomes |= dict.fromkeys(plain)
+        except Exception as exc:  # Redis gone mid-write, say: every job of the MULTI
+            outcomes |= dict.fromkeys(plain, exc)
+    for n in by_rq:
+        job, queue, execution, value, context = ended[n]
+        try:
+            context.run(worker._finalize_success, job, queue, execution, value)
+            outcomes[n] = None
+        except Exception as exc:
+            outcomes[n] = exc
+    for n in plain:
+        if n not in by_rq and outcomes[n] is None:
+            job, _, _, value, context = ended[n]
+            context.run(_after_success, worker, job, value)
+    return [outcomes[n] for n in range(len(ended))]
+
+
+def _write_successes(worker: BaseWorker, ended: Sequence[Ended]) -> bool:
+    """The MULTI of every job's end; False (nothing written) if one of them has dependents."""
+    dependents = [job.dependents_key for job, *_ in ended]
+    with worker.connection.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(*dependents)  # as RQ's WATCH: a dependent added meanwhile, and it is read again
+                if pipe.exists(*dependents):
+                    pipe.reset()
+                    return False
+                pipe.multi()
+                for job, queue, execution, value, _ in ended:
+                    _write_success(worker, pipe, job, queue, execution, value)
+                pipe.execute()
+                return True
+            except WatchError:
+                continue
+
+
+def _plainly_ended(job: RQJob, value: Any) -> bool:
+    # What RQ's _finalize_success does beyond writing the end: a Retry, a success callback.
+    return not isinstance(value, Retry) and job.success_callback is None
+
+
+def _write_success(worker: BaseWorker, pipe: Any, job: RQJob, queue: Queue, execution: Execution, value: Any) -> None:
+    """RQ's `handle_execution_ended` and `handle_job_success` for a job with no dependents,
+    onto `pipe` (in MULTI)."""
+    job.ended_at = now()
+    job.heartbeat(now(), job.success_callback_timeout, pipeline=pipe)
+    job._result = value
+    job._status = JobStatus.FINISHED
+    worker.increment_successful_job_count(pipeline=pipe)
+    worker.increment_total_working_time(job.ended_at - job.started_at, pipe)  # type: ignore[operator]
+    result_ttl = job.get_result_ttl(worker.default_result_ttl)
+    if result_ttl != 0:
+        job._handle_success(
+            result_ttl, pipeline=pipe, worker_name=worker.name, execution_id=execution.id,
+            execution_started_at=execution.created_at, execution_ended_at=job.ended_at,
+        )  # fmt: skip
+    if job.repeats_left is not None and job.repeats_left > 0:
+        from rq.repeat import Repeat
+
+        Repeat.schedule(job, queue, pipeline=pipe)
+    else:
+        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+        job._status = JobStatus.FINISHED  # as RQ: an aborted immediate repeat may have left QUEUED
+    worker.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+
+def _after_success(worker: BaseWorker, job: RQJob, value: Any) -> None:
+    """What RQ's `_finalize_success` does once the end is written: the job's rate-limit slot,
+    its log lines, its webhooks."""
+    release_slot(job)
+    assert job.started_at is not None and job.ended_at is not None
+    taken = job.ended_at - job.started_at
+    if worker.log_job_description:
+        worker.log.info("Successfully completed %s job in %ss on worker %s", job.description, taken, worker.name)
+    else:
+        worker.log.info("Successfully completed job %s in %ss on worker %s", job.id, taken, worker.name)
+    job.send_webhooks(JobStatus.FINISHED)
+    worker.log.info("Worker %s: %s: %s (%s)", worker.name, green(job.origin), blue("Job OK"), job.id)
+    if value is not None:
+        worker.log.debug("Worker %s: result: %r", worker.name, value)
+
+
+class Coalescer(Generic[I, R]):
+    """`run_many(items) -> results` on the bookkeeping thread, for every item that came while
+    the previous call ran: each caller awaits its own item's result, or exception (a result
+    that is one, or what the whole call raised)."""
+
+    def __init__(self, run_many: Callable[[list[I]], list[R]], submit: Callable[..., Awaitable[Any]]) -> None:
+        self._run_many = run_many
+        self._submit = submit  # runs a function on the bookkeeping thread
+        self._waiting: list[tuple[I, asyncio.Future[R]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: I) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        # Shielded: a job cancelled meanwhile does not take its item out of a batch under way.
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    results = await self._submit(self._run_many, [item for item, _ in batch])
+                except Exception as exc:  # the whole batch's round trip failed: each caller hears it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):  # this item's own failure
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._draining = None

@@ -1,0 +1,133 @@
+"""The async worker's batched RQ bookkeeping (gql_service/worker/rq_batches.py) leaves Redis as
+RQ's own one-job-at-a-time calls do: the same keys, registries, states, results and counts."""
+
+from __future__ import annotations
+
+import contextvars
+import re
+
+from redis import Redis
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+
+from gql_service.worker import rq_batches
+
+
+def _worker(redis: Redis, *queues: Queue) -> SimpleWorker:
+    worker = SimpleWorker(list(queues), connection=redis)
+    worker.register_birth()
+    return worker
+
+
+def _shape(redis: Redis, ids: dict[str, str]) -> set[tuple[str, str]]:
+    """Every key with its type, job and execution ids replaced by placeholders."""
+    shape = set()
+    for key in redis.scan_iter():
+        name = key.decode()
+        for real, placeholder in ids.items():
+            name = name.replace(real, placeholder)
+        shape.add((re.sub(r"[0-9a-f]{32}", "<execution>", name), redis.type(key).decode()))
+    return shape
+
+
+def _by_rq(worker: SimpleWorker, queue: Queue) -> Job:
+    taken = Queue.dequeue_any([queue], None, connection=worker.connection)
+    assert taken is not None
+    job, _ = taken
+    execution = worker.prepare_execution(job)
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    job.started_at = job.started_at or job.enqueued_at
+    worker._finalize_success(job, queue, execution, "answer")
+    return job
+
+
+def _batched(worker: SimpleWorker, queue: Queue, n: int) -> list[Job]:
+    taken = rq_batches.take_many(worker, [[queue]] * (n + 2))  # more takes than jobs: the rest find none
+    assert [q.name for _, q in taken] == [queue.name] * n
+    jobs = [job for job, _ in taken]
+    executions = rq_batches.prepare_many(worker, jobs)
+    assert {job.get_status() for job in jobs} == {JobStatus.STARTED}
+    assert set(queue.started_job_registry.get_job_ids()) == {job.id for job in jobs}
+    assert worker.get_state() == "busy" and len(worker.executions) == n
+    ended = []
+    for job, execution in zip(jobs, executions, strict=True):
+        job.started_at = job.enqueued_at
+        ended.append((job, queue, execution, "answer", contextvars.copy_context()))
+    assert rq_batches.finish_many(worker, ended) == [None] * n
+    return jobs
+
+
+def test_a_batch_leaves_what_rqs_own_calls_leave_job_by_job(sync_redis: Redis) -> None:
+    queue = Queue("batches-rq", connection=sync_redis)
+    queue.enqueue("builtins.len", "x", result_ttl=600)
+    worker = _worker(sync_redis, queue)
+    job = _by_rq(worker, queue)
+    by_rq = _shape(sync_redis, {job.id: "<job>", worker.name: "<worker>", queue.name: "<queue>"})
+    sync_redis.flushdb()
+
+    queue = Queue("batches-ours", connection=sync_redis)
+    ids = [queue.enqueue("builtins.len", "x", result_ttl=600).id for _ in range(3)]
+    worker = _worker(sync_redis, queue)
+    jobs = _batched(worker, queue, 3)
+    assert [job.id for job in jobs] == ids  # in the queue's order
+    for job in jobs:
+        assert job.get_status(refresh=True) == JobStatus.FINISHED
+        result = job.latest_result()
+        assert result is not None and result.return_value == "answer"
+        shape = _shape(sync_redis, {job.id: "<job>", worker.name: "<worker>", queue.name: "<queue>"})
+        others = {o for o in ids if o != job.id}
+        assert {k for k in shape if not any(o in k[0] for o in others)} == by_rq
+    assert set(queue.finished_job_registry.get_job_ids()) == set(ids)
+    assert queue.started_job_registry.get_job_ids() == [] and worker.executions == {}
+    assert Queue("x", connection=sync_redis).connection.llen(f"{queue.key}:intermediate") == 0
+    worker.refresh()
+    assert worker.successful_job_count == 3
+
+
+def test_each_take_looks_at_the_queues_in_its_own_order(sync_redis: Redis) -> None:
+    high, normal = Queue("batches-high", connection=sync_redis), Queue("batches-normal", connection=sync_redis)
+    for queue in (high, normal):
+        for _ in range(2):
+            queue.enqueue("builtins.len", "x")
+    worker = _worker(sync_redis, high, normal)
+    taken = rq_batches.take_many(worker, [[high, normal], [normal, high], [high, normal], [high, normal]])
+    assert [q.name for _, q in taken] == ["batches-high", "batches-normal", "batches-high", "batches-normal"]
+
+
+def test_a_job_with_dependents_ends_through_rqs_own_path_which_releases_them(sync_redis: Redis) -> None:
+    queue = Queue("batches-dependents", connection=sync_redis)
+    parent = queue.enqueue("builtins.len", "x")
+    child = queue.enqueue("builtins.len", "y", depends_on=parent)
+    worker = _worker(sync_redis, queue)
+    [(job, _)] = rq_batches.take_many(worker, [[queue]] * 2)
+    assert job.id == parent.id
+    [execution] = rq_batches.prepare_many(worker, [job])
+    job.started_at = job.enqueued_at
+    assert rq_batches.finish_many(worker, [(job, queue, execution, None, contextvars.copy_context())]) == [None]
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert child.get_status(refresh=True) == JobStatus.QUEUED and queue.get_job_ids() == [child.id]
+
+
+def test_rqs_own_bookkeeping_is_still_made_of_the_calls_the_batches_make() -> None:
+    """The batches compose RQ's own calls as RQ's one-job methods do: a new step in those
+    methods must be added to gql_service/worker/rq_batches.py too (the tests above compare
+    the state they leave, for what RQ does today)."""
+    import inspect
+
+    from rq import executions
+    from rq.worker import BaseWorker
+
+    steps = {
+        executions.prepare_execution: ["Execution.create(", "set_state(WorkerStatus.BUSY"],
+        BaseWorker.prepare_job_execution: ["self.heartbeat(", "job.heartbeat(", "job.prepare_for_execution(",
+                                           "pipeline.persist(", "pipeline.lrem("],
+        BaseWorker.handle_job_success: ["move_dependents_to_ready(", "increment_successful_job_count(",
+                                        "increment_total_working_time(", "job._handle_success(", "Repeat.schedule(",
+                                        "job.cleanup(", "self.cleanup_execution(", "release_slot(job)"],
+        BaseWorker._finalize_success: ["handle_execution_ended(", "isinstance(return_value, Retry)",
+                                       "execute_success_callback(", "job.send_webhooks(JobStatus.FINISHED)"],
+    }  # fmt: skip
+    for method, calls in steps.items():
+        source = inspect.getsource(method)
+        assert [call for call in calls if call not in source] == [], method.__qualname__
+        assert source.count("pipeline.execute()") + source.count("pipe.execute()") <= 1, method.__qualname__
