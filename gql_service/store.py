@@ -19,6 +19,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
+from redis.commands.core import AsyncScript
 
 from gql_service import budgets, keys, redis_conn
 from gql_service.models import JobRecord, TokenUsage, WebhookDelivery, utcnow
@@ -55,6 +56,9 @@ from gql_service.settings import ReplicaAck, Settings
 # which budgets are checked against (gql_service.budgets): in this step, so a repeat of it
 # (outcome 2) never counts a job twice.
 #
+# ARGV[20], if given: the token the record's last write must carry (a step sent right behind
+# the one before it, in the same round trip, lands only on that step: worker/job_ends.py).
+#
 # A transition also answers how many subscribers want the job's interim frames (KEYS[3]):
 # the worker learns it with the write it makes anyway, so streaming costs no extra command
 # when nobody watches (gql_service.partials).
@@ -64,6 +68,7 @@ if not v then return {-1, 0} end
 local watchers = redis.call('PUBSUB', 'NUMSUB', KEYS[3])[2]
 if x == ARGV[5] then return {2, watchers, redis.call('HGET', KEYS[1], 'd')} end
 if v ~= ARGV[1] then return {0, 0} end
+if ARGV[20] and x ~= ARGV[20] then return {0, 0} end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
@@ -198,16 +203,7 @@ def get_job_sync(redis: Redis, job_id: str) -> JobRecord | None:
     return decode(raw) if raw is not None else None
 
 
-async def get_for_attempt(redis: AsyncRedis, job_id: str) -> tuple[JobRecord | None, str, bytes | str | None]:
-    """The record, its submitted text, and the answer a provider batch gave it if any
-    (keys.ANSWER_FIELD), in one round trip: what a worker starts an attempt with."""
-    raw, text, answer = await redis.hmget(keys.job(job_id), ["d", "t", keys.ANSWER_FIELD])
-    if raw is None:
-        return None, "", None
-    return decode(raw), text.decode() if isinstance(text, bytes) else (text or ""), answer
-
-
-def _next(current: JobRecord, change: Change) -> JobRecord | None:
+def next_state(current: JobRecord, change: Change) -> JobRecord | None:
     # A terminal job never changes again: this is the one place that refuses it.
     if current.terminal:
         return None
@@ -217,8 +213,14 @@ def _next(current: JobRecord, change: Change) -> JobRecord | None:
     return changed.model_copy(update={"version": current.version + 1, "updated_at": utcnow()})
 
 
-def _cas_args(
-    current: JobRecord, new: JobRecord, ttl_s: int, token: str, *, outbox_max_len: int = OUTBOX_MAX_LEN
+def cas_args(
+    current: JobRecord,
+    new: JobRecord,
+    ttl_s: int,
+    token: str,
+    *,
+    outbox_max_len: int = OUTBOX_MAX_LEN,
+    after: str | None = None,
 ) -> tuple[list[str], list[Any]]:
     announce = new.terminal and new.webhook_url is not None
     batch = new.batch_id or ""
@@ -259,6 +261,7 @@ def _cas_args(
             utcnow().isoformat(),
             budgets.nano_usd(new.cost_usd),
             *budgets.expiry(period),
+            *([after] if after is not None else []),
         ],
     )
 
@@ -323,7 +326,7 @@ async def transition(
     again (a worker's own transitions, one after the other); if anyone wrote in between,
     the version check refuses it and the change is applied to a fresh read.
     """
-    script = redis.register_script(_CAS_LUA)
+    script = cas_script(redis)
     token = token or uuid.uuid4().hex
     while True:
         current: JobRecord | None
@@ -335,12 +338,12 @@ async def transition(
                 return Transition(current, True)  # this very step, written by an earlier try
         if current is None:
             return Transition(None, False)
-        new = _next(current, change)
+        new = next_state(current, change)
         if new is None:
             return Transition(current, False)
-        keys_, args = _cas_args(current, new, ttl_s, token, outbox_max_len=outbox_max_len)
+        keys_, args = cas_args(current, new, ttl_s, token, outbox_max_len=outbox_max_len)
         if ack is None or not new.terminal:
-            outcome, watchers, *stored = await script(keys=keys_, args=args)
+            outcome, watchers, *stored = await script(keys=keys_, args=args, client=redis)
         else:
             async with redis_conn.pipeline(redis, ack, transaction=False, wait_if=_wrote) as pipe:
                 await script(keys=keys_, args=args, client=pipe)
@@ -359,6 +362,16 @@ async def transition(
             return Transition(None, False)
 
 
+_CAS: list[AsyncScript] = []  # made once: redis-py hashes a script's text at each registration
+
+
+def cas_script(redis: AsyncRedis) -> AsyncScript:
+    """The CAS script; called with each call's own client or pipeline (its first matters not)."""
+    if not _CAS:
+        _CAS.append(redis.register_script(_CAS_LUA))
+    return _CAS[0]
+
+
 async def _read_with_token(redis: AsyncRedis, job_id: str) -> tuple[JobRecord | None, str | None]:
     """The record, and the token of the transition that wrote it last."""
     raw, token = await redis.hmget(keys.job(job_id), ["d", "x"])
@@ -370,13 +383,6 @@ async def _read_with_token(redis: AsyncRedis, job_id: str) -> tuple[JobRecord | 
 # -- what the workers learnt about an LLM endpoint ----------------------------------------
 async def json_mode_only(redis: AsyncRedis, endpoint: str) -> bool:
     return bool(await redis.exists(keys.json_mode_only(endpoint)))
-
-
-async def json_modes_only(redis: AsyncRedis, endpoints: list[str]) -> list[bool]:
-    """`json_mode_only` of each endpoint, in one round trip (a primary and its fallbacks)."""
-    if len(endpoints) == 1:
-        return [await json_mode_only(redis, endpoints[0])]
-    return [value is not None for value in await redis.mget([keys.json_mode_only(e) for e in endpoints])]
 
 
 async def remember_json_mode_only(redis: AsyncRedis, endpoint: str, *, ttl_s: int) -> None:

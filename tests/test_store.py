@@ -87,14 +87,14 @@ def test_a_transition_sent_twice_is_applied_once(sync_redis: Redis) -> None:
     assert current is not None
     new = current.model_copy(update={"version": 2, "attempts": current.attempts + 1})
     script = sync_redis.register_script(store._CAS_LUA)
-    keys_, args = store._cas_args(current, new, TTL, "token-1")
+    keys_, args = store.cas_args(current, new, TTL, "token-1")
     assert script(keys=keys_, args=args) == [1, 0]
     outcome, watchers, stored = script(keys=keys_, args=args)  # the retry: reported applied...
     assert (outcome, watchers, store.decode(stored)) == (2, 0, new)
     after = store.get_job_sync(sync_redis, "j1")
     assert after is not None and (after.version, after.attempts) == (2, 1)  # ...and applied once
     # A different transition from the same stale version is still refused.
-    other_keys, other_args = store._cas_args(current, new, TTL, "token-2")
+    other_keys, other_args = store.cas_args(current, new, TTL, "token-2")
     assert script(keys=other_keys, args=other_args) == [0, 0]
 
 
@@ -119,3 +119,40 @@ async def test_a_step_tried_again_after_its_reply_was_lost_lands_once(
     assert stale.changed and stale.record == first.record
     other = await store.transition(async_redis, "j9", attempt, ttl_s=TTL, token="step-2")
     assert other.record is not None and other.record.attempts == 2
+
+
+# -- two steps in one round trip (gql_service/worker/job_ends.py two_steps) ---------------
+async def _two_steps(async_redis: AsyncRedis, last_seen: JobRecord, tokens: tuple[str, str] = ("t-1", "t-2")):
+    from gql_service.worker.job_ends import two_steps
+
+    validating, done = set_stage(JobStage.VALIDATING), set_stage(JobStage.DONE, JobStatus.FINISHED)
+    return await two_steps(async_redis, "j1", validating, done, last_seen, ttl_s=TTL, outbox_max_len=100,
+                           tokens=tokens)  # fmt: skip
+
+
+async def test_two_steps_are_both_written_and_published_in_order(sync_redis: Redis, async_redis: AsyncRedis) -> None:
+    record = create(sync_redis)
+    pubsub = sync_redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.job_events("j1"))
+    assert pubsub.get_message(timeout=1) is None
+    one, two = await _two_steps(async_redis, record)
+    assert one.changed and one.record is not None and (one.record.stage, one.record.version) == (JobStage.VALIDATING, 2)
+    assert two.changed and two.record is not None and (two.record.stage, two.record.version) == (JobStage.DONE, 3)
+    published = [store.decode(m["data"]) for m in (pubsub.get_message(timeout=2), pubsub.get_message(timeout=2)) if m]
+    assert published == [one.record, two.record]
+    assert store.get_job_sync(sync_redis, "j1") == two.record
+    again = await _two_steps(async_redis, record)  # a retry of both (a lost reply): nothing applied twice
+    assert store.get_job_sync(sync_redis, "j1") == two.record and again[1].record == two.record
+    pubsub.close()
+
+
+async def test_a_write_in_between_is_never_overwritten_by_the_second_step(
+    sync_redis: Redis, async_redis: AsyncRedis
+) -> None:
+    """Canceled (version 2) after the worker last saw version 1: the first step is refused, and
+    so is the second, though it expects version 2: the record's last write is not the first's."""
+    record = create(sync_redis)
+    canceled, _ = await store.update_job(async_redis, "j1", set_stage(JobStage.CANCELED, JobStatus.CANCELED), ttl_s=TTL)
+    one, two = await _two_steps(async_redis, record)
+    assert not one.changed and not two.changed
+    assert store.get_job_sync(sync_redis, "j1") == canceled

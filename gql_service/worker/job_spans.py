@@ -23,6 +23,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from gql_service import tracing
 from gql_service.models import JobRecord, JobTrace
 from gql_service.worker.llm import Completion, LLMError, Provider
+from gql_service.worker.llm.base import OnText
 
 # A reason (a validation problem, an error's message) is cut to this length in a span.
 MAX_REASON_CHARS = 200
@@ -136,3 +137,17 @@ def _usage(span: Span, input_tokens: int, output_tokens: int) -> None:
 def server_address(provider: Provider) -> str | None:
     base_url = getattr(provider, "base_url", None)
     return urlsplit(base_url).hostname if isinstance(base_url, str) else None
+
+
+def first_token_noted(span: Span, on_text: OnText) -> OnText:
+    """`on_text`, noting the first piece of a streamed answer on the chat span (time to first token)."""
+    noted = False
+
+    def feed(piece: str) -> None:
+        nonlocal noted
+        if not noted:
+            noted = True
+            span.add_event("gen_ai.first_token")
+        on_text(piece)
+
+    return feed

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
-import uuid
 from collections.abc import Sequence
 
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -25,6 +25,7 @@ from gql_service.settings import ReplicaAck
 from gql_service.worker import job_spans
 from gql_service.worker.breaker import MAX_PAUSE_S, falls_over, usable_pause
 from gql_service.worker.fallbacks import Route
+from gql_service.worker.job_ends import ForAttempt, get_for_attempt, two_steps
 from gql_service.worker.job_ends import transition as _transition
 from gql_service.worker.llm import Completion, LLMError, Provider, Repair, prompt
 from gql_service.worker.llm.base import OnText
@@ -116,7 +117,7 @@ class Attempt:
         self.last = record
         job_spans.stage(self.span, record)
 
-    async def _set(self, **changes: object) -> JobRecord | None:
+    def _change(self, changes: dict[str, object]) -> store.Change:
         def change(job: JobRecord) -> JobRecord:
             changed = job.model_copy(update=changes)
             if "usage" in changes:
@@ -127,7 +128,33 @@ class Attempt:
                 )  # fmt: skip
             return changed
 
-        done = await self._write(change, self.last)
+        return change
+
+    async def _set(self, **changes: object) -> JobRecord | None:
+        return self._wrote(await self._write(self._change(changes), self.last))
+
+    async def _set_two(self, first: dict[str, object], then: dict[str, object]) -> JobRecord | None:
+        """`_set(**first)`, then `_set(**then)`, in one round trip (worker/job_ends.py
+        `two_steps`): both written and published, in order. Step by step when the second must
+        wait for replicas (REDIS_MIN_REPLICAS_ACKED)."""
+        last = self.last
+        if self.ack is not None or last is None:
+            await self._set(**first)
+            return await self._set(**then)
+        tokens = (_token(), _token())
+
+        async def write() -> tuple[store.Transition, store.Transition]:
+            return await two_steps(
+                self.redis, self.job_id, self._change(first), self._change(then), last, ttl_s=self.ttl_s,
+                outbox_max_len=self.outbox_max_len, tokens=tokens,
+            )  # fmt: skip
+
+        one, two = await self._outage().call(write)
+        self._watchers = two.partial_watchers
+        self._wrote(one)
+        return self._wrote(two)
+
+    def _wrote(self, done: store.Transition) -> JobRecord | None:
         record, changed = done.record, done.changed
         if changed and record is not None:
             # The start and the end at INFO; the stages between at DEBUG (a worker running
@@ -139,10 +166,13 @@ class Attempt:
             self._entered(record)
         return record if changed else None
 
+    def _outage(self) -> redis_conn.Outage:
+        return redis_conn.Outage(f"job {self.job_id}", log, give_up_after_s=REDIS_OUTAGE_WAIT_S, base_s=0.1)
+
     async def _write(self, change: store.Change, last_seen: JobRecord | None) -> store.Transition:
         """A transition of this job, written once Redis answers: through a short outage (a
         restart, a failover) the job carries on where it was instead of failing."""
-        token = uuid.uuid4().hex  # this step's: the same on every try, so it lands once
+        token = _token()
 
         async def write() -> store.Transition:
             return await _transition(
@@ -150,8 +180,7 @@ class Attempt:
                 last_seen=last_seen, token=token,
             )  # fmt: skip
 
-        outage = redis_conn.Outage(f"job {self.job_id}", log, give_up_after_s=REDIS_OUTAGE_WAIT_S, base_s=0.1)
-        done = await outage.call(write)
+        done = await self._outage().call(write)
         self._watchers = done.partial_watchers
         return done
 
@@ -230,7 +259,7 @@ class Attempt:
             with job_spans.chat_span(provider, text=text, repair=repair is not None) as chat:
                 on_text: OnText | None = partials.feed if partials is not None else None
                 if on_text is not None and chat.is_recording():
-                    on_text = _first_token_noted(chat, on_text)
+                    on_text = job_spans.first_token_noted(chat, on_text)
                 completion = await provider.extract(text, repair=repair, on_text=on_text)
                 job_spans.completed(chat, completion)
                 return completion
@@ -243,9 +272,11 @@ class Attempt:
             if partials is not None:
                 await partials.end()
 
-    async def run(self, *, retries_left: int) -> JobRecord | None:
+    async def run(self, *, retries_left: int, read: ForAttempt | None = None) -> JobRecord | None:
+        """`read`: what `get_for_attempt` (worker/job_ends.py) answers, when the caller read it already (with
+        the other reads of a job's start, in one round trip: gql_service.worker.tasks)."""
         try:
-            return await self._run(retries_left=retries_left)
+            return await self._run(retries_left=retries_left, read=read)
         finally:
             await self._record_metrics()
 
@@ -268,8 +299,8 @@ class Attempt:
         except Exception:  # metrics must never fail a job
             log.exception("job %s: could not record metrics", self.job_id)
 
-    async def _run(self, *, retries_left: int) -> JobRecord | None:
-        current, text, answer = await store.get_for_attempt(self.redis, self.job_id)
+    async def _run(self, *, retries_left: int, read: ForAttempt | None) -> JobRecord | None:
+        current, text, answer = read or await get_for_attempt(self.redis, self.job_id)
         if current is None:
             log.info("job %s is gone, canceled or finished; nothing to do", self.job_id)
             return None
@@ -299,10 +330,10 @@ class Attempt:
                 self._add_usage(batched.usage)
             else:
                 completion = await self._ask(text)
-            await self._set(stage=JobStage.VALIDATING, usage=self.usage)
             try:
                 result = validate(completion.content)
             except InvalidOutput as first:
+                await self._set(stage=JobStage.VALIDATING, usage=self.usage)
                 log.info("job %s: invalid output (%s); asking for a repair", self.job_id, first)
                 job_spans.event(self.span, "validation_failed", str(first))
                 job_spans.event(self.span, "repair", str(first))
@@ -310,6 +341,11 @@ class Attempt:
                 completion = await self._ask(text, Repair(completion.content, str(first)))
                 await self._set(stage=JobStage.VALIDATING, usage=self.usage)
                 result = validate(completion.content)
+            else:
+                # Valid at once, as most answers are: VALIDATING and DONE in one round trip,
+                # each written and published as ever (the validation ran just before).
+                return await self._set_two({"stage": JobStage.VALIDATING, "usage": self.usage},
+                                           self._finished(result, completion))  # fmt: skip
         except InvalidOutput as exc:
             job_spans.event(self.span, "validation_failed", str(exc))
             return await self._fail(
@@ -321,15 +357,13 @@ class Attempt:
                 await self._set(status=JobStatus.RETRYING, stage=JobStage.QUEUED, error=error, usage=self.usage)
                 raise RetryLater(str(exc)) from exc
             return await self._fail(error)
-        return await self._set(
-            status=JobStatus.FINISHED,
-            stage=JobStage.DONE,
-            result=result,
-            error=None,
-            usage=self.usage,
-            model=completion.model,
-            finished_at=utcnow(),
-        )
+        return await self._set(**self._finished(result, completion))
+
+    def _finished(self, result: Extraction, completion: Completion) -> dict[str, object]:
+        return {
+            "status": JobStatus.FINISHED, "stage": JobStage.DONE, "result": result, "error": None,
+            "usage": self.usage, "model": completion.model, "finished_at": utcnow(),
+        }  # fmt: skip
 
     async def _start(self, current: JobRecord, batched: Completion | None) -> JobRecord | None:
         def change(job: JobRecord) -> JobRecord:
@@ -357,15 +391,8 @@ class Attempt:
         )
 
 
-def _first_token_noted(span: Span, on_text: OnText) -> OnText:
-    """`on_text`, noting the first piece of a streamed answer on the chat span (time to first token)."""
-    noted = False
-
-    def feed(piece: str) -> None:
-        nonlocal noted
-        if not noted:
-            noted = True
-            span.add_event("gen_ai.first_token")
-        on_text(piece)
-
-    return feed
+def _token() -> str:
+    """A step's token: the same on every try, so it lands once. 128 random bits from Python's
+    generator (seeded from the OS, reseeded after a fork), not uuid4's os.urandom: a system
+    call that hands the GIL to RQ's threads, and the loop waits to get it back."""
+    return f"{random.getrandbits(128):032x}"

@@ -18,17 +18,19 @@ from typing import Any, TypeVar
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
 from rq.timeouts import JobTimeoutException
 
-from gql_service import metrics, queueing, store
+from gql_service import keys, metrics, queueing, store
 from gql_service.models import JobError, JobErrorCode, JobRecord, JobStage, JobStatus
 from gql_service.partials import Demand, PartialStream
 from gql_service.redis_conn import async_client
 from gql_service.settings import Settings
+from gql_service.worker import job_ends
 from gql_service.worker.context import WorkerContext, of_process, takes_context
 from gql_service.worker.fallbacks import routes
 from gql_service.worker.job_ends import fail_job
@@ -61,7 +63,18 @@ TIMEOUT_MARGIN_S = 1.0
 async def _extract(
     ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id: str, demand: Demand | None
 ) -> str | None:
-    await adopt_retry_policy(redis, rq_job, ctx.settings)
+    providers = (ctx.provider, *ctx.fallbacks)
+    learners = _learners(providers)
+    # What a job starts with, in one round trip: its retry policy saved, what the endpoints
+    # are known to refuse, its record and text.
+    async with redis.pipeline(transaction=False) as pipe:
+        adopt_retry_policy(pipe, rq_job, ctx.settings)
+        if learners:
+            pipe.mget([keys.json_mode_only(p.endpoint) for p in learners])
+        job_ends.read_for_attempt(pipe, job_id)
+        replies = await pipe.execute()
+    read = replies[-1]
+    known = [value is not None for value in replies[-2]] if learners else []
     ttl_s = ctx.settings.result_ttl_s
     primary, *fallbacks = routes(redis, ctx.settings, ctx.provider, ctx.fallbacks)
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
@@ -73,9 +86,8 @@ async def _extract(
     timeout_s = rq_job.timeout or ctx.settings.job_timeout_s
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
-        providers = (ctx.provider, *ctx.fallbacks)
-        async with partials, _json_mode_memory(redis, providers), asyncio.timeout(deadline_s):
-            record = await attempt.run(retries_left=rq_job.retries_left or 0)
+        async with partials, _json_mode_memory(redis, learners, known), asyncio.timeout(deadline_s):
+            record = await attempt.run(retries_left=rq_job.retries_left or 0, read=job_ends.for_attempt(read))
     except (RetryLater, RedisError):
         # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
         # detection does, once Redis answers) rather than it ending as an internal error.
@@ -96,7 +108,7 @@ def _timed_out() -> JobError:
     return JobError(code=JobErrorCode.TIMEOUT, message="the job ran past JOB_TIMEOUT_S")
 
 
-async def adopt_retry_policy(redis: AsyncRedis, rq_job: RQJob, settings: Settings) -> None:
+def adopt_retry_policy(pipe: AsyncPipeline, rq_job: RQJob, settings: Settings) -> None:
     """At a job's first attempt, the worker's LLM_MAX_ATTEMPTS and RETRY_BACKOFF_S become its
     RQ retry policy: they are set where jobs run, not on the API that queued them."""
     if rq_job.retries_left is not None:
@@ -104,23 +116,37 @@ async def adopt_retry_policy(redis: AsyncRedis, rq_job: RQJob, settings: Setting
     retries = max(settings.llm_max_attempts - 1, 0)
     intervals = queueing.retry_intervals(settings, retries)
     rq_job.retries_left, rq_job.retry_intervals = retries, intervals
-    # Saved at once: if this process dies, abandoned-job detection reads it from Redis.
-    await redis.hset(rq_job.key, mapping={"retries_left": retries, "retry_intervals": json.dumps(intervals)})
+    # Saved at once (on `pipe`, sent before the attempt starts): if this process dies,
+    # abandoned-job detection reads it from Redis.
+    pipe.hset(rq_job.key, mapping={"retries_left": retries, "retry_intervals": json.dumps(intervals)})
 
 
 JSON_MODE_MEMORY_S = 24 * 3600
 
 
+# By the providers' ids; the providers are kept with their answer, so no id is reused meanwhile.
+_LEARNERS: dict[tuple[int, ...], tuple[tuple[Provider, ...], list[Any]]] = {}
+
+
+def _learners(providers: tuple[Provider, ...]) -> list[Any]:
+    """The providers that learn JSON mode (FallsBackToJsonMode), found once per worker's set of
+    providers: isinstance of a runtime Protocol costs tens of µs, at every job."""
+    key = tuple(map(id, providers))
+    known = _LEARNERS.get(key)
+    if known is None:
+        known = _LEARNERS[key] = (providers, [p for p in providers if isinstance(p, FallsBackToJsonMode)])
+    return known[1]
+
+
 @asynccontextmanager
-async def _json_mode_memory(redis: AsyncRedis, providers: tuple[Provider, ...]) -> AsyncIterator[None]:
+async def _json_mode_memory(redis: AsyncRedis, learners: list[Any], known: list[bool]) -> AsyncIterator[None]:
     """Share "this endpoint refuses JSON schemas" with every job and worker, so each job
     doesn't pay a refused call first (a work horse's own flip dies with it); for the primary
-    and each fallback, read in one round trip."""
-    learners = [p for p in providers if isinstance(p, FallsBackToJsonMode)]
+    and each fallback that learns it (`learners`), `known` (read with the job's start, in one
+    round trip)."""
     if not learners:
         yield
         return
-    known = await store.json_modes_only(redis, [p.endpoint for p in learners])
     for provider, json_mode in zip(learners, known, strict=True):
         provider.json_schema = not json_mode
     asked = [p.json_schema for p in learners]
