@@ -288,7 +288,7 @@ async def _fanout_one_size(
             for job_id in others:
                 current = JobRecord(id=job_id)
                 new = _bump(current).model_copy(update={"version": 2})
-                keys_, args = store._cas_args(current, new, 3600, f"bench-{job_id}")
+                keys_, args = store.cas_args(current, new, 3600, f"bench-{job_id}")
                 script(keys=keys_, args=args, client=pipe)
             await asyncio.to_thread(pipe.execute)
         await _wait_version(subs, others, version)

@@ -43,13 +43,15 @@ FULL_QUEUE_POLL_S = 0.05
 class AsyncServiceWorker(Tuning, BaseWorker):
     """WORKER_CLASS=async: up to `concurrency` jobs at once on one asyncio event loop.
 
-    Built on RQ 3.0's executions: each running job has its own `Execution` (created by
-    `prepare_execution`, heartbeaten by `maintain_heartbeats`, ended by RQ's
-    `_finalize_success` / `_finalize_failure`), so the started-job registry, abandoned-job
+    Built on RQ 3.0's executions: each running job has its own `Execution` (created as RQ's
+    `prepare_execution` does, heartbeaten by `maintain_heartbeats`, ended as RQ's
+    `_finalize_success` / `_finalize_failure` do), so the started-job registry, abandoned-job
     detection, `Retry`, failure callbacks and `rq info` hold for every job in flight. What
     RQ's synchronous API does (those calls, and the blocking dequeue) runs in two threads
     of its own, never on the event loop: one for bookkeeping, in order, and one that waits
-    for work.
+    for work. The takes, the starts and the good ends go a batch at a time, with RQ's own
+    calls on one pipeline (worker/rq_batches.py): RQ's round trips per job cost about as
+    much CPU as the LLM call.
 
     Where RQ's public API could not serve:
     * `Job.perform()` runs a coroutine with `asyncio.run`, which cannot nest in a running
