@@ -117,7 +117,8 @@ return {1, watchers}
 OUTBOX_MAX_LEN: int = Settings.model_fields["outbox_max_len"].default
 
 Change = Callable[[JobRecord], JobRecord | None]
-"""Returns the changed record, or None to leave the job as it is."""
+"""Returns the changed record (a copy: `model_copy(update=...)`, never the one it is given,
+changed in place), or None to leave the job as it is."""
 
 
 def encode(record: JobRecord) -> str:
@@ -207,7 +208,10 @@ def next_state(current: JobRecord, change: Change) -> JobRecord | None:
     # A terminal job never changes again: this is the one place that refuses it.
     if current.terminal:
         return None
-    changed = change(current.model_copy(deep=True))
+    # `current` itself, not a deep copy of it (30 µs a transition): a change returns a copy.
+    changed = change(current)
+    if changed is current:
+        raise ValueError("a change must return a changed copy of the record, not the record itself")
     if changed is None:
         return None
     return changed.model_copy(update={"version": current.version + 1, "updated_at": utcnow()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
@@ -54,6 +55,21 @@ async def test_terminal_job_never_changes(sync_redis: Redis, async_redis: AsyncR
     record, changed = await store.update_job(async_redis, "j1", set_stage(JobStage.CALLING_LLM), ttl_s=TTL)
     assert not changed
     assert record is not None and record.status is JobStatus.FINISHED and record.version == 2
+
+
+def test_a_change_that_hands_back_the_record_it_was_given_is_refused() -> None:
+    """A change is given the current record itself (not a deep copy: 30 µs a transition), so
+    one that changed it in place would change what the caller still holds as last seen."""
+
+    def in_place(job: JobRecord) -> JobRecord:
+        job.attempts += 1
+        return job
+
+    current = JobRecord(id="j1")
+    with pytest.raises(ValueError, match="changed copy"):
+        store.next_state(current, in_place)
+    new = store.next_state(current, set_stage(JobStage.CALLING_LLM))
+    assert new is not None and new.stage is JobStage.CALLING_LLM and current.stage is JobStage.QUEUED
 
 
 async def test_unknown_job_is_none(sync_redis: Redis, async_redis: AsyncRedis) -> None:
