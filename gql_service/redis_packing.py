@@ -32,8 +32,13 @@ class HiredisPacking(AbstractConnection):
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
-        if any(isinstance(arg, bytearray | memoryview) for arg in args):
-            args = tuple(bytes(arg) if isinstance(arg, bytearray | memoryview) else arg for arg in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            pass
+        # hiredis refuses a bytearray (redis-py packs it as bytes): only then is every
+        # argument looked at, not on every command (a CAS call carries 40 of them).
+        args = tuple(bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)
         try:
             return [hiredis.pack_command(args)]
         except TypeError:
