@@ -37,10 +37,10 @@ REGISTRY = CollectorRegistry()  # the API process's own counters (see `operation
 
 # -- written by workers -------------------------------------------------------------------
 def _observe(pipe: Any, key: str, seconds: float) -> None:
+    # Its bucket and the sum: the count is the buckets' total, read so at scrape time.
     index = bisect.bisect_left(BUCKETS, seconds)
     pipe.hincrby(key, str(BUCKETS[index]) if index < len(BUCKETS) else "+Inf", 1)
     pipe.hincrbyfloat(key, "sum", seconds)
-    pipe.hincrby(key, "count", 1)
 
 
 @dataclass
@@ -78,11 +78,13 @@ async def record_attempt(
         pipe.hincrby(keys.metrics("tokens"), "prompt", prompt_tokens)
         pipe.hincrby(keys.metrics("tokens"), "completion", completion_tokens)
         if waits is not None:
-            pipe.hincrbyfloat(keys.metrics("llm_limits"), "wait_seconds", waits.seconds)
-            pipe.hincrby(keys.metrics("llm_limits"), "rate_limited", waits.rate_limited)
-            pipe.hincrby(keys.metrics("llm_limits"), "pauses", waits.pauses)
-            if waits.fallbacks:
-                pipe.hincrby(keys.metrics("llm_limits"), "fallbacks", waits.fallbacks)
+            # Only what happened: a field never written reads as 0 at scrape time.
+            for name, amount in (("rate_limited", waits.rate_limited), ("pauses", waits.pauses),
+                                 ("fallbacks", waits.fallbacks)):  # fmt: skip
+                if amount:
+                    pipe.hincrby(keys.metrics("llm_limits"), name, amount)
+            if waits.seconds:
+                pipe.hincrbyfloat(keys.metrics("llm_limits"), "wait_seconds", waits.seconds)
             for kind, counts in (("calls", waits.calls), ("failures", waits.failures)):
                 for endpoint, count in counts.items():
                     pipe.hincrby(keys.metrics("llm_providers"), f"{kind}|{endpoint}", count)
