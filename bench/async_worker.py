@@ -195,10 +195,11 @@ def async_worker(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, An
     redis = Redis.from_url(redis_url)
     stub.latency_s = sizes.async_llm_s
     ceiling = against_the_sdk(redis, redis_url, stub, sizes)
+    pool = {"workers": sizes.pool_workers, "concurrency": 1, "jobs": sizes.async_jobs}
     side_by_side = [
         run_workers(redis, redis_url, stub, worker_class="async", workers=1, concurrency=256, jobs=sizes.async_jobs),
-        run_workers(redis, redis_url, stub, worker_class="fork", workers=8, concurrency=1, jobs=sizes.async_jobs),
-        run_workers(redis, redis_url, stub, worker_class="simple", workers=8, concurrency=1, jobs=sizes.async_jobs),
+        run_workers(redis, redis_url, stub, worker_class="fork", **pool),
+        run_workers(redis, redis_url, stub, worker_class="simple", **pool),
     ]
     sweep = [
         run_workers(redis, redis_url, stub, worker_class="async", workers=1, concurrency=c, jobs=max(4 * c, 200))
@@ -258,12 +259,14 @@ def rpm_budget(redis_url: str, stub: OpenAIStub, sizes: Sizes) -> dict[str, Any]
     env = stub_env("bench-rpm", stub) | {"LLM_RPM": str(rpm), "WORKER_CONCURRENCY": "256"}
     with Service(redis_url, workers=0, env=env) as svc:
         _submit_texts(svc, sizes.rpm_jobs)
-        svc.start_worker(2)
+        workers = svc.start_worker(2)
         wait_until(lambda: len(stub.arrivals) > 0, timeout_s=30, what="the first call")
         first = stub.arrivals[0]
         time.sleep(max(0.0, first + seconds + 1 - time.monotonic()))
         calls = [t for t in stub.arrivals if t - first < seconds]
         over = stub.over_limit
+        # Measured: stopped at once, not warmly (its jobs in flight wait a minute for budget).
+        workers.kill_group()
     stub.reset()
     per_minute = len(calls) * 60 / seconds
     progress(f"      {len(calls)} calls in {seconds:.0f} s ({per_minute:.0f} a minute), {over} answered 429")

@@ -338,7 +338,8 @@ def _async_worker(aw: dict[str, Any]) -> list[str]:
         "",
         f"Targets for one async process: >= {TARGETS['async_jobs_per_s']} jobs/s: "
         f"{_mark(first['jobs_per_s'] >= TARGETS['async_jobs_per_s'])}; <= {TARGETS['async_rss_mib']} MiB: "
-        f"{_mark(first['peak_rss_mib'] <= TARGETS['async_rss_mib'])}. Ratio to 8 `fork` workers: "
+        f"{_mark(first['peak_rss_mib'] <= TARGETS['async_rss_mib'])}. Ratio to "
+        f"{aw['side_by_side'][1]['workers']} `fork` workers: "
         f"{first['jobs_per_s'] / aw['side_by_side'][1]['jobs_per_s']:.1f}x the jobs/s.",
         "",
         *_ceiling(aw.get("ceiling")),

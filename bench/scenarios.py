@@ -56,6 +56,7 @@ class Sizes:
     rpm_jobs: int = 2000
     profile: bool = True  # py-spy on the async worker (needs ptrace; not in the smoke run)
     ceiling_rounds: int = 3  # the async worker against the SDK alone, alternating
+    pool_workers: int = 8  # the fork and simple workers beside one async worker
     partial_subscribers: int = 1000
     partial_chunks: int = 400
     partial_seconds: float = 2.0
@@ -104,7 +105,7 @@ class Sizes:
             stream_subscribers=20, bulk_jobs=50, bulk_llm_s=0.05, hostile_rounds=2, tracing_rounds=1,
             priority_low_jobs=200, priority_high_jobs=3, priority_llm_s=0.05, breaker_jobs=20, breaker_rounds=1,
             economy_jobs=50, economy_llm_s=0.05, garbage_jobs=20, garbage_clients=2, garbage_window=10,
-            garbage_chunks=20, garbage_stream_s=0.3, ceiling_rounds=1,
+            garbage_chunks=20, garbage_stream_s=0.3, ceiling_rounds=1, pool_workers=2,
         )  # fmt: skip
 
 
