@@ -16,22 +16,20 @@ fi
 # bash waits for a foreground command before it acts on a SIGINT sent to its own pid (not
 # the group): the install ran to its end and the service started anyway. So the command
 # runs in the background, and `wait` returns at the signal. (A background command ignores
-# SIGINT in a script: it is stopped with SIGTERM.) The traps come first: a signal between
-# the command's start and the traps killed the script and left the command running.
+# SIGINT in a script: it is stopped with SIGTERM.)
 interruptible() {
-  trap '_stop_children; echo "interrupted" >&2; exit 130' INT
-  trap '_stop_children; exit 143' TERM
   "$@" &
+  _child=$!
+  trap '_stop_child; echo "interrupted" >&2; exit 130' INT
+  trap '_stop_child; exit 143' TERM
   _status=0
-  wait "$!" || _status=$?
+  wait "$_child" || _status=$?
   trap - INT TERM
   return "$_status"
 }
-# Every command this script runs in the background (the one `interruptible` runs), even if
-# the signal came before its pid was noted.
-_stop_children() {
-  kill -TERM $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
+_stop_child() {
+  kill -TERM "$_child" 2>/dev/null || true
+  wait "$_child" 2>/dev/null || true
 }
 
 uv="$(command -v uv || true)"
