@@ -186,21 +186,3 @@ async def test_a_taken_job_whose_hash_is_gone_is_skipped_and_left_to_rqs_cleanup
     assert [job.id for job, _ in taken] == [kept.id]
     intermediate = IntermediateQueue.get_intermediate_queue_key(queue.key)
     assert [i.decode() for i in sync_redis.lrange(intermediate, 0, -1)] == [gone.id, kept.id]
-
-
-async def test_a_take_clears_the_mark_rqs_cleanup_left_on_an_earlier_stay_in_the_intermediate_list(
-    sync_redis: Redis, async_redis: AsyncRedis
-) -> None:
-    """RQ's cleanup marks a job it finds in an intermediate list and never removes the mark: a
-    minute later it would fail the job at once, were it found there again between a later take
-    and its start (a job retried after it was stuck there), while the worker runs it."""
-    queue = Queue("batches-seen", connection=sync_redis)
-    job = queue.enqueue("builtins.len", "x")
-    intermediate = IntermediateQueue(queue.key, connection=sync_redis)
-    intermediate.set_first_seen(job.id)
-    sync_redis.set(intermediate.get_first_seen_key(job.id), 0)  # seen there long ago
-    assert intermediate.should_be_cleaned_up(job.id)
-    [(taken, _)] = await rq_batches.take_many(_worker(sync_redis, queue), async_redis, [[queue]])
-    assert taken.id == job.id and intermediate.get_job_ids() == [job.id]  # between its take and its start
-    assert not intermediate.should_be_cleaned_up(job.id)
-    assert intermediate.set_first_seen(job.id)  # a cleanup now sees it for the first time

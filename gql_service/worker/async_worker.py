@@ -82,7 +82,6 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         self._stopping: set[str] = set()  # job ids stopped on request
         self.context = context.of_process()  # with this loop's shared Redis client once it runs
         self._cold = False
-        self._unstarted = rq_batches.Count()  # jobs taken whose start is not written yet
         # Made once, not per dequeue: Redis unreachable, the next job waits by this policy.
         self._outage = Outage(f"worker {self.name}", log, give_up_when=lambda: self._stop_requested, cap_s=5.0)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,10 +193,6 @@ class AsyncServiceWorker(Tuning, BaseWorker):
 
         async def take() -> list[tuple[RQJob, Queue]]:
             if self.should_run_maintenance_tasks:
-                # RQ's cleanup fails a job it finds in a queue's intermediate list and not
-                # started (and at once if it saw it there a minute before, even on an earlier
-                # take): none this worker took may be between its take and its start.
-                await self._unstarted.zero()
                 await self._bookkeeping(self.run_maintenance_tasks)
             taken = await self._take_many(orders, shares)
             if not taken and not no_wait:
@@ -217,8 +212,15 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     ) -> list[tuple[RQJob, Queue]]:
         assert self._loop is not None and self.context.redis is not None
         if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
-            one = await self._dequeue(None, orders[0])
-            return [one] if one is not None else []
+
+            def take_one() -> list[tuple[RQJob, Queue]]:
+                one = self.queue_class.dequeue_any(
+                    orders[0], None, connection=self.connection, job_class=self.job_class,
+                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+                )  # fmt: skip
+                return [one] if one is not None else []
+
+            return await self._loop.run_in_executor(self._waiter, take_one)
         return await rq_batches.take_many(self, self.context.redis, orders, shares)
 
     async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
@@ -243,8 +245,14 @@ class AsyncServiceWorker(Tuning, BaseWorker):
             job.timeout = self.job_timeout_s  # the worker's setting, as in Tuning.execute_job
         job.redis_server_version = self.get_redis_server_version()
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
-        release_once = functools.cache(release)  # the slot, freed once: by _perform, or below
-        self._unstarted.add()
+
+        released = False
+
+        def release_once() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                release()
 
         async def run() -> None:
             execution: Execution | None = None
@@ -254,8 +262,6 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 except Exception:
                     log.exception("job %s: could not start; abandoned-job detection will retry it", job.id)
                     return
-                finally:
-                    self._unstarted.remove()
                 self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
                 tasks.started_with.set(started_with)  # this task's own context, as RQ's current job
                 await self._perform(job, queue, execution, release_once)

@@ -59,10 +59,8 @@ TAKE_AT_MOST = 8
 # ARGV[2][i] (a digit), whose free slots are ARGV[3]'s numbers: a queue whose share is full
 # is passed over. An empty take ends it: so would the next ones, the script being atomic.
 # Each job taken comes back with its hash (ARGV[4]: the job keys' prefix), as RQ reads it
-# next: one round trip, not two. The job's "first seen" mark in the intermediate list goes:
-# RQ's cleanup sets it and never removes it, and would fail the job at once, mid-start, on a
-# later take, a minute after an earlier stay there. (Keys not named in KEYS: fine on one
-# Redis and under Sentinel, which is what the service runs on; not on Redis Cluster.)
+# next: one round trip, not two. (A key not named in KEYS: fine on one Redis and under
+# Sentinel, which is what the service runs on; not on Redis Cluster, as RQ itself is not.)
 _TAKE_LUA = """
 local n, out, free = tonumber(ARGV[1]), {}, {}
 for f in string.gmatch(ARGV[3], '%d+') do free[#free + 1] = tonumber(f) end
@@ -75,7 +73,6 @@ for t = 5, #ARGV do
       local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
       if id then
         free[share] = free[share] - 1
-        redis.call('DEL', KEYS[n + i] .. ':first_seen:' .. id)
         out[#out + 1] = {i, id, redis.call('HGETALL', ARGV[4] .. id)}
         found = true
         break
@@ -270,27 +267,6 @@ def _after_success(worker: BaseWorker, job: RQJob, value: Any) -> None:
     worker.log.info("Worker %s: %s: %s (%s)", worker.name, green(job.origin), blue("Job OK"), job.id)
     if value is not None:
         worker.log.debug("Worker %s: result: %r", worker.name, value)
-
-
-class Count:
-    """A count on the event loop, and a wait for it to be zero."""
-
-    def __init__(self) -> None:
-        self._n = 0
-        self._zero = asyncio.Event()
-        self._zero.set()
-
-    def add(self) -> None:
-        self._n += 1
-        self._zero.clear()
-
-    def remove(self) -> None:
-        self._n -= 1
-        if not self._n:
-            self._zero.set()
-
-    async def zero(self) -> None:
-        await self._zero.wait()
 
 
 class Coalescer(Generic[I, R]):
