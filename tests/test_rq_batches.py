@@ -12,7 +12,6 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue, SimpleWorker
-from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 
 from gql_service.worker import rq_batches
@@ -174,15 +173,3 @@ async def test_a_take_is_bounded_by_each_share_of_slots_not_by_the_fullest(
     taken = await rq_batches.take_many(worker, async_redis, [[hooks, llm]] * 10, shares)
     assert sorted(q.name for _, q in taken) == [llm.name] * 6 + [hooks.name] * 2
     assert (llm.count, hooks.count) == (2, 1)  # the rest left queued
-
-
-async def test_a_taken_job_whose_hash_is_gone_is_skipped_and_left_to_rqs_cleanup(
-    sync_redis: Redis, async_redis: AsyncRedis
-) -> None:
-    queue = Queue("batches-gone", connection=sync_redis)
-    gone, kept = queue.enqueue("builtins.len", "x"), queue.enqueue("builtins.len", "y")
-    sync_redis.delete(gone.key)  # expired, or deleted by hand, while its id waited in the queue
-    taken = await rq_batches.take_many(_worker(sync_redis, queue), async_redis, [[queue]] * 3)
-    assert [job.id for job, _ in taken] == [kept.id]
-    intermediate = IntermediateQueue.get_intermediate_queue_key(queue.key)
-    assert [i.decode() for i in sync_redis.lrange(intermediate, 0, -1)] == [gone.id, kept.id]

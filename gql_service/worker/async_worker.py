@@ -276,8 +276,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
 
     async def _perform(self, job: RQJob, queue: Queue, execution: Execution, release: Callable[[], None]) -> None:
         """RQ's `perform_job`, with the job awaited instead of called. `release`: the job's
-        slot, freed once its function has returned or raised: RQ's record of its end (a batch
-        at a time) holds no slot another job could use."""
+        slot, freed once its function has returned or raised: RQ's record of its end (on the
+        bookkeeping thread, a batch at a time) holds no slot another job could use."""
         try:
             job.started_at = now()
             _current_job.set(job)  # this task's own context
