@@ -3,31 +3,14 @@ RQ's own one-job-at-a-time calls do: the same keys, registries, states, results 
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import re
-from collections.abc import Callable
-from typing import Any
 
 from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 
 from gql_service.worker import rq_batches
-
-
-async def _on_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """As the async worker runs RQ's own calls: on a thread, off the loop."""
-    return await asyncio.to_thread(fn, *args)
-
-
-def _origin(pipe: Any, job: Job) -> Callable[[list[Any]], Any]:
-    """A job's own read, queued with RQ's start of it (as the async worker queues an LLM
-    job's first reads there)."""
-    pipe.hget(job.key, "origin")
-    end = len(pipe.command_stack)
-    return lambda replies: replies[end - 1]
 
 
 def _worker(redis: Redis, *queues: Queue) -> SimpleWorker:
@@ -58,13 +41,11 @@ def _by_rq(worker: SimpleWorker, queue: Queue) -> Job:
     return job
 
 
-async def _batched(worker: SimpleWorker, redis: AsyncRedis, queue: Queue, n: int) -> list[Job]:
-    taken = await rq_batches.take_many(worker, redis, [[queue]] * (n + 2))  # more takes than jobs: the rest find none
+def _batched(worker: SimpleWorker, queue: Queue, n: int) -> list[Job]:
+    taken = rq_batches.take_many(worker, [[queue]] * (n + 2))  # more takes than jobs: the rest find none
     assert [q.name for _, q in taken] == [queue.name] * n
     jobs = [job for job, _ in taken]
-    prepared = await rq_batches.prepare_many(worker, redis, jobs, _origin)
-    assert [read for _, read in prepared] == [queue.name.encode()] * n  # each job's own read, in the same MULTI
-    executions = [execution for execution, _ in prepared]
+    executions = rq_batches.prepare_many(worker, jobs)
     assert {job.get_status() for job in jobs} == {JobStatus.STARTED}
     assert set(queue.started_job_registry.get_job_ids()) == {job.id for job in jobs}
     assert worker.get_state() == "busy" and len(worker.executions) == n
@@ -72,11 +53,11 @@ async def _batched(worker: SimpleWorker, redis: AsyncRedis, queue: Queue, n: int
     for job, execution in zip(jobs, executions, strict=True):
         job.started_at = job.enqueued_at
         ended.append((job, queue, execution, "answer", contextvars.copy_context()))
-    assert await rq_batches.finish_many(worker, redis, ended, _on_thread) == [None] * n
+    assert rq_batches.finish_many(worker, ended) == [None] * n
     return jobs
 
 
-async def test_a_batch_leaves_what_rqs_own_calls_leave_job_by_job(sync_redis: Redis, async_redis: AsyncRedis) -> None:
+def test_a_batch_leaves_what_rqs_own_calls_leave_job_by_job(sync_redis: Redis) -> None:
     queue = Queue("batches-rq", connection=sync_redis)
     queue.enqueue("builtins.len", "x", result_ttl=600)
     worker = _worker(sync_redis, queue)
@@ -87,7 +68,7 @@ async def test_a_batch_leaves_what_rqs_own_calls_leave_job_by_job(sync_redis: Re
     queue = Queue("batches-ours", connection=sync_redis)
     ids = [queue.enqueue("builtins.len", "x", result_ttl=600).id for _ in range(3)]
     worker = _worker(sync_redis, queue)
-    jobs = await _batched(worker, async_redis, queue, 3)
+    jobs = _batched(worker, queue, 3)
     assert [job.id for job in jobs] == ids  # in the queue's order
     for job in jobs:
         assert job.get_status(refresh=True) == JobStatus.FINISHED
@@ -103,30 +84,26 @@ async def test_a_batch_leaves_what_rqs_own_calls_leave_job_by_job(sync_redis: Re
     assert worker.successful_job_count == 3
 
 
-async def test_each_take_looks_at_the_queues_in_its_own_order(sync_redis: Redis, async_redis: AsyncRedis) -> None:
+def test_each_take_looks_at_the_queues_in_its_own_order(sync_redis: Redis) -> None:
     high, normal = Queue("batches-high", connection=sync_redis), Queue("batches-normal", connection=sync_redis)
     for queue in (high, normal):
         for _ in range(2):
             queue.enqueue("builtins.len", "x")
     worker = _worker(sync_redis, high, normal)
-    orders = [[high, normal], [normal, high], [high, normal], [high, normal]]
-    taken = await rq_batches.take_many(worker, async_redis, orders)
+    taken = rq_batches.take_many(worker, [[high, normal], [normal, high], [high, normal], [high, normal]])
     assert [q.name for _, q in taken] == ["batches-high", "batches-normal", "batches-high", "batches-normal"]
 
 
-async def test_a_job_with_dependents_ends_through_rqs_own_path_which_releases_them(
-    sync_redis: Redis, async_redis: AsyncRedis
-) -> None:
+def test_a_job_with_dependents_ends_through_rqs_own_path_which_releases_them(sync_redis: Redis) -> None:
     queue = Queue("batches-dependents", connection=sync_redis)
     parent = queue.enqueue("builtins.len", "x")
     child = queue.enqueue("builtins.len", "y", depends_on=parent)
     worker = _worker(sync_redis, queue)
-    [(job, _)] = await rq_batches.take_many(worker, async_redis, [[queue]] * 2)
+    [(job, _)] = rq_batches.take_many(worker, [[queue]] * 2)
     assert job.id == parent.id
-    [(execution, _)] = await rq_batches.prepare_many(worker, async_redis, [job])
+    [execution] = rq_batches.prepare_many(worker, [job])
     job.started_at = job.enqueued_at
-    ended = [(job, queue, execution, None, contextvars.copy_context())]
-    assert await rq_batches.finish_many(worker, async_redis, ended, _on_thread) == [None]
+    assert rq_batches.finish_many(worker, [(job, queue, execution, None, contextvars.copy_context())]) == [None]
     assert job.get_status(refresh=True) == JobStatus.FINISHED
     assert child.get_status(refresh=True) == JobStatus.QUEUED and queue.get_job_ids() == [child.id]
 
@@ -154,22 +131,3 @@ def test_rqs_own_bookkeeping_is_still_made_of_the_calls_the_batches_make() -> No
         source = inspect.getsource(method)
         assert [call for call in calls if call not in source] == [], method.__qualname__
         assert source.count("pipeline.execute()") + source.count("pipe.execute()") <= 1, method.__qualname__
-
-
-async def test_a_take_is_bounded_by_each_share_of_slots_not_by_the_fullest(
-    sync_redis: Redis, async_redis: AsyncRedis
-) -> None:
-    """A worker's LLM queues and its webhook queue each draw on their own slots: a take fills
-    both, no more from either than it has free (the webhook queue's few free slots once
-    bounded every take of LLM jobs)."""
-    llm, hooks = Queue("batches-llm", connection=sync_redis), Queue("batches-llm-webhooks", connection=sync_redis)
-    for queue, n in ((llm, 8), (hooks, 3)):
-        for _ in range(n):
-            queue.enqueue("builtins.len", "x")
-    worker = _worker(sync_redis, llm, hooks)
-    slots = {llm.name: asyncio.Semaphore(6), hooks.name: asyncio.Semaphore(2)}
-    shares = rq_batches.free_shares([llm, hooks], slots)
-    assert sum(free for free, _ in shares) == 8
-    taken = await rq_batches.take_many(worker, async_redis, [[hooks, llm]] * 10, shares)
-    assert sorted(q.name for _, q in taken) == [llm.name] * 6 + [hooks.name] * 2
-    assert (llm.count, hooks.count) == (2, 1)  # the rest left queued

@@ -30,7 +30,7 @@ from rq.worker import BaseWorker, WorkerStatus
 from gql_service import keys
 from gql_service.partials import Demand
 from gql_service.redis_conn import ASYNC_OUTAGE_ERRORS, Outage, async_client
-from gql_service.worker import context, rq_batches, tasks
+from gql_service.worker import context, rq_batches
 from gql_service.worker.tuning import Tuning, background, is_extraction
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,12 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     Built on RQ 3.0's executions: each running job has its own `Execution` (created as RQ's
     `prepare_execution` does, heartbeaten by `maintain_heartbeats`, ended as RQ's
     `_finalize_success` / `_finalize_failure` do), so the started-job registry, abandoned-job
-    detection, `Retry`, failure callbacks and `rq info` hold for every job in flight. The
-    takes, the starts and the good ends go a batch at a time, with RQ's own calls on one
-    pipeline of the loop's Redis client (worker/rq_batches.py): RQ's round trips per job
-    cost about as much CPU as the LLM call. What needs RQ's synchronous API (the other
-    ends, heartbeats, maintenance, the blocking wait for work when idle) runs in two
-    threads of its own, never on the event loop: one for bookkeeping, in order, and one
-    that waits for work.
+    detection, `Retry`, failure callbacks and `rq info` hold for every job in flight. What
+    RQ's synchronous API does (those calls, and the blocking dequeue) runs in two threads
+    of its own, never on the event loop: one for bookkeeping, in order, and one that waits
+    for work. The takes, the starts and the good ends go a batch at a time, with RQ's own
+    calls on one pipeline (worker/rq_batches.py): RQ's round trips per job cost about as
+    much CPU as the LLM call.
 
     Where RQ's public API could not serve:
     * `Job.perform()` runs a coroutine with `asyncio.run`, which cannot nest in a running
@@ -88,9 +87,9 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         self._books = ThreadPoolExecutor(1, thread_name_prefix="rq-bookkeeping")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="rq-dequeue")
         # RQ's bookkeeping of the jobs starting, and of those that ended well, a batch at a
-        # time (worker/rq_batches.py): one MULTI for every job ready meanwhile, on the loop.
-        self._prepares = rq_batches.Coalescer(self._prepare_many)
-        self._finishes = rq_batches.Coalescer(self._finish_many)
+        # time (worker/rq_batches.py): one pipeline or MULTI for every job ready meanwhile.
+        self._prepares = rq_batches.Coalescer(functools.partial(rq_batches.prepare_many, self), self._bookkeeping)
+        self._finishes = rq_batches.Coalescer(functools.partial(rq_batches.finish_many, self), self._bookkeeping)
 
     # -- RQ's entry point ------------------------------------------------------------------
     def work(self, burst: bool = False, with_scheduler: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
@@ -183,8 +182,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         is seen soon), unless `no_wait`.
         Redis unreachable: the one outage policy waits for it, until a stop request; the
         jobs in flight carry on meanwhile."""
-        shares = rq_batches.free_shares(queues, slots)
-        room = min(rq_batches.TAKE_AT_MOST, sum(free for free, _ in shares))
+        # Semaphore._value: the slots free (asyncio's own count; only this loop takes them).
+        room = min(rq_batches.TAKE_AT_MOST, *(slots[q.name]._value for q in queues))
         names = {q.name for q in queues}
         # Take n looks at the queues in the order the worker would give take n one by one.
         orders = [queues] + [
@@ -194,7 +193,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         async def take() -> list[tuple[RQJob, Queue]]:
             if self.should_run_maintenance_tasks:
                 await self._bookkeeping(self.run_maintenance_tasks)
-            taken = await self._take_many(orders, shares)
+            taken = await self._take_many(orders)
             if not taken and not no_wait:
                 if not self._running:
                     await self._bookkeeping(self.set_state, WorkerStatus.IDLE)
@@ -207,21 +206,18 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         except ASYNC_OUTAGE_ERRORS:
             return []  # stopping
 
-    async def _take_many(
-        self, orders: list[list[Queue]], shares: list[tuple[int, list[str]]]
-    ) -> list[tuple[RQJob, Queue]]:
-        assert self._loop is not None and self.context.redis is not None
-        if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
-
-            def take_one() -> list[tuple[RQJob, Queue]]:
+    async def _take_many(self, orders: list[list[Queue]]) -> list[tuple[RQJob, Queue]]:
+        def take_many() -> list[tuple[RQJob, Queue]]:
+            if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
                 one = self.queue_class.dequeue_any(
                     orders[0], None, connection=self.connection, job_class=self.job_class,
                     serializer=self.serializer, death_penalty_class=self.death_penalty_class,
                 )  # fmt: skip
                 return [one] if one is not None else []
+            return rq_batches.take_many(self, orders)
 
-            return await self._loop.run_in_executor(self._waiter, take_one)
-        return await rq_batches.take_many(self, self.context.redis, orders, shares)
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._waiter, take_many)
 
     async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
         def dequeue() -> tuple[RQJob, Queue] | None:
@@ -246,38 +242,27 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         job.redis_server_version = self.get_redis_server_version()
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
 
-        released = False
-
-        def release_once() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                release()
-
         async def run() -> None:
             execution: Execution | None = None
             try:
                 try:
-                    execution, started_with = await self._prepares(job)
+                    execution = await self._prepares(job)
                 except Exception:
                     log.exception("job %s: could not start; abandoned-job detection will retry it", job.id)
                     return
                 self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
-                tasks.started_with.set(started_with)  # this task's own context, as RQ's current job
-                await self._perform(job, queue, execution, release_once)
+                await self._perform(job, queue, execution)
             finally:
                 if execution is not None:
                     self._tasks.pop(execution.id, None)
-                release_once()
+                release()
 
         task = asyncio.create_task(run(), name=f"job {job.id}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _perform(self, job: RQJob, queue: Queue, execution: Execution, release: Callable[[], None]) -> None:
-        """RQ's `perform_job`, with the job awaited instead of called. `release`: the job's
-        slot, freed once its function has returned or raised: RQ's record of its end (on the
-        bookkeeping thread, a batch at a time) holds no slot another job could use."""
+    async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
+        """RQ's `perform_job`, with the job awaited instead of called."""
         try:
             job.started_at = now()
             _current_job.set(job)  # this task's own context
@@ -286,8 +271,6 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                     result = await self._call(job)
             except TimeoutError:
                 raise JobTimeoutException(f"Task exceeded maximum timeout value ({job.timeout} seconds)") from None
-            finally:
-                release()
         except asyncio.CancelledError:
             if self._cold:
                 raise  # a cold stop: left to abandoned-job detection, which retries the job
@@ -323,19 +306,6 @@ class AsyncServiceWorker(Tuning, BaseWorker):
             # Redis gone mid-write, say: the execution's heartbeats stop with it, so
             # abandoned-job detection retries the job. One job never ends the worker.
             log.exception("job %s: could not record how it ended", args[0].id)
-
-    async def _prepare_many(self, jobs: list[RQJob]) -> list[tuple[Execution, Any]]:
-        """RQ's start of each job, and (for an LLM job) the job's own first reads, in one MULTI."""
-        assert self.context.redis is not None
-
-        def start_reads(pipe: Any, job: RQJob) -> Callable[[list[Any]], Any] | None:
-            return tasks.queue_start(pipe, self.context, job, job.args[0]) if is_extraction(job) else None
-
-        return await rq_batches.prepare_many(self, self.context.redis, jobs, start_reads)
-
-    async def _finish_many(self, ended: list[rq_batches.Ended]) -> list[BaseException | None]:
-        assert self.context.redis is not None
-        return await rq_batches.finish_many(self, self.context.redis, ended, self._bookkeeping)
 
     async def _bookkeeping(self, fn: Any, *args: Any) -> Any:
         """Run RQ's synchronous API off the loop, in order, with the caller's context (the

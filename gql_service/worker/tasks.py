@@ -13,7 +13,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -61,44 +60,21 @@ async def run_extraction(ctx: WorkerContext, job_id: str) -> str | None:
 TIMEOUT_MARGIN_S = 1.0
 
 
-# What a job starts with (`queue_start`'s replies, read): its record, text and batch answer,
-# and which of its providers are known to take JSON mode only.
-StartReads = tuple[job_ends.ForAttempt, list[bool]]
-# Set by the async worker in a job's task when the job's start reads went with RQ's start of
-# it, in one MULTI (worker/rq_batches.py `prepare_many`): the job does not read them again.
-started_with: ContextVar[StartReads | None] = ContextVar("started_with", default=None)
-
-
-def queue_start(
-    pipe: AsyncPipeline, ctx: WorkerContext, rq_job: RQJob, job_id: str
-) -> Callable[[list[Any]], StartReads]:
-    """What a job starts with, queued on `pipe`: its retry policy saved, what the endpoints
-    are known to refuse, its record and text. Gives how to read them from the replies of
-    the pipeline's commands up to these."""
-    learners = _learners((ctx.provider, *ctx.fallbacks))
-    adopt_retry_policy(pipe, rq_job, ctx.settings)
-    if learners:
-        pipe.mget([keys.json_mode_only(p.endpoint) for p in learners])
-    job_ends.read_for_attempt(pipe, job_id)
-    end = len(pipe.command_stack)
-
-    def read(replies: list[Any]) -> StartReads:
-        mine = replies[:end]
-        return job_ends.for_attempt(mine[-1]), [value is not None for value in mine[-2]] if learners else []
-
-    return read
-
-
 async def _extract(
     ctx: WorkerContext, redis: AsyncRedis, rq_job: RQJob, job_id: str, demand: Demand | None
 ) -> str | None:
-    learners = _learners((ctx.provider, *ctx.fallbacks))
-    start = started_with.get()
-    if start is None:  # in one round trip of its own
-        async with redis.pipeline(transaction=False) as pipe:
-            reads = queue_start(pipe, ctx, rq_job, job_id)
-            start = reads(await pipe.execute())
-    read, known = start
+    providers = (ctx.provider, *ctx.fallbacks)
+    learners = _learners(providers)
+    # What a job starts with, in one round trip: its retry policy saved, what the endpoints
+    # are known to refuse, its record and text.
+    async with redis.pipeline(transaction=False) as pipe:
+        adopt_retry_policy(pipe, rq_job, ctx.settings)
+        if learners:
+            pipe.mget([keys.json_mode_only(p.endpoint) for p in learners])
+        job_ends.read_for_attempt(pipe, job_id)
+        replies = await pipe.execute()
+    read = replies[-1]
+    known = [value is not None for value in replies[-2]] if learners else []
     ttl_s = ctx.settings.result_ttl_s
     primary, *fallbacks = routes(redis, ctx.settings, ctx.provider, ctx.fallbacks)
     partials = PartialStream(redis, job_id, interval_s=ctx.settings.partial_interval_ms / 1000, demand=demand)
@@ -111,7 +87,7 @@ async def _extract(
     deadline_s = max(timeout_s - TIMEOUT_MARGIN_S, timeout_s / 2)
     try:
         async with partials, _json_mode_memory(redis, learners, known), asyncio.timeout(deadline_s):
-            record = await attempt.run(retries_left=rq_job.retries_left or 0, read=read)
+            record = await attempt.run(retries_left=rq_job.retries_left or 0, read=job_ends.for_attempt(read))
     except (RetryLater, RedisError):
         # RedisError: the record can't be written now; RQ retries the job (or abandoned-job
         # detection does, once Redis answers) rather than it ending as an internal error.
