@@ -74,9 +74,13 @@ def test_a_stop_signal_during_the_first_use_install_stops_the_script_at_once(tmp
     (fake / "uv").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")}
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    # SIGINT as a developer's shell leaves it (default), whatever this process inherited: a
+    # suite started in the background of a script inherits it ignored, and bash cannot trap a
+    # signal ignored when it started (the test then failed after its 10 s).
     run = subprocess.Popen(
-        ["bash", "scripts/run"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        ["bash", "scripts/run"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 30
     while not started.exists():  # the stand-in's own mark: the install is under way
         assert time.monotonic() < deadline and run.poll() is None, "the install never started"
