@@ -53,6 +53,12 @@ def write_once(token: str) -> str:
     return f"{PREFIX}:once:{token}"
 
 
+def take(token: str) -> str:
+    """What an async worker's take moved (gql_service.worker.rq_batches): a take sent again
+    after its reply was lost answers with it instead of taking more."""
+    return f"{PREFIX}:take:{token}"
+
+
 def job_id_of(record_key: str) -> str:
     return record_key.removeprefix(f"{PREFIX}:job:")
 

@@ -5,6 +5,12 @@ through a proxy that lets every 7th EXEC, EVAL and EVALSHA run and then loses it
 Before the fix, 150 submits through such a proxy were all answered and FINISHED, yet the LLM
 was called 153 times (a submit's MULTI ran twice: its RQ job queued twice) and 6 jobs had
 `attempts` 2 after one attempt (a transition applied twice).
+
+Then the async worker's own RQ bookkeeping (3 runs of 6 failed on one day): a take sent again
+took more jobs and left the first take's in RQ's intermediate list for RQ's cleanup to fail a
+minute later (the test timed out); the jobs revived from there carried RQ's old "first seen"
+mark, and a cleanup failed them again while they ran (a text sent to the LLM twice, or a job
+with `attempts` 2). Now a take lands once and clears the mark (tests/test_rq_batches.py).
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ def test_submits_and_transitions_land_once_through_a_network_that_loses_replies(
     port = urlparse(e2e_redis).port
     assert port is not None
     with LossyProxy(port, every=7) as proxy:
-        # A lost reply can also lose RQ's hold on a job (its take or its start): the job is then
-        # noticed as lost and run again after WORKER_LOST_AFTER_S (60 s by default, which once
-        # ran this test past its 120 s), once.
+        # A lost reply can also lose RQ's hold on a job (its start written, the reply lost
+        # after redis-py's retries): the job is then noticed as lost and run again after
+        # WORKER_LOST_AFTER_S (60 s by default, which once ran this test past its 120 s), once.
         env = {**stub.env, "RQ_QUEUE": "llm-lossy", "WORKER_CONCURRENCY": "16", "WORKER_LOST_AFTER_S": "5"}
         with Service(proxy.url, workers=1, env=env) as svc:
             # Half with an idempotency key, tried again with it when the service could not

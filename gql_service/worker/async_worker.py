@@ -11,6 +11,7 @@ import inspect
 import logging
 import signal
 import sys
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
@@ -20,6 +21,7 @@ from rq import Queue
 from rq.command import parse_payload
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job as RQJob
 from rq.job import _current_job  # private: see AsyncServiceWorker's docstring
 from rq.registry import BaseRegistry
@@ -29,7 +31,7 @@ from rq.worker import BaseWorker, WorkerStatus
 
 from gql_service import keys
 from gql_service.partials import Demand
-from gql_service.redis_conn import ASYNC_OUTAGE_ERRORS, Outage, async_client
+from gql_service.redis_conn import ASYNC_OUTAGE_ERRORS, OUTAGE_ERRORS, Outage, async_client
 from gql_service.worker import context, rq_batches
 from gql_service.worker.tuning import Tuning, background, is_extraction
 
@@ -81,6 +83,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         self._stopping: set[str] = set()  # job ids stopped on request
         self.context = context.of_process()  # with this loop's shared Redis client once it runs
         self._cold = False
+        self._unstarted = rq_batches.Count()  # jobs taken whose start is not written yet
+        self._last_take: str | None = None  # the token of the last take that answered
         # Made once, not per dequeue: Redis unreachable, the next job waits by this policy.
         self._outage = Outage(f"worker {self.name}", log, give_up_when=lambda: self._stop_requested, cap_s=5.0)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -190,10 +194,16 @@ class AsyncServiceWorker(Tuning, BaseWorker):
             [q for q in self.order_of_take(self._takes + 1 + n) if q.name in names] for n in range(1, room)
         ]
 
+        token = uuid.uuid4().hex  # this take's, on every try of it: it takes once (rq_batches)
+
         async def take() -> list[tuple[RQJob, Queue]]:
             if self.should_run_maintenance_tasks:
+                # RQ's cleanup fails a job it finds in a queue's intermediate list and not
+                # started: none this worker took may be between its take and its start.
+                await self._unstarted.zero()
                 await self._bookkeeping(self.run_maintenance_tasks)
-            taken = await self._take_many(orders)
+            taken = await self._take_many(orders, token)
+            self._last_take = token
             if not taken and not no_wait:
                 if not self._running:
                     await self._bookkeeping(self.set_state, WorkerStatus.IDLE)
@@ -206,7 +216,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         except ASYNC_OUTAGE_ERRORS:
             return []  # stopping
 
-    async def _take_many(self, orders: list[list[Queue]]) -> list[tuple[RQJob, Queue]]:
+    async def _take_many(self, orders: list[list[Queue]], token: str) -> list[tuple[RQJob, Queue]]:
         def take_many() -> list[tuple[RQJob, Queue]]:
             if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
                 one = self.queue_class.dequeue_any(
@@ -214,7 +224,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                     serializer=self.serializer, death_penalty_class=self.death_penalty_class,
                 )  # fmt: skip
                 return [one] if one is not None else []
-            return rq_batches.take_many(self, orders)
+            return rq_batches.take_many(self, orders, token, self._last_take)
 
         assert self._loop is not None
         return await self._loop.run_in_executor(self._waiter, take_many)
@@ -222,7 +232,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
         def dequeue() -> tuple[RQJob, Queue] | None:
             try:
-                return self.queue_class.dequeue_any(
+                taken = self.queue_class.dequeue_any(
                     queues,
                     timeout,
                     connection=self.connection,
@@ -232,6 +242,9 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 )
             except DequeueTimeout:
                 return None
+            if taken is not None:  # as the take script does (rq_batches._TAKE_LUA)
+                self.connection.delete(IntermediateQueue(taken[1].key, self.connection).get_first_seen_key(taken[0].id))
+            return taken
 
         assert self._loop is not None
         return await self._loop.run_in_executor(self._waiter, dequeue)
@@ -241,15 +254,18 @@ class AsyncServiceWorker(Tuning, BaseWorker):
             job.timeout = self.job_timeout_s  # the worker's setting, as in Tuning.execute_job
         job.redis_server_version = self.get_redis_server_version()
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
+        self._unstarted.add()
 
         async def run() -> None:
             execution: Execution | None = None
             try:
                 try:
                     execution = await self._prepares(job)
-                except Exception:
-                    log.exception("job %s: could not start; abandoned-job detection will retry it", job.id)
+                except Exception as exc:
+                    await self._not_started(job, queue, exc)
                     return
+                finally:
+                    self._unstarted.remove()
                 self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
                 await self._perform(job, queue, execution)
             finally:
@@ -260,6 +276,19 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         task = asyncio.create_task(run(), name=f"job {job.id}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    async def _not_started(self, job: RQJob, queue: Queue, exc: Exception) -> None:
+        """A job whose start was not written goes back to its queue, not left to RQ's cleanup."""
+        if not isinstance(exc, OUTAGE_ERRORS):
+            log.error("job %s: could not start; RQ's cleanup will fail it or retry it", job.id, exc_info=exc)
+            return
+
+        try:
+            back = await self._outage.call(lambda: self._bookkeeping(rq_batches.give_back, self, job, queue))
+        except ASYNC_OUTAGE_ERRORS:
+            return  # stopping: RQ's cleanup fails it or retries it
+        where = "back at the head of its queue" if back else "its start was written after all"
+        log.warning("job %s: could not start (%s); %s", job.id, exc, where)
 
     async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
         """RQ's `perform_job`, with the job awaited instead of called."""

@@ -10,7 +10,8 @@ Here the same RQ calls (`Execution.create`, `Job.prepare_for_execution`, `Job._h
 
 * `take_many`: several takes in one script call, each looking at the queues in its own order
   (gql_service.worker.priorities) and moving the id to the queue's intermediate list as RQ's
-  LMOVE does, then their hashes in one pipeline (`Job.fetch_many`);
+  LMOVE does, once whatever the network does, then their hashes in one pipeline
+  (`Job.fetch_many`); `give_back` returns a job whose start could not be written;
 * `prepare_many`: what `prepare_execution` and `prepare_job_execution` write, in one pipeline;
 * `finish_many`: what `_finalize_success` writes for jobs that ended well, in one MULTI, under
   one WATCH of their dependents' keys as RQ's own WATCH; a job whose end RQ handles with more
@@ -29,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from redis import Redis
+from redis.commands.core import Script
 from redis.exceptions import WatchError
 from rq import Queue
 from rq.executions import Execution
@@ -40,6 +42,8 @@ from rq.rate_limit import release_slot
 from rq.utils import as_text, now
 from rq.worker import BaseWorker, WorkerStatus
 
+from gql_service import keys
+
 I = TypeVar("I")  # noqa: E741 - an item of a batch
 R = TypeVar("R")
 
@@ -47,42 +51,85 @@ R = TypeVar("R")
 # process does not take a long queue's head from the others in one go.
 TAKE_AT_MOST = 32
 
-# Take after take, each looking at the queues in its order (ARGV[2..], a string of queue
+# Take after take, each looking at the queues in its order (ARGV[3..], a string of queue
 # numbers, 1-based), as RQ's LMOVE does for one queue: from the head of the queue (KEYS[i])
 # to the tail of its intermediate list (KEYS[n + i]). An empty take ends it: so would the
 # next ones, the script being atomic.
+#
+# Once, whatever the network does: what a take moved is kept under its token (KEYS[2n + 1],
+# for ARGV[2] seconds), and the take sent again after a lost reply (redis-py's retry, or the
+# worker's after an outage) answers with it. Taken twice, the first take's jobs would sit in
+# the intermediate lists, known to no worker, until RQ's cleanup fails them a minute later.
+# The worker's previous take (KEYS[2n + 2]) had its reply: its record goes.
+#
+# The job's "first seen" mark in the intermediate list goes too: RQ's cleanup sets it and
+# never removes it, and on a later take of the same job (retried, or revived by the
+# reconciler) would fail it at once, mid-start, a minute after the earlier stay there: the
+# job would run twice. (Keys not named in KEYS: fine on one Redis and under Sentinel, which
+# is what the service runs on; not on Redis Cluster, as RQ itself is not.)
 _TAKE_LUA = """
 local n, out = tonumber(ARGV[1]), {}
-for t = 2, #ARGV do
+local record = KEYS[2 * n + 1]
+if KEYS[2 * n + 2] ~= record then redis.call('DEL', KEYS[2 * n + 2]) end
+if redis.call('EXISTS', record) == 1 then return redis.call('LRANGE', record, 0, -1) end
+for t = 3, #ARGV do
   local found = false
   for c in string.gmatch(ARGV[t], '%d') do
     local i = tonumber(c)
     local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
     if id then
+      redis.call('DEL', KEYS[n + i] .. ':first_seen:' .. id)
       out[#out + 1] = i
       out[#out + 1] = id
       found = true
       break
     end
   end
-  if not found then return out end
+  if not found then break end
+end
+if #out > 0 then
+  redis.call('RPUSH', record, unpack(out))
+  redis.call('EXPIRE', record, ARGV[2])
 end
 return out
 """
+_TAKES: list[Script] = []  # registered once: redis-py hashes a script's text at each registration
+
+# How long a take's record is kept: past redis-py's retries and a short outage's.
+TAKE_RECORD_TTL_S = 600
+
+# A job taken whose start could not be written goes back to the head of its queue, unless
+# its start was written after all (the MULTI ran, its reply lost): then it has left the
+# intermediate list, and RQ's abandoned-job detection answers for it.
+_GIVE_BACK_LUA = """
+if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
-def take_many(worker: BaseWorker, orders: Sequence[Sequence[Queue]]) -> list[tuple[RQJob, Queue]]:
+def take_many(
+    worker: BaseWorker, orders: Sequence[Sequence[Queue]], token: str, previous: str | None = None
+) -> list[tuple[RQJob, Queue]]:
     """One take per order of queues (each the order of that take), in one script call; then
     the jobs' hashes in one round trip. A job whose hash is gone is skipped, as RQ's dequeue
-    skips it (its id stays in the intermediate list, which RQ's cleanup handles)."""
+    skips it (its id stays in the intermediate list, which RQ's cleanup handles).
+
+    `token`: this take's, the same when it is sent again (its reply lost): it then answers
+    with what it took the first time. `previous`: the token of this worker's take before."""
     queues = list({q.name: q for order in orders for q in order}.values())
     if len(queues) > 9:
         raise ValueError("take_many numbers the queues with one digit")
     number = {q.name: str(n) for n, q in enumerate(queues, 1)}
     connection: Redis = worker.connection
-    script = connection.register_script(_TAKE_LUA)
+    if not _TAKES:
+        _TAKES.append(connection.register_script(_TAKE_LUA))
     keys_ = [q.key for q in queues] + [IntermediateQueue.get_intermediate_queue_key(q.key) for q in queues]
-    found = script(keys=keys_, args=[len(queues), *("".join(number[q.name] for q in order) for order in orders)])
+    keys_ += [keys.take(token), keys.take(previous or token)]
+    orders_ = ("".join(number[q.name] for q in order) for order in orders)
+    found = _TAKES[0](keys=keys_, args=[len(queues), TAKE_RECORD_TTL_S, *orders_], client=connection)
     taken = [(queues[int(found[i]) - 1], as_text(found[i + 1])) for i in range(0, len(found), 2)]
     if not taken:
         return []
@@ -90,6 +137,13 @@ def take_many(worker: BaseWorker, orders: Sequence[Sequence[Queue]]) -> list[tup
         [job_id for _, job_id in taken], connection=connection, serializer=worker.serializer
     )
     return [(job, queue) for job, (queue, _) in zip(jobs, taken, strict=True) if job is not None]
+
+
+def give_back(worker: BaseWorker, job: RQJob, queue: Queue) -> bool:
+    """Put a job taken whose start could not be written back at the head of its queue (see
+    _GIVE_BACK_LUA); whether it was."""
+    intermediate = IntermediateQueue.get_intermediate_queue_key(queue.key)
+    return bool(worker.connection.eval(_GIVE_BACK_LUA, 2, queue.key, intermediate, job.id))
 
 
 def prepare_many(worker: BaseWorker, jobs: Sequence[RQJob]) -> list[Execution]:
@@ -212,6 +266,27 @@ def _after_success(worker: BaseWorker, job: RQJob, value: Any) -> None:
     worker.log.info("Worker %s: %s: %s (%s)", worker.name, green(job.origin), blue("Job OK"), job.id)
     if value is not None:
         worker.log.debug("Worker %s: result: %r", worker.name, value)
+
+
+class Count:
+    """A count on the event loop, and a wait for it to be zero."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._zero = asyncio.Event()
+        self._zero.set()
+
+    def add(self) -> None:
+        self._n += 1
+        self._zero.clear()
+
+    def remove(self) -> None:
+        self._n -= 1
+        if not self._n:
+            self._zero.set()
+
+    async def zero(self) -> None:
+        await self._zero.wait()
 
 
 class Coalescer(Generic[I, R]):
