@@ -28,7 +28,7 @@ from redis import Redis
 from tests.openai_stub import OpenAIStub
 from tests.service import Service, wait_until
 
-from .harness import pct, progress
+from .harness import pct, progress, py_spy_samples
 from .scenarios import Sizes, _wait_all_terminal, stub_env
 
 SUBMIT_MANY = "mutation($inputs: [SubmitTextInput!]!) { submitTexts(inputs: $inputs) { job { id } } }"
@@ -162,16 +162,15 @@ def _profile(redis: Redis, redis_url: str, stub: OpenAIStub, sizes: Sizes) -> di
         spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT (not on SIGTERM)
         if spy.wait(30) != 0 or not raw.exists():
             raise RuntimeError("py-spy could not profile the worker (it needs ptrace)")
-        samples = raw.read_text().splitlines()
+        samples = raw.read_text()
     by_library: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in samples:
-        stack, _, count = line.rpartition(" ")
-        total += int(count)
+    for stack, count in py_spy_samples(samples):
+        total += count
         # Inclusive: a sample counts for every library on its stack (RQ's bookkeeping calls
         # redis-py, the pipeline calls the SDK), so the shares overlap.
-        for library in {_library(frame) for frame in stack.split(";")} - {"other"}:
-            by_library[library] += int(count)
+        for library in {_library(frame) for frame in stack} - {"other"}:
+            by_library[library] += count
     total = total or 1
     shares = {name: count / total for name, count in by_library.most_common()}
     progress("    profile (share of samples with each library on the stack): "

@@ -59,6 +59,20 @@ def api_pid(svc: Any) -> int:
     return int(next(p for p in reversed(svc.procs) if p.name == "api").popen.pid)
 
 
+def py_spy_samples(raw: str) -> Iterator[tuple[list[str], int]]:
+    """py-spy's raw output ("frame;frame;... count" a line): each stack and its count. A frame
+    whose name holds a newline (code compiled from a string) splits its sample over lines:
+    they are joined until one ends with the count."""
+    pending = ""
+    for line in raw.splitlines():
+        stack, _, count = (pending + line).rpartition(" ")
+        if not count.isdigit():
+            pending += line
+            continue
+        pending = ""
+        yield stack.split(";"), int(count)
+
+
 def loadgen(
     url: str, body: dict[str, Any], *, concurrency: int, duration: float, warmup: float = 1.0
 ) -> dict[str, float]:

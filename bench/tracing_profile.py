@@ -27,7 +27,7 @@ from tests.openai_stub import OpenAIStub
 from tests.service import Service, wait_until
 
 from .async_worker import _submit_texts
-from .harness import loadgen
+from .harness import loadgen, py_spy_samples
 from .scenarios import SUBMIT_BODY, Sizes, _wait_all_terminal
 
 GLUE = ("gql_service/tracing.py", "gql_service/trace_export.py", "api/http_spans.py", "worker/job_spans.py")
@@ -52,16 +52,13 @@ def spy(pid: int) -> Iterator[dict[str, Any]]:
             process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             if process.wait(30) != 0 or not raw.exists():
                 raise RuntimeError("py-spy could not profile the process (it needs ptrace)")
-            shares.update(classify(raw.read_text().splitlines()))
+            shares.update(classify(raw.read_text()))
 
 
-def classify(lines: list[str]) -> dict[str, Any]:
+def classify(raw: str) -> dict[str, Any]:
     counts: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in lines:
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        n = int(count)
+    for frames, n in py_spy_samples(raw):
         total += n
         if any(f"/{part}" in frame for frame in frames for part in EXPORT):
             counts["export"] += n  # the batch processor's thread: encoding, the HTTP request

@@ -65,3 +65,16 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert all(row["rps"] > 0 for row in sentinel["submit"].values())
     assert all(0 < row["window_s"] < 30 and row["refused"] > 0 for row in sentinel["failover"].values())
     assert (tmp_path / "bench-fanout.png").stat().st_size > 0 and (tmp_path / "bench-workers.png").stat().st_size > 0
+
+
+def test_a_py_spy_sample_split_over_lines_is_read_whole() -> None:
+    """A frame whose name holds a newline splits its sample over two lines of py-spy's raw
+    output: the full run once stopped on it (`invalid literal for int()`)."""
+    from bench.harness import py_spy_samples
+
+    raw = "main (a.py:1);run (b.py:2) 7\nmain (a.py:1);<lambda\n> (__loader__:-3);call (c.py:4) 2\nidle (d.py:5) 1\n"
+    assert list(py_spy_samples(raw)) == [
+        (["main (a.py:1)", "run (b.py:2)"], 7),
+        (["main (a.py:1)", "<lambda> (__loader__:-3)", "call (c.py:4)"], 2),
+        (["idle (d.py:5)"], 1),
+    ]
