@@ -103,6 +103,20 @@ def test_each_take_looks_at_the_queues_in_its_own_order(sync_redis: Redis) -> No
     assert [q.name for _, q in taken] == ["batches-high", "batches-normal", "batches-high", "batches-normal"]
 
 
+def test_each_set_of_queues_sharing_slots_bounds_its_own_queues_takes_only(sync_redis: Redis) -> None:
+    """A worker's webhook queue has its own few slots: they bounded every take of LLM jobs too
+    (with one webhook slot free, one LLM job a take)."""
+    llm, hooks = Queue("batches-llm", connection=sync_redis), Queue("batches-hooks", connection=sync_redis)
+    for queue in (llm, hooks):
+        for _ in range(4):
+            queue.enqueue("builtins.len", "x")
+    worker = _worker(sync_redis, llm, hooks)
+    shares = [(3, [llm.name]), (1, [hooks.name])]
+    taken = rq_batches.take_many(worker, [[hooks, llm]] * 6, _token(), shares=shares)
+    assert [q.name for _, q in taken] == [hooks.name, llm.name, llm.name, llm.name]
+    assert len(llm.get_job_ids()) == 1 and len(hooks.get_job_ids()) == 3
+
+
 def test_a_job_with_dependents_ends_through_rqs_own_path_which_releases_them(sync_redis: Redis) -> None:
     queue = Queue("batches-dependents", connection=sync_redis)
     parent = queue.enqueue("builtins.len", "x")

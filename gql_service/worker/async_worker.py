@@ -186,8 +186,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         is seen soon), unless `no_wait`.
         Redis unreachable: the one outage policy waits for it, until a stop request; the
         jobs in flight carry on meanwhile."""
-        # Semaphore._value: the slots free (asyncio's own count; only this loop takes them).
-        room = min(rq_batches.TAKE_AT_MOST, *(slots[q.name]._value for q in queues))
+        shares = rq_batches.free_shares(queues, slots)  # each set of queues sharing slots bounds its own
+        room = min(rq_batches.TAKE_AT_MOST, sum(free for free, _ in shares))
         names = {q.name for q in queues}
         # Take n looks at the queues in the order the worker would give take n one by one.
         orders = [queues] + [
@@ -202,7 +202,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 # started: none this worker took may be between its take and its start.
                 await self._unstarted.zero()
                 await self._bookkeeping(self.run_maintenance_tasks)
-            taken = await self._take_many(orders, token)
+            taken = await self._take_many(orders, token, shares)
             self._last_take = token
             if not taken and not no_wait:
                 if not self._running:
@@ -216,7 +216,9 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         except ASYNC_OUTAGE_ERRORS:
             return []  # stopping
 
-    async def _take_many(self, orders: list[list[Queue]], token: str) -> list[tuple[RQJob, Queue]]:
+    async def _take_many(
+        self, orders: list[list[Queue]], token: str, shares: list[tuple[int, list[str]]]
+    ) -> list[tuple[RQJob, Queue]]:
         def take_many() -> list[tuple[RQJob, Queue]]:
             if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
                 one = self.queue_class.dequeue_any(
@@ -224,7 +226,7 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                     serializer=self.serializer, death_penalty_class=self.death_penalty_class,
                 )  # fmt: skip
                 return [one] if one is not None else []
-            return rq_batches.take_many(self, orders, token, self._last_take)
+            return rq_batches.take_many(self, orders, token, self._last_take, shares)
 
         assert self._loop is not None
         return await self._loop.run_in_executor(self._waiter, take_many)

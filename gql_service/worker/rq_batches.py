@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from redis import Redis
@@ -48,13 +48,17 @@ I = TypeVar("I")  # noqa: E741 - an item of a batch
 R = TypeVar("R")
 
 # At most this many jobs in one take: the worker's free slots bound it too, so one worker
-# process does not take a long queue's head from the others in one go.
-TAKE_AT_MOST = 32
+# process does not take a long queue's head from the others in one go. 16: what takes were
+# when BENCHMARKS.md's section 6 was measured (the webhook queue's 16 slots bounded them
+# all). A take's jobs move in lockstep on the loop; with RQ's bookkeeping on the loop, takes
+# of 32 measured 0.84x the SDK alone and takes of 16 0.91x.
+TAKE_AT_MOST = 16
 
-# Take after take, each looking at the queues in its order (ARGV[3..], a string of queue
+# Take after take, each looking at the queues in its order (ARGV[5..], a string of queue
 # numbers, 1-based), as RQ's LMOVE does for one queue: from the head of the queue (KEYS[i])
-# to the tail of its intermediate list (KEYS[n + i]). An empty take ends it: so would the
-# next ones, the script being atomic.
+# to the tail of its intermediate list (KEYS[n + i]). Queue i draws on the slots of share
+# ARGV[3][i] (a digit), whose free slots are ARGV[4]'s numbers: a queue whose share is full
+# is passed over. An empty take ends it: so would the next ones, the script being atomic.
 #
 # Once, whatever the network does: what a take moved is kept under its token (KEYS[2n + 1],
 # for ARGV[2] seconds), and the take sent again after a lost reply (redis-py's retry, or the
@@ -68,16 +72,19 @@ TAKE_AT_MOST = 32
 # job would run twice. (Keys not named in KEYS: fine on one Redis and under Sentinel, which
 # is what the service runs on; not on Redis Cluster, as RQ itself is not.)
 _TAKE_LUA = """
-local n, out = tonumber(ARGV[1]), {}
+local n, out, free = tonumber(ARGV[1]), {}, {}
+for f in string.gmatch(ARGV[4], '%d+') do free[#free + 1] = tonumber(f) end
 local record = KEYS[2 * n + 1]
 if KEYS[2 * n + 2] ~= record then redis.call('DEL', KEYS[2 * n + 2]) end
 if redis.call('EXISTS', record) == 1 then return redis.call('LRANGE', record, 0, -1) end
-for t = 3, #ARGV do
+for t = 5, #ARGV do
   local found = false
   for c in string.gmatch(ARGV[t], '%d') do
     local i = tonumber(c)
-    local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+    local share = tonumber(string.sub(ARGV[3], i, i))
+    local id = free[share] > 0 and redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
     if id then
+      free[share] = free[share] - 1
       redis.call('DEL', KEYS[n + i] .. ':first_seen:' .. id)
       out[#out + 1] = i
       out[#out + 1] = id
@@ -111,17 +118,26 @@ return 0
 
 
 def take_many(
-    worker: BaseWorker, orders: Sequence[Sequence[Queue]], token: str, previous: str | None = None
+    worker: BaseWorker,
+    orders: Sequence[Sequence[Queue]],
+    token: str,
+    previous: str | None = None,
+    shares: Sequence[tuple[int, Collection[str]]] = (),
 ) -> list[tuple[RQJob, Queue]]:
     """One take per order of queues (each the order of that take), in one script call; then
     the jobs' hashes in one round trip. A job whose hash is gone is skipped, as RQ's dequeue
     skips it (its id stays in the intermediate list, which RQ's cleanup handles).
 
     `token`: this take's, the same when it is sent again (its reply lost): it then answers
-    with what it took the first time. `previous`: the token of this worker's take before."""
+    with what it took the first time. `previous`: the token of this worker's take before.
+    `shares`: the free slots of each set of queues that share them (a worker's LLM queues,
+    its webhook queues): no more jobs are taken from a set than it has free; a queue in none
+    is bounded by the number of takes alone."""
     queues = list({q.name: q for order in orders for q in order}.values())
-    if len(queues) > 9:
-        raise ValueError("take_many numbers the queues with one digit")
+    share_of = {name: n for n, (_, names) in enumerate(shares, 1) for name in names}
+    free = [free for free, _ in shares] + [len(orders)]  # the last: the queues in no share
+    if len(queues) > 9 or len(free) > 9:
+        raise ValueError("take_many numbers the queues and their shares with one digit")
     number = {q.name: str(n) for n, q in enumerate(queues, 1)}
     connection: Redis = worker.connection
     if not _TAKES:
@@ -129,7 +145,9 @@ def take_many(
     keys_ = [q.key for q in queues] + [IntermediateQueue.get_intermediate_queue_key(q.key) for q in queues]
     keys_ += [keys.take(token), keys.take(previous or token)]
     orders_ = ("".join(number[q.name] for q in order) for order in orders)
-    found = _TAKES[0](keys=keys_, args=[len(queues), TAKE_RECORD_TTL_S, *orders_], client=connection)
+    share_digits = "".join(str(share_of.get(q.name, len(free))) for q in queues)
+    args: list[str | int] = [len(queues), TAKE_RECORD_TTL_S, share_digits, " ".join(map(str, free)), *orders_]
+    found = _TAKES[0](keys=keys_, args=args, client=connection)
     taken = [(queues[int(found[i]) - 1], as_text(found[i + 1])) for i in range(0, len(found), 2)]
     if not taken:
         return []
@@ -137,6 +155,17 @@ def take_many(
         [job_id for _, job_id in taken], connection=connection, serializer=worker.serializer
     )
     return [(job, queue) for job, (queue, _) in zip(jobs, taken, strict=True) if job is not None]
+
+
+def free_shares(queues: Sequence[Queue], slots: Mapping[str, asyncio.Semaphore]) -> list[tuple[int, list[str]]]:
+    """`take_many`'s shares: the queues that draw on one semaphore of slots (a worker's LLM
+    queues, its webhook queues), with how many of them are free. Each bounds its own queues'
+    takes: the fewest free of any (the webhook queues' 16) must not bound the others'."""
+    sharing: dict[asyncio.Semaphore, list[str]] = {}
+    for q in queues:
+        sharing.setdefault(slots[q.name], []).append(q.name)
+    # Semaphore._value: asyncio's own count of the free slots; only the worker's loop takes them.
+    return [(semaphore._value, names) for semaphore, names in sharing.items()]
 
 
 def give_back(worker: BaseWorker, job: RQJob, queue: Queue) -> bool:
