@@ -219,16 +219,11 @@ class AsyncServiceWorker(Tuning, BaseWorker):
     async def _take_many(
         self, orders: list[list[Queue]], token: str, shares: list[tuple[int, list[str]]]
     ) -> list[tuple[RQJob, Queue]]:
-        def take_many() -> list[tuple[RQJob, Queue]]:
-            if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
-                one = self.queue_class.dequeue_any(
-                    orders[0], None, connection=self.connection, job_class=self.job_class,
-                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
-                )  # fmt: skip
-                return [one] if one is not None else []
-            return rq_batches.take_many(self, orders, token, self._last_take, shares)
-
+        if self.get_redis_server_version() < (6, 2, 0) or len(self.queues) > 9:  # no LMOVE: RQ's own, one job
+            one = await self._dequeue(None, orders[0])
+            return [one] if one is not None else []
         assert self._loop is not None
+        take_many = functools.partial(rq_batches.take_many, self, orders, token, self._last_take, shares)
         return await self._loop.run_in_executor(self._waiter, take_many)
 
     async def _dequeue(self, timeout: int | None, queues: list[Queue]) -> tuple[RQJob, Queue] | None:
