@@ -21,8 +21,7 @@ async def test_run_once_runs_a_pipelines_commands_once_whatever_resends_them(asy
             # A script can't run inside the guard's: it runs after it (RQ queues one).
             pipe.eval("return redis.call('SET', 'once:script', 'ran')", 0)
             assert len(pipe.command_stack) == 5  # redis-py keeps queued commands here, as (args, options)
-            redis_conn.run_once(pipe, "once:record")
-            return list(await pipe.execute())
+            return await redis_conn.run_once(async_redis, pipe, "once:record")
 
     assert await write() == [1, b"OK"]
     assert await write() == [0, b"OK"]  # a resend of the same write: nothing happens but the script
@@ -31,6 +30,23 @@ async def test_run_once_runs_a_pipelines_commands_once_whatever_resends_them(asy
     assert await async_redis.zscore("once:index", "job-1") == 1.5
     assert await async_redis.hgetall("once:record") == {b"v": b"1", b"d": b"{}"}
     assert await async_redis.get("once:script") == b"ran"
+
+
+async def test_run_once_sends_the_script_alone_when_it_is_all_there_is(async_redis: AsyncRedis) -> None:
+    async def write() -> list[object]:
+        async with async_redis.pipeline(transaction=True) as pipe:
+            pipe.multi()
+            pipe.hset("alone:record", "v", 1)
+            pipe.rpush("alone:queue", "job-1")
+            return await redis_conn.run_once(async_redis, pipe, "alone:record")
+
+    await async_redis.config_resetstat()
+    assert await write() == [1]
+    assert await write() == [0]
+    assert await async_redis.lrange("alone:queue", 0, -1) == [b"job-1"]
+    stats = await async_redis.info("commandstats")
+    assert stats["cmdstat_eval"]["calls"] == 2
+    assert "cmdstat_multi" not in stats and "cmdstat_exec" not in stats  # no MULTI/EXEC around it
 
 
 @pytest.mark.parametrize(

@@ -217,8 +217,8 @@ class JobService:
     async def submit_many(
         self, jobs: list[NewJob], *, batch_id: str | None = None, economy: bool = False
     ) -> list[tuple[JobRecord, bool] | ClientError]:
-        """Every job (QUEUED, v1) + its RQ job + its idempotency key in one MULTI/EXEC; with
-        `batch_id` (the jobs' records name it), counted into that batch in the same MULTI.
+        """Every job (QUEUED, v1) + its RQ job + its idempotency key in one round trip; with
+        `batch_id` (the jobs' records name it), counted into that batch in the same one.
         A job whose idempotency key was used for another request is that job's
         IDEMPOTENCY_KEY_REUSED error, in its place in the answer. `economy`: the batch is an
         ECONOMY one; its jobs wait for a provider batch (gql_service.economy_store) instead of
@@ -288,17 +288,18 @@ class JobService:
                     spendable = self._budget(new)
                     if new:
                         within = [(limit.key, limit.limit) for limit in spendable]
-                        redis_conn.run_once(pipe, keys.job(new[0].record.id), within=within)
-                    elif self.settings.replica_ack is not None:
+                        guard = keys.job(new[0].record.id)
+                        replies = await redis_conn.run_once(self.acked_redis, pipe, guard, within=within)
+                    elif self.settings.replica_ack is not None and idem_keys:
                         # Repeats answer only once the jobs they found are on the replicas
                         # too: a write of their own (the keys' TTLs, refreshed) for the WAIT
                         # to count from, as Redis counts a connection's own writes.
                         for key in idem_keys:
                             pipe.expire(key, self.settings.idempotency_ttl_s)
-                    if not len(pipe):
+                        replies = await pipe.execute()
+                    else:
                         await pipe.reset()
                         return results
-                    replies = await pipe.execute()
                     if new and replies[0] < 0:  # a budget is spent: nothing was written
                         refused = _quota_exceeded(spendable[-replies[0] - 1])
                         written = {job.record.id for job in new}

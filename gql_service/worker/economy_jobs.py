@@ -74,8 +74,7 @@ class ChunkJobs:
             pipe.set(guard, 1, ex=self.ttl_s)
             pipe.hset(keys.job(record.id), keys.ANSWER_FIELD, provider_batches.answer_to_store(completion))
             queueing.enqueue_extraction(self.queues, record, pipe, self.settings)
-            redis_conn.run_once(pipe, guard)
-            await pipe.execute()
+            await redis_conn.run_once(self.redis, pipe, guard)
 
     async def _fall_back(self, record: JobRecord, error: LLMError) -> None:
         """A request the provider's batch did not answer: queued again for the interactive
@@ -107,8 +106,7 @@ class ChunkJobs:
             pipe.multi()
             pipe.set(guard, 1, ex=self.ttl_s)
             queueing.enqueue_extraction(self.queues, record, pipe, self.settings)
-            redis_conn.run_once(pipe, guard)
-            await pipe.execute()
+            await redis_conn.run_once(self.redis, pipe, guard)
 
     async def _write(self, job_id: str, change: store.Change) -> store.Transition:
         settings = self.settings

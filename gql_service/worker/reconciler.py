@@ -182,8 +182,7 @@ class Reconciler:
                 pipe.zrem(queue.failed_job_registry.key, record.id)
                 pipe.zrem(queue.finished_job_registry.key, record.id)
             queueing.enqueue_extraction(self.queues, done.record, pipe, settings, attempts_left=attempts_left)
-            redis_conn.run_once(pipe, keys.write_once(token))  # a lost reply must not queue it twice
-            await pipe.execute()
+            await redis_conn.run_once(self.redis, pipe, keys.write_once(token))  # a lost reply must not queue it twice
         return 1
 
 
