@@ -14,6 +14,7 @@ from gql_service import models, rendering
 from gql_service.api.follow import Interim
 from gql_service.api.schema import pagination
 from gql_service.api.schema.context import caller
+from gql_service.api.schema.leaf_inputs import leaf_input
 from gql_service.api.schema.pagination import _page, _position_cursor, page_size
 
 JobStatus = strawberry.enum(models.JobStatus, description="Where the job is in its life.")
@@ -343,6 +344,7 @@ def _connection(edges: list[JobEdge], start: int, next_start: int | None) -> Job
     return JobConnection(edges=edges, page_info=page_info)
 
 
+@leaf_input  # built without Strawberry's field-by-field conversion: it is on every submit
 @strawberry.input
 class SubmitTextInput:
     text: str
