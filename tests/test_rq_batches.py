@@ -203,3 +203,27 @@ def test_rqs_own_bookkeeping_is_still_made_of_the_calls_the_batches_make() -> No
         source = inspect.getsource(method)
         assert [call for call in calls if call not in source] == [], method.__qualname__
         assert source.count("pipeline.execute()") + source.count("pipe.execute()") <= 1, method.__qualname__
+
+
+def test_a_second_copy_of_a_job_on_its_queue_is_dropped_not_run_twice(sync_redis: Redis) -> None:
+    """RQ's cleanup retries an abandoned job in a MULTI that redis-py sends again when its reply
+    is lost: the job is then on its queue twice (tests/test_lossy_network.py once took four
+    jobs twice each in one take, and the LLM was asked twice for two of them)."""
+    queue = Queue("batches-twice", connection=sync_redis)
+    worker = _worker(sync_redis, queue)
+    intermediate = IntermediateQueue(queue.key, connection=sync_redis)
+    twice, other = queue.enqueue("builtins.len", "x"), queue.enqueue("builtins.len", "y")
+    queue.push_job_id(twice.id)  # what the MULTI sent again queues
+    taken = rq_batches.take_many(worker, [[queue]] * 4, _token())
+    assert [job.id for job, _ in taken] == [twice.id, other.id]  # in one take: once
+    assert queue.get_job_ids() == [] and intermediate.get_job_ids() == [twice.id, other.id]
+
+    later = queue.enqueue("builtins.len", "z")
+    queue.push_job_id(later.id)
+    [(job, _)] = rq_batches.take_many(worker, [[queue]], _token())
+    assert job.id == later.id
+    assert rq_batches.take_many(worker, [[queue]], _token()) == []  # its copy, while it waits for its start
+    rq_batches.prepare_many(worker, [job])
+    queue.push_job_id(later.id)
+    assert rq_batches.take_many(worker, [[queue]], _token()) == []  # and while it runs
+    assert queue.get_job_ids() == [] and later.id not in intermediate.get_job_ids()

@@ -54,11 +54,12 @@ R = TypeVar("R")
 # of 32 measured 0.84x the SDK alone and takes of 16 0.91x.
 TAKE_AT_MOST = 16
 
-# Take after take, each looking at the queues in its order (ARGV[5..], a string of queue
+# Take after take, each looking at the queues in its order (ARGV[6..], a string of queue
 # numbers, 1-based), as RQ's LMOVE does for one queue: from the head of the queue (KEYS[i])
 # to the tail of its intermediate list (KEYS[n + i]). Queue i draws on the slots of share
 # ARGV[3][i] (a digit), whose free slots are ARGV[4]'s numbers: a queue whose share is full
 # is passed over. An empty take ends it: so would the next ones, the script being atomic.
+# ARGV[5]: RQ's prefix of job hashes, for a job's status (see DUPLICATES).
 #
 # Once, whatever the network does: what a take moved is kept under its token (KEYS[2n + 1],
 # for ARGV[2] seconds), and the take sent again after a lost reply (redis-py's retry, or the
@@ -77,20 +78,26 @@ for f in string.gmatch(ARGV[4], '%d+') do free[#free + 1] = tonumber(f) end
 local record = KEYS[2 * n + 1]
 if KEYS[2 * n + 2] ~= record then redis.call('DEL', KEYS[2 * n + 2]) end
 if redis.call('EXISTS', record) == 1 then return redis.call('LRANGE', record, 0, -1) end
-for t = 5, #ARGV do
+for t = 6, #ARGV do
   local found = false
   for c in string.gmatch(ARGV[t], '%d') do
     local i = tonumber(c)
     local share = tonumber(string.sub(ARGV[3], i, i))
-    local id = free[share] > 0 and redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
-    if id then
-      free[share] = free[share] - 1
-      redis.call('DEL', KEYS[n + i] .. ':first_seen:' .. id)
-      out[#out + 1] = i
-      out[#out + 1] = id
-      found = true
-      break
+    while not found and free[share] > 0 do
+      local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+      if not id then break end
+      if #redis.call('LPOS', KEYS[n + i], id, 'COUNT', 2) > 1
+          or redis.call('HGET', ARGV[5] .. id, 'status') == 'started' then
+        redis.call('RPOP', KEYS[n + i])  -- a second copy: dropped (see DUPLICATES)
+      else
+        free[share] = free[share] - 1
+        redis.call('DEL', KEYS[n + i] .. ':first_seen:' .. id)
+        out[#out + 1] = i
+        out[#out + 1] = id
+        found = true
+      end
     end
+    if found then break end
   end
   if not found then break end
 end
@@ -101,6 +108,13 @@ end
 return out
 """
 _TAKES: list[Script] = []  # registered once: redis-py hashes a script's text at each registration
+
+# DUPLICATES: a job can be on its queue twice. RQ's cleanup of an abandoned job retries it in
+# a MULTI that redis-py sends again when its reply is lost, and the second run queues it
+# again (seen: four jobs in one take, each twice, each sent to the LLM twice). A take drops a
+# copy whose job is already in the intermediate list (taken, not started) or running (RQ's
+# status `started`): a job queued as it should be is `queued`, and RQ's retries and our
+# reconciler take it out of the started registry, or make it anew, in the same step.
 
 # How long a take's record is kept: past redis-py's retries and a short outage's.
 TAKE_RECORD_TTL_S = 600
@@ -146,7 +160,8 @@ def take_many(
     keys_ += [keys.take(token), keys.take(previous or token)]
     orders_ = ("".join(number[q.name] for q in order) for order in orders)
     share_digits = "".join(str(share_of.get(q.name, len(free))) for q in queues)
-    args: list[str | int] = [len(queues), TAKE_RECORD_TTL_S, share_digits, " ".join(map(str, free)), *orders_]
+    args: list[str | int] = [len(queues), TAKE_RECORD_TTL_S, share_digits, " ".join(map(str, free))]
+    args += [worker.job_class.redis_job_namespace_prefix, *orders_]
     found = _TAKES[0](keys=keys_, args=args, client=connection)
     taken = [(queues[int(found[i]) - 1], as_text(found[i + 1])) for i in range(0, len(found), 2)]
     if not taken:
