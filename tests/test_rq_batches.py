@@ -227,3 +227,20 @@ def test_a_second_copy_of_a_job_on_its_queue_is_dropped_not_run_twice(sync_redis
     queue.push_job_id(later.id)
     assert rq_batches.take_many(worker, [[queue]], _token()) == []  # and while it runs
     assert queue.get_job_ids() == [] and later.id not in intermediate.get_job_ids()
+
+
+def test_a_job_rqs_cleanup_queues_again_before_removing_its_stuck_entry_is_taken(sync_redis: Redis) -> None:
+    """RQ's cleanup of an intermediate list retries a stuck job (no wait: queued at once) and
+    only then removes its entry there: a take in between sees the job in the list, but marked
+    by that cleanup, and takes it; dropped, it would be on no list at all."""
+    queue = Queue("batches-stuck", connection=sync_redis)
+    worker = _worker(sync_redis, queue)
+    intermediate = IntermediateQueue(queue.key, connection=sync_redis)
+    job = queue.enqueue("builtins.len", "x")
+    sync_redis.lmove(queue.key, intermediate.key, "LEFT", "RIGHT")  # taken by a worker that died
+    intermediate.set_first_seen(job.id)
+    queue.push_job_id(job.id)  # the cleanup's retry; its removal of the stuck entry comes next
+    [(taken, _)] = rq_batches.take_many(worker, [[queue]], _token())
+    assert taken.id == job.id
+    intermediate.remove(job.id)  # the cleanup's next step
+    assert intermediate.get_job_ids() == [job.id]  # the copy taken, waiting for its start

@@ -86,12 +86,13 @@ for t = 6, #ARGV do
     while not found and free[share] > 0 do
       local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
       if not id then break end
-      if #redis.call('LPOS', KEYS[n + i], id, 'COUNT', 2) > 1
+      local seen = KEYS[n + i] .. ':first_seen:' .. id
+      if (#redis.call('LPOS', KEYS[n + i], id, 'COUNT', 2) > 1 and redis.call('EXISTS', seen) == 0)
           or redis.call('HGET', ARGV[5] .. id, 'status') == 'started' then
         redis.call('RPOP', KEYS[n + i])  -- a second copy: dropped (see DUPLICATES)
       else
         free[share] = free[share] - 1
-        redis.call('DEL', KEYS[n + i] .. ':first_seen:' .. id)
+        redis.call('DEL', seen)
         out[#out + 1] = i
         out[#out + 1] = id
         found = true
@@ -114,7 +115,10 @@ _TAKES: list[Script] = []  # registered once: redis-py hashes a script's text at
 # again (seen: four jobs in one take, each twice, each sent to the LLM twice). A take drops a
 # copy whose job is already in the intermediate list (taken, not started) or running (RQ's
 # status `started`): a job queued as it should be is `queued`, and RQ's retries and our
-# reconciler take it out of the started registry, or make it anew, in the same step.
+# reconciler take it out of the started registry, or make it anew, in the same step. One
+# exception: RQ's cleanup of a job stuck in an intermediate list queues it again (a retry
+# with no wait) and only then removes the stuck entry, which carries its "first seen" mark
+# (a take removes the mark of what it takes): a copy beside a marked entry is taken.
 
 # How long a take's record is kept: past redis-py's retries and a short outage's.
 TAKE_RECORD_TTL_S = 600
