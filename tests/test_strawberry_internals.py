@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
 from graphql import GraphQLSchema, OperationDefinitionNode
 from strawberry.extensions import SchemaExtension
 
@@ -36,6 +37,27 @@ async def test_an_extension_sees_the_parsed_document_and_the_schema_after_the_op
     result = await probed.execute("query Named { __typename }")
     assert result.errors is None
     assert seen == [("query", "__typename")]
+
+
+async def test_strawberry_keeps_a_document_and_errors_an_extension_set_as_the_operation_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gql_service/api/schema's DocumentChecks parses and validates in its one hook, from its
+    caches: Strawberry must neither parse nor validate again."""
+    import strawberry.schema.schema as strawberrys  # noqa: PLC0415 (the module patched, here alone)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Strawberry parsed or validated a document the extension had")
+
+    monkeypatch.setattr(strawberrys, "parse", refused)
+    monkeypatch.setattr(strawberrys, "validate_document", refused)
+    good = await schema.execute("query Fine { __typename }")
+    assert good.errors is None and good.data == {"__typename": "Query"}
+    bad = await schema.execute("query Wrong { noSuchField }")
+    assert bad.errors is not None
+    assert [(e.message, (e.extensions or {}).get("code")) for e in bad.errors] == [
+        ("Cannot query field 'noSuchField' on type 'Query'.", "GRAPHQL_VALIDATION_FAILED")
+    ]
 
 
 def test_the_transport_ws_handler_asks_one_static_method_what_closes_the_socket() -> None:
