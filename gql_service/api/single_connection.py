@@ -69,7 +69,11 @@ class OperationView(Protocol):
 
 
 def _token(request: Request) -> str | None:
-    return request.headers.get(TOKEN_HEADER) or request.query_params.get("token")
+    # Asked of every POST: the query string is parsed only when there is one.
+    token = request.headers.get(TOKEN_HEADER)
+    if token or not request.scope.get("query_string"):
+        return token or None
+    return request.query_params.get("token")
 
 
 class SingleConnection:
