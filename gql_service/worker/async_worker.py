@@ -253,6 +253,14 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
         self._unstarted.add()
 
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                release()
+
         async def run() -> None:
             execution: Execution | None = None
             try:
@@ -264,11 +272,11 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                 finally:
                     self._unstarted.remove()
                 self._tasks[execution.id] = (asyncio.current_task(), job)  # type: ignore[assignment]
-                await self._perform(job, queue, execution)
+                await self._perform(job, queue, execution, free)
             finally:
                 if execution is not None:
                     self._tasks.pop(execution.id, None)
-                release()
+                free()
 
         task = asyncio.create_task(run(), name=f"job {job.id}")
         self._running.add(task)
@@ -287,8 +295,11 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         where = "back at the head of its queue" if back else "its start was written after all"
         log.warning("job %s: could not start (%s); %s", job.id, exc, where)
 
-    async def _perform(self, job: RQJob, queue: Queue, execution: Execution) -> None:
-        """RQ's `perform_job`, with the job awaited instead of called."""
+    async def _perform(self, job: RQJob, queue: Queue, execution: Execution, free: Callable[[], None]) -> None:
+        """RQ's `perform_job`, with the job awaited instead of called. `free` gives the job's
+        slot to the next job as soon as the job's own work is over, while RQ's record of how
+        it ended is written (batched with other jobs' ends): that write is not on the way
+        from one job's LLM answer to the next job's call."""
         try:
             job.started_at = now()
             _current_job.set(job)  # this task's own context
@@ -297,6 +308,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
                     result = await self._call(job)
             except TimeoutError:
                 raise JobTimeoutException(f"Task exceeded maximum timeout value ({job.timeout} seconds)") from None
+            finally:
+                free()
         except asyncio.CancelledError:
             if self._cold:
                 raise  # a cold stop: left to abandoned-job detection, which retries the job
