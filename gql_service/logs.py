@@ -45,3 +45,7 @@ def configure(log_format: str = "text", level: str = "INFO") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False
+    # The HTTP clients' line for every request they send (the LLM SDK's transport: one a
+    # job, beside the job's own lines), unless DEBUG asks for everything.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING if root.getEffectiveLevel() > logging.DEBUG else logging.DEBUG)

@@ -110,7 +110,9 @@ async def test_json_logs_carry_the_request_id_from_api_to_worker(json_logging: S
         assert all({"time", "level", "name", "message", "request_id"} <= r.keys() for r in records)
     worker = [json.loads(line) for line in json_logging.procs[0].output().splitlines() if line.strip()]
     about_job = [r for r in worker if job_id in r["message"]]
-    assert len(about_job) >= 4
-    for record in about_job:
-        # RQ's "taking the job" line is written before any code of ours runs; the id is in its text.
-        assert record["request_id"] == "trace-me-42" or "(request trace-me-42)" in record["message"], record
+    # Two lines a job at INFO: its attempt, and how it ended (RQ's own lines are at DEBUG).
+    assert [(r["level"], r["message"].split(": ", 1)[1]) for r in about_job] == [
+        ("INFO", "attempt 1 with offline"),
+        ("INFO", "FINISHED / DONE (v4)"),
+    ], about_job
+    assert all(record["request_id"] == "trace-me-42" for record in about_job), about_job

@@ -250,7 +250,9 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         if is_extraction(job):
             job.timeout = self.job_timeout_s  # the worker's setting, as in Tuning.execute_job
         job.redis_server_version = self.get_redis_server_version()
-        self.log.info("Worker %s: %s: %s", self.name, queue.name, job.description)
+        # RQ's line for each job it starts, at DEBUG: the job's own lines say when its attempt
+        # starts and how it ended (two lines a job at INFO, not six).
+        self.log.debug("Worker %s: %s: %s", self.name, queue.name, job.description)
         self._unstarted.add()
 
         freed = False

@@ -306,12 +306,13 @@ def _after_success(worker: BaseWorker, job: RQJob, value: Any) -> None:
     release_slot(job)
     assert job.started_at is not None and job.ended_at is not None
     taken = job.ended_at - job.started_at
+    # RQ's lines at DEBUG: the job's own (gql_service.worker.pipeline) says how it ended.
     if worker.log_job_description:
-        worker.log.info("Successfully completed %s job in %ss on worker %s", job.description, taken, worker.name)
+        worker.log.debug("Successfully completed %s job in %ss on worker %s", job.description, taken, worker.name)
     else:
-        worker.log.info("Successfully completed job %s in %ss on worker %s", job.id, taken, worker.name)
+        worker.log.debug("Successfully completed job %s in %ss on worker %s", job.id, taken, worker.name)
     job.send_webhooks(JobStatus.FINISHED)
-    worker.log.info("Worker %s: %s: %s (%s)", worker.name, green(job.origin), blue("Job OK"), job.id)
+    worker.log.debug("Worker %s: %s: %s (%s)", worker.name, green(job.origin), blue("Job OK"), job.id)
     if value is not None:
         worker.log.debug("Worker %s: result: %r", worker.name, value)
 
