@@ -4,7 +4,8 @@
   synchronous clients; for the asyncio ones, the caller's deadline (asyncio.timeout) alone.
 * Two quick retries, so a connection left stale by a Redis restart is replaced silently.
 * A blocking pool with a bound: a burst of requests waits for a free connection instead
-  of failing ("Too many connections") or opening hundreds of them.
+  of failing ("Too many connections") or opening hundreds of them (asyncio: with a quick
+  checkout while a connection is free, gql_service.redis_pool).
 * With Sentinel (REDIS_SENTINELS), every new connection asks the sentinels where the
   primary is, so a client follows a failover without a restart. A primary demoted to a
   replica answers writes with READONLY, inside a Lua script too: that counts as a dropped
@@ -19,7 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis import BlockingConnectionPool, Redis
-from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -34,6 +34,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from gql_service.redis_packing import HiredisPacking, url_options
+from gql_service.redis_pool import QuickCheckout
 from gql_service.settings import RedisTarget, ReplicaAck
 
 CONNECT_TIMEOUT_S = 2.0
@@ -99,7 +100,7 @@ class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     pass
 
 
-class _AsyncSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingConnectionPool):
+class _AsyncSentinelPool(AsyncSentinelConnectionPool, QuickCheckout):
     pass
 
 
@@ -136,7 +137,7 @@ def async_client(
     options = _pool_options(timeout_s, name, max_connections, socket_timeout=False)
     retry = AsyncRetry(_backoff(), retries)
     if not target.sentinels:
-        pool = AsyncBlockingConnectionPool(retry=retry, **url_options(target.url), **options)
+        pool = QuickCheckout(retry=retry, **url_options(target.url), **options)
         return AsyncRedis.from_pool(pool)
     to_sentinels, to_primary = _sentinel_options(target)
     sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=to_sentinels)
