@@ -23,7 +23,8 @@ from redis.asyncio.connection import AbstractConnection
 
 
 class QuickCheckout(BlockingConnectionPool):
-    """Mixed in after Sentinel's pool class (gql_service.redis_conn): it overrides no more."""
+    """The pool itself, or a base after Sentinel's pool class (gql_service.redis_conn), which
+    overrides neither of these two methods."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
