@@ -250,18 +250,10 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         if is_extraction(job):
             job.timeout = self.job_timeout_s  # the worker's setting, as in Tuning.execute_job
         job.redis_server_version = self.get_redis_server_version()
-        # RQ's line for each job it starts, at DEBUG: the job's own lines say when its attempt
-        # starts and how it ended (two lines a job at INFO, not six).
+        # RQ's line at DEBUG: the job's own lines say when it starts and how it ended.
         self.log.debug("Worker %s: %s: %s", self.name, queue.name, job.description)
         self._unstarted.add()
-
-        freed = False
-
-        def free() -> None:
-            nonlocal freed
-            if not freed:
-                freed = True
-                release()
+        free = functools.cache(release)  # frees the slot once, whichever way comes first
 
         async def run() -> None:
             execution: Execution | None = None
@@ -298,10 +290,8 @@ class AsyncServiceWorker(Tuning, BaseWorker):
         log.warning("job %s: could not start (%s); %s", job.id, exc, where)
 
     async def _perform(self, job: RQJob, queue: Queue, execution: Execution, free: Callable[[], None]) -> None:
-        """RQ's `perform_job`, with the job awaited instead of called. `free` gives the job's
-        slot to the next job as soon as the job's own work is over, while RQ's record of how
-        it ended is written (batched with other jobs' ends): that write is not on the way
-        from one job's LLM answer to the next job's call."""
+        """RQ's `perform_job`, with the job awaited instead of called; `free` hands its slot on
+        once its work is over, not after RQ's record of its end (batched with others) too."""
         try:
             job.started_at = now()
             _current_job.set(job)  # this task's own context
